@@ -1,0 +1,113 @@
+"""``qualityguide`` command line: ``score``, ``demo``, ``scorers``, ``--version``.
+
+Exit codes: 0 success, 1 some files failed to score, 2 usage or configuration errors (one line on
+stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import QualityGuideError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 with usage; keep that, one line
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .scorers import DEFAULT_SCORER
+
+    parser = _Parser(prog="qualityguide", description="Perceptual image quality for diffusion models.")
+    parser.add_argument("--version", action="version", version=f"qualityguide {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    score = sub.add_parser("score", help="score image files and folders into a CSV")
+    score.add_argument("paths", nargs="+", help="image files and/or folders")
+    score.add_argument("--scorer", default=DEFAULT_SCORER, help=f"scorer spec (default {DEFAULT_SCORER}); "
+                       "see `qualityguide scorers`")
+    score.add_argument("--weights", default=None, help="local weights/parameter file for the scorer")
+    score.add_argument("--output", "-o", default="scores.csv", help="CSV to write or resume (default scores.csv)")
+    score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
+    score.add_argument("--device", default="cpu", help="torch device, e.g. cuda, cuda:1 (default cpu)")
+    score.add_argument("--retry-failed", action="store_true", help="re-try files recorded with an error")
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    demo = sub.add_parser("demo", help="offline demo: score distorted real photographs, write a report")
+    demo.add_argument("--out", default="qualityguide-demo", help="report folder (default ./qualityguide-demo)")
+    demo.add_argument("--scorer", action="append", default=None,
+                      help=f"scorer spec, repeatable (default {DEFAULT_SCORER}, which needs no downloads)")
+    demo.add_argument("--size", type=int, default=384, help="short side of the photographs (default 384)")
+    demo.add_argument("--quiet", action="store_true")
+
+    scorers = sub.add_parser("scorers", help="list scorers and whether each is usable offline now")
+    scorers.add_argument("--no-pyiqa", action="store_true", help="list only qualityguide's built-in scorers")
+    return parser
+
+
+def _cmd_score(args) -> int:
+    import torch
+
+    from .scorers import load_scorer
+    from .scoring import score_paths
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise QualityGuideError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QualityGuideError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    scorer = load_scorer(args.scorer, weights=args.weights, device=device)
+    summary = score_paths(args.paths, scorer, args.output, batch_size=args.batch_size, recursive=args.recursive,
+                          device=device, retry_failed=args.retry_failed, progress=not args.quiet)
+    print(f"{summary.scored} scored, {summary.failed} failed, {summary.skipped} already in {args.output}",
+          file=sys.stderr)
+    return 0 if summary.ok else 1
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.out, scorers=args.scorer, size=args.size, progress=not args.quiet)
+    print(result["table"])
+    print(f"\nreport: {args.out}/report.md, contact sheet: {args.out}/contact_sheet.png")
+    return 0
+
+
+def _cmd_scorers(args) -> int:
+    from .scorers import scorer_table
+
+    rows = scorer_table(include_pyiqa=not args.no_pyiqa)
+    width = max(len(r["name"]) for r in rows)
+    for row in rows:
+        status = "offline: yes" if row["offline"] else "offline: no "
+        detail = row["description"] + (f" [{row['reason']}]" if row["reason"] else "")
+        print(f"{row['name']:<{width}}  {status}  {detail}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    handlers = {"score": _cmd_score, "demo": _cmd_demo, "scorers": _cmd_scorers}
+    try:
+        return handlers[args.command](args)
+    except QualityGuideError as exc:
+        print(f"qualityguide {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

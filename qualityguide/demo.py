@@ -1,0 +1,156 @@
+"""``qualityguide demo``: score real photographs at increasing distortion levels, offline.
+
+The photographs ship inside scikit-image (held out of the embedded NIQE fit). Each is blurred,
+noised and JPEG-compressed at three levels; a working scorer ranks every series clean > mild >
+medium > strong. The report folder gets a contact sheet (PNG), the scores (CSV, JSON) and a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from .images import load_image
+from .protocol import krcc
+from .scorers import DEFAULT_SCORER, QualityScorer, load_scorer
+from .scorers.niqe_fit import DEMO_PHOTOS, bundled_photo
+
+# distortion -> the three levels (mild, medium, strong)
+DISTORTIONS: dict[str, tuple[float, ...]] = {
+    "blur": (1.0, 2.0, 4.0),        # Gaussian blur sigma, px
+    "noise": (0.02, 0.05, 0.10),    # additive Gaussian noise std, [0,1] units
+    "jpeg": (40, 15, 5),            # JPEG quality
+}
+
+
+def distort(image: Image.Image, kind: str, level: float, seed: int = 0) -> Image.Image:
+    """Apply one distortion at one level to an RGB PIL image (deterministic for a seed)."""
+    if kind == "blur":
+        return image.filter(ImageFilter.GaussianBlur(radius=level))
+    if kind == "noise":
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        noisy = array + np.random.default_rng(seed).normal(0.0, level, array.shape).astype(np.float32)
+        return Image.fromarray((np.clip(noisy, 0, 1) * 255).round().astype(np.uint8))
+    if kind == "jpeg":
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=int(level))
+        return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    raise ValueError(f"unknown distortion {kind!r}; known: {sorted(DISTORTIONS)}")
+
+
+def build_series(size: int = 384) -> list[dict]:
+    """Every (photo, distortion, level) image: level 0 is the clean photo."""
+    items = []
+    for package, filename in DEMO_PHOTOS:
+        photo = Image.open(bundled_photo(package, filename)).convert("RGB")
+        scale = size / min(photo.size)
+        photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.LANCZOS)
+        name = Path(filename).stem
+        for kind, levels in DISTORTIONS.items():
+            items.append({"photo": name, "distortion": kind, "level": 0, "setting": 0, "image": photo})
+            for k, level in enumerate(levels, start=1):
+                items.append({"photo": name, "distortion": kind, "level": k, "setting": level,
+                              "image": distort(photo, kind, level, seed=k)})
+    return items
+
+
+def run_demo(out: str | Path = "qualityguide-demo", scorers: list[str] | None = None, size: int = 384,
+             progress: bool = True) -> dict:
+    """Score the distortion series with each scorer, write the report folder, return the results."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = scorers or [DEFAULT_SCORER]
+    models: list[QualityScorer] = [load_scorer(spec) for spec in specs]
+    items = build_series(size)
+    for item in tqdm(items, desc="demo", unit="img", disable=not progress):
+        x = load_image(item["image"])[None]
+        with torch.no_grad():
+            for model in models:
+                native = model.native(x)
+                item[model.name] = float(model.to_higher_better(native)[0])
+                item[f"{model.name} (native)"] = float(native[0])
+    series = _series_checks(items, [m.name for m in models])
+    result = {"scorers": [{"name": m.name, "native_lower_better": m.native_lower_better,
+                           "source": getattr(m, "source", "")} for m in models],
+              "distortions": {k: list(v) for k, v in DISTORTIONS.items()},
+              "items": [{k: v for k, v in item.items() if k != "image"} for item in items],
+              "series": series}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    _write_csv(out / "results.csv", result["items"], [m.name for m in models])
+    table = format_table(items, series, models[0].name)
+    (out / "report.md").write_text(f"# qualityguide demo\n\nScores by `{models[0].name}` (higher is better).\n\n"
+                                   f"{table}\n\n![contact sheet](contact_sheet.png)\n")
+    contact_sheet(items, models[0].name).save(out / "contact_sheet.png")
+    result["table"] = table
+    return result
+
+
+def _series_checks(items: list[dict], names: list[str]) -> list[dict]:
+    rows = []
+    for photo in dict.fromkeys(i["photo"] for i in items):
+        for kind in DISTORTIONS:
+            chain = sorted((i for i in items if i["photo"] == photo and i["distortion"] == kind), key=lambda i: i["level"])
+            row = {"photo": photo, "distortion": kind}
+            for name in names:
+                scores = [i[name] for i in chain]
+                row[name] = {"scores": scores, "monotone": all(a > b for a, b in zip(scores, scores[1:])),
+                             "kendall_tau": krcc(scores, [-i["level"] for i in chain])}
+            rows.append(row)
+    return rows
+
+
+def format_table(items: list[dict], series: list[dict], name: str) -> str:
+    """Markdown table: one row per (photo, distortion), scores from clean to strongest, and the order check."""
+    header = "| photo | distortion | clean | mild | medium | strong | ranked correctly |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for row in series:
+        check = row[name]
+        cells = " | ".join(f"{s:.2f}" for s in check["scores"])
+        verdict = "yes" if check["monotone"] else f"no (tau {check['kendall_tau']:.2f})"
+        lines.append(f"| {row['photo']} | {row['distortion']} | {cells} | {verdict} |")
+    good = sum(r[name]["monotone"] for r in series)
+    lines.append("")
+    lines.append(f"{good}/{len(series)} series ranked clean > mild > medium > strong by {name}.")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict], names: list[str]) -> None:
+    import csv
+
+    fields = ["photo", "distortion", "level", "setting"] + [c for n in names for c in (n, f"{n} (native)")]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def contact_sheet(items: list[dict], name: str, thumb: int = 160) -> Image.Image:
+    """Grid of thumbnails: one row per (photo, distortion), clean to strong, each labelled with its score."""
+    rows = [list(g) for g in _group(items)]
+    label_h = 18
+    sheet = Image.new("RGB", (thumb * 4 + 110, (thumb + label_h) * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, chain in enumerate(rows):
+        y = r * (thumb + label_h)
+        draw.text((4, y + thumb // 2), f"{chain[0]['photo']}\n{chain[0]['distortion']}", fill="black")
+        for c, item in enumerate(sorted(chain, key=lambda i: i["level"])):
+            image = item["image"].copy()
+            image.thumbnail((thumb, thumb))
+            x = 110 + c * thumb
+            sheet.paste(image, (x, y))
+            draw.text((x + 4, y + thumb + 2), f"L{item['level']}  {item[name]:.2f}", fill="black")
+    return sheet
+
+
+def _group(items: list[dict]):
+    keys = dict.fromkeys((i["photo"], i["distortion"]) for i in items)
+    for key in keys:
+        yield [i for i in items if (i["photo"], i["distortion"]) == key]

