@@ -1,0 +1,51 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from qualityguide.data import shared_data_dir  # noqa: E402
+from qualityguide.scorers.niqe_fit import DEMO_PHOTOS, bundled_photo  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (or $QUALITYGUIDE_DATA); tests that need it skip with a visible reason when absent."""
+    path = shared_data_dir()
+    if path is None or not path.is_dir():
+        pytest.skip("shared evaluation data not found: set QUALITYGUIDE_DATA or place ../shared/data beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def params(shared_data) -> Path:
+    path = shared_data / "params"
+    if not (path / "niqe_pristine.mat").is_file():
+        pytest.skip(f"reference NSS parameter files missing in {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def photo() -> torch.Tensor:
+    """A real photograph (scikit-image's astronaut, 256x256) as [1,3,H,W] in [0,1]."""
+    image = Image.open(bundled_photo(*DEMO_PHOTOS[0])).convert("RGB").resize((256, 256), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+
+
+def blur(images: torch.Tensor, sigma: float = 3.0) -> torch.Tensor:
+    from torchvision.transforms.functional import gaussian_blur
+
+    k = int(2 * round(3 * sigma) + 1)
+    return gaussian_blur(images, [k, k], [sigma, sigma])
+
+
+def noise(images: torch.Tensor, std: float = 0.15, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (images + std * torch.randn(images.shape, generator=g)).clamp(0, 1)

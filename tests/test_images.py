@@ -1,0 +1,169 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qualityguide.errors import ImageError, InputError
+from qualityguide.images import check_batch, from_vae_range, list_images, load_image, to_batch, to_vae_range
+
+
+def _save(tmp_path, name, image, **kw):
+    path = tmp_path / name
+    image.save(path, **kw)
+    return path
+
+
+def test_rgb_png_exact(tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    x = load_image(_save(tmp_path, "a.png", Image.fromarray(array)))
+    assert x.shape == (3, 20, 30) and x.dtype == torch.float32
+    assert torch.equal(x, torch.from_numpy(array).permute(2, 0, 1).float() / 255)
+
+
+def test_grayscale_replicated(tmp_path):
+    array = np.arange(100, dtype=np.uint8).reshape(10, 10)
+    x = load_image(_save(tmp_path, "g.png", Image.fromarray(array, "L")))
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    assert x[0, 0, 5].item() == pytest.approx(5 / 255)
+
+
+def test_rgba_composited_on_white(tmp_path):
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 255            # red
+    rgba[:2, :, 3] = 255          # top half opaque, bottom transparent
+    x = load_image(_save(tmp_path, "t.png", Image.fromarray(rgba, "RGBA")))
+    assert torch.allclose(x[:, 0, 0], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(x[:, 3, 0], torch.ones(3))  # transparent -> white
+
+
+def test_la_half_alpha(tmp_path):
+    la = np.zeros((2, 2, 2), dtype=np.uint8)
+    la[..., 1] = 128  # black at ~50% alpha over white -> ~0.5
+    x = load_image(_save(tmp_path, "la.png", Image.fromarray(la, "LA")))
+    assert torch.allclose(x, torch.full_like(x, 1 - 128 / 255), atol=1e-6)
+
+
+def test_palette(tmp_path):
+    image = Image.fromarray(np.full((5, 5, 3), (10, 200, 30), dtype=np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
+    x = load_image(_save(tmp_path, "p.png", image))
+    assert torch.allclose(x[:, 0, 0], torch.tensor([10, 200, 30]) / 255, atol=1e-6)
+
+
+def test_cmyk_jpeg(tmp_path):
+    rgb = Image.fromarray(np.full((16, 16, 3), (200, 50, 50), dtype=np.uint8))
+    path = _save(tmp_path, "c.jpg", rgb.convert("CMYK"), quality=95)
+    assert Image.open(path).mode == "CMYK"
+    x = load_image(path)
+    assert x.shape == (3, 16, 16)
+    assert torch.allclose(x.mean((1, 2)), torch.tensor([200, 50, 50]) / 255, atol=0.06)
+
+
+def test_16bit_png(tmp_path):
+    array = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
+    path = tmp_path / "d.png"
+    Image.fromarray(array).save(path)
+    x = load_image(path)
+    assert torch.allclose(x[0], torch.from_numpy(array.astype(np.float32) / 65535), atol=1e-6)
+
+
+def test_exif_orientation(tmp_path):
+    array = np.zeros((10, 20, 3), dtype=np.uint8)
+    array[:, :10] = 255  # left half white
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "o.jpg"
+    image.save(path, exif=exif.tobytes(), quality=100)
+    x = load_image(path)
+    assert x.shape == (3, 20, 10)  # portrait after transposition
+    assert x[:, :5].mean() > 0.9 and x[:, -5:].mean() < 0.1  # left half moved to the top
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageError, match="nope.png: file not found"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty"):
+        load_image(path)
+
+
+def test_truncated_file(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    path = tmp_path / "cut.png"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(ImageError, match="cut.png: truncated or corrupt"):
+        load_image(path)
+
+
+def test_not_an_image(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("hello, I am text")
+    with pytest.raises(ImageError, match="notes.jpg: not an image"):
+        load_image(path)
+
+
+def test_nan_and_inf():
+    array = np.zeros((4, 4, 3), dtype=np.float32)
+    array[0, 0, 0] = np.nan
+    with pytest.raises(ImageError, match="NaN/inf"):
+        load_image(array)
+    with pytest.raises(ImageError, match="NaN/inf"):
+        to_batch(torch.full((1, 3, 4, 4), float("inf")))
+
+
+def test_float_0_255_rejected_with_fix():
+    with pytest.raises(ImageError, match="divide by 255"):
+        load_image(np.full((4, 4, 3), 200.0, dtype=np.float32))
+    with pytest.raises(ImageError, match=r"\(x \+ 1\) / 2"):
+        to_batch(torch.full((1, 3, 4, 4), -0.5))
+
+
+def test_wrong_rank_and_channels():
+    with pytest.raises(ImageError, match="4 dimensions|HW or HWC"):
+        load_image(np.zeros((2, 4, 4, 3), dtype=np.uint8))
+    with pytest.raises(ImageError, match="channels"):
+        load_image(np.zeros((4, 4, 2), dtype=np.uint8))
+    with pytest.raises(ImageError, match="permute"):
+        to_batch(torch.zeros(1, 4, 4, 3))
+    with pytest.raises(InputError, match=r"\[B,3,H,W\]"):
+        check_batch(torch.zeros(3, 4, 4))
+
+
+def test_too_small_for_scorer():
+    with pytest.raises(ImageError, match="needs both sides >= 192"):
+        check_batch(torch.zeros(1, 3, 100, 300), "x", min_side=192)
+
+
+def test_numpy_and_tensor_paths_agree():
+    array = np.random.default_rng(1).integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    a = load_image(array)
+    b = load_image(Image.fromarray(array))
+    c = to_batch(torch.from_numpy(array).permute(2, 0, 1)[None])[0]
+    d = load_image(array.astype(np.uint16) * 257)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.allclose(a, d, atol=1e-6)
+    assert to_batch([array, array]).shape == (2, 3, 8, 9)
+    with pytest.raises(InputError, match="share one size"):
+        to_batch([array, array[:4]])
+
+
+def test_vae_range_round_trip():
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.allclose(from_vae_range(to_vae_range(x)), x)
+    assert to_vae_range(torch.zeros(1)).item() == -1 and to_vae_range(torch.ones(1)).item() == 1
+
+
+def test_list_images(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.png", "b.JPG", "sub/c.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in list_images([tmp_path])] == ["a.png", "b.JPG"]
+    assert sorted(p.name for p in list_images([tmp_path], recursive=True)) == ["a.png", "b.JPG", "c.png"]
+    assert len(list_images([tmp_path / "a.png", tmp_path])) == 2  # de-duplicated
