@@ -80,14 +80,17 @@ def fit_logistic(pred: Sequence[float], mos: Sequence[float]) -> np.ndarray:
     from scipy.optimize import curve_fit
 
     x, y = _pair(pred, mos)
-    sign = 1.0 if _pearson(x, y) >= 0 else -1.0
-    init = [y.max() if sign > 0 else y.min(), y.min() if sign > 0 else y.max(), float(np.median(x)),
-            float(x.std()) or 1.0]
+    # Fit on standardised predictions (well-conditioned whatever the metric's units), then map back.
+    centre, spread = float(x.mean()), float(x.std()) or 1.0
+    z = (x - centre) / spread
+    increasing = _pearson(x, y) >= 0
+    init = [y.max(), y.min(), 0.0, 1.0] if increasing else [y.min(), y.max(), 0.0, 1.0]
     try:
-        params, _ = curve_fit(logistic4, x, y, p0=init, maxfev=20000)
-    except RuntimeError:  # no convergence: fall back to the initial (monotone) guess
-        params = np.asarray(init)
-    return np.asarray(params, dtype=np.float64)
+        params, _ = curve_fit(logistic4, z, y, p0=init, maxfev=20000)
+    except RuntimeError:  # no convergence: keep the initial (monotone) guess
+        params = np.asarray(init, dtype=np.float64)
+    b1, b2, b3, b4 = params
+    return np.asarray([b1, b2, b3 * spread + centre, abs(b4) * spread], dtype=np.float64)
 
 
 def plcc(pred: Sequence[float], mos: Sequence[float], fit: str = "logistic") -> float:

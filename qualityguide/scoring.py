@@ -84,9 +84,10 @@ def score_tensors(scorer: QualityScorer, images: list[torch.Tensor], device: tor
     for indices in groups.values():
         try:
             _score_group(scorer, images, indices, device, results)
-        except QualityGuideError:
+        except QualityGuideError as exc:
             if len(indices) == 1:
-                raise
+                results[indices[0]] = exc
+                continue
             for i in indices:
                 try:
                     _score_group(scorer, images, [i], device, results)
@@ -172,10 +173,7 @@ def _score_chunk(scorer: QualityScorer, chunk: list[tuple[str, Path]], device: t
         images.append(image)
         where.append(i)
     if images:
-        try:
-            results = score_tensors(scorer, images, device)
-        except QualityGuideError as exc:  # a single-image group that failed
-            results = [exc] * len(images)
+        results = score_tensors(scorer, images, device)
         for i, result in zip(where, results):
             if isinstance(result, Exception):
                 rows[i]["error"] = f"{chunk[i][1]}: {result}"

@@ -1,0 +1,139 @@
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qualityguide import __version__
+from qualityguide.cli import main
+from qualityguide.scoring import FIELDS
+
+
+def _photos(folder, n=5, size=200, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = np.asarray(Image.open(__import__("qualityguide").scorers.niqe_fit.bundled_photo("skimage", "coffee.png"))
+                      .convert("RGB").resize((size + 40, size)), dtype=np.float32)
+    for i in range(n):
+        noisy = np.clip(base + rng.normal(0, 4 * i, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / f"img{i}.png")
+    return folder
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_version_and_scorers(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and __version__ in capsys.readouterr().out
+    assert main(["scorers"]) == 0
+    out = capsys.readouterr().out
+    assert "niqe-embedded" in out and "offline: yes" in out
+    assert "pyiqa:musiq" in out
+
+
+def test_score_folder_and_resume(tmp_path, capsys):
+    folder = _photos(tmp_path / "imgs")
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(folder), "--output", str(out), "--batch-size", "2", "--quiet"]) == 0
+    rows = _rows(out)
+    assert list(rows[0].keys()) == FIELDS and len(rows) == 5
+    scores = [float(r["score"]) for r in rows]
+    assert all(np.isfinite(scores)) and not any(r["error"] for r in rows)
+    assert scores[0] > scores[-1]  # more noise, lower score
+    assert all(float(r["score"]) == pytest.approx(-float(r["native_score"])) for r in rows)
+    # rerun: nothing scored twice
+    assert main(["score", str(folder), "--output", str(out), "--quiet"]) == 0
+    assert len(_rows(out)) == 5
+    assert "0 scored, 0 failed, 5 already" in capsys.readouterr().err
+
+
+def test_resume_after_kill_mid_write(tmp_path):
+    folder = _photos(tmp_path / "imgs")
+    out = tmp_path / "scores.csv"
+    main(["score", str(folder), "--output", str(out), "--quiet"])
+    full = _rows(out)
+    text = out.read_text()
+    lines = text.splitlines(keepends=True)
+    # simulate a kill: two complete rows survive and the third is cut in the middle
+    out.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    assert main(["score", str(folder), "--output", str(out), "--quiet"]) == 0
+    resumed = _rows(out)
+    assert sorted(r["path"] for r in resumed) == sorted(r["path"] for r in full)
+    by_path = {r["path"]: r["score"] for r in full}
+    assert all(by_path[r["path"]] == r["score"] for r in resumed)
+
+
+def test_bad_files_reported_and_run_continues(tmp_path, capsys):
+    folder = _photos(tmp_path / "imgs", n=2)
+    (folder / "broken.jpg").write_text("not an image")
+    (folder / "empty.png").write_bytes(b"")
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(folder / "small.png")
+    Image.new("RGB", (256, 256), (255, 255, 255)).save(folder / "white.png")
+    out = tmp_path / "scores.csv"
+    code = main(["score", str(folder), "--output", str(out), "--batch-size", "8", "--quiet"])
+    assert code == 1
+    rows = {r["path"].split("/")[-1]: r for r in _rows(out)}
+    assert len(rows) == 6
+    assert rows["img0.png"]["score"] and rows["img1.png"]["score"]
+    assert "not an image" in rows["broken.jpg"]["error"] and rows["broken.jpg"]["score"] == ""
+    assert "empty" in rows["empty.png"]["error"]
+    assert ">= 192" in rows["small.png"]["error"]
+    assert "flat" in rows["white.png"]["error"]
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "Traceback" not in err
+    # a rerun does not duplicate failed rows; --retry-failed retries them without duplicates
+    assert main(["score", str(folder), "--output", str(out), "--quiet"]) == 1
+    assert len(_rows(out)) == 6
+    (folder / "broken.jpg").unlink()
+    Image.new("RGB", (256, 256)).save(folder / "empty.png")  # now flat black: still fails, still one row
+    assert main(["score", str(folder), "--output", str(out), "--quiet", "--retry-failed"]) == 1
+    rows = _rows(out)
+    assert len(rows) == 5 and len({r["path"] for r in rows}) == 5
+
+
+def test_usage_errors_exit_2_without_traceback(tmp_path, capsys):
+    folder = _photos(tmp_path / "imgs", n=1)
+    assert main(["score", str(folder), "--scorer", "brisqe", "--output", str(tmp_path / "o.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean 'brisque'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    assert main(["score", str(folder), "--output", str(tmp_path / "other.csv")]) == 2
+    assert "columns" in capsys.readouterr().err
+    assert main(["score", str(folder), "--batch-size", "0", "--output", str(tmp_path / "x.csv")]) == 2
+    assert main(["score", str(folder), "--scorer", "brisque", "--weights", str(tmp_path / "no.pth"),
+                 "--output", str(tmp_path / "x.csv")]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["score"])
+    assert exc.value.code == 2
+
+
+def test_weights_flag(tmp_path, params):
+    folder = _photos(tmp_path / "imgs", n=2)
+    out = tmp_path / "b.csv"
+    assert main(["score", str(folder), "--scorer", "brisque", "--weights", str(params / "brisque_live_svm.pth"),
+                 "--output", str(out), "--quiet"]) == 0
+    assert len(_rows(out)) == 2
+
+
+def test_console_script_demo(tmp_path):
+    """The README's first quick-start command, as a subprocess (installed console entry point)."""
+    result = subprocess.run([sys.executable, "-m", "qualityguide.cli", "demo", "--out", str(tmp_path / "demo"),
+                             "--size", "256", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "ranked correctly" in result.stdout
+    report = json.loads((tmp_path / "demo" / "results.json").read_text())
+    series = report["series"]
+    assert len(series) == 12
+    # the default scorer ranks most series correctly and every clean photo above its strongest distortion
+    assert sum(row["niqe-embedded"]["monotone"] for row in series) >= 9
+    assert all(row["niqe-embedded"]["scores"][0] > row["niqe-embedded"]["scores"][-1] for row in series)
+    sheet = Image.open(tmp_path / "demo" / "contact_sheet.png")
+    assert sheet.size[0] > 400 and sheet.size[1] > 400
+    assert (tmp_path / "demo" / "report.md").read_text().startswith("# qualityguide demo")

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from qualityguide.data import load_iqa_dataset
+from qualityguide.errors import InputError
+from qualityguide.protocol import (bootstrap_ci, content_disjoint_split, correlations, fit_logistic, krcc,
+                                   logistic4, plcc, rankdata, srcc, summarize)
+
+
+@pytest.fixture
+def pairs():
+    rng = np.random.default_rng(0)
+    mos = rng.uniform(0, 1, 300)
+    pred = np.tanh(3 * (mos - 0.5)) + rng.normal(0, 0.2, 300)
+    pred[:20] = np.round(pred[:20], 1)  # ties
+    return pred, mos
+
+
+def test_against_scipy(pairs):
+    pred, mos = pairs
+    assert srcc(pred, mos) == pytest.approx(stats.spearmanr(pred, mos)[0], abs=1e-12)
+    assert krcc(pred, mos) == pytest.approx(stats.kendalltau(pred, mos)[0], abs=1e-12)
+    assert plcc(pred, mos, "none") == pytest.approx(stats.pearsonr(pred, mos)[0], abs=1e-12)
+    assert np.allclose(rankdata(pred), stats.rankdata(pred))
+    tied = np.array([1, 1, 2, 2, 2, 3.0])
+    assert krcc(tied, [1, 2, 3, 4, 5, 6]) == pytest.approx(stats.kendalltau(tied, [1, 2, 3, 4, 5, 6])[0])
+
+
+def test_logistic_plcc_recovers_nonlinear_relation():
+    x = np.linspace(-3, 3, 200)
+    y = logistic4(x, 5.0, 1.0, 0.3, 0.7)
+    params = fit_logistic(x, y)
+    assert np.allclose(logistic4(x, *params), y, atol=1e-4)
+    assert plcc(x, y, "logistic") == pytest.approx(1.0, abs=1e-6)
+    assert plcc(x, y, "none") < 0.99
+    assert plcc(-x, y, "logistic") == pytest.approx(1.0, abs=1e-6)  # decreasing relations fit too
+
+
+def test_correlations_and_bootstrap(pairs):
+    pred, mos = pairs
+    result = correlations(pred, mos)
+    assert set(result) == {"srcc", "krcc", "plcc_raw", "plcc"}
+    lo, hi = bootstrap_ci(pred, mos, srcc, n_boot=200)
+    assert lo < result["srcc"] < hi and hi - lo < 0.2
+    with pytest.raises(InputError, match="same length"):
+        srcc([1, 2, 3], [1, 2])
+    with pytest.raises(InputError, match="finite"):
+        srcc([1, 2, np.nan], [1, 2, 3])
+
+
+def test_content_disjoint_split():
+    contents = [f"ref{i // 5}" for i in range(200)]  # 40 references x 5 distortions
+    train, val, test = content_disjoint_split(contents, seed=3)
+    assert len(train) + len(val) + len(test) == 200
+    groups = [set(np.asarray(contents)[idx]) for idx in (train, val, test)]
+    assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
+    assert abs(len(train) / 200 - 0.7) <= 0.05 and abs(len(test) / 200 - 0.2) <= 0.05
+    again = content_disjoint_split(contents, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again))
+    other = content_disjoint_split(contents, seed=4)
+    assert not np.array_equal(train, other[0])
+    singles = content_disjoint_split(None, n=100, seed=0)
+    assert [len(p) for p in singles] == [70, 10, 20]
+
+
+def test_summarize():
+    s = summarize([0.1, 0.5, 0.3])
+    assert s["median"] == 0.3 and s["n"] == 3 and s["min"] == 0.1
+
+
+def test_dataset_loading(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, i, i)).save(tmp_path / f"{i}.png")
+    (tmp_path / "mos.csv").write_text("image,mos,content\n0.png,1.5,a\n1.png,2.5,a\n2.png,3,b\n")
+    ds = load_iqa_dataset(tmp_path)
+    assert ds.column_names == ["image", "name", "mos", "content"]
+    assert ds["mos"] == [1.5, 2.5, 3.0] and ds["content"] == ["a", "a", "b"]
+    (tmp_path / "bad.csv").write_text("image,mos\n0.png,x\n")
+    with pytest.raises(InputError, match="line 2: mos 'x'"):
+        load_iqa_dataset(tmp_path, "bad.csv")
+    (tmp_path / "missing.csv").write_text("image,mos\nnope.png,1\n")
+    with pytest.raises(InputError, match="not found"):
+        load_iqa_dataset(tmp_path, "missing.csv")
+    (tmp_path / "cols.csv").write_text("file,score\n0.png,1\n")
+    with pytest.raises(InputError, match=r"missing column\(s\) \['image', 'mos'\]"):
+        load_iqa_dataset(tmp_path, "cols.csv")
+    (tmp_path / "nocontent.csv").write_text("image,mos\n0.png,1\n1.png,2\n")
+    assert load_iqa_dataset(tmp_path, "nocontent.csv")["content"] == ["0.png", "1.png"]
