@@ -1,0 +1,53 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qualityguide.scorers.niqe_fit import FIT_PHOTOS, bundled_photo, fit_pristine
+from qualityguide.scorers.nss import EMBEDDED_NIQE_PARAMS, load_niqe_params
+from qualityguide.images import load_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "evals" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_embedded_niqe_params_are_reproduced_by_the_fitting_code():
+    mu, cov, blocks = fit_pristine([load_image(bundled_photo(*item)) for item in FIT_PHOTOS])
+    shipped_mu, shipped_cov = load_niqe_params(EMBEDDED_NIQE_PARAMS)
+    assert blocks > 36 * 4  # enough blocks for a stable 36x36 covariance
+    assert np.allclose(mu, shipped_mu, rtol=1e-6, atol=1e-9) and np.allclose(cov, shipped_cov, rtol=1e-6, atol=1e-9)
+    assert np.all(np.linalg.eigvalsh(cov) > 0)
+
+
+def test_nriqa_eval_on_a_written_dataset(tmp_path):
+    nriqa = _load("nriqa")
+    base = np.asarray(Image.open(bundled_photo("skimage", "astronaut.png")).convert("RGB").resize((256, 256)),
+                      dtype=np.float32)
+    rng = np.random.default_rng(0)
+    lines = ["image,mos"]
+    for i in range(12):
+        std = 3.0 * i
+        noisy = np.clip(base + rng.normal(0, std, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{100 - 5 * i}")  # more noise, lower MOS
+    (tmp_path / "mos.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    results = nriqa.evaluate(str(tmp_path), ["niqe-embedded"], {}, out, n_boot=50)
+    stats = results["scorers"]["niqe-embedded"]
+    assert stats["n_scored"] == 12 and stats["srcc"] > 0.9
+    assert stats["srcc_ci95"][0] <= stats["srcc"] <= stats["srcc_ci95"][1] + 1e-9
+    assert json.loads((out / "results.json").read_text())["n_images"] == 12
+    assert "niqe-embedded" in (out / "results.md").read_text()
+    assert (out / "scatter_niqe-embedded.png").stat().st_size > 1000
+    # resumable: a second run reuses the score table instead of rescoring
+    again = nriqa.evaluate(str(tmp_path), ["niqe-embedded"], {}, out, n_boot=50)
+    assert again["scorers"]["niqe-embedded"]["srcc"] == pytest.approx(stats["srcc"])
