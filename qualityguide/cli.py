@@ -86,7 +86,7 @@ def _cmd_scorers(args) -> int:
     rows = scorer_table(include_pyiqa=not args.no_pyiqa)
     width = max(len(r["name"]) for r in rows)
     for row in rows:
-        status = "offline: yes" if row["offline"] else "offline: no "
+        status = {True: "offline: yes", False: "offline: no ", None: "offline: ?  "}[row["offline"]]
         detail = row["description"] + (f" [{row['reason']}]" if row["reason"] else "")
         print(f"{row['name']:<{width}}  {status}  {detail}")
     return 0

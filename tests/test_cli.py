@@ -137,3 +137,11 @@ def test_console_script_demo(tmp_path):
     sheet = Image.open(tmp_path / "demo" / "contact_sheet.png")
     assert sheet.size[0] > 400 and sheet.size[1] > 400
     assert (tmp_path / "demo" / "report.md").read_text().startswith("# qualityguide demo")
+
+
+def test_scorers_offline_status_is_honest(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty pyiqa cache
+    assert main(["scorers"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "offline: yes" in lines["niqe-embedded"] and "offline: yes" in lines["pyiqa:piqe"]
+    assert "offline: no" in lines["pyiqa:musiq"] and "offline: no" in lines["niqe"]

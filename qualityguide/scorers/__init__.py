@@ -99,7 +99,7 @@ def known_specs() -> list[str]:
 
 
 def scorer_table(include_pyiqa: bool = True) -> list[dict]:
-    """Every scorer with whether it can be built offline on this machine now, and why not."""
+    """Every scorer with whether it can be built offline on this machine now (None: unknown), and why."""
     rows = []
     for name, entry in BUILTIN_SCORERS.items():
         rows.append({"name": name, "description": entry.description, **_offline_status(name)})
@@ -120,6 +120,10 @@ def _offline_status(name: str) -> dict:
     return {"offline": True, "reason": ""}
 
 
+# pyiqa metrics that are pure image statistics (constructible offline, tested).
+NO_WEIGHTS = {"piqe", "entropy"}
+
+
 def _pyiqa_offline_status(metric: str) -> dict:
     """Cheap check (no network, no weight loading): does pyiqa's cache hold the metric's default files?"""
     import importlib
@@ -136,7 +140,9 @@ def _pyiqa_offline_status(metric: str) -> dict:
     module = _arch_module(arch)
     urls = getattr(importlib.import_module(module), "default_model_urls", {}) if module else {}
     if not urls:
-        return {"offline": True, "reason": "no downloaded weights needed (or unknown)"}
+        if metric in NO_WEIGHTS:
+            return {"offline": True, "reason": "needs no weights"}
+        return {"offline": None, "reason": "weights are fetched by the network's own code; build it once to know"}
     names = {os.path.basename(str(u)) for u in urls.values()}
     present = sorted(n for n in names if (pyiqa_cache_dir() / n).is_file())
     if present:
@@ -145,12 +151,11 @@ def _pyiqa_offline_status(metric: str) -> dict:
 
 
 def _arch_module(arch: str) -> str | None:
-    import pyiqa.archs as archs
-    from pyiqa.archs import ARCH_REGISTRY
+    from pyiqa.archs import ARCH_REGISTRY, _lazy_import_arch  # pyiqa registers architectures on first use
 
     try:
-        cls = ARCH_REGISTRY.get(arch)
-    except KeyError:
+        if arch not in ARCH_REGISTRY:
+            _lazy_import_arch(arch)
+        return ARCH_REGISTRY.get(arch).__module__
+    except Exception:  # an arch whose module needs an optional dependency: status unknown
         return None
-    del archs
-    return cls.__module__
