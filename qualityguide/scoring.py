@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import ImageError, InputError, QualityGuideError
-from .images import check_batch, check_size, list_images, load_image
+from .images import check_size, list_images, load_image
 from .scorers.base import QualityScorer
 
 FIELDS = ["path", "score", "error", "native_score"]
@@ -98,10 +98,8 @@ def score_tensors(scorer: QualityScorer, images: list[torch.Tensor], device: tor
 
 def _score_group(scorer, images, indices, device, results) -> None:
     batch = torch.stack([images[i] for i in indices]).to(device)
-    check_batch(batch, f"{scorer.name} input", scorer.min_side)
     with torch.no_grad():
-        native = scorer.native(batch)
-        scores = scorer.to_higher_better(native)
+        scores, native = scorer.score_with_native(batch)
     for j, i in enumerate(indices):
         results[i] = (float(scores[j]), float(native[j]))
 

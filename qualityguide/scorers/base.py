@@ -41,9 +41,13 @@ class QualityScorer(nn.Module):
         Args:
             images: float tensor ``[B,3,H,W]`` in [0,1], RGB, on this module's device.
         """
+        return self.score_with_native(images)[0]
+
+    def score_with_native(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated ``(scores, native)`` from one metric evaluation (reports need both)."""
         check_batch(images, f"{self.name} input", self.min_side)
-        scores = self.native(images)
-        return self.to_higher_better(scores)
+        native = self.native(images)
+        return self.to_higher_better(native), native
 
     def to_higher_better(self, native_scores: torch.Tensor) -> torch.Tensor:
         """Map native scores to the contract's direction (negate lower-better metrics)."""
