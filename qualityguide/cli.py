@@ -1,4 +1,4 @@
-"""``qualityguide`` command line: ``score``, ``demo``, ``scorers``, ``--version``.
+"""``qualityguide`` command line: ``score``, ``demo``, ``scorers``, ``lgdm extract|fit|evaluate``, ``--version``.
 
 Exit codes: 0 success, 1 some files failed to score, 2 usage or configuration errors (one line on
 stderr, no traceback).
@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=384, help="short side of the photographs (default 384)")
     demo.add_argument("--quiet", action="store_true")
 
+    from .lgdm.commands import add_parser as add_lgdm_parser
+
+    add_lgdm_parser(sub)
+
     scorers = sub.add_parser("scorers", help="list scorers and whether each is usable offline now")
     scorers.add_argument("--no-pyiqa", action="store_true", help="list only qualityguide's built-in scorers")
     return parser
@@ -92,13 +96,19 @@ def _cmd_scorers(args) -> int:
     return 0
 
 
+def _cmd_lgdm(args) -> int:
+    from .lgdm.commands import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    handlers = {"score": _cmd_score, "demo": _cmd_demo, "scorers": _cmd_scorers}
+    handlers = {"score": _cmd_score, "demo": _cmd_demo, "scorers": _cmd_scorers, "lgdm": _cmd_lgdm}
     try:
         return handlers[args.command](args)
     except QualityGuideError as exc:

@@ -1,6 +1,7 @@
 """Scorers behind one contract, built from a spec string by :func:`load_scorer`.
 
-Specs: ``"niqe"``, ``"niqe-embedded"``, ``"brisque"``, ``"pyiqa:<name>"`` (any pyiqa NR metric).
+Specs: ``"niqe"``, ``"niqe-embedded"``, ``"brisque"``, ``"pyiqa:<name>"`` (any pyiqa NR metric),
+``"lgdm:<dir>"`` (a trained LGDM head folder; its backbone is loaded from the spec stored there).
 """
 
 from __future__ import annotations
@@ -62,10 +63,10 @@ def load_scorer(spec: str, weights: str | os.PathLike | None = None, device: str
     """Build a scorer from a spec string.
 
     Args:
-        spec: ``"niqe"``, ``"niqe-embedded"``, ``"brisque"`` or ``"pyiqa:<metric>"``.
+        spec: ``"niqe"``, ``"niqe-embedded"``, ``"brisque"``, ``"pyiqa:<metric>"`` or ``"lgdm:<head dir>"``.
         weights: local weights/parameter file (else ``$QUALITYGUIDE_<NAME>_WEIGHTS``, else caches).
         device: where to put the scorer (default: stays on the CPU; nothing picks CUDA silently).
-        **kwargs: scorer-specific options.
+        **kwargs: scorer-specific options (``lgdm:``: ``pipeline=``, ``model=``, ``dtype=``).
 
     Returns:
         A :class:`QualityScorer` in eval mode.
@@ -78,8 +79,11 @@ def load_scorer(spec: str, weights: str | os.PathLike | None = None, device: str
 
         scorer: QualityScorer = PyIQAScorer(spec.split(":", 1)[1], weights=weights, **kwargs)
     elif spec.startswith("lgdm:"):
-        raise InputError(f"scorer {spec!r}: LGDM scorers are not available in this version; "
-                         f"known: {', '.join(known_specs())}")
+        from ..lgdm.scorer import LGDMScorer
+
+        if weights is not None:
+            raise InputError(f"scorer {spec!r}: the head folder holds the weights; drop --weights")
+        scorer = LGDMScorer.from_pretrained(spec.split(":", 1)[1], device=device, **kwargs)
     elif spec in BUILTIN_SCORERS:
         scorer = BUILTIN_SCORERS[spec].build(weights=weights, **kwargs)
     else:
@@ -95,7 +99,7 @@ def load_scorer(spec: str, weights: str | os.PathLike | None = None, device: str
 
 
 def known_specs() -> list[str]:
-    return list(BUILTIN_SCORERS) + ["pyiqa:<name>"]
+    return list(BUILTIN_SCORERS) + ["pyiqa:<name>", "lgdm:<dir>"]
 
 
 def scorer_table(include_pyiqa: bool = True) -> list[dict]:

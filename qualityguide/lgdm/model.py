@@ -1,0 +1,329 @@
+"""LGDM feature extraction: DDIM near t=0 under Perceptual Manifold Guidance, hyperfeatures read per step.
+
+Saini et al. 2025 (arXiv 2506.00327), Algorithm 1, with the gaps filled as in DESIGN.md section 2.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ImageError, InputError
+from ..guidance.schedule import alpha_bar, clean_estimate, ddim_sigma, ddim_update
+from ..guidance.x0 import per_sample_norm, x0_step
+from ..images import check_batch, from_vae_range, to_vae_range
+from .config import LGDMConfig, stable_hash
+from .hooks import HyperfeatureRecorder
+
+
+@dataclass
+class _Condition:
+    hidden: torch.Tensor
+    added: dict | None
+
+
+def _config_hash(module) -> str:
+    # Private keys ("_use_default_values", "_name_or_path") vary between loads of the same weights.
+    return stable_hash({k: v for k, v in dict(module.config).items() if not k.startswith("_")})
+
+
+class LGDM(nn.Module):
+    """Diffusion hyperfeatures of an image under PMG.
+
+    The modules are shared, never copied: building an LGDM from a pipeline adds no memory.
+
+    Args:
+        unet, vae, scheduler: a latent diffusion model's U-Net, VAE and (any) scheduler; only the
+            scheduler's ``alphas_cumprod`` and ``prediction_type`` are used.
+        text_encoder, tokenizer: encode ``config.prompt`` (once; cached per device and dtype).
+        config: :class:`LGDMConfig` (default: the paper's settings).
+        text_encoder_2, tokenizer_2: SDXL's second encoder (U-Nets with ``addition_embed_type="text_time"``).
+        backbone_spec: the ``load_pipeline`` spec the modules came from (saved with heads).
+        psi_weights: local weights for ``psi="pyiqa:<metric>"``.
+    """
+
+    def __init__(self, unet, vae, scheduler, text_encoder=None, tokenizer=None, config: LGDMConfig | None = None,
+                 *, text_encoder_2=None, tokenizer_2=None, backbone_spec: str | None = None, psi_weights=None):
+        super().__init__()
+        self.config = config or LGDMConfig()
+        if not isinstance(self.config, LGDMConfig):
+            raise InputError(f"config must be an LGDMConfig, got {type(self.config).__name__}")
+        self.unet, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
+        self.scheduler, self.tokenizer, self.tokenizer_2 = scheduler, tokenizer, tokenizer_2
+        self.backbone_spec = backbone_spec
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if self.config.t_max >= len(scheduler.alphas_cumprod):
+            raise InputError(f"t_max={self.config.t_max} exceeds the scheduler's {len(scheduler.alphas_cumprod)} "
+                             "training timesteps")
+        self.sdxl = unet.config.get("addition_embed_type") == "text_time"
+        if text_encoder is None or tokenizer is None:
+            raise InputError("LGDM needs the pipeline's text_encoder and tokenizer (to encode the prompt); "
+                             "build it with LGDM.from_pipeline(pipe)")
+        if self.sdxl and (text_encoder_2 is None or tokenizer_2 is None):
+            raise InputError("this U-Net is SDXL-style (text_time embeddings): pass text_encoder_2 and tokenizer_2, "
+                             "or use LGDM.from_pipeline(pipe)")
+        self.recorder = HyperfeatureRecorder(unet, self.config.layers, self.config.pooling)
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.min_side = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        if self.config.image_size is not None and self.config.image_size % self.vae_factor:
+            raise InputError(f"image_size={self.config.image_size} must be a multiple of the VAE's downsampling "
+                             f"factor {self.vae_factor}")
+        self.psi = None
+        if self.config.zeta2 > 0 and self.config.psi not in ("none", "sd"):
+            from .psi import build_image_psi
+
+            self.psi = build_image_psi(self.config.psi, weights=psi_weights)
+        self._conditions: dict = {}
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_pipeline(cls, pipe, config: LGDMConfig | None = None, **kwargs) -> "LGDM":
+        """Share a loaded diffusers pipeline's U-Net, VAE, scheduler and text encoder(s) (no copy)."""
+        missing = [name for name in ("unet", "vae", "scheduler") if getattr(pipe, name, None) is None]
+        if missing:
+            raise InputError(f"pipeline {type(pipe).__name__} has no {missing}; LGDM needs a latent diffusion "
+                             "pipeline (Stable Diffusion 1.x/2.x, SDXL)")
+        spec = kwargs.pop("backbone_spec", None) or getattr(pipe, "qualityguide_spec", None) or \
+            pipe.config.get("_name_or_path")
+        return cls(pipe.unet, pipe.vae, pipe.scheduler, getattr(pipe, "text_encoder", None),
+                   getattr(pipe, "tokenizer", None), config, text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                   tokenizer_2=getattr(pipe, "tokenizer_2", None), backbone_spec=spec, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model_spec: str, config: LGDMConfig | None = None, dtype=None, device=None,
+                        psi_weights=None, **kwargs) -> "LGDM":
+        """Load a pipeline with :func:`qualityguide.load_pipeline` (tiny spec, local folder or hub id) and wrap it."""
+        from ..pipelines import load_pipeline
+
+        pipe = load_pipeline(model_spec, dtype=dtype, device=device, **kwargs)
+        lgdm = cls.from_pipeline(pipe, config, backbone_spec=model_spec, psi_weights=psi_weights)
+        if device is not None:
+            lgdm.to(device)
+        return lgdm
+
+    # ----------------------------------------------------------------- identity (cache keys)
+    def backbone_identity(self) -> dict:
+        """What identifies the weights: architecture configs, prediction type, schedule and a weight fingerprint.
+
+        The fingerprint is the norm (4 significant digits) of the first and last three weight matrices of
+        each module: cheap at SD size, changed by any fine-tune, unchanged by fp16/bf16 loading.
+        """
+        prints = []
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is None:
+                continue
+            mats = [p for p in module.parameters() if p.dim() >= 2]
+            prints += [f"{tuple(p.shape)}:{float(p.detach().float().norm()):.4g}" for p in mats[:3] + mats[-3:]]
+        return {"unet": _config_hash(self.unet), "vae": _config_hash(self.vae),
+                "prediction_type": self.prediction_type,
+                "alphas_cumprod": stable_hash({"a": [round(float(a), 8) for a in self.scheduler.alphas_cumprod[::50]]}),
+                "weights": stable_hash({"w": prints})}
+
+    def model_key(self) -> str:
+        """Hash of the config fields and backbone identity that change the features (precision aside)."""
+        config = self.config.to_dict()
+        if self.config.psi == "none" or self.config.zeta2 == 0:
+            config["psi"], config["psi_timestep"] = "none", 0  # equal features, equal key
+        return stable_hash({"config": config, "backbone": self.backbone_identity()})
+
+    def precision(self, autocast: str | None = None) -> str:
+        return autocast or str(self.unet.dtype).replace("torch.", "")
+
+    def feature_key(self, autocast: str | None = None) -> str:
+        """Cache key: :meth:`model_key` plus the numeric precision (weights dtype or autocast dtype)."""
+        return stable_hash({"model": self.model_key(), "precision": self.precision(autocast)})
+
+    def layout(self) -> dict:
+        return {"num_steps": self.config.num_steps, "timesteps": self.config.timesteps,
+                "layer_names": self.recorder.names, "layer_dims": self.recorder.dims}
+
+    # ----------------------------------------------------------------- inputs
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize the short side to ``image_size`` and centre-crop a square, or crop to the VAE's multiple."""
+        check_batch(images, "LGDM input", self.min_side)
+        h, w = images.shape[-2:]
+        size = self.config.image_size
+        if size is None:
+            th, tw = h - h % self.vae_factor, w - w % self.vae_factor
+            top, left = (h - th) // 2, (w - tw) // 2
+            return images[..., top:top + th, left:left + tw]
+        short = min(h, w)
+        if short * self.config.max_upscale < size:
+            raise ImageError("LGDM input", f"{h}x{w} px would be upscaled {size / short:.1f}x to image_size={size} "
+                             f"(max_upscale={self.config.max_upscale})",
+                             f"use images with a short side >= {int(size / self.config.max_upscale + 0.999)} px, or "
+                             "a smaller image_size, or image_size=None (native size)")
+        if short != size:
+            nh, nw = max(size, round(h * size / short)), max(size, round(w * size / short))
+            images = F.interpolate(images, size=(nh, nw), mode="bicubic", antialias=True,
+                                   align_corners=False).clamp(0, 1)
+            h, w = nh, nw
+        top, left = (h - size) // 2, (w - size) // 2
+        return images[..., top:top + size, left:left + size]
+
+    def _condition(self, batch: int, height: int, width: int, device) -> _Condition:
+        key = (str(device), height, width)
+        if key not in self._conditions:
+            with torch.no_grad():
+                self._conditions[key] = self._encode_prompt(height, width, device)
+        cond = self._conditions[key]
+        hidden = cond.hidden.expand(batch, -1, -1)
+        added = None if cond.added is None else {k: v.expand(batch, -1) for k, v in cond.added.items()}
+        return _Condition(hidden, added)
+
+    def _encode_prompt(self, height: int, width: int, device) -> _Condition:
+        def ids(tokenizer):
+            return tokenizer([self.config.prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+
+        if not self.sdxl:
+            hidden = self.text_encoder(ids(self.tokenizer))[0]
+            return _Condition(hidden.to(self.unet.dtype), None)
+        # SDXL: penultimate hidden states of both encoders, pooled output of the second, size ids.
+        out1 = self.text_encoder(ids(self.tokenizer), output_hidden_states=True)
+        out2 = self.text_encoder_2(ids(self.tokenizer_2), output_hidden_states=True)
+        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=hidden.dtype)
+        added = {"text_embeds": out2[0].to(self.unet.dtype), "time_ids": time_ids.to(self.unet.dtype)}
+        return _Condition(hidden.to(self.unet.dtype), added)
+
+    # ----------------------------------------------------------------- model calls
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``z0 = E(x)``: the latent distribution's mean times the scaling factor (float32)."""
+        vae = self.vae
+        posterior = vae.encode(to_vae_range(images).to(vae.dtype)).latent_dist
+        z = posterior.mean.float()
+        shift = vae.config.get("shift_factor") or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``D(z)`` in the VAE's [-1,1] range (float32)."""
+        vae = self.vae
+        shift = vae.config.get("shift_factor") or 0.0
+        return vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
+
+    def _unet(self, latents: torch.Tensor, t: int, cond: _Condition) -> torch.Tensor:
+        timestep = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
+        kwargs = {"added_cond_kwargs": cond.added} if cond.added is not None else {}
+        out = self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=cond.hidden, return_dict=False,
+                        **kwargs)[0]
+        return out.float()
+
+    def psi_sd(self, latents: torch.Tensor, cond: _Condition) -> torch.Tensor:
+        """psi 'sd': pooled decoder features of the U-Net on a clean latent at ``psi_timestep`` (hooks attached)."""
+        return self.recorder.call(self._unet, latents, self.config.psi_timestep, cond)[1]
+
+    def _noise(self, shape, step: int, device, generator) -> torch.Tensor:
+        if generator is not None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            return randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+        # The fixed probe: one noise field per (seed, step, latent shape), shared by every image.
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        return torch.randn(tuple(shape[1:]), generator=gen).to(device).expand(tuple(shape))
+
+    @contextmanager
+    def _frozen(self):
+        """Parameters need no gradients here; restore each module's flags afterwards (modules may be shared)."""
+        params = [p for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.psi) if m is not None
+                  for p in m.parameters()]
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+
+    # ----------------------------------------------------------------- PMG
+    def pmg_energy(self, z0: torch.Tensor, target: torch.Tensor, psi_ref: torch.Tensor | None,
+                   cond: _Condition) -> dict[str, torch.Tensor]:
+        """``zeta1*G1 + zeta2*G2`` at a clean estimate, with its terms (each ``[B]``).
+
+        G1 = ||D(z0) - x||_2 in [-1,1] pixels; G2 = ||psi(.) - psi(x)||_2 (Algorithm 1, lines 8-9).
+        """
+        cfg = self.config
+        zero = z0.new_zeros(z0.shape[0])
+        decoded = self.decode(z0) if (cfg.zeta1 > 0 or self.psi is not None) else None
+        g1 = per_sample_norm(decoded - target).flatten() if decoded is not None else zero
+        g2 = zero
+        if psi_ref is not None:
+            feats = self.psi_sd(z0, cond) if self.psi is None else self.psi(from_vae_range(decoded))
+            g2 = per_sample_norm(feats - psi_ref).flatten()
+        return {"energy": cfg.zeta1 * g1 + cfg.zeta2 * g2, "g1": g1, "g2": g2}
+
+    def _psi_reference(self, x: torch.Tensor, z0: torch.Tensor, cond: _Condition) -> torch.Tensor | None:
+        """psi(x), once per image (DESIGN.md: not once per step as a literal Algorithm 1 would)."""
+        if self.config.zeta2 == 0 or self.config.psi == "none":
+            return None
+        with torch.no_grad():
+            if self.psi is None:
+                return self.psi_sd(z0.detach(), cond)
+            return self.psi(x.detach())
+
+    # ----------------------------------------------------------------- extraction
+    def extract(self, images: torch.Tensor, noise: torch.Tensor | None = None, generator=None,
+                create_graph: bool = False, return_trace: bool = False):
+        """Pooled hyperfeatures ``[B, num_steps, F]``, steps in sampling order (``t_max`` first).
+
+        Within a step, layers in U-Net forward order; per layer the channel means then (``mean_std``)
+        the population standard deviations.
+
+        Args:
+            images: ``[B,3,H,W]`` in [0,1] (prepared with :meth:`prepare`: resized/cropped to ``image_size``).
+            noise: latent-shaped initial noise (default: the config's fixed probe, same for every image).
+            generator: torch generator(s) for random noise instead of the fixed probe.
+            create_graph: differentiate through the PMG corrections too (second order; otherwise they are
+                constants and gradients flow through the encoder and the U-Net feature path only).
+            return_trace: also return per-step PMG energies before and after each update (diagnostics).
+        """
+        cfg = self.config
+        x = self.prepare(images)
+        device = x.device
+        trace: list[dict] = []
+        with self._frozen(), self.recorder.attached():
+            z0 = self.encode(x)
+            batch, _, h, w = z0.shape
+            cond = self._condition(batch, x.shape[-2], x.shape[-1], device)
+            timesteps = cfg.timesteps
+            if noise is None:
+                noise = self._noise(z0.shape, 0, device, generator)
+            elif tuple(noise.shape) != tuple(z0.shape):
+                raise InputError(f"noise has shape {tuple(noise.shape)}; expected the latent shape {tuple(z0.shape)}")
+            a_t = alpha_bar(self.scheduler, timesteps[0], z0)
+            z = a_t.sqrt() * z0 + (1 - a_t).sqrt() * noise.to(device=device, dtype=torch.float32)
+            target = to_vae_range(x).detach().float()
+            psi_ref = self._psi_reference(x, z0, cond)
+            rows = []
+            for k, t in enumerate(timesteps):
+                out, row = self.recorder.call(self._unet, z, t, cond)
+                rows.append(row)
+                if k == len(timesteps) - 1:
+                    break  # features are read before PMG: the last update would never be used
+                a_t = alpha_bar(self.scheduler, t, z)
+                z0_hat, eps = clean_estimate(out, z, a_t, self.prediction_type)
+                if cfg.guided:
+                    # One backward of zeta1*G1 + zeta2*G2 at the Tweedie estimate (Algorithm 1, lines 8-10).
+                    step = x0_step(z0_hat, lambda z_: -self.pmg_energy(z_, target, psi_ref, cond)["energy"], 1.0,
+                                   create_graph=create_graph)
+                    if return_trace:
+                        with torch.no_grad():
+                            after = self.pmg_energy(step.x0.detach(), target, psi_ref, cond)
+                            before = self.pmg_energy(z0_hat.detach(), target, psi_ref, cond)
+                        trace.append({"t": t, **{f"{k_}_before": v for k_, v in before.items()},
+                                      **{f"{k_}_after": v for k_, v in after.items()}, "skipped": step.skipped})
+                    z0_hat = step.x0
+                a_prev = alpha_bar(self.scheduler, timesteps[k + 1], z)
+                sigma = ddim_sigma(a_t, a_prev, cfg.eta)
+                step_noise = self._noise(z0.shape, k + 1, device, generator) if cfg.eta > 0 else None
+                z = ddim_update(z0_hat, eps, a_prev, sigma, step_noise)
+        features = torch.stack(rows, dim=1)
+        return (features, trace) if return_trace else features
+
+    def extra_repr(self) -> str:
+        return f"backbone={self.backbone_spec!r}, config={self.config}"
