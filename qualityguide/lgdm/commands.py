@@ -100,15 +100,14 @@ def run(args) -> int:
 
 def _extract(args) -> int:
     import torch
-    from accelerate import PartialState
 
     from ..data import load_iqa_dataset
-    from .extract import extract_to_cache
+    from .extract import extract_to_cache, process_state
     from .model import LGDM
 
     config = config_from_args(args)
     dataset = load_iqa_dataset(args.dataset, args.csv, limit=args.limit)
-    state = PartialState()
+    state = process_state(cpu=args.device == "cpu")
     try:
         device = state.device if args.device == "auto" else torch.device(args.device)
     except RuntimeError:

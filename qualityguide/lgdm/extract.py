@@ -30,6 +30,15 @@ def cache_manifest(lgdm: LGDM, autocast: str | None = None) -> dict:
             "precision": lgdm.precision(autocast), "layout": lgdm.layout()}
 
 
+def process_state(cpu: bool = False):
+    """accelerate's per-process state; CPU processes (``--device cpu`` or ``ACCELERATE_USE_CPU=1``) join a gloo
+    group when launched with several processes."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def autocast_context(device: torch.device, autocast: str | None):
     if autocast is None:
         return nullcontext()
@@ -51,14 +60,15 @@ def extract_to_cache(lgdm: LGDM, paths: Sequence[str | os.PathLike], cache_dir: 
         progress: show a tqdm bar (main process only).
 
     Returns:
-        ``{"images", "cached_before", "extracted", "failed", "process_index", "num_processes"}`` for this process.
+        ``{"images", "cached_before", "extracted", "failed", "cached_now", "process_index", "num_processes"}``
+        (``extracted``/``failed`` count this process's work; ``cached_now`` all processes').
     """
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    state = PartialState()
+    device = next(lgdm.unet.parameters()).device
+    state = process_state(cpu=device.type == "cpu")
     manifest = cache_manifest(lgdm, autocast)
     if state.is_main_process:
         cache = FeatureCache(cache_dir, manifest, create=True)
@@ -75,7 +85,6 @@ def extract_to_cache(lgdm: LGDM, paths: Sequence[str | os.PathLike], cache_dir: 
     state.wait_for_everyone()  # every process has read the same state before anyone writes
     todo = [k for k in keys if k not in done]
     mine = todo[state.process_index::state.num_processes]
-    device = next(lgdm.unet.parameters()).device
     extracted = failed = 0
     bar = tqdm(total=len(mine), desc=f"LGDM features (process {state.process_index})", unit="img",
                disable=not progress or not state.is_main_process)
@@ -102,8 +111,9 @@ def extract_to_cache(lgdm: LGDM, paths: Sequence[str | os.PathLike], cache_dir: 
         bar.update(len(chunk))
     bar.close()
     state.wait_for_everyone()
+    cached = len(cache.done_keys() & set(keys))  # all processes' shards, after the barrier
     return {"images": len(keys), "cached_before": len(done), "extracted": extracted, "failed": failed,
-            "process_index": state.process_index, "num_processes": state.num_processes}
+            "cached_now": cached, "process_index": state.process_index, "num_processes": state.num_processes}
 
 
 def dataset_features(cache_dir: str | os.PathLike, dataset) -> tuple[torch.Tensor, FeatureCache]:

@@ -5,7 +5,7 @@ Saini et al. 2025 (arXiv 2506.00327), Algorithm 1, with the gaps filled as in DE
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,15 @@ from .hooks import HyperfeatureRecorder
 class _Condition:
     hidden: torch.Tensor
     added: dict | None
+
+
+def _double_backward_attention(enabled: bool):
+    """Fused SDPA kernels have no double backward; differentiating through PMG needs the math kernel."""
+    if not enabled:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _config_hash(module) -> str:
@@ -309,8 +318,9 @@ class LGDM(nn.Module):
                 z0_hat, eps = clean_estimate(out, z, a_t, self.prediction_type)
                 if cfg.guided:
                     # One backward of zeta1*G1 + zeta2*G2 at the Tweedie estimate (Algorithm 1, lines 8-10).
-                    step = x0_step(z0_hat, lambda z_: -self.pmg_energy(z_, target, psi_ref, cond)["energy"], 1.0,
-                                   create_graph=create_graph)
+                    with _double_backward_attention(create_graph):
+                        step = x0_step(z0_hat, lambda z_: -self.pmg_energy(z_, target, psi_ref, cond)["energy"],
+                                       1.0, create_graph=create_graph)
                     if return_trace:
                         with torch.no_grad():
                             after = self.pmg_energy(step.x0.detach(), target, psi_ref, cond)
