@@ -8,6 +8,16 @@ For each scorer: SRCC, KRCC, PLCC (raw and after the 4-parameter logistic) again
 percentile-bootstrap 95% intervals. Scores go through ``qualityguide.scoring.score_paths``, so an
 interrupted run resumes where it stopped (one CSV per scorer in the output folder). Writes
 ``results.json``, ``results.md`` and ``scatter_<scorer>.png``.
+
+Trained variants run the LGDM protocol (10 content-disjoint 70/10/20 splits, median SRCC/PLCC of a
+head trained on cached features):
+
+    python evals/nriqa.py --dataset ../shared/data/biq2021 --lgdm-model tiny:sd \
+        --lgdm-psi none --lgdm-psi sd --lgdm-psi brisque --nss-baseline --lgdm-image-size 64
+
+``--lgdm-psi`` adds one LGDM variant per psi (features cached, resumable, in the output folder);
+``--nss-baseline`` trains the same head on BRISQUE's 36 NSS features. With a random-weight backbone
+(``tiny:*``, ``random:*``) the LGDM numbers check the mechanics only, and the tables say so.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from qualityguide.data import load_iqa_dataset
 from qualityguide.protocol import bootstrap_ci, correlations, fit_logistic, logistic4, plcc, srcc
@@ -63,6 +74,109 @@ def evaluate(dataset: str, specs: list[str], weights: dict[str, str], out: Path,
     return results
 
 
+def _nss_features(paths: list[str], cache_dir: Path, progress: bool = True):
+    """BRISQUE's 36 NSS features per image in a FeatureCache (resumable; flat images recorded as failures)."""
+    from tqdm.auto import tqdm
+
+    from qualityguide.errors import QualityGuideError
+    from qualityguide.images import load_image
+    from qualityguide.lgdm import FeatureCache, file_hash
+    from qualityguide.scorers.nss import brisque_features, flat_images
+
+    manifest = {"feature_key": "nss-brisque-36", "model_key": "nss-brisque-36", "config": {"features": "brisque"},
+                "backbone": {}, "precision": "float32",
+                "layout": {"num_steps": 1, "timesteps": [0], "layer_names": ["brisque"], "layer_dims": [36]}}
+    cache = FeatureCache(cache_dir, manifest, create=True)
+    keys = {file_hash(p): p for p in paths}
+    todo = [k for k in keys if k not in cache.done_keys()]
+    for start in tqdm(range(0, len(todo), 32), desc="NSS features", disable=not progress):
+        chunk, rows, done = todo[start:start + 32], [], []
+        for key in chunk:
+            try:
+                image = load_image(keys[key])[None]
+                if flat_images(image):
+                    raise QualityGuideError("flat image: NSS features undefined")
+                rows.append(brisque_features(image))
+                done.append(key)
+            except QualityGuideError as exc:
+                cache.record_failure(keys[key], key, str(exc))
+        if done:
+            cache.write(done, torch.cat(rows)[:, None, :])
+    return cache
+
+
+def evaluate_trained(dataset: str, variants: list[str], out: Path, model: str = "tiny:sd", image_size: int = 64,
+                     num_steps: int = 10, t_max: int = 100, repeats: int = 10, batch_size: int = 8,
+                     device: str = "cpu", limit: int | None = None, csv_file: str | None = None) -> dict:
+    """The LGDM protocol for each variant (``lgdm:psi=<psi>`` or ``nss:brisque``) on one dataset."""
+    from qualityguide.lgdm import LGDM, FeatureCache, LGDMConfig, extract_to_cache, file_hash, repeated_splits
+
+    ds = load_iqa_dataset(dataset, csv_file, limit=limit)
+    paths, mos = list(ds["image"]), np.asarray(ds["mos"], dtype=np.float64)
+    mechanics = model.startswith(("tiny:", "random:"))
+    results = {"dataset": str(dataset), "n_images": len(paths), "model": model, "repeats": repeats, "variants": {}}
+    for variant in variants:
+        start = time.perf_counter()
+        if variant == "nss:brisque":
+            cache = _nss_features(paths, out / "cache_nss_brisque")
+            label = "BRISQUE NSS features (36) + LGDM head"
+        else:
+            psi = variant.split("=", 1)[1]
+            config = LGDMConfig(psi=psi, image_size=image_size, num_steps=num_steps, t_max=t_max,
+                                zeta2=0.0 if psi == "none" else 0.2)
+            lgdm = LGDM.from_pretrained(model, config, device=device)
+            cache_dir = out / f"cache_lgdm_{_slug(model)}_{image_size}px_{num_steps}x{t_max}_{psi}"
+            extract_to_cache(lgdm, paths, cache_dir, batch_size=batch_size)
+            cache = FeatureCache(cache_dir)
+            label = f"LGDM psi={psi}, {model}" + (" (random weights: mechanics check, not quality)" if mechanics else "")
+        done = cache.done_keys()
+        keys = [file_hash(p) for p in paths]
+        keep = np.asarray([k in done for k in keys])
+        _, features = cache.load([k for k, ok in zip(keys, keep) if ok])
+        contents = [c for c, ok in zip(ds["content"], keep) if ok]
+        result = repeated_splits(features, mos[keep], contents, cache.layout, repeats=repeats)
+        result.update({"label": label, "n_images": int(keep.sum()), "n_dropped": int((~keep).sum()),
+                       "seconds_this_run": time.perf_counter() - start, "feature_shape": list(features.shape[1:])})
+        results["variants"][variant] = result
+        print(f"{variant}: median SRCC {result['srcc']['median']:.3f} PLCC {result['plcc']['median']:.3f}",
+              file=sys.stderr)
+        del features
+    (out / "trained.json").write_text(json.dumps(results, indent=2))
+    (out / "trained.md").write_text(markdown_trained(results))
+    _split_plot(results, out / "trained_srcc.png")
+    return results
+
+
+def markdown_trained(results: dict) -> str:
+    lines = [f"Trained on `{results['dataset']}`: {results['repeats']} content-disjoint 70/10/20 splits, "
+             "median over splits (min-max in brackets).", "",
+             "| variant | n | median SRCC [min, max] | median PLCC [min, max] | features | what it shows |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results["variants"].items():
+        s, p = r["srcc"], r["plcc"]
+        lines.append(f"| {name} | {r['n_images']} | {s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}] | "
+                     f"{p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}] | {'x'.join(map(str, r['feature_shape']))} "
+                     f"| {r['label']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _split_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["variants"])
+    fig, ax = plt.subplots(figsize=(1.8 * len(names) + 2, 3.5), dpi=120)
+    ax.boxplot([[s["srcc"] for s in results["variants"][n]["splits"]] for n in names])
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=15)
+    ax.set_ylabel("test SRCC per split")
+    ax.set_title(f"{Path(results['dataset']).name}: {results['repeats']} content-disjoint splits")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def markdown(results: dict) -> str:
     lines = [f"Zero-shot on `{results['dataset']}` ({results['n_images']} images); 95% bootstrap intervals.", "",
              "| scorer | n | SRCC [95% CI] | PLCC (logistic) [95% CI] | PLCC raw | KRCC | failed |",
@@ -97,7 +211,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="folder with images and mos.csv")
     parser.add_argument("--csv", default=None, help="CSV file (default DATASET/mos.csv)")
-    parser.add_argument("--scorer", action="append", required=True, help="scorer spec, repeatable")
+    parser.add_argument("--scorer", action="append", default=[], help="scorer spec, repeatable (zero-shot)")
+    parser.add_argument("--lgdm-psi", action="append", default=[], help="trained LGDM variant with this psi "
+                        "(none, sd, brisque, niqe, pyiqa:<name>), repeatable")
+    parser.add_argument("--lgdm-model", default="tiny:sd", help="LGDM backbone (default tiny:sd: mechanics check)")
+    parser.add_argument("--lgdm-image-size", type=int, default=512)
+    parser.add_argument("--lgdm-num-steps", type=int, default=10)
+    parser.add_argument("--lgdm-t-max", type=int, default=100)
+    parser.add_argument("--nss-baseline", action="store_true", help="train the same head on BRISQUE NSS features")
+    parser.add_argument("--repeats", type=int, default=10, help="content-disjoint splits for trained variants")
     parser.add_argument("--weights", action="append", default=[], help="SPEC=FILE, repeatable")
     parser.add_argument("--out", default=None, help="output folder (default evals/results/nriqa/<dataset>)")
     parser.add_argument("--device", default="cpu")
@@ -112,11 +234,24 @@ def main() -> None:
             parser.error(f"--weights {item!r}: expected SPEC=FILE, e.g. brisque=brisque_svm_weights.pth")
         weights[spec] = file
     out = Path(args.out or f"evals/results/nriqa/{Path(args.dataset).resolve().name}")
-    results = evaluate(args.dataset, args.scorer, weights, out, device=args.device, batch_size=args.batch_size,
-                       limit=args.limit, n_boot=args.n_boot, csv_file=args.csv)
-    print(json.dumps({k: {m: v for m, v in s.items() if m != "failures"} for k, s in results["scorers"].items()},
-                     indent=2))
-    print(markdown(results))
+    variants = [f"lgdm:psi={psi}" for psi in args.lgdm_psi] + (["nss:brisque"] if args.nss_baseline else [])
+    if not args.scorer and not variants:
+        parser.error("nothing to evaluate: pass --scorer SPEC and/or --lgdm-psi PSI / --nss-baseline")
+    if args.scorer:
+        results = evaluate(args.dataset, args.scorer, weights, out, device=args.device, batch_size=args.batch_size,
+                           limit=args.limit, n_boot=args.n_boot, csv_file=args.csv)
+        print(json.dumps({k: {m: v for m, v in s.items() if m != "failures"} for k, s in results["scorers"].items()},
+                         indent=2))
+        print(markdown(results))
+    if variants:
+        out.mkdir(parents=True, exist_ok=True)
+        trained = evaluate_trained(args.dataset, variants, out, model=args.lgdm_model,
+                                   image_size=args.lgdm_image_size, num_steps=args.lgdm_num_steps,
+                                   t_max=args.lgdm_t_max, repeats=args.repeats, batch_size=args.batch_size,
+                                   device=args.device, limit=args.limit, csv_file=args.csv)
+        print(json.dumps({k: {"srcc": v["srcc"], "plcc": v["plcc"]} for k, v in trained["variants"].items()},
+                         indent=2))
+        print(markdown_trained(trained))
 
 
 if __name__ == "__main__":

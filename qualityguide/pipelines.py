@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, WeightsNotFoundError, closest
-from .testing import TINY_SPECS, build_tiny
+from .testing import OFFLINE_SPECS, TINY_SPECS, build_tiny
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -30,7 +30,8 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
     """Load a diffusers pipeline.
 
     Args:
-        spec: ``"tiny:sd"``, ``"tiny:sdxl"``, ``"tiny:ddpm"`` (random weights, offline), a local folder
+        spec: ``"tiny:sd"``, ``"tiny:sdxl"``, ``"tiny:ddpm"`` (random weights, offline), ``"random:sd15"``
+            (SD 1.5's full-size architecture with random weights, for benchmarks), a local folder
             written by ``save_pretrained`` (holds ``model_index.json``), or a Hugging Face hub id such as
             ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
         dtype: weights dtype (``"fp16"``, ``"bf16"``, ``"fp32"`` or a torch dtype).
@@ -41,15 +42,16 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
     if not isinstance(spec, str) or not spec:
         raise InputError(f"model spec must be a non-empty string, got {spec!r}")
     torch_dtype = parse_dtype(dtype)
-    if spec.startswith("tiny:"):
-        if spec not in TINY_SPECS:
-            guess = closest(spec, list(TINY_SPECS))
-            raise InputError(f"unknown tiny model {spec!r}; known: {', '.join(TINY_SPECS)}"
+    offline = spec.startswith(("tiny:", "random:"))
+    if offline:
+        if spec not in OFFLINE_SPECS:
+            guess = closest(spec, list(OFFLINE_SPECS))
+            raise InputError(f"unknown offline model {spec!r}; known: {', '.join(OFFLINE_SPECS)}"
                              + (f". Did you mean {guess!r}?" if guess else ""))
         pipe = build_tiny(spec, **kwargs)
     else:
         pipe = _from_pretrained(spec, torch_dtype, **kwargs)
-    if torch_dtype is not None and spec.startswith("tiny:"):
+    if torch_dtype is not None and offline:
         pipe.to(dtype=torch_dtype)
     if device is not None:
         pipe.to(device)

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 
 TINY_SPECS = ("tiny:sd", "tiny:sdxl", "tiny:ddpm")
+# Full-size architectures with random weights: real compute and memory for benchmarks, no download.
+RANDOM_SPECS = ("random:sd15",)
+OFFLINE_SPECS = TINY_SPECS + RANDOM_SPECS
 TEXT_HIDDEN = 32
 
 
@@ -117,6 +120,34 @@ def tiny_ddpm(seed: int = 0, prediction_type: str = "epsilon"):
     return _finish(pipe)
 
 
+def random_sd15(seed: int = 0, prediction_type: str = "epsilon"):
+    """Stable Diffusion 1.5's U-Net and VAE architectures (860M + 84M parameters) with random weights.
+
+    For speed and memory benchmarks only. The text encoder is CLIP ViT-L/14's width (768) with 2 of its
+    12 layers: it runs once per prompt, so it does not change per-step timings.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2, latent_channels=4, sample_size=512, scaling_factor=0.18215)
+    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=768,
+                                                intermediate_size=3072, num_attention_heads=12, num_hidden_layers=2,
+                                                vocab_size=514, max_position_embeddings=77, hidden_act="quick_gelu"))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+    return _finish(pipe)
+
+
 def _finish(pipe):
     pipe.set_progress_bar_config(disable=True)
     for component in pipe.components.values():
@@ -126,6 +157,6 @@ def _finish(pipe):
 
 
 def build_tiny(spec: str, **kwargs):
-    """Build ``tiny:sd`` / ``tiny:sdxl`` / ``tiny:ddpm`` (kwargs: ``seed``, ``prediction_type``)."""
-    builders = {"tiny:sd": tiny_sd, "tiny:sdxl": tiny_sdxl, "tiny:ddpm": tiny_ddpm}
+    """Build ``tiny:sd`` / ``tiny:sdxl`` / ``tiny:ddpm`` / ``random:sd15`` (kwargs: ``seed``, ``prediction_type``)."""
+    builders = {"tiny:sd": tiny_sd, "tiny:sdxl": tiny_sdxl, "tiny:ddpm": tiny_ddpm, "random:sd15": random_sd15}
     return builders[spec](**kwargs)

@@ -63,8 +63,9 @@ class LGDMConfig:
         if not isinstance(self.t_max, int) or self.t_max < self.num_steps:
             raise InputError(f"t_max must be an integer >= num_steps ({self.num_steps}), got {self.t_max!r}")
         if self.t_max % self.num_steps:
+            nearest = self.num_steps * (self.t_max // self.num_steps)
             raise InputError(f"t_max ({self.t_max}) must be a multiple of num_steps ({self.num_steps}) so the "
-                             f"timesteps are evenly spaced integers; e.g. t_max={self.num_steps * (self.t_max // self.num_steps or 1)}")
+                             f"timesteps are evenly spaced integers; e.g. t_max={nearest}")
         if not 0.0 <= self.eta <= 1.0:
             raise InputError(f"eta must be in [0, 1], got {self.eta!r}")
         for name in ("zeta1", "zeta2"):
