@@ -404,3 +404,30 @@ def test_accelerate_two_processes_equal_single_process(tmp_path):
         warnings.simplefilter("ignore")
         assert json.loads((tmp_path / "multi" / "manifest.json").read_text())["feature_key"] == \
             json.loads((tmp_path / "single" / "manifest.json").read_text())["feature_key"]
+
+
+def test_eta_noise_is_part_of_the_probe(pipe, images):
+    with torch.no_grad():
+        a = lgdm(pipe, psi="none", eta=1.0).extract(images)
+        b = lgdm(pipe, psi="none", eta=1.0).extract(images)
+        c = lgdm(pipe, psi="none", eta=0.0).extract(images)
+    assert torch.equal(a, b) and torch.equal(a[:, 0], c[:, 0]) and not torch.allclose(a[:, 1:], c[:, 1:])
+
+
+def test_niqe_psi_and_pyiqa_penultimate(pipe):
+    from qualityguide.errors import WeightsNotFoundError
+    from qualityguide.lgdm.psi import _PenultimateHook, build_image_psi
+
+    model = LGDM.from_pipeline(pipe, LGDMConfig(image_size=192, num_steps=2, t_max=20, psi="niqe"))
+    x = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 200, 200, generator=torch.Generator().manual_seed(0)), 5, 1, 2)
+    with torch.no_grad():
+        feats, trace = model.extract(x, return_trace=True)
+    assert torch.isfinite(feats).all() and torch.all(trace[0]["g2_before"] > 0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.ReLU(), torch.nn.Linear(5, 1))
+    hook = _PenultimateHook(net, "pyiqa:test")
+    net(torch.ones(2, 3, 2, 2))
+    assert hook.value.shape == (2, 5)
+    with pytest.raises(InputError, match="no nn.Linear"):
+        _PenultimateHook(torch.nn.Conv2d(3, 3, 1), "pyiqa:test")
+    with pytest.raises((WeightsNotFoundError, InputError)):
+        build_image_psi("pyiqa:not_a_metric")

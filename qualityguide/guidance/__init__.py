@@ -1,6 +1,8 @@
-"""Clean-latent gradient steps and scheduler maths shared by LGDM's PMG and quality-guided sampling."""
+"""Clean-latent gradient steps, scheduler maths and the quality-guidance callback for diffusers pipelines."""
 
-from .schedule import alpha_bar, clean_estimate, ddim_sigma, ddim_update
-from .x0 import StepResult, per_sample_norm, x0_step
+from .callback import QualityGuidance
+from .schedule import alpha_bar, alpha_bar_at, clean_estimate, ddim_sigma, ddim_update, is_sigma_parameterised
+from .x0 import StepResult, frozen, per_sample_norm, x0_step
 
-__all__ = ["x0_step", "StepResult", "per_sample_norm", "alpha_bar", "clean_estimate", "ddim_update", "ddim_sigma"]
+__all__ = ["x0_step", "StepResult", "per_sample_norm", "frozen", "alpha_bar", "alpha_bar_at", "clean_estimate",
+           "ddim_update", "ddim_sigma", "is_sigma_parameterised", "QualityGuidance"]

@@ -8,6 +8,7 @@ denoiser is needed (manifold-preserving guidance): only through whatever ``objec
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -35,6 +36,21 @@ class StepResult:
     delta: torch.Tensor
     objective: torch.Tensor
     skipped: torch.Tensor
+
+
+@contextmanager
+def frozen(*modules: torch.nn.Module | None):
+    """Parameters need no gradient while guidance differentiates w.r.t. latents or images; each flag is restored
+    afterwards (the modules usually belong to a user's pipeline)."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def per_sample_norm(x: torch.Tensor) -> torch.Tensor:

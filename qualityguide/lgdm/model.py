@@ -5,7 +5,7 @@ Saini et al. 2025 (arXiv 2506.00327), Algorithm 1, with the gaps filled as in DE
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ImageError, InputError
 from ..guidance.schedule import alpha_bar, clean_estimate, ddim_sigma, ddim_update
-from ..guidance.x0 import per_sample_norm, x0_step
+from ..guidance.x0 import frozen, per_sample_norm, x0_step
 from ..images import check_batch, from_vae_range, to_vae_range
 from .config import LGDMConfig, stable_hash
 from .hooks import HyperfeatureRecorder
@@ -235,19 +235,9 @@ class LGDM(nn.Module):
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         return torch.randn(tuple(shape[1:]), generator=gen).to(device).expand(tuple(shape))
 
-    @contextmanager
     def _frozen(self):
-        """Parameters need no gradients here; restore each module's flags afterwards (modules may be shared)."""
-        params = [p for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.psi) if m is not None
-                  for p in m.parameters()]
-        flags = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
+        """Parameters need no gradients here (flags restored afterwards: the modules may be a user's pipeline)."""
+        return frozen(self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.psi)
 
     # ----------------------------------------------------------------- PMG
     def pmg_energy(self, z0: torch.Tensor, target: torch.Tensor, psi_ref: torch.Tensor | None,

@@ -1,0 +1,237 @@
+"""QualityGuidance on tiny pipelines: every scheduler, prediction type, CFG, SDXL, img2img, multi-callbacks."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, SDCFGCutoffCallback
+
+from qualityguide import load_pipeline
+from qualityguide.errors import InputError
+from qualityguide.guidance import QualityGuidance
+
+SCHEDULERS = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+              "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"]
+PROMPT = "a photo of a lighthouse"
+
+
+def brightness(images: torch.Tensor) -> torch.Tensor:
+    """A scorer with a known optimum: mean brightness (higher is better)."""
+    return images.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return load_pipeline("tiny:sd")
+
+
+def swap_scheduler(pipe, name, prediction_type="epsilon"):
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    return pipe
+
+
+def generate(pipe, callback=None, seed=0, steps=6, guidance_scale=1.0, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+               output_type="pt", callback_on_step_end=callback, **kwargs)
+    return out.images
+
+
+def guided(pipe, scale, **kwargs):
+    generate_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("guidance_scale", "steps", "seed",
+                                                                         "num_images_per_prompt")}
+    with QualityGuidance(brightness, scale=scale, **kwargs).attach(pipe) as guidance:
+        images = generate(pipe, guidance, **generate_kwargs)
+    return images, guidance
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_every_scheduler_gains_and_gain_grows_with_scale(name):
+    pipe = swap_scheduler(load_pipeline("tiny:sd"), name)
+    base = brightness(generate(pipe))
+    small, g_small = guided(pipe, 0.05)
+    large, _ = guided(pipe, 0.2)
+    gain_small, gain_large = brightness(small) - base, brightness(large) - base
+    assert float(gain_small) > 0, name
+    assert float(gain_large) > float(gain_small), name
+    assert len(g_small.history) == len(pipe.scheduler.timesteps)  # every pipeline iteration guided
+    assert not any(h["skipped"].any() for h in g_small.history)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_v_prediction_and_cfg(name, prediction_type):
+    pipe = swap_scheduler(load_pipeline("tiny:sd", prediction_type=prediction_type), name, prediction_type)
+    for cfg in (1.0, 5.0):
+        base = brightness(generate(pipe, guidance_scale=cfg))
+        images, _ = guided(pipe, 0.1, guidance_scale=cfg)
+        assert float(brightness(images) - base) > 0, (name, prediction_type, cfg)
+
+
+def test_scale_zero_is_bit_identical_and_detach_restores(sd):
+    base = generate(sd, guidance_scale=3.0)
+    zero, _ = guided(sd, 0.0, guidance_scale=3.0)
+    assert torch.equal(zero, base)
+    guidance = QualityGuidance(brightness, scale=0.1).attach(sd)
+    moved = generate(sd, guidance)
+    guidance.detach()
+    assert not torch.equal(moved, generate(sd))
+    assert torch.equal(generate(sd, guidance_scale=3.0), base)  # pipeline exactly as before
+    assert not sd.unet._forward_hooks and not sd.unet._forward_hooks_with_kwargs
+    assert all(p.requires_grad for p in sd.unet.parameters())
+
+
+def test_steps_outside_window_are_untouched(sd):
+    record = {}
+
+    def spy(pipe, i, t, kwargs):
+        record[i] = kwargs["latents"].clone()
+        return kwargs
+
+    unguided_latents = {}
+
+    def spy_base(pipe, i, t, kwargs):
+        unguided_latents[i] = kwargs["latents"].clone()
+        return kwargs
+
+    generate(sd, spy_base, steps=8)
+    guidance = QualityGuidance(brightness, scale=0.1, start=0.5, end=0.75).attach(sd)
+    generate(sd, MultiPipelineCallbacks([guidance, _FnCallback(spy)]), steps=8)
+    guidance.detach()
+    guided_steps = [h["step"] for h in guidance.history]
+    assert guided_steps == [4, 5]
+    for i in range(4):
+        assert torch.equal(record[i], unguided_latents[i]), i  # before the window: identical
+    assert not torch.equal(record[4], unguided_latents[4])
+    every = QualityGuidance(brightness, scale=0.1, every=3).attach(sd)
+    generate(sd, every, steps=8)
+    every.detach()
+    assert [h["step"] for h in every.history] == [0, 3, 6]
+
+
+class _FnCallback:
+    """Wraps a function as a PipelineCallback-like object for MultiPipelineCallbacks."""
+
+    tensor_inputs = ["latents"]
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, pipe, i, t, kwargs):
+        return self.fn(pipe, i, t, kwargs)
+
+
+def test_non_finite_gradient_is_skipped_with_warning(sd):
+    def broken(images):
+        return images.mean(dim=(1, 2, 3)) * torch.tensor(float("nan"))
+
+    base = generate(sd)
+    guidance = QualityGuidance(broken, scale=0.1).attach(sd)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        images = generate(sd, guidance)
+    guidance.detach()
+    assert torch.equal(images, base) and all(h["skipped"].all() for h in guidance.history)
+
+
+def test_batches_multi_callbacks_and_config(sd):
+    base = brightness(generate(sd, guidance_scale=4.0, num_images_per_prompt=3))
+    seen = []
+    guidance = QualityGuidance(brightness, scale=0.1, every=1).attach(sd)
+    chain = MultiPipelineCallbacks([guidance, _FnCallback(lambda p, i, t, k: seen.append(i) or k)])
+    images = generate(sd, chain, guidance_scale=4.0, num_images_per_prompt=3)
+    guidance.detach()
+    assert images.shape[0] == 3 and torch.all(brightness(images) > base) and seen == list(range(6))
+    assert guidance.config.scale == 0.1 and guidance.config.scorer == "function"
+    assert guidance.history[0]["score"].shape == (3,)
+    # with diffusers' CFG cutoff running first: the step where CFG stops still combines the halves it ran with
+    base = brightness(generate(sd, SDCFGCutoffCallback(cutoff_step_ratio=0.5), guidance_scale=4.0))
+    guidance = QualityGuidance(brightness, scale=0.1).attach(sd)
+    images = generate(sd, MultiPipelineCallbacks([SDCFGCutoffCallback(cutoff_step_ratio=0.5), guidance]),
+                      guidance_scale=4.0)
+    guidance.detach()
+    assert float(brightness(images) - base) > 0 and len(guidance.history) == 6
+
+
+def test_sdxl_and_img2img():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    sdxl = load_pipeline("tiny:sdxl")
+    base = brightness(generate(sdxl, guidance_scale=5.0))
+    images, _ = guided(sdxl, 0.1, guidance_scale=5.0)
+    assert float(brightness(images) - base) > 0
+    sd = load_pipeline("tiny:sd")
+    img2img = StableDiffusionImg2ImgPipeline(**sd.components)
+    img2img.set_progress_bar_config(disable=True)
+    init = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    base = brightness(generate(img2img, image=init, strength=0.6, steps=10))
+    with QualityGuidance(brightness, scale=0.1).attach(img2img) as guidance:
+        images = generate(img2img, guidance, image=init, strength=0.6, steps=10)
+    assert float(brightness(images) - base) > 0 and len(guidance.history) == 6
+
+
+def test_unet_mode_gains(sd):
+    base = brightness(generate(sd))
+    images, guidance = guided(sd, 0.1, mode="unet")
+    assert float(brightness(images) - base) > 0
+
+
+def test_niqe_guidance_improves_niqe(sd):
+    """A real metric with reference parameters: guided images score better on NIQE (bigger images needed)."""
+    from qualityguide import load_scorer
+
+    scorer = load_scorer("niqe-embedded")
+
+    def upsampled(images):  # tiny SD makes 64 px images; NIQE needs >= 192 px
+        return scorer(torch.nn.functional.interpolate(images, size=192, mode="bilinear", align_corners=False))
+
+    base = generate(sd, seed=1)
+    with QualityGuidance(upsampled, scale=0.1).attach(sd) as guidance:
+        images = generate(sd, guidance, seed=1)
+    assert float(upsampled(images)) > float(upsampled(base))
+
+
+def test_bf16_vae_decode():
+    pipe = load_pipeline("tiny:sd")
+    pipe.vae.to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        guidance = QualityGuidance(brightness, scale=0.1).attach(pipe)
+        generator = torch.Generator().manual_seed(0)
+        pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0, generator=generator, output_type="latent",
+             callback_on_step_end=guidance)
+    guidance.detach()
+    assert all(not h["skipped"].any() for h in guidance.history)
+    assert all(torch.isfinite(h["delta_norm"]).all() and (h["delta_norm"] > 0).all() for h in guidance.history)
+
+
+def test_bad_arguments(sd):
+    from qualityguide import load_scorer
+
+    with pytest.raises(InputError, match="not differentiable"):
+        QualityGuidance(_NotDifferentiable(), scale=1.0)
+    with pytest.raises(InputError, match="start < end"):
+        QualityGuidance(brightness, start=0.8, end=0.2)
+    with pytest.raises(InputError, match="mode"):
+        QualityGuidance(brightness, mode="pixel")
+    with pytest.raises(InputError, match="scorer must be"):
+        QualityGuidance(None)
+    guidance = QualityGuidance(brightness, scale=0.1)
+    with pytest.raises(InputError, match="not attached"):
+        generate(sd, guidance)
+    guidance.attach(sd)
+    with pytest.raises(InputError, match="already attached"):
+        guidance.attach(sd)
+    guidance.detach()
+    assert load_scorer("niqe-embedded").differentiable
+
+
+class _NotDifferentiable:
+    differentiable = False
+    name = "nd"
+
+    def __call__(self, images):
+        return images.mean((1, 2, 3))
