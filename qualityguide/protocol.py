@@ -100,7 +100,12 @@ def plcc(pred: Sequence[float], mos: Sequence[float], fit: str = "logistic") -> 
         return _pearson(x, y)
     if fit != "logistic":
         raise InputError(f"fit must be 'none' or 'logistic', got {fit!r}")
-    return _pearson(logistic4(x, *fit_logistic(x, y)), y)
+    mapped = logistic4(x, *fit_logistic(x, y))
+    if not np.all(np.isfinite(mapped)) or np.std(mapped) <= 1e-12 * (np.abs(mapped).max() + 1.0):
+        # A degenerate (flat) fit: no monotone relation for the logistic to find; the linear map is the
+        # best member of the family left, so report the raw correlation instead of NaN.
+        return _pearson(x, y)
+    return _pearson(mapped, y)
 
 
 def correlations(pred: Sequence[float], mos: Sequence[float]) -> dict[str, float]:

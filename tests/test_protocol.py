@@ -89,3 +89,14 @@ def test_dataset_loading(tmp_path):
         load_iqa_dataset(tmp_path, "cols.csv")
     (tmp_path / "nocontent.csv").write_text("image,mos\n0.png,1\n1.png,2\n")
     assert load_iqa_dataset(tmp_path, "nocontent.csv")["content"] == ["0.png", "1.png"]
+
+
+def test_plcc_logistic_degenerate_fit_falls_back_to_raw(monkeypatch):
+    """Seen on a BIQ2021 split: the fit put the logistic's step (b4 ~ 0) outside every prediction, so the
+    mapped values were constant and PLCC was NaN. The fallback reports the raw correlation."""
+    import qualityguide.protocol as protocol
+
+    rng = np.random.default_rng(5)
+    pred, mos = rng.normal(size=120), rng.normal(size=120) + 0.3 * np.arange(120) / 120
+    monkeypatch.setattr(protocol, "fit_logistic", lambda x, y: np.array([0.55, 0.67, 99.0, 0.005]))
+    assert protocol.plcc(pred, mos, fit="logistic") == pytest.approx(protocol.plcc(pred, mos, fit="none"))

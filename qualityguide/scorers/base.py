@@ -57,3 +57,34 @@ class QualityScorer(nn.Module):
         direction = "lower" if self.native_lower_better else "higher"
         return (f"name={self.name!r}, differentiable={self.differentiable}, "
                 f"native_range={self.native_range}, native {direction} is better, min_side={self.min_side}")
+
+
+class Resized(QualityScorer):
+    """A scorer applied after resizing the short side to ``size`` (bilinear, antialiased when shrinking).
+
+    For images smaller than a metric's minimum (tiny test models make 64 px images; NIQE needs 192)
+    or to score at a fixed resolution. Differentiable when the wrapped scorer is.
+
+    Args:
+        scorer: any :class:`QualityScorer`.
+        size: the short side, in pixels, the wrapped scorer sees.
+    """
+
+    def __init__(self, scorer: QualityScorer, size: int):
+        super().__init__()
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive integer, got {size!r}")
+        self.inner, self.size = scorer, size
+        self.name = f"{scorer.name}@{size}px"
+        self.differentiable = scorer.differentiable
+        self.native_lower_better = scorer.native_lower_better
+        self.native_range = scorer.native_range
+
+    def native(self, images: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        h, w = images.shape[-2:]
+        factor = self.size / min(h, w)
+        target = (max(1, round(h * factor)), max(1, round(w * factor)))
+        resized = F.interpolate(images, size=target, mode="bilinear", align_corners=False, antialias=factor < 1)
+        return self.inner.score_with_native(resized.clamp(0, 1))[1]

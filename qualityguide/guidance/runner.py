@@ -1,0 +1,95 @@
+"""Resumable guided generation over a prompt list (used by ``recipes/guided_sampling.py`` and ``evals/guidance.py``).
+
+Each job is one (prompt index, seed). Finished jobs are lines in ``results-<rank>.jsonl`` whose image
+file exists; a rerun skips them, a kill loses at most the job in flight, and a line cut by a kill is
+ignored (its job runs again and its image is overwritten).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per line; blank lines and ``#`` comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise InputError(f"prompt file {path} holds no prompts (one per line; # starts a comment)")
+    return prompts
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    prompt: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.index:05d}_{self.seed}"
+
+
+def make_jobs(prompts: list[str], seeds_per_prompt: int = 1, base_seed: int = 0) -> list[Job]:
+    """Jobs in a fixed order; the seed of a job depends only on its prompt index and repeat."""
+    return [Job(i, p, base_seed + i * 1000 + r) for i, p in enumerate(prompts) for r in range(seeds_per_prompt)]
+
+
+def finished(out: str | os.PathLike) -> dict[str, dict]:
+    """Records of jobs whose line is complete and whose image exists, from every process's JSONL."""
+    out = Path(out)
+    done: dict[str, dict] = {}
+    for path in sorted(out.glob("results-*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # cut by a kill
+            if (out / record.get("image", "")).is_file():
+                done.setdefault(record["key"], record)
+    return done
+
+
+def append_record(out: str | os.PathLike, rank: int, record: dict) -> None:
+    with open(Path(out) / f"results-{rank:03d}.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def generate(pipe, job: Job, guidance=None, steps: int = 30, guidance_scale: float = 7.5, **kwargs) -> torch.Tensor:
+    """One image ``[1,3,H,W]`` in [0,1] for ``job`` (``guidance``: an attached QualityGuidance or None)."""
+    generator = torch.Generator(device="cpu").manual_seed(job.seed)
+    images = pipe(job.prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+                  output_type="pt", callback_on_step_end=guidance, **kwargs).images
+    return images.float().clamp(0, 1)
+
+
+def save_image(image: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    array = (image[0].permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+def timed_generate(pipe, job: Job, guidance=None, **kwargs) -> tuple[torch.Tensor, float]:
+    if torch.cuda.is_available() and pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    image = generate(pipe, job, guidance, **kwargs)
+    if torch.cuda.is_available() and pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    return image, time.perf_counter() - start
