@@ -235,3 +235,60 @@ class _NotDifferentiable:
 
     def __call__(self, images):
         return images.mean((1, 2, 3))
+
+
+def test_lgdm_scorer_guides_with_the_pipelines_own_modules(sd):
+    from qualityguide.lgdm import LGDM, HeadConfig, LGDMConfig, LGDMHead, LGDMScorer
+
+    lgdm = LGDM.from_pipeline(sd, LGDMConfig(image_size=32, num_steps=2, t_max=20, psi="none"))
+    head = LGDMHead(HeadConfig(num_steps=2, layer_dims=lgdm.recorder.dims, hidden=(16, 8)))
+    scorer = LGDMScorer(lgdm, head).eval()
+    assert scorer.lgdm.unet is sd.unet and scorer.lgdm.vae is sd.vae  # no second copy
+    with torch.no_grad():
+        base = scorer(generate(sd, steps=4))
+    with QualityGuidance(scorer, scale=0.05).attach(sd) as guidance:
+        images = generate(sd, guidance, steps=4)
+    with torch.no_grad():
+        assert float(scorer(images)) > float(base)
+    assert len(guidance.history) == 4  # LGDM's own U-Net calls were not mistaken for sampler calls
+
+
+def test_recipe_resumes_without_duplicates(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("guided_sampling",
+                                                  Path(__file__).parents[1] / "recipes" / "guided_sampling.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# test prompts\na red fox\n\na lighthouse\nsushi on a plate\n")
+    out = tmp_path / "out"
+    argv = ["--model", "tiny:sd", "--prompts", str(prompts), "--scorer", "niqe-embedded", "--score-size", "192",
+            "--scale", "0.1", "--steps", "3", "--cfg", "3.0", "--out", str(out), "--device", "cpu"]
+    assert recipe.main(argv) == 0
+    lines = (out / "results-000.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and len(list((out / "images").glob("*.png"))) == 3
+    first = json.loads(lines[0])
+    assert first["prompt"] == "a red fox" and first["scale"] == 0.1 and np.isfinite(first["score"])
+    # a kill: the last image never reached disk and its record line was cut
+    (out / "images" / f"{json.loads(lines[2])['key']}.png").unlink()
+    (out / "results-000.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    assert recipe.main(argv) == 0
+    from qualityguide.guidance.runner import finished
+
+    records = finished(out)
+    assert sorted(records) == sorted(json.loads(line)["key"] for line in lines) and len(records) == 3
+    assert recipe.main(argv) == 0  # nothing left: no new lines
+    assert sum(1 for line in (out / "results-000.jsonl").read_text().splitlines() if line.endswith("}")) == 3
+
+
+def test_read_prompts_errors(tmp_path):
+    from qualityguide.guidance.runner import read_prompts
+
+    with pytest.raises(InputError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    with pytest.raises(InputError, match="no prompts"):
+        read_prompts(tmp_path / "empty.txt")

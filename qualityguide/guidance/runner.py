@@ -62,8 +62,16 @@ def finished(out: str | os.PathLike) -> dict[str, dict]:
 
 
 def append_record(out: str | os.PathLike, rank: int, record: dict) -> None:
-    with open(Path(out) / f"results-{rank:03d}.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    """Append one line (fsynced). A line cut by a kill is first ended, so it cannot swallow the new record."""
+    path = Path(out) / f"results-{rank:03d}.jsonl"
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            cut = handle.read(1) != b"\n"
+    else:
+        cut = False
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(("\n" if cut else "") + json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 

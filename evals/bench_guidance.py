@@ -1,0 +1,152 @@
+"""Benchmark quality-guided sampling: guided / unguided wall time, and the overhead over the guidance work.
+
+In one run: an unguided call, a guided call (same prompt, seed, steps), and the guidance work's own
+model calls timed alone at the same shapes (VAE decoder forward+backward and scorer forward+backward,
+once per guided step). Ratio = guided / (unguided + guided steps x that work); target <= 1.10.
+
+    python evals/bench_guidance.py --model tiny:sd
+    python evals/bench_guidance.py --model random:sd15 --height 256 --steps 4 --repeats 1
+    python evals/bench_guidance.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16 \
+        --height 512 --steps 30
+
+Writes ``evals/results/bench_guidance/<model>.json`` / ``.md`` / ``.png`` and prints the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from qualityguide.guidance import QualityGuidance
+from qualityguide.guidance.x0 import frozen
+from qualityguide.images import from_vae_range
+from qualityguide.pipelines import load_pipeline
+from qualityguide.scorers import load_scorer
+from qualityguide.scorers.base import Resized
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_guidance"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny:sd")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--height", type=int, default=None, help="image side (default: the model's)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--scorer", default="niqe-embedded")
+    parser.add_argument("--score-size", type=int, default=None, help="resize before scoring (tiny models: 192)")
+    parser.add_argument("--scale", type=float, default=0.05)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--unet-mode", action="store_true", help="also time mode='unet' (backprop through U-Net)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    pipe = load_pipeline(args.model, dtype=args.dtype, device=device)
+    scorer = load_scorer(args.scorer, device=device)
+    if args.score_size:
+        scorer = Resized(scorer, args.score_size)
+    size = args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    call = dict(prompt="a photo of a lighthouse on a cliff", num_inference_steps=args.steps, guidance_scale=args.cfg,
+                height=size, width=size, output_type="pt")
+
+    def run(callback=None):
+        pipe(**call, generator=torch.Generator().manual_seed(0), callback_on_step_end=callback)
+
+    unguided = timed(run, device, args.repeats)
+    guidance = QualityGuidance(scorer, scale=args.scale).attach(pipe)
+    guided = timed(lambda: run(guidance), device, args.repeats)
+    guidance.detach()
+    guided_steps = args.steps
+    latent = torch.randn(1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor,
+                         size // pipe.vae_scale_factor, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def work():  # what a guided step must do besides the sampler: decode, score, backward to the latents
+        with frozen(pipe.vae, scorer):
+            z = latent.clone().requires_grad_(True)
+            image = from_vae_range(pipe.vae.decode((z / pipe.vae.config.scaling_factor).to(pipe.vae.dtype))
+                                   .sample.float())
+            torch.autograd.grad(scorer(image).sum(), z)
+
+    work_s = timed(work, device, args.repeats)
+    result = {"model": args.model, "device": str(device), "dtype": args.dtype or "fp32", "size": size,
+              "steps": args.steps, "cfg": args.cfg, "scorer": scorer.name, "threads": torch.get_num_threads(),
+              "platform": platform.platform(),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "unguided_s": unguided, "guided_s": guided, "guided_over_unguided": guided / unguided,
+              "guidance_work_per_step_s": work_s, "guided_steps": guided_steps,
+              "ratio_guided_to_unguided_plus_work": guided / (unguided + guided_steps * work_s), "target": 1.10}
+    if args.unet_mode:
+        unet_guidance = QualityGuidance(scorer, scale=args.scale, mode="unet").attach(pipe)
+        result["guided_unet_mode_s"] = timed(lambda: run(unet_guidance), device, args.repeats)
+        unet_guidance.detach()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = f"{args.model.replace(':', '_').replace('/', '_')}_{size}px_{args.steps}steps"
+    (out / f"{slug}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{slug}.md").write_text(markdown(result))
+    plot(result, out / f"{slug}.png")
+    print(json.dumps(result, indent=2))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    lines = [f"Guided sampling cost, `{r['model']}` on {r['device']} ({r['dtype']}), {r['size']} px, {r['steps']} steps, "
+             f"CFG {r['cfg']}, scorer {r['scorer']}", "",
+             "| unguided s | guided s | guided / unguided | work per step s | guided / (unguided + work) |",
+             "|---|---|---|---|---|",
+             f"| {r['unguided_s']:.3f} | {r['guided_s']:.3f} | {r['guided_over_unguided']:.2f} | "
+             f"{r['guidance_work_per_step_s']:.3f} | {r['ratio_guided_to_unguided_plus_work']:.3f} (target <= 1.10) |"]
+    if "guided_unet_mode_s" in r:
+        lines.append(f"\nmode='unet' (backprop through the U-Net): {r['guided_unet_mode_s']:.3f} s")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    parts = {"unguided": r["unguided_s"], "+ guidance work": r["guided_steps"] * r["guidance_work_per_step_s"]}
+    ax.bar(["guided (measured)"], [r["guided_s"]], color="C1")
+    ax.bar(["unguided + work"], [parts["unguided"]], color="C0", label="unguided")
+    ax.bar(["unguided + work"], [parts["+ guidance work"]], bottom=[parts["unguided"]], color="C2",
+           label="decoder+scorer fwd/bwd")
+    if "guided_unet_mode_s" in r:
+        ax.bar(["mode=unet"], [r["guided_unet_mode_s"]], color="C3")
+    ax.set_ylabel("seconds per call")
+    ax.set_title(f"{r['model']}: ratio {r['ratio_guided_to_unguided_plus_work']:.3f}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
