@@ -51,3 +51,26 @@ def test_nriqa_eval_on_a_written_dataset(tmp_path):
     # resumable: a second run reuses the score table instead of rescoring
     again = nriqa.evaluate(str(tmp_path), ["niqe-embedded"], {}, out, n_boot=50)
     assert again["scorers"]["niqe-embedded"]["srcc"] == pytest.approx(stats["srcc"])
+
+
+def test_nriqa_trained_variants_learn_noise_level(tmp_path):
+    """NSS features + the LGDM head on 30 images whose MOS is set by the noise level: the protocol must find it."""
+    nriqa = _load("nriqa")
+    base = np.asarray(Image.open(bundled_photo("skimage", "astronaut.png")).convert("RGB").resize((96, 96)),
+                      dtype=np.float32)
+    rng = np.random.default_rng(0)
+    lines = ["image,mos,content"]
+    for i in range(30):
+        level = i % 10
+        noisy = np.clip(base + rng.normal(0, 4.0 * level, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{100 - 8 * level},c{i}")
+    (tmp_path / "mos.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    results = nriqa.evaluate_trained(str(tmp_path), ["nss:brisque", "lgdm:psi=none"], out, model="tiny:sd",
+                                     image_size=32, num_steps=2, t_max=20, repeats=3)
+    nss = results["variants"]["nss:brisque"]
+    assert nss["srcc"]["n"] == 3 and nss["srcc"]["median"] > 0.7
+    assert "random weights" in results["variants"]["lgdm:psi=none"]["label"]
+    assert "mechanics check" in (out / "trained.md").read_text()
+    assert (out / "trained_srcc.png").stat().st_size > 1000

@@ -416,7 +416,7 @@ def test_eta_noise_is_part_of_the_probe(pipe, images):
 
 def test_niqe_psi_and_pyiqa_penultimate(pipe):
     from qualityguide.errors import WeightsNotFoundError
-    from qualityguide.lgdm.psi import _PenultimateHook, build_image_psi
+    from qualityguide.features import _PenultimateHook, build_image_psi
 
     model = LGDM.from_pipeline(pipe, LGDMConfig(image_size=192, num_steps=2, t_max=20, psi="niqe"))
     x = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 200, 200, generator=torch.Generator().manual_seed(0)), 5, 1, 2)

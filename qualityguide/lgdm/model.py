@@ -83,7 +83,7 @@ class LGDM(nn.Module):
                              f"factor {self.vae_factor}")
         self.psi = None
         if self.config.zeta2 > 0 and self.config.psi not in ("none", "sd"):
-            from .psi import build_image_psi
+            from ..features import build_image_psi
 
             self.psi = build_image_psi(self.config.psi, weights=psi_weights)
         self._conditions: dict = {}

@@ -1,8 +1,9 @@
-"""Perceptual feature maps psi for PMG's perceptual-consistency term G2 (DESIGN.md section 2).
+"""Perceptual feature extractors psi(x): images ``[B,3,H,W]`` in [0,1] -> ``[B,D]``.
 
-Two domains: ``"latent"`` (``psi="sd"``: the U-Net's own pooled decoder features of a clean latent,
-applied to the latent directly since E(D(z)) ~ z) and ``"image"`` (NSS vectors or a pyiqa
-network's penultimate activations, applied to decoded images in [0,1]).
+Used by LGDM's perceptual-consistency term G2 (DESIGN.md section 2) and available to the adapter:
+NSS vectors (``"brisque"``, ``"niqe"``) or a pyiqa network's penultimate activations
+(``"pyiqa:<metric>"``). LGDM's ``psi="sd"`` (the U-Net's own pooled decoder features of a clean
+latent) lives with the U-Net in :mod:`qualityguide.lgdm`.
 """
 
 from __future__ import annotations
