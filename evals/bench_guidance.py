@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -29,25 +27,9 @@ from qualityguide.images import from_vae_range
 from qualityguide.pipelines import load_pipeline
 from qualityguide.scorers import load_scorer
 from qualityguide.scorers.base import Resized
+from qualityguide.timing import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_guidance"
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import time
 from pathlib import Path
 
@@ -28,26 +27,9 @@ import torch
 from qualityguide.guidance.schedule import alpha_bar, clean_estimate, ddim_update
 from qualityguide.images import to_vae_range
 from qualityguide.lgdm import LGDM, LGDMConfig
+from qualityguide.timing import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_lgdm"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def component_times(model: LGDM, x: torch.Tensor, device: torch.device, repeats: int) -> dict:

@@ -101,3 +101,11 @@ def test_x0_step_bad_arguments():
         x0_step(torch.zeros(2, 2), lambda x: x.sum(), 1.0)
     with pytest.raises(InputError, match="max_norm"):
         x0_step(torch.zeros(1, 2), lambda x: x.sum(1), 1.0, max_norm=0)
+
+
+def test_timed_is_a_median_of_repeats():
+    from qualityguide.timing import timed
+
+    calls = []
+    value = timed(lambda: calls.append(1), "cpu", repeats=3, warmup=2)
+    assert len(calls) == 5 and 0 <= value < 1.0

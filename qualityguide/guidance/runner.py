@@ -94,10 +94,11 @@ def save_image(image: torch.Tensor, path: Path) -> None:
 
 
 def timed_generate(pipe, job: Job, guidance=None, **kwargs) -> tuple[torch.Tensor, float]:
-    if torch.cuda.is_available() and pipe.device.type == "cuda":
-        torch.cuda.synchronize()
+    """:func:`generate` and its wall time in seconds (GPU work included)."""
+    from ..timing import synchronize
+
+    synchronize(pipe.device)
     start = time.perf_counter()
     image = generate(pipe, job, guidance, **kwargs)
-    if torch.cuda.is_available() and pipe.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(pipe.device)
     return image, time.perf_counter() - start
