@@ -292,3 +292,31 @@ def test_read_prompts_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("# only a comment\n\n")
     with pytest.raises(InputError, match="no prompts"):
         read_prompts(tmp_path / "empty.txt")
+
+
+@pytest.mark.slow
+def test_recipe_shards_prompts_across_two_processes(tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na lighthouse\nsushi\na cabin\na tulip\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no",
+                          str(Path(__file__).parents[1] / "recipes" / "guided_sampling.py"), "--model", "tiny:sd",
+                          "--prompts", str(prompts), "--scorer", "niqe-embedded", "--score-size", "192",
+                          "--scale", "0.1", "--steps", "2", "--cfg", "1.0", "--out", str(out), "--device", "cpu"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    per_rank = {p.name: [json.loads(line)["key"] for line in p.read_text().splitlines()]
+                for p in out.glob("results-*.jsonl")}
+    assert sorted(per_rank) == ["results-000.jsonl", "results-001.jsonl"]
+    keys = [k for ks in per_rank.values() for k in ks]
+    assert len(keys) == 5 and len(set(keys)) == 5 and len(list((out / "images").glob("*.png"))) == 5
