@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from qualityguide.guidance import QualityGuidance
-from qualityguide.guidance.runner import append_record, finished, make_jobs, read_prompts, save_image, timed_generate
+from qualityguide.guidance.runner import (append_record, check_settings, finished, make_jobs, read_prompts,
+                                          save_image, timed_generate)
 from qualityguide.images import load_image
 from qualityguide.pipelines import load_pipeline
 from qualityguide.protocol import bootstrap_ci
@@ -33,17 +34,18 @@ from qualityguide.scorers.base import Resized
 HERE = Path(__file__).resolve().parent
 
 
-def run_arm(pipe, jobs, out: Path, guidance, steps: int, cfg: float, label: str) -> dict[str, dict]:
-    """Generate every job not yet in ``out`` (resumable); returns all records by key."""
+def run_arm(pipe, jobs, out: Path, guidance, steps: int, cfg: float, label: str, settings: dict) -> dict[str, dict]:
+    """Generate every job not yet in ``out`` (resumable; the folder is bound to ``settings``); records by key."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    done = finished(out)
+    check_settings(out, settings)
+    done = finished(out, jobs)
     for job in tqdm([j for j in jobs if j.key not in done], desc=label):
         image, seconds = timed_generate(pipe, job, guidance, steps=steps, guidance_scale=cfg)
         name = f"images/{job.key}.png"
         save_image(image, out / name)
         append_record(out, 0, {"key": job.key, "prompt": job.prompt, "seed": job.seed, "image": name,
                                "seconds": seconds})
-    return finished(out)
+    return finished(out, jobs)
 
 
 class ClipScore:
@@ -128,9 +130,11 @@ def main() -> None:
         return Resized(scorer, args.score_size) if args.score_size else scorer
 
     guiding, held_out = scorer_for(args.scorer), scorer_for(args.held_out)
-    unguided = run_arm(pipe, jobs, out / "unguided", None, args.steps, args.cfg, "unguided")
+    common = {"model": args.model, "steps": args.steps, "cfg": args.cfg, "dtype": args.dtype}
+    unguided = run_arm(pipe, jobs, out / "unguided", None, args.steps, args.cfg, "unguided", common)
     with QualityGuidance(guiding, scale=args.scale).attach(pipe) as guidance:
-        guided = run_arm(pipe, jobs, out / "guided", guidance, args.steps, args.cfg, "guided")
+        guided = run_arm(pipe, jobs, out / "guided", guidance, args.steps, args.cfg, "guided",
+                         {**common, "scorer": guiding.name, "scale": args.scale})
     keys = [j.key for j in jobs]
     result = {"model": args.model, "prompts": len(keys), "steps": args.steps, "cfg": args.cfg, "scale": args.scale,
               "guiding_scorer": guiding.name, "held_out_scorer": held_out.name,

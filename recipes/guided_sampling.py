@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from qualityguide.errors import QualityGuideError
 from qualityguide.guidance import QualityGuidance
-from qualityguide.guidance.runner import append_record, finished, make_jobs, read_prompts, save_image, timed_generate
+from qualityguide.guidance.runner import (append_record, check_settings, finished, make_jobs, read_prompts,
+                                          save_image, timed_generate)
 from qualityguide.pipelines import load_pipeline
 from qualityguide.scorers import load_scorer
 from qualityguide.scorers.base import Resized
@@ -59,15 +60,18 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     jobs = make_jobs(read_prompts(args.prompts), args.seeds_per_prompt, args.seed)
-    done = finished(out)
+    settings = {k: getattr(args, k) for k in ("model", "scorer", "weights", "score_size", "scale", "start", "end",
+                                              "every", "normalize", "mode", "steps", "cfg", "dtype")}
+    if state.is_main_process:
+        check_settings(out, settings)
+    state.wait_for_everyone()
+    done = finished(out, jobs)
     state.wait_for_everyone()
     mine = [job for job in jobs if job.key not in done][state.process_index::state.num_processes]
     pipe = load_pipeline(args.model, dtype=args.dtype, device=device)
     scorer = load_scorer(args.scorer, weights=args.weights, device=device)
     if args.score_size:
         scorer = Resized(scorer, args.score_size)
-    settings = {k: getattr(args, k) for k in ("model", "scorer", "score_size", "scale", "start", "end", "every",
-                                              "normalize", "mode", "steps", "cfg")}
     guidance = QualityGuidance(scorer, scale=args.scale, start=args.start, end=args.end, every=args.every,
                                normalize=args.normalize, mode=args.mode).attach(pipe)
     try:
@@ -81,13 +85,14 @@ def main(argv=None) -> int:
             append_record(out, state.process_index, {"key": job.key, "index": job.index, "prompt": job.prompt,
                                                      "seed": job.seed, "image": name, "score": score,
                                                      "seconds": seconds, "skipped_steps": sum(
-                                                         int(h["skipped"].all()) for h in guidance.history),
+                                                         int(h["skipped"].all()) for h in guidance.history
+                                                         if not h["deferred"]),
                                                      **settings})
     finally:
         guidance.detach()
     state.wait_for_everyone()
     if state.is_main_process:
-        print(json.dumps({"jobs": len(jobs), "already_done": len(done), "done_now": len(finished(out))}))
+        print(json.dumps({"jobs": len(jobs), "already_done": len(done), "done_now": len(finished(out, jobs))}))
     return 0
 
 

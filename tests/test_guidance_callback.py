@@ -59,7 +59,7 @@ def test_every_scheduler_gains_and_gain_grows_with_scale(name):
     assert float(gain_small) > 0, name
     assert float(gain_large) > float(gain_small), name
     assert len(g_small.history) == len(pipe.scheduler.timesteps)  # every pipeline iteration guided
-    assert not any(h["skipped"].any() for h in g_small.history)
+    assert not any(h["skipped"].any() for h in g_small.history if not h["deferred"])
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -134,7 +134,7 @@ def test_non_finite_gradient_is_skipped_with_warning(sd):
     with pytest.warns(RuntimeWarning, match="non-finite gradient"):
         images = generate(sd, guidance)
     guidance.detach()
-    assert torch.equal(images, base) and all(h["skipped"].all() for h in guidance.history)
+    assert torch.equal(images, base) and all(h["skipped"].all() for h in guidance.history if not h["deferred"])
 
 
 def test_batches_multi_callbacks_and_config(sd):
@@ -171,6 +171,27 @@ def test_sdxl_and_img2img():
     with QualityGuidance(brightness, scale=0.1).attach(img2img) as guidance:
         images = generate(img2img, guidance, image=init, strength=0.6, steps=10)
     assert float(brightness(images) - base) > 0 and len(guidance.history) == 6
+    # the coefficient is the next *actual* noise level of img2img's shortened loop
+    table = img2img.scheduler.alphas_cumprod
+    loop = [int(t) for t in img2img.scheduler.timesteps[-6:]]
+    for h, following in zip(guidance.history, loop[1:]):
+        assert h["coefficient"] == pytest.approx(float(table[following]) ** 0.5, rel=1e-5)
+
+
+def test_single_step_guidance_survives_pndm_and_unipc():
+    for name in ("UniPCMultistepScheduler", "PNDMScheduler"):
+        pipe = swap_scheduler(load_pipeline("tiny:sd"), name)
+        if name == "PNDMScheduler":
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, skip_prk_steps=True)
+        base = generate(pipe, steps=6)
+        # one guided step, early: UniPC's corrector and PNDM's warm-up would drop or reverse it
+        first, _ = guided(pipe, 0.2, start=0.0, end=0.1, steps=6)  # step 0 only (PNDM loops 7 times)
+        second, g = guided(pipe, 0.2, start=1 / 6, end=2 / 6, steps=6)
+        gain = float(brightness(second) - brightness(base))
+        assert gain > 0, name
+        if name == "PNDMScheduler":  # step 0's change would be overwritten by PLMS's restart: it is deferred
+            _, g0 = guided(pipe, 0.2, start=0.0, end=0.1, steps=6)
+            assert len(g0.history) == 1 and g0.history[0]["deferred"] and torch.equal(first, base)
 
 
 def test_unet_mode_gains(sd):
@@ -204,8 +225,9 @@ def test_bf16_vae_decode():
         pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0, generator=generator, output_type="latent",
              callback_on_step_end=guidance)
     guidance.detach()
-    assert all(not h["skipped"].any() for h in guidance.history)
-    assert all(torch.isfinite(h["delta_norm"]).all() and (h["delta_norm"] > 0).all() for h in guidance.history)
+    done = [h for h in guidance.history if not h["deferred"]]
+    assert done and all(not h["skipped"].any() for h in done)
+    assert all(torch.isfinite(h["delta_norm"]).all() and (h["delta_norm"] > 0).all() for h in done)
 
 
 def test_bad_arguments(sd):
@@ -282,6 +304,13 @@ def test_recipe_resumes_without_duplicates(tmp_path):
     assert sorted(records) == sorted(json.loads(line)["key"] for line in lines) and len(records) == 3
     assert recipe.main(argv) == 0  # nothing left: no new lines
     assert sum(1 for line in (out / "results-000.jsonl").read_text().splitlines() if line.endswith("}")) == 3
+    with pytest.raises(InputError, match=r"other settings \(scale: folder has 0.1, this run 0.3"):
+        recipe.main([a if a != "0.1" else "0.3" for a in argv])
+    # an edited prompt regenerates only that line's image
+    prompts.write_text("a red fox\na lighthouse at night\nsushi on a plate\n")
+    assert recipe.main(argv) == 0
+    records = finished(out, recipe.make_jobs(recipe.read_prompts(prompts)))
+    assert records["00001_1000"]["prompt"] == "a lighthouse at night" and len(records) == 3
 
 
 def test_read_prompts_errors(tmp_path):

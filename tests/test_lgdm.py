@@ -287,7 +287,7 @@ def test_cache_from_another_config_is_refused(pipe, image_files, tmp_path):
         extract_to_cache(LGDM.from_pipeline(pipe, LGDMConfig(image_size=32, num_steps=2, t_max=40, psi="none")),
                          image_files[:2], tmp_path / "c", progress=False)
     other = load_pipeline("tiny:sd", seed=1)
-    with pytest.raises(InputError, match="backbone.weights"):
+    with pytest.raises(InputError, match="other backbone weights"):
         extract_to_cache(lgdm(other, psi="none"), image_files[:2], tmp_path / "c", progress=False)
     with pytest.raises(InputError, match="have no features"):
         FeatureCache(tmp_path / "c").load([file_hash(image_files[5])])
@@ -319,7 +319,7 @@ def test_scorer_save_load_and_load_scorer(pipe, images, tmp_path):
         torch.testing.assert_close(loaded(images), expected)
         torch.testing.assert_close(shared(images), expected)
     assert shared.lgdm.unet is pipe.unet  # no second copy
-    with pytest.raises(InputError, match="backbone.weights.*load the backbone the head was trained on"):
+    with pytest.raises(InputError, match="other backbone weights.*load the backbone the head was trained on"):
         LGDMScorer.from_pretrained(tmp_path / "s", pipeline=load_pipeline("tiny:sd", seed=2))
 
 
@@ -431,3 +431,36 @@ def test_niqe_psi_and_pyiqa_penultimate(pipe):
         _PenultimateHook(torch.nn.Conv2d(3, 3, 1), "pyiqa:test")
     with pytest.raises((WeightsNotFoundError, InputError)):
         build_image_psi("pyiqa:not_a_metric")
+
+
+def test_weight_fingerprint_sees_decoder_finetunes_but_not_bf16_loading(pipe, image_files, tmp_path):
+    from qualityguide.lgdm.model import fingerprints_match
+
+    base = lgdm(pipe, psi="none")
+    extract_to_cache(base, image_files[:1], tmp_path / "c", progress=False)
+    tuned = load_pipeline("tiny:sd")
+    with torch.no_grad():  # a decoder-only fine-tune (what a LoRA on the up blocks amounts to once fused)
+        tuned.unet.up_blocks[1].resnets[0].conv1.weight.mul_(1.01)
+    changed = lgdm(tuned, psi="none")
+    assert changed.model_key() == base.model_key()  # same architecture and config ...
+    assert not fingerprints_match(base.weight_fingerprint(), changed.weight_fingerprint())[0]  # ... other weights
+    with pytest.raises(InputError, match="other backbone weights"):
+        extract_to_cache(changed, image_files[:1], tmp_path / "c", progress=False)
+    rounded = load_pipeline("tiny:sd")
+    with torch.no_grad():
+        for p in rounded.unet.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # what loading bf16 weights does to the values
+    assert fingerprints_match(base.weight_fingerprint(), lgdm(rounded, psi="none").weight_fingerprint())[0]
+
+
+def test_fp16_vae_that_asks_for_upcast_runs_in_float32(pipe):
+    from qualityguide.guidance.vae import decode_latents, working_vae
+
+    half = load_pipeline("tiny:sd")
+    half.vae.to(torch.float16)
+    assert half.vae.config.force_upcast and working_vae(half.vae).dtype == torch.float32
+    assert working_vae(half.vae) is working_vae(half.vae)  # one copy per VAE
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(decode_latents(half.vae, z), decode_latents(pipe.vae, z), rtol=1e-2, atol=1e-2)
+    assert working_vae(pipe.vae) is pipe.vae

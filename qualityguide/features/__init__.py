@@ -75,7 +75,7 @@ def build_image_psi(spec: str, weights: str | os.PathLike | None = None) -> Imag
             if hook.value is None:
                 raise InputError(f"psi={spec!r}: the last linear layer did not run; this metric has no usable "
                                  "penultimate feature")
-            value = hook.value
+            value, hook.value = hook.value, None  # do not keep the activation (and its graph) alive
             return value.reshape(images.shape[0], -1)
 
         return ImagePsi(spec, penultimate, module=scorer)

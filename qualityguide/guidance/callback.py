@@ -17,6 +17,7 @@ from diffusers.callbacks import PipelineCallback
 
 from ..errors import InputError
 from ..images import from_vae_range
+from .vae import decode_latents
 from .schedule import alpha_bar_at, clean_estimate, is_sigma_parameterised
 from .x0 import NORMALIZE, frozen, per_sample_norm, x0_step
 
@@ -141,9 +142,14 @@ class QualityGuidance(PipelineCallback):
             return callback_kwargs
         latents = callback_kwargs["latents"]
         scheduler = pipeline.scheduler
+        if _restarts_from_saved_sample(scheduler):
+            # The next step rebuilds its input from a sample the scheduler saved before this step (PNDM's
+            # second PLMS step, its Runge-Kutta sub-steps, Heun-type second stages): a change made now would be
+            # dropped, or even reversed. Guide at the next step instead.
+            self.history.append({"step": step_index, "timestep": _scalar(call["timestep"]), "deferred": True})
+            return callback_kwargs
         model_input, output = self._combine_cfg(call, latents.shape[0])
-        a_t = alpha_bar_at(scheduler, _scalar(call["timestep"]), latents)
-        coefficient = self._signal_coefficient(scheduler, step_index, latents)
+        a_t, coefficient = self._noise_levels(scheduler, call, step_index, num_steps, latents)
         prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self._recording = False
         modules = [pipeline.unet, pipeline.vae] + ([self.scorer] if isinstance(self.scorer, torch.nn.Module) else [])
@@ -157,16 +163,21 @@ class QualityGuidance(PipelineCallback):
                 else:
                     step = self._unet_step(pipeline, {**call, "latents_batch": latents.shape[0]}, a_t,
                                            prediction_type)
-                    # a change of the noisy input reaches the next level scaled like DDIM's x0 term
-                    ratio = 1.0 if is_sigma_parameterised(scheduler) else coefficient / a_t.sqrt()
-                    delta = step.delta * ratio
+                    # the step moved the U-Net's (VP-scaled) input; as a clean-latent change that is
+                    # delta / sqrt(a_t), which reaches the next level times its signal coefficient
+                    delta = step.delta * (coefficient / a_t.sqrt())
         finally:
             self._recording = True
         self.history.append({"step": step_index, "timestep": _scalar(call["timestep"]),
                              "score": step.objective.cpu(), "delta_norm": per_sample_norm(delta).flatten().cpu(),
-                             "skipped": step.skipped.cpu()})
+                             "skipped": step.skipped.cpu(), "alpha_bar": float(a_t),
+                             "coefficient": float(coefficient), "deferred": False})
         if bool(step.skipped.all()):
             return callback_kwargs
+        if getattr(scheduler, "last_sample", None) is not None and hasattr(scheduler, "disable_corrector"):
+            # UniPC's corrector rebuilds the current sample from the one before this step and would discard
+            # the change; skip the corrector once (predictor-only update) so the guidance survives.
+            scheduler.last_sample = None
         callback_kwargs["latents"] = latents + delta.to(latents.dtype)
         return callback_kwargs
 
@@ -188,21 +199,36 @@ class QualityGuidance(PipelineCallback):
                              "supports pipelines that call the U-Net once per step on the latents (or both CFG halves)")
         return sample, output
 
-    def _signal_coefficient(self, scheduler, step_index: int, like: torch.Tensor) -> torch.Tensor:
-        """How much of a clean-latent change shows in the latents after this step."""
+    @staticmethod
+    def _noise_levels(scheduler, call: dict, step_index: int, num_steps: int,
+                      like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_bar of this step's U-Net input, signal coefficient of the latents after the step)``.
+
+        Schedulers that keep a sigma table and a step index (Euler, LMS, DPM-Solver, UniPC) are read at
+        their own position, which is exact for Karras/trailing spacings and for img2img's shortened loop.
+        Others (DDIM, DDPM, PNDM) are read off ``alphas_cumprod``; their position in ``timesteps`` is offset
+        by the steps img2img skips (``len(timesteps) - num_steps``).
+        """
+        one = torch.ones((), device=like.device)
+        sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
+        if sigmas is not None and index is not None and 0 < index < len(sigmas):
+            sigma_t, sigma_next = float(sigmas[index - 1]), float(sigmas[index])
+            a_t = torch.tensor(1.0 / (1.0 + sigma_t**2), device=like.device)
+            if is_sigma_parameterised(scheduler):
+                return a_t, one
+            return a_t, torch.tensor((1.0 / (1.0 + sigma_next**2)) ** 0.5, device=like.device)
+        a_t = alpha_bar_at(scheduler, _scalar(call["timestep"]), like)
         if is_sigma_parameterised(scheduler):
-            return torch.ones((), device=like.device)
+            return a_t, one
         timesteps = scheduler.timesteps
-        if step_index + 1 < len(timesteps):
-            return alpha_bar_at(scheduler, _scalar(timesteps[step_index + 1]), like).sqrt()
-        return torch.ones((), device=like.device)  # the last step lands on (almost) clean latents
+        following = len(timesteps) - num_steps + step_index + 1
+        if following < len(timesteps):
+            return a_t, alpha_bar_at(scheduler, _scalar(timesteps[following]), like).sqrt()
+        return a_t, one  # the last step lands on (almost) clean latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Clean latents -> images in [0,1] through the pipeline's VAE (its dtype), float32 out."""
-        vae = self.pipe.vae
-        shift = vae.config.get("shift_factor") or 0.0
-        decoded = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
-        return from_vae_range(decoded.float())
+        """Clean latents -> images in [0,1] through the pipeline's VAE (upcast where fp16 overflows), float32."""
+        return from_vae_range(decode_latents(self.pipe.vae, latents))
 
     def _objective(self, x0: torch.Tensor) -> torch.Tensor:
         scores = self.scorer(self.decode(x0))
@@ -233,6 +259,18 @@ class QualityGuidance(PipelineCallback):
         with torch.enable_grad():
             return x0_step(sample.float(), objective, self.config.scale, normalize=self.config.normalize,
                            max_norm=self.config.max_norm)
+
+
+def _restarts_from_saved_sample(scheduler) -> bool:
+    """Whether the scheduler's next step starts from a sample it saved earlier instead of the latents."""
+    if getattr(scheduler, "state_in_first_order", True) is False:  # Heun/KDPM2 second stage
+        return True
+    if hasattr(scheduler, "prk_timesteps") and hasattr(scheduler, "counter"):  # PNDM
+        counter = scheduler.counter
+        if not scheduler.config.skip_prk_steps and counter < len(scheduler.prk_timesteps):
+            return counter % 4 != 0  # Runge-Kutta sub-steps 1-3 restart from the sub-step-0 sample
+        return counter == 1 and getattr(scheduler, "cur_sample", None) is not None  # PLMS warm-up
+    return False
 
 
 def _scalar(value) -> float:

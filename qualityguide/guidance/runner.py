@@ -46,9 +46,33 @@ def make_jobs(prompts: list[str], seeds_per_prompt: int = 1, base_seed: int = 0)
     return [Job(i, p, base_seed + i * 1000 + r) for i, p in enumerate(prompts) for r in range(seeds_per_prompt)]
 
 
-def finished(out: str | os.PathLike) -> dict[str, dict]:
-    """Records of jobs whose line is complete and whose image exists, from every process's JSONL."""
+def check_settings(out: str | os.PathLike, settings: dict) -> None:
+    """Bind an output folder to one set of generation settings: written on first use, refused if they differ
+    later (a resumed run with another scale, model or step count would mix two experiments)."""
+    path = Path(out) / "settings.json"
+    wanted = json.loads(json.dumps(settings, default=str))
+    if path.is_file():
+        found = json.loads(path.read_text())
+        diffs = [f"{k}: folder has {found.get(k)!r}, this run {wanted.get(k)!r}" for k in sorted(set(found) | set(wanted))
+                 if found.get(k) != wanted.get(k)]
+        if diffs:
+            raise InputError(f"{out} holds results made with other settings ({'; '.join(diffs[:5])}). Fix: pass a new "
+                             "--out folder, or rerun with the folder's settings to resume")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(wanted, indent=2))
+    os.replace(tmp, path)
+
+
+def finished(out: str | os.PathLike, jobs: list["Job"] | None = None) -> dict[str, dict]:
+    """Records of jobs whose line is complete and whose image exists, from every process's JSONL.
+
+    With ``jobs``, a record counts only if its prompt is still the job's prompt (an edited prompt file
+    regenerates the changed lines).
+    """
     out = Path(out)
+    prompts = None if jobs is None else {job.key: job.prompt for job in jobs}
     done: dict[str, dict] = {}
     for path in sorted(out.glob("results-*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -56,8 +80,10 @@ def finished(out: str | os.PathLike) -> dict[str, dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # cut by a kill
+            if prompts is not None and prompts.get(record.get("key")) != record.get("prompt"):
+                continue
             if (out / record.get("image", "")).is_file():
-                done.setdefault(record["key"], record)
+                done[record["key"]] = record  # the latest line wins (a regenerated prompt)
     return done
 
 

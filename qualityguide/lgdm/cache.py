@@ -55,6 +55,14 @@ class FeatureCache:
             found = json.loads(path.read_text())
             if manifest is not None and found.get("feature_key") != manifest["feature_key"]:
                 raise InputError(_mismatch(self.root, found, manifest))
+            if manifest is not None:
+                from .model import fingerprints_match
+
+                ok, why = fingerprints_match(found.get("weights_fingerprint"), manifest.get("weights_fingerprint"))
+                if not ok:
+                    raise InputError(f"feature cache {self.root} was extracted with other backbone weights ({why}). "
+                                     "Fix: use a new --cache folder for these weights, or load the backbone the "
+                                     "cache was built with")
             self.manifest = found
         elif manifest is None:
             raise InputError(f"{self.root} is not a feature cache (no {MANIFEST}); create one with "

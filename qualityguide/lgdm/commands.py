@@ -29,10 +29,11 @@ def _optional_int(text: str) -> int | None:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`LGDMConfig` field, defaults and help taken from the dataclass."""
     group = parser.add_argument_group("LGDM config (every field of LGDMConfig)")
+    hints = typing.get_type_hints(LGDMConfig)
     for f in fields(LGDMConfig):
         kind = {"num_steps": int, "t_max": int, "psi_timestep": int, "seed": int, "image_size": _optional_int,
                 "eta": float, "zeta1": float, "zeta2": float, "max_upscale": float}.get(f.name, str)
-        choices = typing.get_args(f.type) if "Literal" in str(f.type) else None
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else None
         group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", type=kind, default=f.default,
                            choices=list(choices) if choices else None, help=f"default {f.default!r}")
 

@@ -26,7 +26,8 @@ AUTOCAST = ("fp16", "bf16")
 def cache_manifest(lgdm: LGDM, autocast: str | None = None) -> dict:
     """What a cache built by ``lgdm`` records: the feature key and everything it was hashed from."""
     return {"feature_key": lgdm.feature_key(autocast), "model_key": lgdm.model_key(), "config": lgdm.config.to_dict(),
-            "backbone": lgdm.backbone_identity(), "backbone_spec": lgdm.backbone_spec,
+            "backbone": lgdm.backbone_identity(), "weights_fingerprint": lgdm.weight_fingerprint(),
+            "backbone_spec": lgdm.backbone_spec,
             "precision": lgdm.precision(autocast), "layout": lgdm.layout()}
 
 
@@ -103,8 +104,15 @@ def extract_to_cache(lgdm: LGDM, paths: Sequence[str | os.PathLike], cache_dir: 
         for members in groups.values():
             batch = torch.cat([image for _, image in members]).to(device)
             with torch.no_grad(), autocast_context(device, autocast):
-                rows.append(lgdm.extract(batch).float().cpu())
-            done_keys += [key for key, _ in members]
+                feats = lgdm.extract(batch).float().cpu()
+            finite = torch.isfinite(feats.flatten(1)).all(1)
+            for (key, _), ok in zip(members, finite.tolist()):
+                if not ok:  # never cache NaN/inf: it would poison every head trained on the cache
+                    cache.record_failure(keys[key], key, "non-finite features (fp16 overflow?); rerun with "
+                                         "--dtype bf16/fp32 or without --autocast fp16", state.process_index)
+                    failed += 1
+            rows.append(feats[finite])
+            done_keys += [key for (key, _), ok in zip(members, finite.tolist()) if ok]
         if done_keys:
             cache.write(done_keys, torch.cat(rows), rank=state.process_index)
             extracted += len(done_keys)
@@ -112,7 +120,7 @@ def extract_to_cache(lgdm: LGDM, paths: Sequence[str | os.PathLike], cache_dir: 
     bar.close()
     state.wait_for_everyone()
     cached = len(cache.done_keys() & set(keys))  # all processes' shards, after the barrier
-    return {"images": len(keys), "cached_before": len(done), "extracted": extracted, "failed": failed,
+    return {"images": len(keys), "cached_before": len(done & set(keys)), "extracted": extracted, "failed": failed,
             "cached_now": cached, "process_index": state.process_index, "num_processes": state.num_processes}
 
 

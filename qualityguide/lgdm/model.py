@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import ImageError, InputError
 from ..guidance.schedule import alpha_bar, clean_estimate, ddim_sigma, ddim_update
+from ..guidance.vae import decode_latents, encode_images
 from ..guidance.x0 import frozen, per_sample_norm, x0_step
 from ..images import check_batch, from_vae_range, to_vae_range
 from .config import LGDMConfig, stable_hash
@@ -24,6 +25,22 @@ from .hooks import HyperfeatureRecorder
 class _Condition:
     hidden: torch.Tensor
     added: dict | None
+
+
+def fingerprints_match(a: list[float] | None, b: list[float] | None, rtol: float = 2e-4) -> tuple[bool, str]:
+    """Whether two :meth:`LGDM.weight_fingerprint` lists describe the same weights; ``(ok, why not)``."""
+    if a is None or b is None:
+        return True, ""
+    if len(a) != len(b):
+        return False, f"different number of weight matrices ({len(a)} vs {len(b)})"
+    worst, index = 0.0, -1
+    for i, (x, y) in enumerate(zip(a, b)):
+        rel = abs(x - y) / max(abs(x), abs(y), 1e-12)
+        if rel > worst:
+            worst, index = rel, i
+    if worst > rtol:
+        return False, f"weight matrix #{index} differs (relative norm change {worst:.2g} > {rtol:g})"
+    return True, ""
 
 
 def _double_backward_attention(enabled: bool):
@@ -48,7 +65,7 @@ class LGDM(nn.Module):
     Args:
         unet, vae, scheduler: a latent diffusion model's U-Net, VAE and (any) scheduler; only the
             scheduler's ``alphas_cumprod`` and ``prediction_type`` are used.
-        text_encoder, tokenizer: encode ``config.prompt`` (once; cached per device and dtype).
+        text_encoder, tokenizer: encode ``config.prompt`` (once; cached per device, dtype, prompt and size).
         config: :class:`LGDMConfig` (default: the paper's settings).
         text_encoder_2, tokenizer_2: SDXL's second encoder (U-Nets with ``addition_embed_type="text_time"``).
         backbone_spec: the ``load_pipeline`` spec the modules came from (saved with heads).
@@ -116,21 +133,24 @@ class LGDM(nn.Module):
 
     # ----------------------------------------------------------------- identity (cache keys)
     def backbone_identity(self) -> dict:
-        """What identifies the weights: architecture configs, prediction type, schedule and a weight fingerprint.
-
-        The fingerprint is the norm (4 significant digits) of the first and last three weight matrices of
-        each module: cheap at SD size, changed by any fine-tune, unchanged by fp16/bf16 loading.
-        """
-        prints = []
-        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
-            if module is None:
-                continue
-            mats = [p for p in module.parameters() if p.dim() >= 2]
-            prints += [f"{tuple(p.shape)}:{float(p.detach().float().norm()):.4g}" for p in mats[:3] + mats[-3:]]
+        """What identifies the architecture: configs, prediction type and noise schedule (weights: see
+        :meth:`weight_fingerprint`, compared with a tolerance because fp16/bf16 loading moves it slightly)."""
         return {"unet": _config_hash(self.unet), "vae": _config_hash(self.vae),
                 "prediction_type": self.prediction_type,
-                "alphas_cumprod": stable_hash({"a": [round(float(a), 8) for a in self.scheduler.alphas_cumprod[::50]]}),
-                "weights": stable_hash({"w": prints})}
+                "alphas_cumprod": stable_hash({"a": [round(float(a), 8) for a in self.scheduler.alphas_cumprod[::50]]})}
+
+    @torch.no_grad()
+    def weight_fingerprint(self) -> list[float]:
+        """The norm of every weight matrix of the U-Net, VAE and text encoder(s), in parameter order.
+
+        Any fine-tune or fused LoRA moves the norms of the matrices it touches by far more than fp16/bf16
+        rounding does (~1e-5 relative), so :func:`fingerprints_match` tells them apart with a tolerance.
+        """
+        norms = []
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                norms += [float(p.detach().float().norm()) for p in module.parameters() if p.dim() >= 2]
+        return norms
 
     def model_key(self) -> str:
         """Hash of the config fields and backbone identity that change the features (precision aside)."""
@@ -175,7 +195,7 @@ class LGDM(nn.Module):
         return images[..., top:top + size, left:left + size]
 
     def _condition(self, batch: int, height: int, width: int, device) -> _Condition:
-        key = (str(device), height, width)
+        key = (str(device), str(self.unet.dtype), self.config.prompt, height, width)
         if key not in self._conditions:
             with torch.no_grad():
                 self._conditions[key] = self._encode_prompt(height, width, device)
@@ -203,17 +223,11 @@ class LGDM(nn.Module):
     # ----------------------------------------------------------------- model calls
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``z0 = E(x)``: the latent distribution's mean times the scaling factor (float32)."""
-        vae = self.vae
-        posterior = vae.encode(to_vae_range(images).to(vae.dtype)).latent_dist
-        z = posterior.mean.float()
-        shift = vae.config.get("shift_factor") or 0.0
-        return (z - shift) * vae.config.scaling_factor
+        return encode_images(self.vae, images)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``D(z)`` in the VAE's [-1,1] range (float32)."""
-        vae = self.vae
-        shift = vae.config.get("shift_factor") or 0.0
-        return vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
+        """``D(z)`` in the VAE's [-1,1] range (float32; fp16 VAEs that overflow run upcast)."""
+        return decode_latents(self.vae, latents)
 
     def _unet(self, latents: torch.Tensor, t: int, cond: _Condition) -> torch.Tensor:
         timestep = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
@@ -277,13 +291,16 @@ class LGDM(nn.Module):
             images: ``[B,3,H,W]`` in [0,1] (prepared with :meth:`prepare`: resized/cropped to ``image_size``).
             noise: latent-shaped initial noise (default: the config's fixed probe, same for every image).
             generator: torch generator(s) for random noise instead of the fixed probe.
-            create_graph: differentiate through the PMG corrections too (second order; otherwise they are
-                constants and gradients flow through the encoder and the U-Net feature path only).
+            create_graph: differentiate through the PMG corrections too, as functions of the latents (second
+                order). The input image's direct role as G1's target and psi(x) stays constant. Otherwise the
+                corrections are constants and gradients flow through the encoder and the U-Net feature path.
             return_trace: also return per-step PMG energies before and after each update (diagnostics).
         """
         cfg = self.config
         x = self.prepare(images)
         device = x.device
+        if self.psi is not None:
+            self.psi.to(device)  # pyiqa psi nets are built on the CPU; follow the images
         trace: list[dict] = []
         with self._frozen(), self.recorder.attached():
             z0 = self.encode(x)

@@ -12,14 +12,14 @@ from ..scorers.base import QualityScorer
 from .cache import _mismatch
 from .config import LGDMConfig
 from .head import LGDMHead
-from .model import LGDM
+from .model import LGDM, fingerprints_match
 
 
 def head_metadata(manifest: dict) -> dict:
     """What a head folder stores besides the head: enough to rebuild and verify its feature extractor."""
     return {"lgdm": manifest["config"], "backbone_spec": manifest.get("backbone_spec"),
             "model_key": manifest["model_key"], "backbone": manifest["backbone"], "layout": manifest["layout"],
-            "precision": manifest.get("precision")}
+            "weights_fingerprint": manifest.get("weights_fingerprint"), "precision": manifest.get("precision")}
 
 
 class LGDMScorer(QualityScorer):
@@ -46,7 +46,8 @@ class LGDMScorer(QualityScorer):
                              f"config gives {layout['num_steps']} x {layout['layer_dims']}; use the config the head "
                              "was trained with")
         self.lgdm, self.head, self.name, self.create_graph = lgdm, head, name, create_graph
-        self.min_side = lgdm.min_side
+        size, upscale = lgdm.config.image_size, lgdm.config.max_upscale
+        self.min_side = lgdm.min_side if size is None else max(lgdm.min_side, int(-(-size // upscale)))
         lo, hi = (float(v) for v in head.mos_range)
         self.native_range = (lo, hi)
 
@@ -86,6 +87,10 @@ class LGDMScorer(QualityScorer):
             raise InputError(_mismatch(Path(directory), found, wanted).replace("feature cache", "LGDM head")
                              .replace("use a new --cache folder for this configuration, or rerun with the cache's "
                                       "settings", "load the backbone the head was trained on"))
+        ok, why = fingerprints_match(meta.get("weights_fingerprint"), lgdm.weight_fingerprint())
+        if not ok:
+            raise InputError(f"LGDM head {directory} was trained on features of other backbone weights ({why}). "
+                             "Fix: load the backbone the head was trained on (model=... or pipeline=...)")
         scorer = cls(lgdm, head.to(next(lgdm.unet.parameters()).device), name=f"lgdm:{directory}")
         scorer.eval()
         return scorer
