@@ -129,10 +129,15 @@ def test_each_pmg_step_lowers_its_energy(pipe, images, psi):
 
 def test_batch_equals_singles(pipe, images):
     model = lgdm(pipe, psi="sd")
+    chunked = LGDM.from_pipeline(pipe, LGDMConfig(**SMALL, psi="sd"), pmg_chunk=2)
     with torch.no_grad():
         batch = model.extract(images)
         singles = torch.cat([model.extract(images[i:i + 1]) for i in range(3)])
+        in_chunks = chunked.extract(images)  # PMG backward on 2 + 1 images
     torch.testing.assert_close(batch, singles, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(in_chunks, batch, rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="pmg_chunk"):
+        LGDM.from_pipeline(pipe, LGDMConfig(**SMALL), pmg_chunk=0)
 
 
 def test_native_size_and_sdxl_backbone(images):

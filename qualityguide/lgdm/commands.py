@@ -61,6 +61,8 @@ def add_parser(sub) -> None:
     extract.add_argument("--dtype", default=None, help="weights dtype: fp32 (default), fp16, bf16")
     extract.add_argument("--autocast", default=None, choices=["fp16", "bf16"], help="mixed precision")
     extract.add_argument("--psi-weights", default=None, help="local weights for --psi pyiqa:<metric>")
+    extract.add_argument("--pmg-chunk", type=int, default=None, help="images per PMG backward (less GPU memory at "
+                         "large sizes; same features)")
     extract.add_argument("--limit", type=int, default=None, help="only the first N rows (quick runs)")
     extract.add_argument("--quiet", action="store_true")
     add_config_flags(extract)
@@ -115,7 +117,8 @@ def _extract(args) -> int:
         raise InputError(f"--device {args.device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    lgdm = LGDM.from_pretrained(args.model, config, dtype=args.dtype, device=device, psi_weights=args.psi_weights)
+    lgdm = LGDM.from_pretrained(args.model, config, dtype=args.dtype, device=device, psi_weights=args.psi_weights,
+                                pmg_chunk=args.pmg_chunk)
     summary = extract_to_cache(lgdm, dataset["image"], args.cache, batch_size=args.batch_size,
                                autocast=args.autocast, progress=not args.quiet)
     if state.is_main_process:

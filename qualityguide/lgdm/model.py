@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import ImageError, InputError
 from ..guidance.schedule import alpha_bar, clean_estimate, ddim_sigma, ddim_update
 from ..guidance.vae import decode_latents, encode_images
-from ..guidance.x0 import frozen, per_sample_norm, x0_step
+from ..guidance.x0 import StepResult, frozen, per_sample_norm, x0_step
 from ..images import check_batch, from_vae_range, to_vae_range
 from .config import LGDMConfig, stable_hash
 from .hooks import HyperfeatureRecorder
@@ -70,11 +70,18 @@ class LGDM(nn.Module):
         text_encoder_2, tokenizer_2: SDXL's second encoder (U-Nets with ``addition_embed_type="text_time"``).
         backbone_spec: the ``load_pipeline`` spec the modules came from (saved with heads).
         psi_weights: local weights for ``psi="pyiqa:<metric>"``.
+        pmg_chunk: run each PMG backward (VAE decoder, psi) on at most this many images at a time. The
+            features are the same (every term is per image); peak memory drops from the batch's decoder
+            graph to the chunk's, which matters at 1024 px. None: the whole batch at once.
     """
 
     def __init__(self, unet, vae, scheduler, text_encoder=None, tokenizer=None, config: LGDMConfig | None = None,
-                 *, text_encoder_2=None, tokenizer_2=None, backbone_spec: str | None = None, psi_weights=None):
+                 *, text_encoder_2=None, tokenizer_2=None, backbone_spec: str | None = None, psi_weights=None,
+                 pmg_chunk: int | None = None):
         super().__init__()
+        if pmg_chunk is not None and (not isinstance(pmg_chunk, int) or pmg_chunk < 1):
+            raise InputError(f"pmg_chunk must be a positive integer or None, got {pmg_chunk!r}")
+        self.pmg_chunk = pmg_chunk
         self.config = config or LGDMConfig()
         if not isinstance(self.config, LGDMConfig):
             raise InputError(f"config must be an LGDMConfig, got {type(self.config).__name__}")
@@ -121,12 +128,12 @@ class LGDM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_spec: str, config: LGDMConfig | None = None, dtype=None, device=None,
-                        psi_weights=None, **kwargs) -> "LGDM":
+                        psi_weights=None, pmg_chunk: int | None = None, **kwargs) -> "LGDM":
         """Load a pipeline with :func:`qualityguide.load_pipeline` (tiny spec, local folder or hub id) and wrap it."""
         from ..pipelines import load_pipeline
 
         pipe = load_pipeline(model_spec, dtype=dtype, device=device, **kwargs)
-        lgdm = cls.from_pipeline(pipe, config, backbone_spec=model_spec, psi_weights=psi_weights)
+        lgdm = cls.from_pipeline(pipe, config, backbone_spec=model_spec, psi_weights=psi_weights, pmg_chunk=pmg_chunk)
         if device is not None:
             lgdm.to(device)
         return lgdm
@@ -270,6 +277,23 @@ class LGDM(nn.Module):
             g2 = per_sample_norm(feats - psi_ref).flatten()
         return {"energy": cfg.zeta1 * g1 + cfg.zeta2 * g2, "g1": g1, "g2": g2}
 
+    def _pmg_step(self, z0_hat, target, psi_ref, cond: _Condition, create_graph: bool):
+        """x0_step on ``-(zeta1*G1 + zeta2*G2)``, in chunks of ``pmg_chunk`` images (same result, less memory)."""
+        size = self.pmg_chunk or z0_hat.shape[0]
+        parts = []
+        for start in range(0, z0_hat.shape[0], size):
+            part = slice(start, start + size)
+            sub = _Condition(cond.hidden[part], None if cond.added is None else
+                             {k: v[part] for k, v in cond.added.items()})
+            ref = None if psi_ref is None else psi_ref[part]
+            parts.append(x0_step(z0_hat[part], lambda z_: -self.pmg_energy(z_, target[part], ref, sub)["energy"],
+                                 1.0, create_graph=create_graph))
+        if len(parts) == 1:
+            return parts[0]
+        return StepResult(x0=torch.cat([p.x0 for p in parts]), delta=torch.cat([p.delta for p in parts]),
+                          objective=torch.cat([p.objective for p in parts]),
+                          skipped=torch.cat([p.skipped for p in parts]))
+
     def _psi_reference(self, x: torch.Tensor, z0: torch.Tensor, cond: _Condition) -> torch.Tensor | None:
         """psi(x), once per image (DESIGN.md: not once per step as a literal Algorithm 1 would)."""
         if self.config.zeta2 == 0 or self.config.psi == "none":
@@ -326,8 +350,7 @@ class LGDM(nn.Module):
                 if cfg.guided:
                     # One backward of zeta1*G1 + zeta2*G2 at the Tweedie estimate (Algorithm 1, lines 8-10).
                     with _double_backward_attention(create_graph):
-                        step = x0_step(z0_hat, lambda z_: -self.pmg_energy(z_, target, psi_ref, cond)["energy"],
-                                       1.0, create_graph=create_graph)
+                        step = self._pmg_step(z0_hat, target, psi_ref, cond, create_graph)
                     if return_trace:
                         with torch.no_grad():
                             after = self.pmg_energy(step.x0.detach(), target, psi_ref, cond)

@@ -63,7 +63,8 @@ class LGDMScorer(QualityScorer):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, pipeline=None, model: str | None = None,
-                        device=None, dtype=None, psi_weights=None, **kwargs) -> "LGDMScorer":
+                        device=None, dtype=None, psi_weights=None, pmg_chunk: int | None = None,
+                        **kwargs) -> "LGDMScorer":
         """Rebuild the scorer from a head folder.
 
         Args:
@@ -75,12 +76,13 @@ class LGDMScorer(QualityScorer):
         head, meta = LGDMHead.from_pretrained(directory)
         config = LGDMConfig.from_dict(meta["lgdm"])
         if pipeline is not None:
-            lgdm = LGDM.from_pipeline(pipeline, config, psi_weights=psi_weights)
+            lgdm = LGDM.from_pipeline(pipeline, config, psi_weights=psi_weights, pmg_chunk=pmg_chunk)
         else:
             spec = model or meta.get("backbone_spec")
             if not spec:
                 raise InputError(f"{directory}: no backbone spec stored; pass model=... or pipeline=...")
-            lgdm = LGDM.from_pretrained(spec, config, dtype=dtype, device=device, psi_weights=psi_weights, **kwargs)
+            lgdm = LGDM.from_pretrained(spec, config, dtype=dtype, device=device, psi_weights=psi_weights,
+                                        pmg_chunk=pmg_chunk, **kwargs)
         if lgdm.model_key() != meta["model_key"]:
             found = {"config": meta["lgdm"], "backbone": meta["backbone"], "precision": None}
             wanted = {"config": lgdm.config.to_dict(), "backbone": lgdm.backbone_identity(), "precision": None}

@@ -1,0 +1,43 @@
+"""Build time of the offline models (tiny test pipelines, full-size random SD 1.5), after imports.
+
+    python evals/bench_tiny.py [--repeats 5] [--with-random]
+
+Prints JSON and writes ``evals/results/bench_tiny/bench_tiny.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from qualityguide.pipelines import load_pipeline
+from qualityguide.testing import RANDOM_SPECS, TINY_SPECS
+from qualityguide.timing import timed
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_tiny"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--with-random", action="store_true", help=f"also time {', '.join(RANDOM_SPECS)} (slow)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    load_pipeline("tiny:sd")  # first build pays the lazy imports; reported separately
+    first = time.perf_counter() - start
+    specs = list(TINY_SPECS) + (list(RANDOM_SPECS) if args.with_random else [])
+    rows = {spec: timed(lambda spec=spec: load_pipeline(spec), "cpu", args.repeats if spec in TINY_SPECS else 1)
+            for spec in specs}
+    result = {"first_build_with_imports_s": first, "median_build_s": rows, "repeats": args.repeats}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_tiny.json").write_text(json.dumps(result, indent=2))
+    table = "| spec | build s (median) |\n|---|---|\n" + "\n".join(f"| {k} | {v:.3f} |" for k, v in rows.items())
+    (RESULTS / "bench_tiny.md").write_text(table + "\n")
+    print(json.dumps(result, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
