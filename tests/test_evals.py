@@ -20,6 +20,19 @@ def _load(name):
     return module
 
 
+def _noise_series(root, stds, mos, size, content=False):
+    """The astronaut with Gaussian noise of each std, and a mos.csv (more noise, lower MOS)."""
+    base = np.asarray(Image.open(bundled_photo("skimage", "astronaut.png")).convert("RGB").resize((size, size)),
+                      dtype=np.float32)
+    rng = np.random.default_rng(0)
+    lines = ["image,mos,content" if content else "image,mos"]
+    for i, (std, score) in enumerate(zip(stds, mos)):
+        noisy = np.clip(base + rng.normal(0, std, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(root / f"{i}.png")
+        lines.append(f"{i}.png,{score}" + (f",c{i}" if content else ""))
+    (root / "mos.csv").write_text("\n".join(lines) + "\n")
+
+
 def test_embedded_niqe_params_are_reproduced_by_the_fitting_code():
     mu, cov, blocks = fit_pristine([load_image(bundled_photo(*item)) for item in FIT_PHOTOS])
     shipped_mu, shipped_cov = load_niqe_params(EMBEDDED_NIQE_PARAMS)
@@ -30,16 +43,7 @@ def test_embedded_niqe_params_are_reproduced_by_the_fitting_code():
 
 def test_nriqa_eval_on_a_written_dataset(tmp_path):
     nriqa = _load("nriqa")
-    base = np.asarray(Image.open(bundled_photo("skimage", "astronaut.png")).convert("RGB").resize((256, 256)),
-                      dtype=np.float32)
-    rng = np.random.default_rng(0)
-    lines = ["image,mos"]
-    for i in range(12):
-        std = 3.0 * i
-        noisy = np.clip(base + rng.normal(0, std, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(noisy).save(tmp_path / f"{i}.png")
-        lines.append(f"{i}.png,{100 - 5 * i}")  # more noise, lower MOS
-    (tmp_path / "mos.csv").write_text("\n".join(lines) + "\n")
+    _noise_series(tmp_path, [3.0 * i for i in range(12)], [100 - 5 * i for i in range(12)], size=256)
     out = tmp_path / "out"
     results = nriqa.evaluate(str(tmp_path), ["niqe-embedded"], {}, out, n_boot=50)
     stats = results["scorers"]["niqe-embedded"]
@@ -56,16 +60,8 @@ def test_nriqa_eval_on_a_written_dataset(tmp_path):
 def test_nriqa_trained_variants_learn_noise_level(tmp_path):
     """NSS features + the LGDM head on 30 images whose MOS is set by the noise level: the protocol must find it."""
     nriqa = _load("nriqa")
-    base = np.asarray(Image.open(bundled_photo("skimage", "astronaut.png")).convert("RGB").resize((96, 96)),
-                      dtype=np.float32)
-    rng = np.random.default_rng(0)
-    lines = ["image,mos,content"]
-    for i in range(30):
-        level = i % 10
-        noisy = np.clip(base + rng.normal(0, 4.0 * level, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(noisy).save(tmp_path / f"{i}.png")
-        lines.append(f"{i}.png,{100 - 8 * level},c{i}")
-    (tmp_path / "mos.csv").write_text("\n".join(lines) + "\n")
+    levels = [i % 10 for i in range(30)]
+    _noise_series(tmp_path, [4.0 * k for k in levels], [100 - 8 * k for k in levels], size=96, content=True)
     out = tmp_path / "out"
     results = nriqa.evaluate_trained(str(tmp_path), ["nss:brisque", "lgdm:psi=none"], out, model="tiny:sd",
                                      image_size=32, num_steps=2, t_max=20, repeats=3)
