@@ -106,10 +106,15 @@ class LGDM(nn.Module):
             raise InputError(f"image_size={self.config.image_size} must be a multiple of the VAE's downsampling "
                              f"factor {self.vae_factor}")
         self.psi = None
+        self.psi_weights_hash = None
         if self.config.zeta2 > 0 and self.config.psi not in ("none", "sd"):
             from ..features import build_image_psi
 
             self.psi = build_image_psi(self.config.psi, weights=psi_weights)
+            if psi_weights is not None:  # other psi weights, other features: part of the cache key
+                from .cache import file_hash
+
+                self.psi_weights_hash = file_hash(psi_weights)
         self._conditions: dict = {}
 
     # ----------------------------------------------------------------- construction
@@ -164,6 +169,8 @@ class LGDM(nn.Module):
         config = self.config.to_dict()
         if self.config.psi == "none" or self.config.zeta2 == 0:
             config["psi"], config["psi_timestep"] = "none", 0  # equal features, equal key
+        if self.psi_weights_hash:
+            config["psi_weights_sha256"] = self.psi_weights_hash
         return stable_hash({"config": config, "backbone": self.backbone_identity()})
 
     def precision(self, autocast: str | None = None) -> str:
