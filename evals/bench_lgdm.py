@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from qualityguide.guidance.schedule import alpha_bar, clean_estimate, ddim_update
-from qualityguide.images import to_vae_range
+from qualityguide.images import from_vae_range, to_vae_range
 from qualityguide.lgdm import LGDM, LGDMConfig
 from qualityguide.timing import timed
 
@@ -107,7 +107,7 @@ def literal_algorithm1(model: LGDM, x: torch.Tensor) -> torch.Tensor:
                     with torch.no_grad():
                         ref = model.psi_sd(z0, cond) if model.psi is None else model.psi(x)
                     feats = model.psi_sd(p, cond) if model.psi is None else \
-                        model.psi(((model.decode(p) + 1) / 2).clamp(0, 1))
+                        model.psi(from_vae_range(model.decode(p)))
                     (grad2,) = torch.autograd.grad((feats - ref).flatten(1).norm(dim=1).sum(), p)
             z0_hat = z0_hat - cfg.zeta1 * grad1 - cfg.zeta2 * grad2
             t_prev = cfg.timesteps[k + 1] if k + 1 < cfg.num_steps else 0

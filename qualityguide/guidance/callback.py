@@ -161,8 +161,7 @@ class QualityGuidance(PipelineCallback):
                                    max_norm=self.config.max_norm)
                     delta = step.delta * coefficient
                 else:
-                    step = self._unet_step(pipeline, {**call, "latents_batch": latents.shape[0]}, a_t,
-                                           prediction_type)
+                    step = self._unet_step(pipeline, call, latents.shape[0], a_t, prediction_type)
                     # the step moved the U-Net's (VP-scaled) input; as a clean-latent change that is
                     # delta / sqrt(a_t), which reaches the next level times its signal coefficient
                     delta = step.delta * (coefficient / a_t.sqrt())
@@ -237,10 +236,9 @@ class QualityGuidance(PipelineCallback):
                              "return one score per image ([B])")
         return scores.float()
 
-    def _unet_step(self, pipeline, call: dict, a_t: torch.Tensor, prediction_type: str):
+    def _unet_step(self, pipeline, call: dict, batch: int, a_t: torch.Tensor, prediction_type: str):
         """Universal-guidance style: gradient of the score w.r.t. the noisy latents through the U-Net."""
         args, kwargs = list(call["args"]), dict(call["kwargs"])
-        batch = callback_batch = call["latents_batch"]
         cfg = call["sample"].shape[0] == 2 * batch
         sample = call["sample"].chunk(2)[1] if cfg else call["sample"]
 
@@ -252,13 +250,12 @@ class QualityGuidance(PipelineCallback):
                 kwargs["sample"] = full.to(call["sample"].dtype)
             out = pipeline.unet(*args, **kwargs)
             out = out[0] if isinstance(out, tuple) else out.sample
-            _, combined = self._combine_cfg({**call, "sample": full, "output": out}, callback_batch)
+            _, combined = self._combine_cfg({**call, "sample": full, "output": out}, batch)
             x0, _ = clean_estimate(combined.float(), x_t.float(), a_t, prediction_type)
             return self._objective(x0)
 
-        with torch.enable_grad():
-            return x0_step(sample.float(), objective, self.config.scale, normalize=self.config.normalize,
-                           max_norm=self.config.max_norm)
+        return x0_step(sample.float(), objective, self.config.scale, normalize=self.config.normalize,
+                       max_norm=self.config.max_norm)
 
 
 def _restarts_from_saved_sample(scheduler) -> bool:

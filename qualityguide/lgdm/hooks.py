@@ -53,10 +53,11 @@ class HyperfeatureRecorder:
     """
 
     def __init__(self, unet: nn.Module, layers: str = "up_blocks", pooling: str = "mean_std"):
-        self.names = [name for name, _ in decoder_layers(unet, layers)]
+        named = decoder_layers(unet, layers)
+        self.names = [name for name, _ in named]
+        self._modules = [module for _, module in named]
         self.channels = layer_channels(unet, layers)
         self.pooling = pooling
-        self._modules = [module for _, module in decoder_layers(unet, layers)]
         self._handles: list = []
         self._pending: list[torch.Tensor] | None = None
 
