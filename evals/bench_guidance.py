@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from qualityguide.guidance import QualityGuidance
-from qualityguide.guidance.x0 import frozen
-from qualityguide.images import from_vae_range
+from qualityguide.diffusion.vae import from_vae_range
+from qualityguide.diffusion.x0 import frozen
 from qualityguide.pipelines import load_pipeline
 from qualityguide.scorers import load_scorer
 from qualityguide.scorers.base import Resized

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from qualityguide.guidance.schedule import alpha_bar, clean_estimate, ddim_update
-from qualityguide.images import from_vae_range, to_vae_range
+from qualityguide.diffusion.schedule import alpha_bar, clean_estimate, ddim_update
+from qualityguide.diffusion.vae import from_vae_range, to_vae_range
 from qualityguide.lgdm import LGDM, LGDMConfig
 from qualityguide.timing import timed
 

@@ -3,7 +3,7 @@
 Conventions (DESIGN.md): every scorer, sampler and loss takes this layout. Transparent images
 (RGBA, LA, palette with transparency) are composited on **white**, the background most viewers
 show. 16-bit images are scaled by 1/65535, 8-bit by 1/255. EXIF orientation is applied. Diffusers
-VAEs take [-1,1]: :func:`to_vae_range` / :func:`from_vae_range` are the only place that converts.
+VAEs take [-1,1]: :mod:`qualityguide.diffusion.vae` is the only place that converts.
 """
 
 from __future__ import annotations
@@ -263,13 +263,3 @@ def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> 
         else:
             found.setdefault(str(path.resolve()), path)
     return list(found.values())
-
-
-def to_vae_range(images: torch.Tensor) -> torch.Tensor:
-    """[0,1] images -> the [-1,1] range diffusers VAEs take."""
-    return images * 2.0 - 1.0
-
-
-def from_vae_range(decoded: torch.Tensor) -> torch.Tensor:
-    """VAE decoder output in [-1,1] -> images in [0,1] (clamped)."""
-    return ((decoded + 1.0) / 2.0).clamp(0.0, 1.0)

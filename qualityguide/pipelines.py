@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, WeightsNotFoundError, closest
-from .testing import OFFLINE_SPECS, TINY_SPECS, build_tiny
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# The offline specs qualityguide.testing builds (named here so that importing this module does not import it).
+TINY_SPECS = ("tiny:sd", "tiny:sdxl", "tiny:ddpm")
+OFFLINE_SPECS = TINY_SPECS + ("random:sd15",)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -48,6 +50,8 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
             guess = closest(spec, list(OFFLINE_SPECS))
             raise InputError(f"unknown offline model {spec!r}; known: {', '.join(OFFLINE_SPECS)}"
                              + (f". Did you mean {guess!r}?" if guess else ""))
+        from .testing import build_tiny
+
         pipe = build_tiny(spec, **kwargs)
     else:
         pipe = _from_pretrained(spec, torch_dtype, **kwargs)

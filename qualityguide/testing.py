@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-TINY_SPECS = ("tiny:sd", "tiny:sdxl", "tiny:ddpm")
+from .pipelines import OFFLINE_SPECS, TINY_SPECS  # the spec names live with the resolver
+
 # Full-size architectures with random weights: real compute and memory for benchmarks, no download.
-RANDOM_SPECS = ("random:sd15",)
-OFFLINE_SPECS = TINY_SPECS + RANDOM_SPECS
+RANDOM_SPECS = tuple(spec for spec in OFFLINE_SPECS if spec not in TINY_SPECS)
 TEXT_HIDDEN = 32
 
 

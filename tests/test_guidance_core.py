@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qualityguide.errors import InputError
-from qualityguide.guidance import alpha_bar, clean_estimate, ddim_sigma, ddim_update, per_sample_norm, x0_step
+from qualityguide.diffusion import alpha_bar, clean_estimate, ddim_sigma, ddim_update, per_sample_norm, x0_step
 
 
 def _ddim(prediction_type):

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from qualityguide.errors import ImageError, InputError
-from qualityguide.images import check_batch, from_vae_range, list_images, load_image, to_batch, to_vae_range
+from qualityguide.diffusion.vae import from_vae_range, to_vae_range
+from qualityguide.images import check_batch, list_images, load_image, to_batch
 
 
 def _save(tmp_path, name, image, **kw):

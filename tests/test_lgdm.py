@@ -458,14 +458,30 @@ def test_weight_fingerprint_sees_decoder_finetunes_but_not_bf16_loading(pipe, im
     assert fingerprints_match(base.weight_fingerprint(), lgdm(rounded, psi="none").weight_fingerprint())[0]
 
 
-def test_fp16_vae_that_asks_for_upcast_runs_in_float32(pipe):
-    from qualityguide.guidance.vae import decode_latents, working_vae
+def test_fp16_vae_upcast_follows_the_pipeline_and_keeps_no_copy(pipe):
+    from qualityguide.diffusion.vae import decode_latents, encode_images, pipeline_upcasts_vae
 
     half = load_pipeline("tiny:sd")
     half.vae.to(torch.float16)
-    assert half.vae.config.force_upcast and working_vae(half.vae).dtype == torch.float32
-    assert working_vae(half.vae) is working_vae(half.vae)  # one copy per VAE
-    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(decode_latents(half.vae, z), decode_latents(pipe.vae, z), rtol=1e-2, atol=1e-2)
-    assert working_vae(pipe.vae) is pipe.vae
+    sdxl = load_pipeline("tiny:sdxl")
+    # The VAE config defaults to force_upcast=True, but only SDXL-family pipelines act on it (as diffusers does).
+    assert half.vae.config.force_upcast and not pipeline_upcasts_vae(half)
+    assert pipeline_upcasts_vae(sdxl)
+    assert not LGDM.from_pipeline(half, LGDMConfig(psi="none", image_size=64)).upcast_vae
+    assert LGDM.from_pipeline(sdxl, LGDMConfig(psi="none", image_size=64)).upcast_vae
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    reference = decode_latents(pipe.vae, z)
+    upcast = decode_latents(half.vae, z, upcast=True)
+    plain = decode_latents(half.vae, z, upcast=False)
+    # float32 compute on fp16-rounded weights: far closer to the fp32 VAE than fp16 compute is
+    assert (upcast - reference).abs().max() < (plain - reference).abs().max()
+    torch.testing.assert_close(upcast, reference, rtol=1e-2, atol=1e-2)
+    (grad,) = torch.autograd.grad(upcast.sum(), z)  # the graph holds its float32 weights until the backward
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # the user's module is untouched: still fp16, and nothing hidden was attached to it
+    assert all(p.dtype == torch.float16 for p in half.vae.parameters())
+    assert sum(1 for _ in half.vae.modules()) == sum(1 for _ in pipe.vae.modules())
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(encode_images(half.vae, x, upcast=True), encode_images(pipe.vae, x), rtol=1e-2,
+                               atol=1e-2)
+

@@ -16,10 +16,9 @@ import torch
 from diffusers.callbacks import PipelineCallback
 
 from ..errors import InputError
-from ..images import from_vae_range
-from .vae import decode_latents
-from .schedule import alpha_bar_at, clean_estimate, is_sigma_parameterised
-from .x0 import NORMALIZE, frozen, per_sample_norm, x0_step
+from ..diffusion.schedule import alpha_bar_at, clean_estimate, is_sigma_parameterised
+from ..diffusion.vae import decode_latents, from_vae_range, pipeline_upcasts_vae
+from ..diffusion.x0 import NORMALIZE, frozen, per_sample_norm, x0_step
 
 MODES = ("x0", "unet")
 
@@ -75,6 +74,7 @@ class QualityGuidance(PipelineCallback):
                                 max_norm=max_norm, mode=mode)
         self.scorer = scorer
         self.pipe = None
+        self.upcast_vae = False
         self._handle = None
         self._call: dict | None = None
         self._recording = True
@@ -90,6 +90,7 @@ class QualityGuidance(PipelineCallback):
                 raise InputError(f"pipeline {type(pipe).__name__} has no {name}; QualityGuidance needs a latent "
                                  "diffusion pipeline (StableDiffusion, StableDiffusionXL, img2img)")
         self.pipe = pipe
+        self.upcast_vae = pipeline_upcasts_vae(pipe)
         self._handle = pipe.unet.register_forward_hook(self._record, with_kwargs=True)
         return self
 
@@ -226,8 +227,9 @@ class QualityGuidance(PipelineCallback):
         return a_t, one  # the last step lands on (almost) clean latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Clean latents -> images in [0,1] through the pipeline's VAE (upcast where fp16 overflows), float32."""
-        return from_vae_range(decode_latents(self.pipe.vae, latents))
+        """Clean latents -> images in [0,1] through the pipeline's VAE, float32; an fp16 VAE runs in float32 where the
+        pipeline itself would upcast it (SDXL family with ``force_upcast``)."""
+        return from_vae_range(decode_latents(self.pipe.vae, latents, upcast=self.upcast_vae))
 
     def _objective(self, x0: torch.Tensor) -> torch.Tensor:
         scores = self.scorer(self.decode(x0))

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ImageError, InputError
-from ..guidance.schedule import alpha_bar, clean_estimate, ddim_sigma, ddim_update
-from ..guidance.vae import decode_latents, encode_images
-from ..guidance.x0 import StepResult, frozen, per_sample_norm, x0_step
-from ..images import check_batch, from_vae_range, to_vae_range
+from ..diffusion.schedule import alpha_bar, clean_estimate, ddim_sigma, ddim_update
+from ..diffusion.vae import decode_latents, encode_images, from_vae_range, pipeline_upcasts_vae, to_vae_range
+from ..diffusion.x0 import StepResult, frozen, per_sample_norm, x0_step
+from ..images import check_batch
 from .config import LGDMConfig, stable_hash
 from .hooks import HyperfeatureRecorder
 
@@ -70,6 +70,8 @@ class LGDM(nn.Module):
         text_encoder_2, tokenizer_2: SDXL's second encoder (U-Nets with ``addition_embed_type="text_time"``).
         backbone_spec: the ``load_pipeline`` spec the modules came from (saved with heads).
         psi_weights: local weights for ``psi="pyiqa:<metric>"``.
+        upcast_vae: run an fp16 VAE in float32 (default: as the model's diffusers pipeline does, i.e. for SDXL
+            VAEs with ``force_upcast``; :meth:`from_pipeline` reads it off the pipeline).
         pmg_chunk: run each PMG backward (VAE decoder, psi) on at most this many images at a time. The
             features are the same (every term is per image); peak memory drops from the batch's decoder
             graph to the chunk's, which matters at 1024 px. None: the whole batch at once.
@@ -77,7 +79,7 @@ class LGDM(nn.Module):
 
     def __init__(self, unet, vae, scheduler, text_encoder=None, tokenizer=None, config: LGDMConfig | None = None,
                  *, text_encoder_2=None, tokenizer_2=None, backbone_spec: str | None = None, psi_weights=None,
-                 pmg_chunk: int | None = None):
+                 pmg_chunk: int | None = None, upcast_vae: bool | None = None):
         super().__init__()
         if pmg_chunk is not None and (not isinstance(pmg_chunk, int) or pmg_chunk < 1):
             raise InputError(f"pmg_chunk must be a positive integer or None, got {pmg_chunk!r}")
@@ -93,6 +95,9 @@ class LGDM(nn.Module):
             raise InputError(f"t_max={self.config.t_max} exceeds the scheduler's {len(scheduler.alphas_cumprod)} "
                              "training timesteps")
         self.sdxl = unet.config.get("addition_embed_type") == "text_time"
+        # An fp16 VAE runs in float32 where diffusers' own pipeline would upcast it (SDXL family, force_upcast).
+        self.upcast_vae = bool(upcast_vae if upcast_vae is not None else
+                               self.sdxl and vae.config.get("force_upcast", False))
         if text_encoder is None or tokenizer is None:
             raise InputError("LGDM needs the pipeline's text_encoder and tokenizer (to encode the prompt); "
                              "build it with LGDM.from_pipeline(pipe)")
@@ -129,7 +134,8 @@ class LGDM(nn.Module):
             pipe.config.get("_name_or_path")
         return cls(pipe.unet, pipe.vae, pipe.scheduler, getattr(pipe, "text_encoder", None),
                    getattr(pipe, "tokenizer", None), config, text_encoder_2=getattr(pipe, "text_encoder_2", None),
-                   tokenizer_2=getattr(pipe, "tokenizer_2", None), backbone_spec=spec, **kwargs)
+                   tokenizer_2=getattr(pipe, "tokenizer_2", None), backbone_spec=spec,
+                   **{"upcast_vae": pipeline_upcasts_vae(pipe), **kwargs})
 
     @classmethod
     def from_pretrained(cls, model_spec: str, config: LGDMConfig | None = None, dtype=None, device=None,
@@ -237,11 +243,11 @@ class LGDM(nn.Module):
     # ----------------------------------------------------------------- model calls
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``z0 = E(x)``: the latent distribution's mean times the scaling factor (float32)."""
-        return encode_images(self.vae, images)
+        return encode_images(self.vae, images, upcast=self.upcast_vae)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``D(z)`` in the VAE's [-1,1] range (float32; fp16 VAEs that overflow run upcast)."""
-        return decode_latents(self.vae, latents)
+        return decode_latents(self.vae, latents, upcast=self.upcast_vae)
 
     def _unet(self, latents: torch.Tensor, t: int, cond: _Condition) -> torch.Tensor:
         timestep = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)

@@ -54,7 +54,8 @@ def frozen(*modules: torch.nn.Module | None):
 
 
 def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
-    """Euclidean norm of each sample, shaped to broadcast against ``x``; safe at zero (gradient 0, not NaN)."""
+    """Euclidean norm of each sample in float32, shaped to broadcast against ``x``; safe at zero (gradient 0, not
+    NaN)."""
     return x.float().pow(2).flatten(1).sum(1).clamp_min(1e-30).sqrt().view(-1, *([1] * (x.dim() - 1)))
 
 
@@ -90,17 +91,18 @@ def x0_step(x0: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor],
         (grad,) = torch.autograd.grad(value.sum(), point, create_graph=create_graph)
     finite = torch.isfinite(grad.detach().flatten(1)).all(1) & torch.isfinite(value.detach())
     shape = (-1,) + (1,) * (x0.dim() - 1)
-    grad = torch.where(finite.view(shape), grad, torch.zeros_like(grad))
-    if normalize == "unit":
-        grad = grad / per_sample_norm(grad).to(grad.dtype)
-    elif normalize == "rms":
-        numel = grad[0].numel()
-        grad = grad / (per_sample_norm(grad) / numel**0.5).clamp_min(1e-30).to(grad.dtype)
-    scale = torch.as_tensor(scale, device=x0.device, dtype=grad.dtype)
+    # Normalise in float32: in fp16 a norm's floor (1e-30) is 0, and 0/0 would turn a skipped or zero-gradient
+    # sample into NaN. Skipped and zero-gradient samples get an exact zero step in every dtype.
+    grad = torch.where(finite.view(shape), grad.float(), torch.zeros((), device=grad.device))
+    if normalize != "none":
+        norm = per_sample_norm(grad)
+        if normalize == "rms":
+            norm = norm / grad[0].numel() ** 0.5
+        grad = torch.where(norm > 0, grad / norm.clamp_min(1e-30), torch.zeros((), device=grad.device))
+    scale = torch.as_tensor(scale, device=x0.device, dtype=torch.float32)
     delta = (scale.view(shape) if scale.dim() else scale) * grad
     if max_norm is not None:
-        norm = per_sample_norm(delta)
-        delta = delta * (max_norm / norm).clamp(max=1.0).to(delta.dtype)
+        delta = delta * (max_norm / per_sample_norm(delta)).clamp(max=1.0)
     skipped = ~finite
     if warn and bool(skipped.any()):
         warnings.warn(f"x0_step: non-finite gradient for sample(s) {skipped.nonzero().flatten().tolist()}; "
