@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from qualityguide.guidance import QualityGuidance
-from qualityguide.diffusion.vae import from_vae_range
+from qualityguide.diffusion.vae import decode_latents, from_vae_range, pipeline_upcasts_vae
 from qualityguide.diffusion.x0 import frozen
 from qualityguide.pipelines import load_pipeline
 from qualityguide.scorers import load_scorer
@@ -68,16 +68,17 @@ def main() -> None:
     latent = torch.randn(1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor,
                          size // pipe.vae_scale_factor, generator=torch.Generator().manual_seed(0)).to(device)
 
-    def work():  # what a guided step must do besides the sampler: decode, score, backward to the latents
+    upcast = pipeline_upcasts_vae(pipe)
+
+    def work():  # what a guided step must do besides the sampler: the callback's own decode, score, backward
         with frozen(pipe.vae, scorer):
             z = latent.clone().requires_grad_(True)
-            image = from_vae_range(pipe.vae.decode((z / pipe.vae.config.scaling_factor).to(pipe.vae.dtype))
-                                   .sample.float())
+            image = from_vae_range(decode_latents(pipe.vae, z, upcast=upcast))
             torch.autograd.grad(scorer(image).sum(), z)
 
     work_s = timed(work, device, args.repeats)
     result = {"model": args.model, "device": str(device), "dtype": args.dtype or "fp32", "size": size,
-              "steps": args.steps, "cfg": args.cfg, "scorer": scorer.name, "threads": torch.get_num_threads(),
+              "steps": args.steps, "cfg": args.cfg, "scorer": scorer.name, "vae_upcast": upcast, "threads": torch.get_num_threads(),
               "platform": platform.platform(),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "unguided_s": unguided, "guided_s": guided, "guided_over_unguided": guided / unguided,
