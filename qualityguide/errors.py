@@ -38,3 +38,14 @@ def closest(name: str, known: list[str]) -> str | None:
 
     matches = difflib.get_close_matches(name, known, n=1, cutoff=0.4)
     return matches[0] if matches else None
+
+
+def printable(text: str) -> str:
+    """``text`` on one line, as UTF-8: line breaks and other control characters escaped (``\\n``, ``\\u2028``),
+    undecodable file-name bytes (lone surrogates) shown as ``\\xNN``. For messages, never for identity."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        raw = text.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

@@ -2,21 +2,30 @@
 
 Conventions (DESIGN.md): every scorer, sampler and loss takes this layout. Transparent images
 (RGBA, LA, palette with transparency) are composited on **white**, the background most viewers
-show. 16-bit images are scaled by 1/65535, 8-bit by 1/255. EXIF orientation is applied. Diffusers
-VAEs take [-1,1]: :mod:`qualityguide.diffusion.vae` is the only place that converts.
+show. 16-bit images are scaled by 1/65535, 8-bit by 1/255. EXIF orientation is applied. Animated
+GIFs and multi-page TIFFs give their first frame (with a :class:`MultiFrameWarning`, or a note in
+:func:`collect_multi_frame`). Files over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``)
+are refused with an :class:`ImageError`. Diffusers VAEs take [-1,1]: :mod:`qualityguide.diffusion.vae`
+is the only place that converts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import errno
 import os
+import re
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError, InputError
+from .errors import ImageError, InputError, printable
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
@@ -116,8 +125,68 @@ def _array_to_hwc(array: np.ndarray, source: str) -> np.ndarray:
     return data.astype(np.float32)
 
 
+class MultiFrameWarning(UserWarning):
+    """An animated or multi-page image file was loaded as its first frame."""
+
+
+_multi_frame: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("multi_frame", default=None)
+
+
+@contextlib.contextmanager
+def collect_multi_frame() -> Iterator[list[str]]:
+    """Within this block, multi-frame files loaded from paths are appended to the yielded list instead of
+    each raising a :class:`MultiFrameWarning` (for one notice per run)."""
+    found: list[str] = []
+    token = _multi_frame.set(found)
+    try:
+        yield found
+    finally:
+        _multi_frame.reset(token)
+
+
+def _note_frames(image: Image.Image, source: str) -> None:
+    frames = getattr(image, "n_frames", 1) if getattr(image, "is_animated", False) else 1
+    if frames > 1:
+        found = _multi_frame.get()
+        if found is not None:
+            found.append(source)
+        else:
+            warnings.warn(MultiFrameWarning(f"{printable(source)}: has {frames} frames (animated or multi-page); "
+                                            "only the first is used"), stacklevel=4)
+
+
+LOOP = "symlink loop"
+
+
+def link_problem(path: Path) -> str | None:
+    """Why a symlink cannot be followed (a loop, a missing target), or None if it can or is no link."""
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{LOOP}: following the link leads back to itself"
+        return f"broken symlink: its target {printable(os.readlink(path))} does not exist"
+    return None
+
+
+def _bomb_error(source: str, exc: Exception) -> ImageError:
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = int(match.group(1)) if match else None
+    size = f"{pixels:,} pixels" if pixels else "its size"
+    need = pixels or "N"
+    return ImageError(source, f"{size} is over Pillow's decompression-bomb limit of "
+                      f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels (a guard against small files that expand "
+                      "to huge images)", f"if you trust the file, rerun with --retry-failed --max-image-pixels "
+                      f"{need} (Python: PIL.Image.MAX_IMAGE_PIXELS = {need})")
+
+
 def _open(path: Path) -> Image.Image:
     source = str(path)
+    problem = link_problem(path)
+    if problem:
+        raise ImageError(source, problem, "fix or remove the link")
     if not path.exists():
         raise ImageError(source, "file not found", "check the path")
     if path.is_dir():
@@ -127,11 +196,14 @@ def _open(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
+    except Image.DecompressionBombError as exc:
+        raise _bomb_error(source, exc) from None
     except UnidentifiedImageError:
         raise ImageError(source, "not an image: its bytes match no format Pillow can read",
                          f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(source, f"truncated or corrupt image data ({exc})", "re-export or re-download it") from None
+    _note_frames(image, source)
     try:
         return ImageOps.exif_transpose(image)
     except Exception:  # broken EXIF blocks must not lose an otherwise good image
@@ -246,20 +318,73 @@ def check_size(height: int, width: int, min_side: int, name: str) -> None:
                          "upscale it or use a scorer with a smaller minimum size")
 
 
-def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
-    """Expand files and folders into a sorted, de-duplicated list of image files.
+@dataclass
+class ImageListing:
+    """Image files found by :func:`scan_images`.
 
-    Files given explicitly are kept whatever their extension (so that bad files are reported, not
-    skipped); files inside folders are kept when their extension is an image extension.
+    Attributes:
+        files: the files, in order, de-duplicated.
+        keys: each file's absolute path with symlinks resolved (unresolved where a link cannot be followed).
+        skipped: ``(path, why)`` for links inside folders that cannot be followed (``symlink loop``, ``broken
+            symlink``; broken ones only where the name has an image extension).
     """
-    found: dict[str, Path] = {}
+
+    files: list[Path] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def skipped_note(self, shown: int = 3) -> str | None:
+        """One line summarising :attr:`skipped`, or None."""
+        if not self.skipped:
+            return None
+        names = "; ".join(printable(f"{path} ({why})") for path, why in self.skipped[:shown])
+        more = f"; and {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
+        return f"skipped {len(self.skipped)} link(s) inside folders that cannot be followed: {names}{more}"
+
+
+def _key(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        return os.path.abspath(path)
+
+
+def scan_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> ImageListing:
+    """Expand files and folders into image files, noting links inside folders that cannot be followed.
+
+    Files given explicitly are kept whatever their extension or state (so that bad files are reported
+    per file, not skipped); files inside folders are kept when their extension is an image extension.
+    """
+    listing, seen = ImageListing(), set()
     for entry in paths:
         path = Path(entry)
         if path.is_dir():
             walker = path.rglob("*") if recursive else path.iterdir()
+            children = []
             for child in sorted(walker):
-                if child.is_file() and child.suffix.lower() in IMAGE_EXTENSIONS:
-                    found.setdefault(str(child.resolve()), child)
+                if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file():
+                    children.append(child)
+                elif (problem := link_problem(child)) and (problem.startswith(LOOP)
+                                                           or child.suffix.lower() in IMAGE_EXTENSIONS):
+                    listing.skipped.append((str(child), problem.split(":")[0]))
         else:
-            found.setdefault(str(path.resolve()), path)
-    return list(found.values())
+            children = [path]
+        for child in children:
+            key = _key(child)
+            if key not in seen:
+                seen.add(key)
+                listing.files.append(child)
+                listing.keys.append(key)
+    return listing
+
+
+def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """Expand files and folders into a sorted, de-duplicated list of image files (see :func:`scan_images`).
+
+    Links inside folders that cannot be followed are skipped with one warning.
+    """
+    listing = scan_images(paths, recursive=recursive)
+    note = listing.skipped_note()
+    if note:
+        warnings.warn(note, stacklevel=2)
+    return listing.files

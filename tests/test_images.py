@@ -7,7 +7,8 @@ from PIL import Image
 
 from qualityguide.errors import ImageError, InputError
 from qualityguide.diffusion.vae import from_vae_range, to_vae_range
-from qualityguide.images import check_batch, list_images, load_image, to_batch
+from qualityguide.images import (MultiFrameWarning, check_batch, collect_multi_frame, list_images, load_image,
+                                 scan_images, to_batch)
 
 
 def _save(tmp_path, name, image, **kw):
@@ -168,3 +169,34 @@ def test_list_images(tmp_path):
     assert [p.name for p in list_images([tmp_path])] == ["a.png", "b.JPG"]
     assert sorted(p.name for p in list_images([tmp_path], recursive=True)) == ["a.png", "b.JPG", "c.png"]
     assert len(list_images([tmp_path / "a.png", tmp_path])) == 2  # de-duplicated
+
+
+def test_symlink_loops_listed_and_reported(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    (tmp_path / "gone.png").symlink_to("missing.png")
+    (tmp_path / "gone.txt").symlink_to("missing.txt")  # not an image name: not worth a report
+    with pytest.warns(UserWarning, match=r"skipped 2 link\(s\).*gone.png \(broken symlink\).*loop.png \(symlink loop\)"):
+        assert [p.name for p in list_images([tmp_path])] == ["a.png"]
+    listing = scan_images([tmp_path / "loop.png"])  # given explicitly: kept, to be reported per file
+    assert [p.name for p in listing.files] == ["loop.png"] and listing.keys == [str(tmp_path / "loop.png")]
+    with pytest.raises(ImageError, match="loop.png: symlink loop"):
+        load_image(tmp_path / "loop.png")
+
+
+def test_multi_frame_file_gives_first_frame_with_a_warning(tmp_path):
+    frames = [Image.new("RGB", (8, 8), (10 * i, 0, 0)) for i in range(1, 4)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(MultiFrameWarning, match="anim.gif: has 3 frames"):
+        x = load_image(tmp_path / "anim.gif")
+    assert x[0, 0, 0].item() == pytest.approx(10 / 255, abs=2 / 255)
+    with collect_multi_frame() as found:  # scoring runs collect them for one notice instead
+        load_image(tmp_path / "anim.gif")
+    assert found == [str(tmp_path / "anim.gif")]
+
+
+def test_decompression_bomb_is_an_image_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (50, 50)).save(tmp_path / "big.png")  # 2500 > 2 x 1000
+    with pytest.raises(ImageError, match=r"big.png: 2,500 pixels is over .* --max-image-pixels 2500"):
+        load_image(tmp_path / "big.png")
