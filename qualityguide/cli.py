@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=8)
     score.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
     score.add_argument("--device", default="cpu", help="torch device, e.g. cuda, cuda:1 (default cpu)")
-    score.add_argument("--retry-failed", action="store_true", help="re-try files recorded with an error")
+    score.add_argument("--retry-failed", action="store_true",
+                       help="re-try the files given here that are recorded with an error (other rows stay)")
+    score.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                       help="load images of up to N pixels without Pillow's decompression-bomb guard stepping in, "
+                       "for files you trust (0: no limit)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="offline demo: score distorted real photographs, write a report")
@@ -67,9 +71,17 @@ def _cmd_score(args) -> int:
         raise QualityGuideError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QualityGuideError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    if args.max_image_pixels is not None:
+        if args.max_image_pixels < 0:
+            raise QualityGuideError(f"--max-image-pixels must be >= 0 (0: no limit), got {args.max_image_pixels}")
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None  # Pillow warns above it, refuses above twice it
     scorer = load_scorer(args.scorer, weights=args.weights, device=device)
     summary = score_paths(args.paths, scorer, args.output, batch_size=args.batch_size, recursive=args.recursive,
                           device=device, retry_failed=args.retry_failed, progress=not args.quiet)
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"{summary.scored} scored, {summary.failed} failed, {summary.skipped} already in {args.output}",
           file=sys.stderr)
     return 0 if summary.ok else 1

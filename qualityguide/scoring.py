@@ -2,13 +2,12 @@
 
 Rows are appended batch by batch and flushed to disk, so an interrupted run loses at most the batch
 in flight. A rerun with the same output skips every path already in the file (scored or failed;
-``retry_failed=True`` drops the failed rows and tries those files again), and repairs a last line
-cut short by a kill. Paths are stored resolved (absolute), so reruns from another directory match.
+``retry_failed=True`` tries the failed ones of the files given again). The file itself (format,
+ownership check, lock, settings, repair of a last row cut short by a kill) is :mod:`qualityguide.scorefile`.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,11 +17,12 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from .errors import ImageError, InputError, QualityGuideError
-from .images import check_size, list_images, load_image
+from .errors import ImageError, InputError, QualityGuideError, printable
+from .images import check_size, collect_multi_frame, load_image, scan_images
+from .scorefile import FIELDS, ScoreFile, decode_path, encode_path, scorer_settings
 from .scorers.base import QualityScorer
 
-FIELDS = ["path", "score", "error", "native_score"]
+__all__ = ["FIELDS", "ScoreSummary", "decode_path", "score_paths", "score_tensors", "scorer_settings"]
 
 
 @dataclass
@@ -30,45 +30,12 @@ class ScoreSummary:
     scored: int = 0
     failed: int = 0
     skipped: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, error) for requested files
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path cell, error) for requested files
+    notes: list[str] = field(default_factory=list)  # one line each: links skipped, multi-frame files
 
     @property
     def ok(self) -> bool:
         return not self.failures
-
-
-def _repair_and_read(output: Path) -> dict[str, dict]:
-    """Existing rows by path; truncates a partial last line; checks the header."""
-    if not output.exists() or output.stat().st_size == 0:
-        return {}
-    with open(output, "rb+") as handle:
-        data = handle.read()
-        if not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            handle.truncate(cut)
-            data = data[:cut]
-    lines = data.decode("utf-8").splitlines()
-    if not lines:
-        return {}
-    header = next(csv.reader([lines[0]]))
-    if header != FIELDS:
-        raise InputError(f"--output {output} exists with columns {header}, not {FIELDS}; "
-                         "choose another --output or delete the file")
-    rows = {}
-    for row in csv.DictReader(lines):
-        rows[row["path"]] = row
-    return rows
-
-
-def _rewrite(output: Path, rows: list[dict]) -> None:
-    tmp = output.with_suffix(output.suffix + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, output)
 
 
 def _fmt(value: float) -> str:
@@ -106,55 +73,53 @@ def _score_group(scorer, images, indices, device, results) -> None:
 
 def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, output: str | os.PathLike,
                 batch_size: int = 8, recursive: bool = False, device: str | torch.device = "cpu",
-                retry_failed: bool = False, progress: bool = True) -> ScoreSummary:
-    """Score image files and folders into ``output`` (CSV ``path,score,error,native_score``).
+                retry_failed: bool = False, progress: bool = True, settings: str | None = None) -> ScoreSummary:
+    """Score image files and folders into ``output`` (CSV ``path,score,error,native_score,settings``).
 
     Args:
         paths: files and folders (folders: their image files; ``recursive`` descends).
         scorer: any :class:`QualityScorer` (already on ``device``).
-        output: CSV to create or resume.
+        output: CSV to create or resume; a file that is not such a CSV, or one made with other
+            settings, is refused unchanged; one in use by another run is refused.
         batch_size: files loaded and written per step.
-        retry_failed: drop rows with errors from ``output`` and try those files again.
+        retry_failed: drop the error rows of the files given here and try those files again.
+        settings: what the values depend on (default :func:`scorer_settings` of ``scorer``).
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    output = Path(output)
-    files = list_images(paths, recursive=recursive)
-    if not files:
-        raise InputError(f"no image files found in {[str(p) for p in paths]}; pass image files or folders "
-                         "(use --recursive for nested folders)")
-    existing = _repair_and_read(output)
-    if retry_failed and any(row["error"] for row in existing.values()):
-        existing = {k: v for k, v in existing.items() if not v["error"]}
-        _rewrite(output, list(existing.values()))
-    keys = [str(p.resolve()) for p in files]
-    todo = [(key, path) for key, path in zip(keys, files) if key not in existing]
-    summary = ScoreSummary(skipped=len(files) - len(todo))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not output.exists() or output.stat().st_size == 0
+    listing = scan_images(paths, recursive=recursive)
+    if not listing.files:
+        raise InputError(f"no image files found in {[printable(str(p)) for p in paths]}; pass image files or "
+                         "folders (use --recursive for nested folders)")
+    keys = [encode_path(key) for key in listing.keys]
+    summary = ScoreSummary(notes=[note for note in [listing.skipped_note()] if note])
     device = torch.device(device)
-    with open(output, "a", newline="") as handle, \
-            tqdm(total=len(todo), desc=f"scoring ({scorer.name})", unit="img", file=sys.stderr,
-                 disable=not progress) as bar:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            rows = _score_chunk(scorer, chunk, device)
-            writer.writerows(rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-            for row in rows:
-                if row["error"]:
-                    summary.failed += 1
-                    bar.write(f"error: {row['error']}", file=sys.stderr)
-                else:
-                    summary.scored += 1
-            bar.update(len(chunk))
-    with open(output, newline="") as handle:
-        final = {row["path"]: row for row in csv.DictReader(handle)}
-    summary.failures = [(key, final[key]["error"]) for key in keys if key in final and final[key]["error"]]
+    with ScoreFile.open(output, settings or scorer_settings(scorer)) as table:
+        if retry_failed:
+            table.forget([key for key in keys if key in table.rows and table.rows[key]["error"]])
+        todo = [(key, path) for key, path in zip(keys, listing.files) if key not in table.rows]
+        summary.skipped = len(keys) - len(todo)
+        with collect_multi_frame() as multi_frame, \
+                tqdm(total=len(todo), desc=f"scoring ({scorer.name})", unit="img", file=sys.stderr,
+                     disable=not progress) as bar:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                rows = _score_chunk(scorer, chunk, device)
+                for row in rows:
+                    row["error"] = printable(row["error"])  # one line, UTF-8, whatever the file name holds
+                table.append(rows)
+                for row in rows:
+                    if row["error"]:
+                        summary.failed += 1
+                        bar.write(f"error: {row['error']}", file=sys.stderr)
+                    else:
+                        summary.scored += 1
+                bar.update(len(chunk))
+        summary.failures = [(key, table.rows[key]["error"]) for key in keys
+                            if key in table.rows and table.rows[key]["error"]]
+    if multi_frame:
+        summary.notes.append(f"{len(multi_frame)} file(s) have several frames (animated GIF, multi-page TIFF, ...) "
+                             f"and were scored on their first frame only, e.g. {printable(multi_frame[0])}")
     return summary
 
 

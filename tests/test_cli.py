@@ -95,7 +95,9 @@ def test_bad_files_reported_and_run_continues(tmp_path, capsys):
     Image.new("RGB", (256, 256)).save(folder / "empty.png")  # now flat black: still fails, still one row
     assert main(["score", str(folder), "--output", str(out), "--quiet", "--retry-failed"]) == 1
     rows = _rows(out)
-    assert len(rows) == 5 and len({r["path"] for r in rows}) == 5
+    assert len(rows) == 6 and len({r["path"] for r in rows}) == 6
+    # only files given to this run are retried: the deleted broken.jpg keeps its error row
+    assert "not an image" in {r["path"].split("/")[-1]: r for r in rows}["broken.jpg"]["error"]
 
 
 def test_usage_errors_exit_2_without_traceback(tmp_path, capsys):

