@@ -116,6 +116,21 @@ def test_crafted_pyiqa_weights_refused_without_running_code(tmp_path):
     assert not marker.exists()
 
 
+def test_pyiqa_gets_a_resaved_copy_of_plain_weights(tmp_path):
+    from qualityguide.scorers.safe_load import sanitized_checkpoint
+
+    state = {"layer.weight": torch.randn(3, 2), "layer.bias": torch.zeros(3)}
+    torch.save(state, tmp_path / "net.pth")
+    with sanitized_checkpoint(tmp_path / "net.pth", "pyiqa:x") as copy:
+        assert copy != str(tmp_path / "net.pth")
+        loaded = torch.load(copy, weights_only=True)
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert not os.path.exists(copy)
+    (tmp_path / "p.mat").write_bytes(b"MATLAB 5.0 MAT-file" + b"\0" * 100)  # pyiqa:niqe's format: passed as is
+    with sanitized_checkpoint(tmp_path / "p.mat", "pyiqa:niqe") as path:
+        assert path == str(tmp_path / "p.mat")
+
+
 def test_real_brisque_weights_load_with_weights_only(params):
     real = params / "brisque_live_svm.pth"
     sv_coef, sv = torch.load(real, map_location="cpu", weights_only=True)
