@@ -26,7 +26,6 @@ from qualityguide.diffusion.vae import decode_latents, from_vae_range, pipeline_
 from qualityguide.diffusion.x0 import frozen
 from qualityguide.pipelines import load_pipeline
 from qualityguide.scorers import load_scorer
-from qualityguide.scorers.base import Resized
 from qualityguide.timing import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_guidance"
@@ -40,8 +39,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=None, help="image side (default: the model's)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cfg", type=float, default=7.5)
-    parser.add_argument("--scorer", default="niqe-embedded")
-    parser.add_argument("--score-size", type=int, default=None, help="resize before scoring (tiny models: 192)")
+    parser.add_argument("--scorer", default="niqe-embedded", help="scorer spec; SPEC@SIZE resizes first (tiny models: "
+                        "niqe-embedded@192)")
     parser.add_argument("--scale", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--unet-mode", action="store_true", help="also time mode='unet' (backprop through U-Net)")
@@ -50,8 +49,6 @@ def main() -> None:
     device = torch.device(args.device)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=device)
     scorer = load_scorer(args.scorer, device=device)
-    if args.score_size:
-        scorer = Resized(scorer, args.score_size)
     size = args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     call = dict(prompt="a photo of a lighthouse on a cliff", num_inference_steps=args.steps, guidance_scale=args.cfg,
                 height=size, width=size, output_type="pt")

@@ -6,7 +6,7 @@ score (open-clip; ``--clip`` weights, else a random-weight ViT-B-32 labelled as 
 wall-time ratio. Resumable (images and JSONL records under ``--out``). Writes results.json,
 results.md and grid.png.
 
-    python evals/guidance.py --model tiny:sd --scorer niqe-embedded --held-out pyiqa:piqe --score-size 192 \
+    python evals/guidance.py --model tiny:sd --scorer niqe-embedded@192 --held-out pyiqa:piqe@192 \
         --scale 0.1 --steps 10
     python evals/guidance.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16 \
         --scorer pyiqa:topiq_nr --held-out pyiqa:musiq --clip open_clip_vit_b32.bin --scale 0.05
@@ -28,8 +28,7 @@ from qualityguide.guidance.runner import (append_record, check_settings, finishe
 from qualityguide.images import load_image
 from qualityguide.pipelines import load_pipeline
 from qualityguide.protocol import bootstrap_ci
-from qualityguide.scorers import load_scorer
-from qualityguide.scorers.base import Resized
+from qualityguide.scorers import load_scorer, split_size
 
 HERE = Path(__file__).resolve().parent
 
@@ -106,10 +105,9 @@ def main() -> None:
     parser.add_argument("--model", default="tiny:sd")
     parser.add_argument("--prompts", default=str(HERE / "prompts.txt"))
     parser.add_argument("--limit", type=int, default=None, help="first N prompts")
-    parser.add_argument("--scorer", default="niqe-embedded", help="the guiding scorer")
-    parser.add_argument("--held-out", default="pyiqa:piqe", help="a scorer not used for guidance")
-    parser.add_argument("--weights", action="append", default=[], help="SPEC=FILE, repeatable")
-    parser.add_argument("--score-size", type=int, default=None, help="resize short side before scoring")
+    parser.add_argument("--scorer", default="niqe-embedded", help="the guiding scorer (SPEC@SIZE: resize first)")
+    parser.add_argument("--held-out", default="pyiqa:piqe", help="a scorer not used for guidance (SPEC@SIZE too)")
+    parser.add_argument("--weights", action="append", default=[], help="SPEC=FILE (SPEC without @SIZE), repeatable")
     parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=7.5)
@@ -125,11 +123,8 @@ def main() -> None:
     jobs = make_jobs(prompts)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=device)
 
-    def scorer_for(spec):
-        scorer = load_scorer(spec, weights=weights.get(spec), device=device)
-        return Resized(scorer, args.score_size) if args.score_size else scorer
-
-    guiding, held_out = scorer_for(args.scorer), scorer_for(args.held_out)
+    guiding, held_out = (load_scorer(spec, weights=weights.get(split_size(spec)[0]), device=device)
+                         for spec in (args.scorer, args.held_out))
     common = {"model": args.model, "steps": args.steps, "cfg": args.cfg, "dtype": args.dtype}
     unguided = run_arm(pipe, jobs, out / "unguided", None, args.steps, args.cfg, "unguided", common)
     with QualityGuidance(guiding, scale=args.scale).attach(pipe) as guidance:

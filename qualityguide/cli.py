@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = sub.add_parser("score", help="score image files and folders into a CSV")
     score.add_argument("paths", nargs="+", help="image files and/or folders")
-    score.add_argument("--scorer", default=DEFAULT_SCORER, help=f"scorer spec (default {DEFAULT_SCORER}); "
-                       "see `qualityguide scorers`")
+    score.add_argument("--scorer", default=DEFAULT_SCORER, help=f"scorer spec (default {DEFAULT_SCORER}), optionally "
+                       "SPEC@SIZE to resize the short side to SIZE px first (niqe-embedded@192); see `qualityguide scorers`")
     score.add_argument("--weights", default=None, help="local weights/parameter file for the scorer")
     score.add_argument("--output", "-o", default="scores.csv", help="CSV to write or resume (default scores.csv)")
     score.add_argument("--batch-size", type=int, default=8)
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline demo: score distorted real photographs, write a report")
     demo.add_argument("--out", default="qualityguide-demo", help="report folder (default ./qualityguide-demo)")
     demo.add_argument("--scorer", action="append", default=None,
-                      help=f"scorer spec, repeatable (default {DEFAULT_SCORER}, which needs no downloads)")
+                      help=f"scorer spec, optionally SPEC@SIZE, repeatable (default {DEFAULT_SCORER}, which needs no "
+                      "downloads)")
     demo.add_argument("--size", type=int, default=384, help="short side of the photographs (default 384)")
     demo.add_argument("--quiet", action="store_true")
 

@@ -315,7 +315,8 @@ def check_size(height: int, width: int, min_side: int, name: str) -> None:
     """Raise :class:`ImageError` if the short side is below ``min_side``."""
     if min(height, width) < min_side:
         raise ImageError(name, f"image is {width}x{height} but this scorer needs both sides >= {min_side} px",
-                         "upscale it or use a scorer with a smaller minimum size")
+                         f"upscale it, or have it resized before scoring by adding @{min_side} (or more) to the "
+                         "scorer spec, or use a scorer with a smaller minimum size")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Quality-guided sampling over a prompt list, sharded across processes, resumable.
 
-    python recipes/guided_sampling.py --model tiny:sd --prompts evals/prompts.txt --scorer niqe-embedded \
-        --score-size 192 --scale 0.05 --out guided/
+    python recipes/guided_sampling.py --model tiny:sd --prompts evals/prompts.txt --scorer niqe-embedded@192 \
+        --scale 0.05 --out guided/
     accelerate launch --num_processes 4 recipes/guided_sampling.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --dtype fp16 --prompts prompts.txt --scorer pyiqa:topiq_nr --scale 0.05 --out guided/
 
@@ -27,16 +27,15 @@ from qualityguide.guidance.runner import (append_record, check_settings, finishe
                                           save_image, timed_generate)
 from qualityguide.pipelines import load_pipeline
 from qualityguide.scorers import load_scorer
-from qualityguide.scorers.base import Resized
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="hub id, local folder, tiny:sd, tiny:sdxl, random:sd15")
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    parser.add_argument("--scorer", required=True, help="differentiable scorer spec (see `qualityguide scorers`)")
+    parser.add_argument("--scorer", required=True, help="differentiable scorer spec, optionally SPEC@SIZE to resize the "
+                        "short side to SIZE px before scoring (see `qualityguide scorers`)")
     parser.add_argument("--weights", default=None, help="local weights for the scorer")
-    parser.add_argument("--score-size", type=int, default=None, help="resize the short side before scoring")
     parser.add_argument("--scale", type=float, required=True, help="guidance step size (0: unguided)")
     parser.add_argument("--start", type=float, default=0.0)
     parser.add_argument("--end", type=float, default=1.0)
@@ -60,7 +59,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     jobs = make_jobs(read_prompts(args.prompts), args.seeds_per_prompt, args.seed)
-    settings = {k: getattr(args, k) for k in ("model", "scorer", "weights", "score_size", "scale", "start", "end",
+    settings = {k: getattr(args, k) for k in ("model", "scorer", "weights", "scale", "start", "end",
                                               "every", "normalize", "mode", "steps", "cfg", "dtype")}
     if state.is_main_process:
         check_settings(out, settings)
@@ -70,8 +69,6 @@ def main(argv=None) -> int:
     mine = [job for job in jobs if job.key not in done][state.process_index::state.num_processes]
     pipe = load_pipeline(args.model, dtype=args.dtype, device=device)
     scorer = load_scorer(args.scorer, weights=args.weights, device=device)
-    if args.score_size:
-        scorer = Resized(scorer, args.score_size)
     guidance = QualityGuidance(scorer, scale=args.scale, start=args.start, end=args.end, every=args.every,
                                normalize=args.normalize, mode=args.mode).attach(pipe)
     try:

@@ -5,10 +5,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch.nn.functional as F
 from PIL import Image
 
-from qualityguide import __version__
+from qualityguide import __version__, load_scorer
 from qualityguide.cli import main
+from qualityguide.images import load_image
 from qualityguide.scoring import FIELDS
 
 
@@ -142,8 +144,30 @@ def test_console_script_demo(tmp_path):
 
 
 def test_scorers_offline_status_is_honest(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty pyiqa cache
+    from pyiqa.utils import download_util
+
+    monkeypatch.setattr(download_util, "DEFAULT_CACHE_DIR", str(tmp_path))  # empty pyiqa cache (where pyiqa looks)
     assert main(["scorers"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "offline: yes" in lines["niqe-embedded"] and "offline: yes" in lines["pyiqa:piqe"]
     assert "offline: no" in lines["pyiqa:musiq"] and "offline: no" in lines["niqe"]
+
+
+def test_scorer_size_in_the_spec(tmp_path, capsys):
+    """`--scorer SPEC@SIZE` scores images below the metric's minimum; its name (the spec) is what it reports."""
+    folder = _photos(tmp_path / "imgs", n=3, size=120)  # 120x160: below NIQE's 192 px
+    assert main(["score", str(folder), "--output", str(tmp_path / "plain.csv"), "--quiet"]) == 1
+    assert all("adding @192" in r["error"] for r in _rows(tmp_path / "plain.csv"))
+    out = tmp_path / "sized.csv"
+    assert main(["score", str(folder), "--scorer", "niqe-embedded@192", "--output", str(out), "--quiet"]) == 0
+    rows = _rows(out)
+    assert len(rows) == 3 and not any(r["error"] for r in rows)
+    plain = load_scorer("niqe-embedded")
+    for row in rows:  # each score is plain NIQE on the image enlarged to 192x256 (short side 192)
+        image = load_image(row["path"])[None]
+        by_hand = F.interpolate(image, size=(192, 256), mode="bilinear", align_corners=False)
+        assert float(row["score"]) == pytest.approx(float(plain(by_hand)), rel=1e-5)
+    capsys.readouterr()
+    assert main(["score", str(folder), "--scorer", "niqe-embedded@12x", "--output", str(tmp_path / "x.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "niqe-embedded@12x" in err and "positive whole number" in err and len(err.strip().splitlines()) == 1

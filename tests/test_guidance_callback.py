@@ -287,13 +287,14 @@ def test_recipe_resumes_without_duplicates(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# test prompts\na red fox\n\na lighthouse\nsushi on a plate\n")
     out = tmp_path / "out"
-    argv = ["--model", "tiny:sd", "--prompts", str(prompts), "--scorer", "niqe-embedded", "--score-size", "192",
+    argv = ["--model", "tiny:sd", "--prompts", str(prompts), "--scorer", "niqe-embedded@192",
             "--scale", "0.1", "--steps", "3", "--cfg", "3.0", "--out", str(out), "--device", "cpu"]
     assert recipe.main(argv) == 0
     lines = (out / "results-000.jsonl").read_text().splitlines()
     assert len(lines) == 3 and len(list((out / "images").glob("*.png"))) == 3
     first = json.loads(lines[0])
     assert first["prompt"] == "a red fox" and first["scale"] == 0.1 and np.isfinite(first["score"])
+    assert json.loads((out / "settings.json").read_text())["scorer"] == first["scorer"] == "niqe-embedded@192"
     # a kill: the last image never reached disk and its record line was cut
     (out / "images" / f"{json.loads(lines[2])['key']}.png").unlink()
     (out / "results-000.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
@@ -340,7 +341,7 @@ def test_recipe_shards_prompts_across_two_processes(tmp_path):
     run = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no",
                           str(Path(__file__).parents[1] / "recipes" / "guided_sampling.py"), "--model", "tiny:sd",
-                          "--prompts", str(prompts), "--scorer", "niqe-embedded", "--score-size", "192",
+                          "--prompts", str(prompts), "--scorer", "niqe-embedded@192",
                           "--scale", "0.1", "--steps", "2", "--cfg", "1.0", "--out", str(out), "--device", "cpu"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

