@@ -13,6 +13,7 @@ from PIL import Image
 from qualityguide import load_pipeline, load_scorer
 from qualityguide.cli import main
 from qualityguide.errors import InputError, WeightsNotFoundError
+from qualityguide.features import ImagePsi
 from qualityguide.identity import IDENTITY_FILE, WeightsMismatchError
 from qualityguide.lgdm import LGDM, LGDMConfig, LGDMHead, LGDMScorer, HeadConfig
 
@@ -140,11 +141,15 @@ def test_loading_with_a_pipeline_leaves_its_modules_alone(head_dir):
     before = _state(pipe)
     scorer = load_scorer(f"lgdm:{head_dir}", pipeline=pipe, device="cpu")  # load_scorer calls .eval() and .to()
     assert scorer.lgdm.unet is pipe.unet and not scorer.training
+    # LGDM's own psi network (a pyiqa net with psi="pyiqa:<name>"; a stand-in here) is LGDM's, not the pipeline's
+    scorer.lgdm.psi = ImagePsi("stand-in", lambda x: x.mean((2, 3)), torch.nn.Linear(3, 2))
     scorer.to(torch.float64)
     scorer.train()
+    assert scorer.lgdm.psi.training
     scorer.eval()
     assert _state(pipe) == before
-    assert scorer.head.feature_mean.dtype == torch.float64  # the scorer's own state did follow
+    assert scorer.head.feature_mean.dtype == torch.float64  # the scorer's own state did follow ...
+    assert scorer.lgdm.psi.module.weight.dtype == torch.float64 and not scorer.lgdm.psi.training  # ... and psi
     head_keys = {f"head.{k}" for k in scorer.head.state_dict()}
     assert set(scorer.state_dict()) == head_keys
     assert sum(p.numel() for p in scorer.parameters()) == sum(p.numel() for p in scorer.head.parameters())
