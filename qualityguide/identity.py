@@ -119,15 +119,17 @@ class WeightIdentity:
     """Names, shapes, norms and sampled elements of every floating-point parameter of some named modules.
 
     What it catches: any change of a parameter's name or shape; any dense change larger than half-precision
-    rounding (a fine-tune, a fused LoRA, another checkpoint: a random change of 1% of each element, or of 1% of
-    the tensor's standard deviation, moves about half of the elements past the tolerance, so 64 samples all
-    pass by chance with probability ~1e-16 per tensor; a dense change of 0.1% of the std still flags ~8% of the
-    elements, ~1 - 0.92**64 = 99.5% per tensor); and a sparse change that moves a tensor's norm by more than
-    ~0.8% (``2**-7``). Adapters that are loaded but not fused add parameters and are refused by name.
+    rounding (a fine-tune, a fused LoRA, another checkpoint): a random change of 1% of each element, or of 1% of
+    the tensor's standard deviation, moves 40-60% of the elements past the tolerance, so all 64 samples pass by
+    chance with probability below 1e-15 per tensor; an additive change of 0.1% of the std still flags ~7-9% of
+    the elements (a miss chance below 1% per tensor; measured by ``evals/bench_identity.py``); and a sparse
+    change that moves a tensor's norm by more than ~0.8% (``2**-7``). Adapters that are loaded but not fused
+    add parameters and are refused by name.
 
     What it cannot see: changes confined to elements outside the sample that move the norm by less than ~0.8%
     (a few edited rows of a large matrix, e.g. one new token embedding); changes within half-precision rounding
-    (by design: ``|change| <= 2**-7 * |w|`` everywhere, e.g. a LoRA scaled down to that size); buffers, and
+    (by design: ``|change| <= 2**-7 * |w|`` everywhere, e.g. a LoRA scaled down to that size; in between,
+    detection is partial: a random 0.3% change of each element was refused in 6 of 10 trials); buffers, and
     anything that is not a parameter (tokenizer, scheduler, configs: compare those separately). It is a
     tolerance check, not a cryptographic hash: an edit made to avoid the (public, deterministic) sample
     positions is not detected.
