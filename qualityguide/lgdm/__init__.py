@@ -10,8 +10,8 @@ from .head import HeadConfig, LGDMHead, TrainConfig, fit_head, predict
 from .hooks import HyperfeatureRecorder, pool
 from .model import LGDM
 from .protocol import cross_dataset, repeated_splits
-from .scorer import LGDMScorer, head_metadata
+from .scorer import LGDMScorer, head_metadata, write_head_folder
 
 __all__ = ["LGDMConfig", "LGDM", "LGDMHead", "HeadConfig", "TrainConfig", "fit_head", "predict", "LGDMScorer",
            "FeatureCache", "file_hash", "extract_to_cache", "dataset_features", "cache_manifest", "head_metadata",
-           "repeated_splits", "cross_dataset", "HyperfeatureRecorder", "pool"]
+           "write_head_folder", "repeated_splits", "cross_dataset", "HyperfeatureRecorder", "pool"]

@@ -3,6 +3,7 @@
 Layout of a cache folder::
 
     manifest.json                 feature key (hash of config + backbone + autocast), config, layout
+    weights_identity.safetensors  the backbone weights the features were extracted with (WeightIdentity)
     shards/<rank>-<id>.safetensors         "features" [n, steps, F]; metadata "keys": JSON list of image hashes
     failed-<rank>.jsonl           images that could not be read (path, hash, error)
 
@@ -18,11 +19,14 @@ import json
 import os
 import uuid
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import InputError
+from ..identity import IDENTITY_FILE, WeightIdentity
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -45,9 +49,13 @@ class FeatureCache:
         manifest: the expected manifest (``feature_key``, ``config``, ``backbone``, ``layout``, ...). With
             ``create=True`` it is written if the folder is new; an existing folder must match it.
             None opens an existing cache for reading (``lgdm fit`` / ``evaluate``).
+        weights: the backbone modules the features come from (:meth:`LGDM.backbone_modules`), with ``manifest``:
+            a new cache records their :class:`~qualityguide.identity.WeightIdentity`; an existing one refuses other
+            weights (beyond half-precision rounding), naming the parameters that differ.
     """
 
-    def __init__(self, root: str | os.PathLike, manifest: dict | None = None, create: bool = False):
+    def __init__(self, root: str | os.PathLike, manifest: dict | None = None, create: bool = False,
+                 weights: Mapping[str, nn.Module] | None = None):
         self.root = Path(root)
         self.shards = self.root / "shards"
         path = self.root / MANIFEST
@@ -55,20 +63,23 @@ class FeatureCache:
             found = json.loads(path.read_text())
             if manifest is not None and found.get("feature_key") != manifest["feature_key"]:
                 raise InputError(_mismatch(self.root, found, manifest))
-            if manifest is not None:
-                from .model import fingerprints_match
-
-                ok, why = fingerprints_match(found.get("weights_fingerprint"), manifest.get("weights_fingerprint"))
-                if not ok:
-                    raise InputError(f"feature cache {self.root} was extracted with other backbone weights ({why}). "
-                                     "Fix: use a new --cache folder for these weights, or load the backbone the "
-                                     "cache was built with")
+            if manifest is not None and weights is not None:
+                if not (self.root / IDENTITY_FILE).is_file():
+                    raise InputError(f"feature cache {self.root} has no {IDENTITY_FILE} (written by an older "
+                                     "qualityguide, or without weights=), so the backbone weights its features came "
+                                     "from cannot be checked. Fix: extract into a new --cache folder")
+                WeightIdentity.load(self.root / IDENTITY_FILE).check(
+                    weights, f"feature cache {self.root} was extracted with other backbone weights",
+                    "use a new --cache folder for these weights, or load the backbone the cache was built with "
+                    f"({found.get('backbone_spec')})")
             self.manifest = found
         elif manifest is None:
             raise InputError(f"{self.root} is not a feature cache (no {MANIFEST}); create one with "
                              "`qualityguide lgdm extract --cache DIR ...`")
         elif create:
             self.shards.mkdir(parents=True, exist_ok=True)
+            if weights is not None:  # before the manifest: a cache with a manifest always has its identity
+                WeightIdentity.of(weights).save(self.root / IDENTITY_FILE)
             payload = {"format": FORMAT, **manifest}
             tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex}")
             tmp.write_text(json.dumps(payload, indent=2, default=str))
@@ -80,6 +91,11 @@ class FeatureCache:
     @property
     def layout(self) -> dict:
         return self.manifest["layout"]
+
+    def weights_identity(self) -> WeightIdentity | None:
+        """The backbone weights' identity recorded at creation (None for caches written before it existed)."""
+        path = self.root / IDENTITY_FILE
+        return WeightIdentity.load(path) if path.is_file() else None
 
     def _shard_files(self) -> list[Path]:
         return sorted(self.shards.glob("*.safetensors")) if self.shards.is_dir() else []

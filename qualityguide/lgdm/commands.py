@@ -137,7 +137,7 @@ def _fit(args) -> int:
     from ..protocol import content_disjoint_split
     from .extract import dataset_features
     from .head import HeadConfig, fit_head
-    from .scorer import head_metadata
+    from .scorer import write_head_folder
 
     dataset = load_iqa_dataset(args.dataset, args.csv, limit=args.limit)
     features, cache = dataset_features(args.cache, dataset)
@@ -146,7 +146,7 @@ def _fit(args) -> int:
     head, history = fit_head(features, dataset["mos"], tr, va,
                              HeadConfig(num_steps=layout["num_steps"], layer_dims=layout["layer_dims"],
                                         mixing=args.mixing), _train_config(args))
-    head.save_pretrained(args.out, extra=head_metadata(cache.manifest))
+    write_head_folder(args.out, head, cache.manifest, cache.weights_identity())
     report = {"train": len(tr), "val": len(va), "epochs": history["epochs"], "val_srcc": history["best_val_srcc"]}
     (Path(args.out) / "fit.json").write_text(json.dumps({**report, "history": history["history"]}, indent=2))
     print(json.dumps(report))

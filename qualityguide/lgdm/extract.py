@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from ..errors import InputError, QualityGuideError
+from ..identity import IDENTITY_FILE
 from ..images import load_image
 from ..pipelines import parse_dtype
 from .cache import FeatureCache, file_hash
@@ -26,9 +27,8 @@ AUTOCAST = ("fp16", "bf16")
 def cache_manifest(lgdm: LGDM, autocast: str | None = None) -> dict:
     """What a cache built by ``lgdm`` records: the feature key and everything it was hashed from."""
     return {"feature_key": lgdm.feature_key(autocast), "model_key": lgdm.model_key(), "config": lgdm.config.to_dict(),
-            "backbone": lgdm.backbone_identity(), "weights_fingerprint": lgdm.weight_fingerprint(),
-            "backbone_spec": lgdm.backbone_spec,
-            "precision": lgdm.precision(autocast), "layout": lgdm.layout()}
+            "backbone": lgdm.backbone_identity(), "weights_identity": IDENTITY_FILE,
+            "backbone_spec": lgdm.backbone_spec, "precision": lgdm.precision(autocast), "layout": lgdm.layout()}
 
 
 def process_state(cpu: bool = False):
@@ -72,10 +72,10 @@ def extract_to_cache(lgdm: LGDM, paths: Sequence[str | os.PathLike], cache_dir: 
     state = process_state(cpu=device.type == "cpu")
     manifest = cache_manifest(lgdm, autocast)
     if state.is_main_process:
-        cache = FeatureCache(cache_dir, manifest, create=True)
+        cache = FeatureCache(cache_dir, manifest, create=True, weights=lgdm.backbone_modules())
     state.wait_for_everyone()
     if not state.is_main_process:
-        cache = FeatureCache(cache_dir, manifest)
+        cache = FeatureCache(cache_dir, manifest, weights=lgdm.backbone_modules())
     keys: dict[str, str] = {}
     for path in paths:
         try:

@@ -22,8 +22,9 @@ from torch import nn
 from ..errors import InputError
 
 MIXINGS = ("softmax", "concat")
-HEAD_CONFIG = "head_config.json"
-HEAD_WEIGHTS = "head.safetensors"
+HEAD_CONFIG = "config.json"          # the conventional names (huggingface_hub, diffusers, transformers)
+HEAD_WEIGHTS = "model.safetensors"
+LEGACY_FILES = ("head_config.json", "head.safetensors")  # folders written before the switch still load
 
 
 @dataclass
@@ -107,7 +108,7 @@ class LGDMHead(nn.Module):
         return normalised * (hi - lo) + lo
 
     def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> None:
-        """``head_config.json`` (+ ``extra`` metadata) and ``head.safetensors``."""
+        """``config.json`` (the head's config under ``"head"``, + ``extra`` metadata) and ``model.safetensors``."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -123,12 +124,18 @@ class LGDMHead(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        if not (directory / HEAD_CONFIG).is_file() or not (directory / HEAD_WEIGHTS).is_file():
+        for config_name, weights_name in ((HEAD_CONFIG, HEAD_WEIGHTS), LEGACY_FILES):
+            if (directory / config_name).is_file() and (directory / weights_name).is_file():
+                break
+        else:
             raise InputError(f"{directory} is not an LGDM head folder (needs {HEAD_CONFIG} and {HEAD_WEIGHTS}); "
                              "write one with `qualityguide lgdm fit ... --out DIR`")
-        payload = json.loads((directory / HEAD_CONFIG).read_text())
+        payload = json.loads((directory / config_name).read_text())
+        if not isinstance(payload, dict) or not isinstance(payload.get("head"), dict):
+            raise InputError(f"{directory / config_name} is not an LGDM head config (no \"head\" entry); write one "
+                             "with `qualityguide lgdm fit ... --out DIR`")
         head = cls(HeadConfig(**payload.pop("head")))
-        head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
+        head.load_state_dict(load_file(str(directory / weights_name)))
         head.eval()
         return head, payload
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ImageError, InputError
+from ..identity import WeightIdentity
 from ..diffusion.schedule import alpha_bar, clean_estimate, ddim_sigma, ddim_update
 from ..diffusion.vae import decode_latents, encode_images, from_vae_range, pipeline_upcasts_vae, to_vae_range
 from ..diffusion.x0 import StepResult, frozen, per_sample_norm, x0_step
@@ -25,22 +26,6 @@ from .hooks import HyperfeatureRecorder
 class _Condition:
     hidden: torch.Tensor
     added: dict | None
-
-
-def fingerprints_match(a: list[float] | None, b: list[float] | None, rtol: float = 2e-4) -> tuple[bool, str]:
-    """Whether two :meth:`LGDM.weight_fingerprint` lists describe the same weights; ``(ok, why not)``."""
-    if a is None or b is None:
-        return True, ""
-    if len(a) != len(b):
-        return False, f"different number of weight matrices ({len(a)} vs {len(b)})"
-    worst, index = 0.0, -1
-    for i, (x, y) in enumerate(zip(a, b)):
-        rel = abs(x - y) / max(abs(x), abs(y), 1e-12)
-        if rel > worst:
-            worst, index = rel, i
-    if worst > rtol:
-        return False, f"weight matrix #{index} differs (relative norm change {worst:.2g} > {rtol:g})"
-    return True, ""
 
 
 def _double_backward_attention(enabled: bool):
@@ -60,7 +45,10 @@ def _config_hash(module) -> str:
 class LGDM(nn.Module):
     """Diffusion hyperfeatures of an image under PMG.
 
-    The modules are shared, never copied: building an LGDM from a pipeline adds no memory.
+    The modules are shared, never copied: building an LGDM from a pipeline adds no memory. They are not registered
+    as submodules, so ``state_dict()``/``parameters()`` hold only LGDM's own parts (a pyiqa psi network), and
+    ``.to()``/``.train()``/``.eval()`` leave a user's modules as they are (their mode, device and dtype are the
+    user's); only a backbone LGDM loaded itself (:meth:`from_pretrained`, ``owns_backbone=True``) follows them.
 
     Args:
         unet, vae, scheduler: a latent diffusion model's U-Net, VAE and (any) scheduler; only the
@@ -75,11 +63,12 @@ class LGDM(nn.Module):
         pmg_chunk: run each PMG backward (VAE decoder, psi) on at most this many images at a time. The
             features are the same (every term is per image); peak memory drops from the batch's decoder
             graph to the chunk's, which matters at 1024 px. None: the whole batch at once.
+        owns_backbone: the modules belong to this LGDM (it loaded them), so ``.to()``/``.train()`` apply to them.
     """
 
     def __init__(self, unet, vae, scheduler, text_encoder=None, tokenizer=None, config: LGDMConfig | None = None,
                  *, text_encoder_2=None, tokenizer_2=None, backbone_spec: str | None = None, psi_weights=None,
-                 pmg_chunk: int | None = None, upcast_vae: bool | None = None):
+                 pmg_chunk: int | None = None, upcast_vae: bool | None = None, owns_backbone: bool = False):
         super().__init__()
         if pmg_chunk is not None and (not isinstance(pmg_chunk, int) or pmg_chunk < 1):
             raise InputError(f"pmg_chunk must be a positive integer or None, got {pmg_chunk!r}")
@@ -87,7 +76,12 @@ class LGDM(nn.Module):
         self.config = config or LGDMConfig()
         if not isinstance(self.config, LGDMConfig):
             raise InputError(f"config must be an LGDMConfig, got {type(self.config).__name__}")
-        self.unet, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
+        # Plain attributes, not submodules: nn.Module's registration would let .to()/.eval()/state_dict() reach
+        # a user's pipeline modules through this object (see _apply and train for an owned backbone).
+        for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder),
+                             ("text_encoder_2", text_encoder_2)):
+            object.__setattr__(self, name, module)
+        self.owns_backbone = bool(owns_backbone)
         self.scheduler, self.tokenizer, self.tokenizer_2 = scheduler, tokenizer, tokenizer_2
         self.backbone_spec = backbone_spec
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
@@ -144,31 +138,42 @@ class LGDM(nn.Module):
         from ..pipelines import load_pipeline
 
         pipe = load_pipeline(model_spec, dtype=dtype, device=device, **kwargs)
-        lgdm = cls.from_pipeline(pipe, config, backbone_spec=model_spec, psi_weights=psi_weights, pmg_chunk=pmg_chunk)
+        lgdm = cls.from_pipeline(pipe, config, backbone_spec=model_spec, psi_weights=psi_weights, pmg_chunk=pmg_chunk,
+                                 owns_backbone=True)
         if device is not None:
             lgdm.to(device)
         return lgdm
 
+    def backbone_modules(self) -> dict[str, nn.Module]:
+        """The weights features depend on: U-Net, VAE and text encoder(s), by name."""
+        modules = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                   "text_encoder_2": self.text_encoder_2}
+        return {name: module for name, module in modules.items() if module is not None}
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to/cuda/half/... all go through _apply: an owned backbone follows, a shared one stays the user's.
+        if self.owns_backbone:
+            for module in self.backbone_modules().values():
+                module._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> "LGDM":
+        if self.owns_backbone:
+            for module in self.backbone_modules().values():
+                module.train(mode)
+        return super().train(mode)
+
     # ----------------------------------------------------------------- identity (cache keys)
     def backbone_identity(self) -> dict:
-        """What identifies the architecture: configs, prediction type and noise schedule (weights: see
-        :meth:`weight_fingerprint`, compared with a tolerance because fp16/bf16 loading moves it slightly)."""
+        """What identifies the architecture: configs, prediction type and noise schedule (the weights themselves:
+        :meth:`weights_identity`, compared up to half-precision rounding)."""
         return {"unet": _config_hash(self.unet), "vae": _config_hash(self.vae),
                 "prediction_type": self.prediction_type,
                 "alphas_cumprod": stable_hash({"a": [round(float(a), 8) for a in self.scheduler.alphas_cumprod[::50]]})}
 
-    @torch.no_grad()
-    def weight_fingerprint(self) -> list[float]:
-        """The norm of every weight matrix of the U-Net, VAE and text encoder(s), in parameter order.
-
-        Any fine-tune or fused LoRA moves the norms of the matrices it touches by far more than fp16/bf16
-        rounding does (~1e-5 relative), so :func:`fingerprints_match` tells them apart with a tolerance.
-        """
-        norms = []
-        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
-            if module is not None:
-                norms += [float(p.detach().float().norm()) for p in module.parameters() if p.dim() >= 2]
-        return norms
+    def weights_identity(self) -> WeightIdentity:
+        """:class:`~qualityguide.identity.WeightIdentity` of :meth:`backbone_modules` (stored with caches and heads)."""
+        return WeightIdentity.of(self.backbone_modules())
 
     def model_key(self) -> str:
         """Hash of the config fields and backbone identity that change the features (precision aside)."""

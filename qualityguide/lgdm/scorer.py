@@ -1,25 +1,79 @@
-"""LGDMScorer: the scorer contract on top of LGDM features and a trained head (``load_scorer("lgdm:<dir>")``)."""
+"""LGDMScorer: the scorer contract on top of LGDM features and a trained head (``load_scorer("lgdm:<dir>")``).
+
+A head folder (``qualityguide lgdm fit --out DIR`` or :meth:`LGDMScorer.save_pretrained`) holds ``config.json``
+(the head's shape, the LGDM config, the backbone spec and architecture key), ``model.safetensors`` (the head)
+and ``weights_identity.safetensors`` (the backbone weights it was trained for). ``lgdm:<hub id>`` fetches those
+files with ``huggingface_hub`` (an existing local folder of that name wins).
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, WeightsNotFoundError
+from ..identity import IDENTITY_FILE, WeightIdentity
 from ..scorers.base import QualityScorer
 from .cache import _mismatch
 from .config import LGDMConfig
-from .head import LGDMHead
-from .model import LGDM, fingerprints_match
+from .head import HEAD_CONFIG, HEAD_WEIGHTS, LEGACY_FILES, LGDMHead
+from .model import LGDM
 
 
 def head_metadata(manifest: dict) -> dict:
     """What a head folder stores besides the head: enough to rebuild and verify its feature extractor."""
     return {"lgdm": manifest["config"], "backbone_spec": manifest.get("backbone_spec"),
             "model_key": manifest["model_key"], "backbone": manifest["backbone"], "layout": manifest["layout"],
-            "weights_fingerprint": manifest.get("weights_fingerprint"), "precision": manifest.get("precision")}
+            "weights_identity": IDENTITY_FILE, "precision": manifest.get("precision")}
+
+
+def write_head_folder(directory: str | os.PathLike, head: LGDMHead, manifest: dict,
+                      identity: WeightIdentity | None) -> None:
+    """``config.json`` + ``model.safetensors`` (:meth:`LGDMHead.save_pretrained`) and the backbone weights' identity.
+
+    Args:
+        manifest: the feature cache's manifest (or :func:`~qualityguide.lgdm.extract.cache_manifest`).
+        identity: the weights the features came from; None (a cache from before identities) writes none, and
+            loading the head then warns that its backbone weights cannot be checked.
+    """
+    directory = Path(directory)
+    head.save_pretrained(directory, extra=head_metadata(manifest))
+    if identity is not None:
+        identity.save(directory / IDENTITY_FILE)
+    else:
+        (directory / IDENTITY_FILE).unlink(missing_ok=True)  # never leave another backbone's identity behind
+
+
+def resolve_head_folder(spec: str | os.PathLike) -> Path:
+    """A local head folder, or a hub id fetched with ``huggingface_hub`` (only the head's files; the local cache is
+    used offline). An existing local path always wins."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    text = str(spec)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        raise InputError(f"LGDM head folder {path} does not exist; pass a folder written by `qualityguide lgdm fit "
+                         "--out DIR` (or LGDMScorer.save_pretrained), or a hub id owner/name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=[HEAD_CONFIG, HEAD_WEIGHTS, IDENTITY_FILE, *LEGACY_FILES]))
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise WeightsNotFoundError(
+            f"LGDM head {text!r} is neither a local folder nor a hub repository that could be fetched "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"{'HF_HUB_OFFLINE is set; ' if offline else ''}Fix: pass an existing head folder, or download the "
+            f"repository on a machine with internet (huggingface-cli download {text}) into the Hugging Face "
+            "cache") from None
+
+
+def _same_device(requested, actual: torch.device) -> bool:
+    requested = torch.device(requested)
+    return requested.type == actual.type and (requested.index is None or requested.index == actual.index)
 
 
 class LGDMScorer(QualityScorer):
@@ -27,6 +81,11 @@ class LGDMScorer(QualityScorer):
 
     Differentiable: gradients flow through the VAE encoder, the DDIM path and the pooled U-Net features;
     PMG corrections are constants (pass ``create_graph=True`` to differentiate through them as well).
+
+    Only the head is this module's state: ``state_dict()``, ``parameters()`` and :meth:`save_pretrained` hold the
+    head, never the backbone. ``.to()``/``.eval()``/``.train()`` reach the head, LGDM's psi network and a backbone
+    the scorer loaded itself, never the modules of a pipeline it shares (``pipeline=``): those stay as their owner
+    left them.
 
     Args:
         lgdm: the feature extractor (shares a pipeline's modules).
@@ -45,37 +104,70 @@ class LGDMScorer(QualityScorer):
             raise InputError(f"head expects {head.config.num_steps} steps x {head.config.layer_dims} but the LGDM "
                              f"config gives {layout['num_steps']} x {layout['layer_dims']}; use the config the head "
                              "was trained with")
-        self.lgdm, self.head, self.name, self.create_graph = lgdm, head, name, create_graph
+        object.__setattr__(self, "lgdm", lgdm)  # not a submodule: its modules are not this scorer's state
+        self.head, self.name, self.create_graph = head, name, create_graph
         size, upscale = lgdm.config.image_size, lgdm.config.max_upscale
         self.min_side = lgdm.min_side if size is None else max(lgdm.min_side, int(-(-size // upscale)))
         lo, hi = (float(v) for v in head.mos_range)
         self.native_range = (lo, hi)
+
+    def _apply(self, fn, recurse=True):
+        self.lgdm._apply(fn, recurse)  # LGDM decides what follows: its psi, and a backbone it owns
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> "LGDMScorer":
+        self.lgdm.train(mode)
+        return super().train(mode)
 
     def native(self, images: torch.Tensor) -> torch.Tensor:
         features = self.lgdm.extract(images, create_graph=self.create_graph)
         return self.head.to_mos(self.head(features)).to(images.dtype)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Config, backbone spec and identity, and the head (safetensors); the backbone is referenced, not copied."""
+        """The head folder: ``config.json``, ``model.safetensors`` (the head) and the backbone weights' identity.
+        The backbone is referenced by its spec, not copied."""
         from .extract import cache_manifest
 
-        self.head.save_pretrained(directory, extra=head_metadata(cache_manifest(self.lgdm)))
+        write_head_folder(directory, self.head, cache_manifest(self.lgdm), self.lgdm.weights_identity())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, pipeline=None, model: str | None = None,
                         device=None, dtype=None, psi_weights=None, pmg_chunk: int | None = None,
                         **kwargs) -> "LGDMScorer":
-        """Rebuild the scorer from a head folder.
+        """Rebuild the scorer from a head folder or hub id; refuse a backbone other than the one it was trained on.
 
         Args:
-            directory: written by ``save_pretrained`` or ``qualityguide lgdm fit``.
-            pipeline: a loaded pipeline whose modules to share (e.g. the one being guided); else the stored
-                backbone spec (or ``model``) is loaded with :func:`qualityguide.load_pipeline`.
+            directory: a folder written by ``save_pretrained`` or ``qualityguide lgdm fit``, or a hub id whose
+                repository holds one (fetched with ``huggingface_hub``; a local folder of that name wins).
+            pipeline: a loaded pipeline whose modules to share (e.g. the one being guided); they are used as they
+                are (mode, device, dtype). Else the stored backbone spec (or ``model``) is loaded with
+                :func:`qualityguide.load_pipeline`.
             model: override the stored backbone spec (e.g. a local copy of the hub model).
+            device, dtype: where and in which precision to load the backbone. With ``pipeline=`` they must match
+                the pipeline's U-Net (the scorer does not move a pipeline it shares; move it first).
+            **kwargs: passed to ``load_pipeline`` (not allowed with ``pipeline=``).
         """
-        head, meta = LGDMHead.from_pretrained(directory)
+        from ..pipelines import parse_dtype
+
+        folder = resolve_head_folder(directory)
+        head, meta = LGDMHead.from_pretrained(folder)
         config = LGDMConfig.from_dict(meta["lgdm"])
         if pipeline is not None:
+            unet = getattr(pipeline, "unet", None)
+            param = next(unet.parameters()) if unet is not None else None
+            ignored = {"model": model, **kwargs}
+            ignored = sorted(k for k, v in ignored.items() if v is not None)
+            if ignored:
+                raise InputError(f"LGDM head {directory}: {', '.join(ignored)} only apply when the scorer loads its "
+                                 "own backbone, but pipeline= was given; drop them, or drop pipeline=")
+            if param is not None and device is not None and not _same_device(device, param.device):
+                raise InputError(f"LGDM head {directory}: device={str(device)!r} but the shared pipeline's U-Net is on "
+                                 f"{param.device}; the scorer does not move a pipeline it shares. Fix: move the "
+                                 f"pipeline first (pipe.to({str(device)!r})) or drop device=")
+            if param is not None and dtype is not None and parse_dtype(dtype) != param.dtype:
+                raise InputError(f"LGDM head {directory}: dtype={dtype!r} but the shared pipeline's U-Net is "
+                                 f"{param.dtype}; the scorer does not convert a pipeline it shares. Fix: convert the "
+                                 "pipeline first (pipe.to(dtype=...)) or drop dtype=")
             lgdm = LGDM.from_pipeline(pipeline, config, psi_weights=psi_weights, pmg_chunk=pmg_chunk)
         else:
             spec = model or meta.get("backbone_spec")
@@ -89,10 +181,15 @@ class LGDMScorer(QualityScorer):
             raise InputError(_mismatch(Path(directory), found, wanted).replace("feature cache", "LGDM head")
                              .replace("use a new --cache folder for this configuration, or rerun with the cache's "
                                       "settings", "load the backbone the head was trained on"))
-        ok, why = fingerprints_match(meta.get("weights_fingerprint"), lgdm.weight_fingerprint())
-        if not ok:
-            raise InputError(f"LGDM head {directory} was trained on features of other backbone weights ({why}). "
-                             "Fix: load the backbone the head was trained on (model=... or pipeline=...)")
+        if (folder / IDENTITY_FILE).is_file():
+            WeightIdentity.load(folder / IDENTITY_FILE).check(
+                lgdm.backbone_modules(), f"LGDM head {directory} was trained on features of other backbone weights",
+                f"load the backbone the head was trained on ({meta.get('backbone_spec')}) with model=... or "
+                "pipeline=...")
+        else:
+            warnings.warn(f"LGDM head {directory} has no {IDENTITY_FILE} (written by an older qualityguide): the "
+                          "backbone weights cannot be checked against the ones it was trained on. Re-save it with "
+                          "LGDMScorer.save_pretrained once loaded with the right backbone", UserWarning, stacklevel=2)
         scorer = cls(lgdm, head.to(next(lgdm.unet.parameters()).device), name=f"lgdm:{directory}")
         scorer.eval()
         return scorer
