@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -63,6 +64,45 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
     return pipe
 
 
+# from_pretrained options that also locate a hub id's model_index.json (hf_hub_download takes them)
+_INDEX_OPTIONS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+
+
+def _model_index(source: str, local: bool, options: dict) -> dict:
+    """The pipeline's model_index.json alone: a local folder's, or a hub id's from the cache (or that one file)."""
+    if local:
+        path = Path(source) / "model_index.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(source, "model_index.json", **{k: options[k] for k in _INDEX_OPTIONS if k in options})
+    return json.loads(Path(path).read_text())
+
+
+def _without_safety_checker(index: dict) -> dict:
+    """from_pretrained options that skip the NSFW safety checker a pipeline folder declares.
+
+    qualityguide scores, extracts features from and guides latents; it never runs the checker on
+    generated images, so loading (or downloading) its CLIP vision model is wasted time and memory.
+    Options go only to pipelines that declare the component: diffusers warns about keyword
+    arguments a pipeline does not expect (SDXL has no safety checker).
+    """
+    def declared(name: str) -> bool:
+        value = index.get(name)
+        return isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is not None
+
+    options: dict = {}
+    if "safety_checker" in index:
+        options["safety_checker"] = None
+    if "requires_safety_checker" in index:  # else the pipeline warns that the checker was disabled
+        options["requires_safety_checker"] = False
+    if declared("safety_checker") and declared("feature_extractor") and not declared("image_encoder"):
+        # Without an image encoder the CLIP image processor only feeds the checker (load_ip_adapter
+        # creates its own when it needs one).
+        options["feature_extractor"] = None
+    return options
+
+
 def _from_pretrained(spec: str, torch_dtype: torch.dtype | None, **kwargs):
     from diffusers import DiffusionPipeline
 
@@ -76,11 +116,14 @@ def _from_pretrained(spec: str, torch_dtype: torch.dtype | None, **kwargs):
     elif looks_local:
         raise InputError(f"model folder {path} does not exist; pass an existing folder, a hub id "
                          f"(e.g. {DEFAULT_MODEL}) or one of {', '.join(TINY_SPECS)}")
+    source = str(path) if path.exists() else spec
     options = dict(kwargs)
     if torch_dtype is not None:
         options["torch_dtype"] = torch_dtype
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else spec, **options)
+        if "safety_checker" not in options:  # a checker passed in is the caller's choice
+            options = {**_without_safety_checker(_model_index(source, path.exists(), options)), **options}
+        pipe = DiffusionPipeline.from_pretrained(source, **options)
     except (OSError, EnvironmentError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         raise WeightsNotFoundError(

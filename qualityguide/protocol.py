@@ -3,13 +3,19 @@
 SRCC/PLCC/KRCC as in the IQA literature (VQEG, 2000/2003): PLCC is reported raw and after the
 standard four-parameter logistic mapping of predictions to MOS. Splits are content-disjoint:
 images that share a ``content`` (a source/reference image) never straddle train and test.
+
+Ranks and correlations are ``scipy.stats`` (``spearmanr``, ``kendalltau`` tau-b, ``pearsonr``). A
+constant prediction or MOS vector has no defined correlation: every coefficient is then NaN, without
+scipy's ``ConstantInputWarning``, and :func:`bootstrap_ci` drops such resamples.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from scipy import stats
 
 from .errors import InputError
 
@@ -26,48 +32,24 @@ def _pair(pred: Sequence[float], mos: Sequence[float]) -> tuple[np.ndarray, np.n
     return x, y
 
 
-def rankdata(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank."""
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="mergesort")
-    sorted_vals = values[order]
-    ranks = np.empty(values.size, dtype=np.float64)
-    boundaries = np.flatnonzero(np.diff(sorted_vals)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [values.size]])
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
-    return ranks
+def _constant(x: np.ndarray, y: np.ndarray) -> bool:
+    return bool(np.ptp(x) == 0 or np.ptp(y) == 0)
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    xc, yc = x - x.mean(), y - y.mean()
-    denom = np.sqrt((xc**2).sum() * (yc**2).sum())
-    return float((xc * yc).sum() / denom) if denom > 0 else float("nan")
+    return float("nan") if _constant(x, y) else float(stats.pearsonr(x, y).statistic)
 
 
 def srcc(pred: Sequence[float], mos: Sequence[float]) -> float:
-    """Spearman rank-order correlation."""
+    """Spearman rank-order correlation (ties get their average rank); NaN if either input is constant."""
     x, y = _pair(pred, mos)
-    return _pearson(rankdata(x), rankdata(y))
+    return float("nan") if _constant(x, y) else float(stats.spearmanr(x, y).statistic)
 
 
 def krcc(pred: Sequence[float], mos: Sequence[float]) -> float:
-    """Kendall's tau-b (ties in either variable handled as in scipy's default)."""
+    """Kendall's tau-b (ties in either variable reduce the denominator); NaN if either input is constant."""
     x, y = _pair(pred, mos)
-    concordant = discordant = ties_x = ties_y = 0.0
-    for start in range(0, x.size, 512):  # chunked pairwise signs: O(n^2) time, O(512 n) memory
-        sx = np.sign(x[start:start + 512, None] - x[None, :])
-        sy = np.sign(y[start:start + 512, None] - y[None, :])
-        prod = sx * sy
-        concordant += (prod > 0).sum()
-        discordant += (prod < 0).sum()
-        ties_x += ((sx == 0) & (sy != 0)).sum()
-        ties_y += ((sy == 0) & (sx != 0)).sum()
-    # every unordered pair was counted twice
-    concordant, discordant, ties_x, ties_y = concordant / 2, discordant / 2, ties_x / 2, ties_y / 2
-    denom = np.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
-    return float((concordant - discordant) / denom) if denom > 0 else float("nan")
+    return float("nan") if _constant(x, y) else float(stats.kendalltau(x, y, variant="b").statistic)
 
 
 def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
@@ -78,7 +60,7 @@ def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.n
 
 def fit_logistic(pred: Sequence[float], mos: Sequence[float]) -> np.ndarray:
     """Least-squares fit of :func:`logistic4` mapping predictions to MOS; returns ``[b1, b2, b3, b4]``."""
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     x, y = _pair(pred, mos)
     # Fit on standardised predictions (well-conditioned whatever the metric's units), then map back.
@@ -87,7 +69,9 @@ def fit_logistic(pred: Sequence[float], mos: Sequence[float]) -> np.ndarray:
     increasing = _pearson(x, y) >= 0
     init = [y.max(), y.min(), 0.0, 1.0] if increasing else [y.min(), y.max(), 0.0, 1.0]
     try:
-        params, _ = curve_fit(logistic4, z, y, p0=init, maxfev=20000)
+        with warnings.catch_warnings():  # "covariance could not be estimated": only the parameters are used
+            warnings.simplefilter("ignore", OptimizeWarning)
+            params, _ = curve_fit(logistic4, z, y, p0=init, maxfev=20000)
     except RuntimeError:  # no convergence: keep the initial (monotone) guess
         params = np.asarray(init, dtype=np.float64)
     b1, b2, b3, b4 = params

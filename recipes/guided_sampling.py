@@ -25,6 +25,7 @@ from qualityguide.errors import QualityGuideError
 from qualityguide.guidance import QualityGuidance
 from qualityguide.guidance.runner import (append_record, check_settings, finished, make_jobs, read_prompts,
                                           save_image, timed_generate)
+from qualityguide.lgdm.extract import split_for_process
 from qualityguide.pipelines import load_pipeline
 from qualityguide.scorers import load_scorer
 
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     state.wait_for_everyone()
     done = finished(out, jobs)
     state.wait_for_everyone()
-    mine = [job for job in jobs if job.key not in done][state.process_index::state.num_processes]
+    mine = split_for_process(state, [job for job in jobs if job.key not in done])
     pipe = load_pipeline(args.model, dtype=args.dtype, device=device)
     scorer = load_scorer(args.scorer, weights=args.weights, device=device)
     guidance = QualityGuidance(scorer, scale=args.scale, start=args.start, end=args.end, every=args.every,

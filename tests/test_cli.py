@@ -143,6 +143,68 @@ def test_console_script_demo(tmp_path):
     assert (tmp_path / "demo" / "report.md").read_text().startswith("# qualityguide demo")
 
 
+def _hub_backed_lgdm_head(tmp_path):
+    """An LGDM head whose backbone is a hub id, cached offline under tmp_path/hub (diffusers then logs
+    hub-connection notices, and importing it pulls in bitsandbytes where installed)."""
+    from qualityguide import load_pipeline
+    from qualityguide.lgdm import LGDM, HeadConfig, LGDMConfig, LGDMHead, LGDMScorer
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-sd" / "snapshots" / ("0" * 40)
+    load_pipeline("tiny:sd").save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    pipe = load_pipeline("someone/tiny-sd", cache_dir=str(tmp_path / "hub"))
+    model = LGDM.from_pipeline(pipe, LGDMConfig(image_size=32, num_steps=2, t_max=20, psi="none"))
+    LGDMScorer(model, LGDMHead(HeadConfig(num_steps=2, layer_dims=model.recorder.dims))).save_pretrained(
+        tmp_path / "head")
+    return tmp_path / "head"
+
+
+def test_score_stderr_holds_only_our_lines(tmp_path):
+    """A CLI run prints no third-party warnings; --quiet also drops every progress bar; our own lines stay."""
+    import os
+    import re
+
+    head = _hub_backed_lgdm_head(tmp_path)
+    folder = _photos(tmp_path / "imgs", n=1, size=64)
+    (folder / "broken.png").write_text("not an image")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")}  # no quieting inherited
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    ours = re.compile(r"error: .*broken\.png: not an image|1 scored, 1 failed, 0 already in ")
+    bar = re.compile(r".+: +\d+%\|.*\]$")  # a tqdm bar state (ours, and the loaders' while not quiet)
+    for flags in ([], ["--quiet"]):
+        run = subprocess.run([sys.executable, "-m", "qualityguide.cli", "score", str(folder), "--scorer", f"lgdm:{head}",
+                              "-o", str(tmp_path / f"scores{len(flags)}.csv"), *flags],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 1, run.stderr
+        lines = [line.strip() for line in re.split(r"[\r\n]|\x1b\[A", run.stderr) if line.strip()]
+        if not flags:
+            assert any(line.startswith("scoring (lgdm:") for line in lines)
+            lines = [line for line in lines if not bar.match(line)]
+        assert len(lines) == 2 and all(ours.match(line) for line in lines), run.stderr
+
+
+def test_third_party_quieting_keeps_our_warnings(monkeypatch):
+    import logging
+    import os
+    import warnings
+
+    from qualityguide.cli import _quiet_third_party
+
+    monkeypatch.setattr(os, "environ", {**os.environ, "TRANSFORMERS_VERBOSITY": "info"})
+    monkeypatch.delitem(os.environ, "DIFFUSERS_VERBOSITY", raising=False)
+    level = logging.getLogger("bitsandbytes").level
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_third_party(quiet=False)
+        for module in ("qualityguide.lgdm.cache", "diffusers.pipelines.pipeline_utils", "transformers", "peft.tuners"):
+            warnings.warn_explicit(f"from {module}", RuntimeWarning, "x.py", 1, module=module)
+    logging.getLogger("bitsandbytes").setLevel(level)
+    # ours and packages not named stay; the user's own verbosity choice wins
+    assert [str(w.message) for w in caught] == ["from qualityguide.lgdm.cache", "from peft.tuners"]
+    assert os.environ["DIFFUSERS_VERBOSITY"] == "error" and os.environ["TRANSFORMERS_VERBOSITY"] == "info"
+
+
 def test_scorers_offline_status_is_honest(capsys, tmp_path, monkeypatch):
     from pyiqa.utils import download_util
 

@@ -411,6 +411,26 @@ def test_accelerate_two_processes_equal_single_process(tmp_path):
             json.loads((tmp_path / "single" / "manifest.json").read_text())["feature_key"]
 
 
+def test_split_for_process_is_accelerates_contiguous_split_without_padding(monkeypatch):
+    from accelerate import PartialState
+
+    from qualityguide.lgdm.extract import split_for_process
+
+    state = PartialState(cpu=True)
+    assert split_for_process(state, (k for k in "abc")) == ["a", "b", "c"]  # one process: everything
+    monkeypatch.setattr(state, "num_processes", 3)  # as rank k of 3 processes would see it
+
+    def shares(items):
+        out = []
+        for rank in range(3):
+            monkeypatch.setattr(state, "process_index", rank)
+            out.append(split_for_process(state, items))
+        return out
+
+    assert shares(list("abcdefg")) == [["a", "b", "c"], ["d", "e"], ["f", "g"]]
+    assert shares(["a", "b"]) == [["a"], ["b"], []]  # no padding: nothing is done twice
+
+
 def test_eta_noise_is_part_of_the_probe(pipe, images):
     with torch.no_grad():
         a = lgdm(pipe, psi="none", eta=1.0).extract(images)

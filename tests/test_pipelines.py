@@ -67,3 +67,71 @@ def test_bad_specs(tmp_path):
         load_pipeline(str(tmp_path / "empty"))
     with pytest.raises(WeightsNotFoundError, match="could not be loaded"):
         load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def _with_tiny_safety_checker(pipe):
+    """tiny:sd plus a tiny random StableDiffusionSafetyChecker and its CLIP image processor (like SD 1.5's folder)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(text_config={**small, "vocab_size": 514, "bos_token_id": 512, "eos_token_id": 513,
+                                     "pad_token_id": 513},
+                        vision_config={**small, "image_size": 32, "patch_size": 8}, projection_dim=32)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return StableDiffusionPipeline(**{**pipe.components, "safety_checker": StableDiffusionSafetyChecker(config).eval(),
+                                      "feature_extractor": processor}, requires_safety_checker=True)
+
+
+@pytest.fixture
+def library_warnings():
+    """Records diffusers'/transformers' log warnings at their default level (a CLI run in this process may have
+    quieted them; their own handlers hold whatever stderr was current when they were made); bars off."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
+             for lib in (diffusers_logging, transformers_logging)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_warning()
+        lib.disable_progress_bar()
+        lib.get_logger().addHandler(handler)
+    yield records
+    for lib, verbosity, bars in saved:
+        lib.get_logger().removeHandler(handler)
+        lib.set_verbosity(verbosity)
+        lib.enable_progress_bar() if bars else lib.disable_progress_bar()
+
+
+def test_safety_checker_is_not_loaded_and_nothing_warns(tmp_path, capfd, library_warnings):
+    import shutil
+    import warnings
+
+    _with_tiny_safety_checker(load_pipeline("tiny:sd")).save_pretrained(tmp_path / "sd")
+    load_pipeline("tiny:sdxl").save_pretrained(tmp_path / "sdxl")
+    assert (tmp_path / "sd" / "safety_checker" / "model.safetensors").is_file()
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sd = load_pipeline(str(tmp_path / "sd"))
+        sdxl = load_pipeline(str(tmp_path / "sdxl"))  # declares no checker: gets no checker arguments
+    assert sd.safety_checker is None and sd.feature_extractor is None
+    assert not hasattr(sdxl, "safety_checker")
+    assert [r.getMessage() for r in library_warnings] == [] and [str(w.message) for w in caught] == []
+    assert capfd.readouterr().err == ""
+    image = sd("a fox", num_inference_steps=2, output_type="np")
+    assert image.nsfw_content_detected is None and np.isfinite(image.images).all()
+
+    # A hub id reads model_index.json from the cache first; a cache without the checker's weights loads offline.
+    snapshot = tmp_path / "hub" / "models--someone--tiny-sd" / "snapshots" / ("0" * 40)
+    shutil.copytree(tmp_path / "sd", snapshot, ignore=shutil.ignore_patterns("safety_checker"))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    hub = load_pipeline("someone/tiny-sd", cache_dir=str(tmp_path / "hub"))
+    assert hub.safety_checker is None and hub.feature_extractor is None

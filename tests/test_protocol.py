@@ -5,7 +5,7 @@ from scipy import stats
 from qualityguide.data import load_iqa_dataset
 from qualityguide.errors import InputError
 from qualityguide.protocol import (bootstrap_ci, content_disjoint_split, correlations, fit_logistic, krcc,
-                                   logistic4, plcc, rankdata, srcc, summarize)
+                                   logistic4, plcc, srcc, summarize)
 
 
 @pytest.fixture
@@ -22,9 +22,34 @@ def test_against_scipy(pairs):
     assert srcc(pred, mos) == pytest.approx(stats.spearmanr(pred, mos)[0], abs=1e-12)
     assert krcc(pred, mos) == pytest.approx(stats.kendalltau(pred, mos)[0], abs=1e-12)
     assert plcc(pred, mos, "none") == pytest.approx(stats.pearsonr(pred, mos)[0], abs=1e-12)
-    assert np.allclose(rankdata(pred), stats.rankdata(pred))
     tied = np.array([1, 1, 2, 2, 2, 3.0])
     assert krcc(tied, [1, 2, 3, 4, 5, 6]) == pytest.approx(stats.kendalltau(tied, [1, 2, 3, 4, 5, 6])[0])
+
+
+@pytest.mark.parametrize("x,y,rho,tau,r", [
+    # ranks x [1, 2.5, 2.5, 4], y [1, 3, 2, 4]: rho = 4.5 / sqrt(4.5 * 5); pairs: 5 concordant, 1 tied in x only
+    ([1, 2, 2, 3], [1, 3, 2, 10], 3 / np.sqrt(10), 5 / np.sqrt(30), 9 / np.sqrt(100)),
+    # ties in both: ranks x [1.5, 1.5, 3, 4], y [3, 1.5, 1.5, 4]; C=3, D=1, one tie in x only, one in y only
+    ([1, 1, 2, 3], [2, 1, 1, 3], 2.25 / 4.5, 2 / np.sqrt(5 * 5), 1.75 / 2.75),
+])
+def test_hand_computed_values_with_ties(x, y, rho, tau, r):
+    assert srcc(x, y) == pytest.approx(rho, abs=1e-12)
+    assert krcc(x, y) == pytest.approx(tau, abs=1e-12)  # tau-b: (C - D) / sqrt((C + D + Tx)(C + D + Ty))
+    assert plcc(x, y, "none") == pytest.approx(r, abs=1e-12)
+    assert srcc(y, x) == pytest.approx(rho, abs=1e-12) and krcc(y, x) == pytest.approx(tau, abs=1e-12)
+
+
+def test_constant_input_gives_nan_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's ConstantInputWarning would fail the test
+        for pred, mos in (([2.0] * 5, [1, 2, 3, 4, 5]), ([1, 2, 3, 4, 5], [7.0] * 5)):
+            values = correlations(pred, mos)
+            assert all(np.isnan(v) for v in values.values()), values
+        # a bootstrap whose resamples are sometimes constant keeps the finite ones
+        lo, hi = bootstrap_ci([0, 0, 0, 1], [0, 1, 2, 3], srcc, n_boot=200)
+        assert np.isfinite(lo) and np.isfinite(hi) and lo <= hi
 
 
 def test_logistic_plcc_recovers_nonlinear_relation():

@@ -1,7 +1,7 @@
 """Extract LGDM hyperfeatures of many images into a :class:`FeatureCache`: batched, resumable, sharded.
 
-Under ``accelerate launch`` every process takes every ``world_size``-th missing image and writes its
-own shards; the merged cache equals a single-process run because each image's features depend only
+Under ``accelerate launch`` every process takes a contiguous share of the missing images (accelerate's
+``split_between_processes``) and writes its own shards; the merged cache equals a single-process run because each image's features depend only
 on the image (the noise probe is fixed by the config's seed).
 """
 
@@ -38,6 +38,16 @@ def process_state(cpu: bool = False):
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def split_for_process(state, items: Sequence) -> list:
+    """This process's contiguous share of ``items`` (accelerate's ``split_between_processes``).
+
+    No padding: a process with nothing left gets an empty list rather than a repeat of the last item,
+    so no image or prompt is done twice. One process gets everything.
+    """
+    with state.split_between_processes(list(items)) as mine:
+        return list(mine)
 
 
 def autocast_context(device: torch.device, autocast: str | None):
@@ -85,7 +95,7 @@ def extract_to_cache(lgdm: LGDM, paths: Sequence[str | os.PathLike], cache_dir: 
     done = cache.done_keys()
     state.wait_for_everyone()  # every process has read the same state before anyone writes
     todo = [k for k in keys if k not in done]
-    mine = todo[state.process_index::state.num_processes]
+    mine = split_for_process(state, todo)
     extracted = failed = 0
     bar = tqdm(total=len(mine), desc=f"LGDM features (process {state.process_index})", unit="img",
                disable=not progress or not state.is_main_process)
