@@ -487,6 +487,12 @@ def test_fp16_vae_upcast_follows_the_pipeline_and_keeps_no_copy(pipe):
     assert pipeline_upcasts_vae(sdxl)
     assert not LGDM.from_pipeline(half, LGDMConfig(psi="none", image_size=64)).upcast_vae
     assert LGDM.from_pipeline(sdxl, LGDMConfig(psi="none", image_size=64)).upcast_vae
+    # the VAE's compute precision is part of the cache key: upcast and fp16 decodes give other features
+    sdxl.to(torch.float16)
+    keys = {LGDM.from_pipeline(sdxl, LGDMConfig(psi="none", image_size=64), upcast_vae=flag).feature_key()
+            for flag in (True, False)}
+    assert len(keys) == 2
+    assert LGDM.from_pipeline(sdxl, LGDMConfig(psi="none", image_size=64)).precision() == "float16, vae float32"
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     reference = decode_latents(pipe.vae, z)
     upcast = decode_latents(half.vae, z, upcast=True)

@@ -185,7 +185,12 @@ class LGDM(nn.Module):
         return stable_hash({"config": config, "backbone": self.backbone_identity()})
 
     def precision(self, autocast: str | None = None) -> str:
-        return autocast or str(self.unet.dtype).replace("torch.", "")
+        """The numeric precision features are computed in: the autocast dtype or the U-Net's weights dtype, plus the
+        VAE's compute dtype where it differs (an fp32 VAE beside an fp16 U-Net, or an fp16 VAE run upcast)."""
+        main = autocast or str(self.unet.dtype).replace("torch.", "")
+        vae = torch.float32 if self.vae.dtype == torch.float16 and self.upcast_vae else self.vae.dtype
+        vae = str(vae).replace("torch.", "")
+        return main if autocast or vae == main else f"{main}, vae {vae}"
 
     def feature_key(self, autocast: str | None = None) -> str:
         """Cache key: :meth:`model_key` plus the numeric precision (weights dtype or autocast dtype)."""
