@@ -36,14 +36,14 @@ def pipes():
     return {p: load_pipeline("tiny:sd", prediction_type=p) for p in ("epsilon", "v_prediction")}
 
 
-def use_scheduler(pipe, name: str, prediction_type: str):
+def use_scheduler(pipe, name: str, prediction_type: str, **options):
     """Swap in ``name``, built from Stable Diffusion's scheduler config (kept from the pipeline's first one)."""
     config = pipe.__dict__.setdefault("_sd_scheduler_config", pipe.scheduler.config)
     cls = getattr(diffusers, name)
     if name.startswith("EDM"):  # EDM schedulers have their own config (Playground v2.5: sigma_data 0.5)
-        pipe.scheduler = cls(sigma_data=0.5, prediction_type=prediction_type)
+        pipe.scheduler = cls(sigma_data=0.5, prediction_type=prediction_type, **options)
     else:
-        pipe.scheduler = cls.from_config(config, prediction_type=prediction_type)
+        pipe.scheduler = cls.from_config(config, prediction_type=prediction_type, **options)
     return pipe
 
 
@@ -101,7 +101,7 @@ def _assert_matches_scheduler(pipe, guidance_scale=CFG, steps=3, **call_kwargs):
     for h, (levels, x0) in zip(guided, guidance.estimates):
         expected = references[h["step"]].float()
         torch.testing.assert_close(x0, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()),
-                                   msg=lambda m: f"step {h['step']}: {m}")
+                                   msg=lambda m, step=h["step"]: f"step {step}: {m}")
     # the change reaches the latents after the step scaled by their signal coefficient: 1 for x0 + sigma eps latents,
     # else the next U-Net call's sqrt(alpha_bar)
     for (levels, _), (following, _), h, h_next in zip(guidance.estimates, guidance.estimates[1:], guided, guided[1:]):
@@ -117,6 +117,14 @@ def _assert_matches_scheduler(pipe, guidance_scale=CFG, steps=3, **call_kwargs):
 def test_clean_estimate_equals_the_schedulers_own(pipes, name, prediction_type):
     pipe = use_scheduler(pipes[prediction_type], name, prediction_type)
     _assert_matches_scheduler(pipe, steps=4 if name == "PNDMScheduler" else 3)  # PNDM's warm-up needs 4
+
+
+def test_lcm_boundary_scalings_are_part_of_the_estimate(pipes):
+    """LCM's denoised sample is ``c_out x0 + c_skip z_t``; at its usual timestep_scaling (10) c_skip is ~1e-8, so a
+    small scaling makes the boundary term visible to the comparison."""
+    pipe = use_scheduler(pipes["epsilon"], "LCMScheduler", "epsilon", timestep_scaling=0.01)
+    guidance = _assert_matches_scheduler(pipe)
+    assert max(levels.boundary[0] for levels, _ in guidance.estimates) > 0.01  # c_skip
 
 
 def test_clean_estimate_with_sdxl_and_the_playground_scheduler():
@@ -193,8 +201,8 @@ REFUSED = {
     "flow prediction": (lambda c: diffusers.UniPCMultistepScheduler.from_config(c, prediction_type="flow_prediction"),
                         r"UniPCMultistepScheduler is a flow-matching one"),
     "unknown class": (lambda c: diffusers.IPNDMScheduler(),
-                      r"no exact clean estimate for scheduler .*IPNDMScheduler; supported: DDIMScheduler, .*"
-                      r"EDMDPMSolverMultistepScheduler .*DDIMScheduler.from_config"),
+                      (r"no exact clean estimate for scheduler .*IPNDMScheduler; supported: DDIMScheduler, .*"
+                       r"EDMDPMSolverMultistepScheduler .*DDIMScheduler.from_config")),
     "subclass": (lambda c: _PatchedDDIM.from_config(c), r"no exact clean estimate for scheduler .*_PatchedDDIM"),
     "clipped x0": (lambda c: diffusers.DDIMScheduler.from_config(c, clip_sample=True),
                    r"DDIMScheduler\(clip_sample=True\) clips the clean estimate.*clip_sample=False"),
@@ -203,8 +211,8 @@ REFUSED = {
     "learned variance": (lambda c: diffusers.DDPMScheduler.from_config(c, variance_type="learned_range"),
                          r"variance_type='learned_range'"),
     "EDM sample prediction": (lambda c: diffusers.EDMEulerScheduler(prediction_type="sample"),
-                              r"EDMEulerScheduler\(prediction_type='sample'\) is not supported; allowed: epsilon, "
-                              r"v_prediction"),
+                              (r"EDMEulerScheduler\(prediction_type='sample'\) is not supported; allowed: "
+                               r"epsilon, v_prediction")),
 }
 
 

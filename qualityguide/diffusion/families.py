@@ -50,7 +50,7 @@ def scheduler_family(scheduler) -> str:
     name = type(scheduler).__name__
     config = getattr(scheduler, "config", {}) or {}
     prediction_type = config.get("prediction_type", "epsilon")
-    fix = f"swap in a supported one, e.g. pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"
+    fix = "swap in a supported one, e.g. pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"
     if "FlowMatch" in name or config.get("use_flow_sigmas") or prediction_type == "flow_prediction":
         raise InputError(f"scheduler {name} is a flow-matching one (x_t = (1 - sigma) x0 + sigma noise, SD3/Flux "
                          "transformer pipelines); QualityGuidance supports U-Net pipelines with VP, k-diffusion or EDM "
@@ -160,7 +160,7 @@ def step_levels(scheduler, timestep: float | torch.Tensor, step_index: int, num_
     prediction_type = config.get("prediction_type", "epsilon")
     if name in _VP_TABLE:
         table = scheduler.alphas_cumprod
-        t = int(round(float(timestep)))
+        t = round(float(timestep))
         a_t = float(table[t])
         boundary = None
         if name == "LCMScheduler":
