@@ -10,17 +10,32 @@ coefficient of the next noise level. No second U-Net call unless ``mode="unet"``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from diffusers.callbacks import PipelineCallback
 
 from ..errors import InputError
-from ..diffusion.schedule import alpha_bar_at, clean_estimate, is_sigma_parameterised
+from ..diffusion.families import StepLevels, restarts_from_saved_sample, scheduler_family, step_levels
 from ..diffusion.vae import decode_latents, from_vae_range, pipeline_upcasts_vae
 from ..diffusion.x0 import NORMALIZE, frozen, per_sample_norm, x0_step
 
 MODES = ("x0", "unet")
+
+
+@dataclass
+class UNetCall:
+    """One U-Net call as the forward hook saw it, with the CFG settings in force for it (a callback such as
+    ``SDCFGCutoffCallback`` may change them before this one runs)."""
+
+    sample: torch.Tensor
+    timestep: Any
+    output: torch.Tensor
+    args: tuple
+    kwargs: dict
+    guidance_scale: float
+    guidance_rescale: float
 
 
 class QualityGuidance(PipelineCallback):
@@ -76,19 +91,27 @@ class QualityGuidance(PipelineCallback):
         self.pipe = None
         self.upcast_vae = False
         self._handle = None
-        self._call: dict | None = None
+        self._call: UNetCall | None = None
         self._recording = True
-        self.history: list[dict] = []
+        self._last_step: int | None = None
+        self.history: list[dict] = []  # the current (or last) pipeline call's steps only
 
     # ------------------------------------------------------------------ wiring
     def attach(self, pipe) -> "QualityGuidance":
-        """Install the U-Net forward hook on ``pipe`` (returns self, so it chains into ``callback_on_step_end=``)."""
+        """Install the U-Net forward hook on ``pipe`` (returns self, so it chains into ``callback_on_step_end=``).
+
+        Raises:
+            InputError: for a pipeline without U-Net/VAE/scheduler, or a scheduler whose clean estimate the callback
+                cannot rebuild exactly (flow matching, clipped estimates, unknown classes; see
+                :func:`qualityguide.diffusion.families.scheduler_family`).
+        """
         if self._handle is not None:
             raise InputError("this QualityGuidance is already attached; detach() it first")
         for name in ("unet", "vae", "scheduler"):
             if getattr(pipe, name, None) is None:
                 raise InputError(f"pipeline {type(pipe).__name__} has no {name}; QualityGuidance needs a latent "
                                  "diffusion pipeline (StableDiffusion, StableDiffusionXL, img2img)")
+        scheduler_family(pipe.scheduler)
         self.pipe = pipe
         self.upcast_vae = pipeline_upcasts_vae(pipe)
         self._handle = pipe.unet.register_forward_hook(self._record, with_kwargs=True)
@@ -114,12 +137,10 @@ class QualityGuidance(PipelineCallback):
         sample = args[0] if args else kwargs.get("sample")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         out = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-        # CFG settings as they were for this U-Net call (a callback such as SDCFGCutoffCallback may change them
-        # before this one runs)
         pipe = self.pipe
-        self._call = {"sample": sample, "timestep": timestep, "output": out, "args": args, "kwargs": kwargs,
-                      "guidance_scale": float(getattr(pipe, "guidance_scale", 1.0) or 1.0),
-                      "guidance_rescale": float(getattr(pipe, "guidance_rescale", 0.0) or 0.0)}
+        self._call = UNetCall(sample, timestep, out, args, kwargs,
+                              guidance_scale=float(getattr(pipe, "guidance_scale", 1.0) or 1.0),
+                              guidance_rescale=float(getattr(pipe, "guidance_rescale", 0.0) or 0.0))
 
     # ------------------------------------------------------------------ step selection
     def is_guided_step(self, step_index: int, num_steps: int) -> bool:
@@ -137,41 +158,40 @@ class QualityGuidance(PipelineCallback):
         if self._handle is None or self.pipe is not pipeline:
             raise InputError("QualityGuidance is not attached to this pipeline; pass "
                              "callback_on_step_end=QualityGuidance(...).attach(pipe)")
+        if self._last_step is not None and step_index <= self._last_step:
+            self.history = []  # a new pipeline call: keep one run's entries
+        self._last_step = step_index
         call, self._call = self._call, None
         num_steps = int(getattr(pipeline, "num_timesteps", 0) or len(pipeline.scheduler.timesteps))
         if call is None or not self.is_guided_step(step_index, num_steps):
             return callback_kwargs
         latents = callback_kwargs["latents"]
         scheduler = pipeline.scheduler
-        if _restarts_from_saved_sample(scheduler):
-            # The next step rebuilds its input from a sample the scheduler saved before this step (PNDM's
-            # second PLMS step, its Runge-Kutta sub-steps, Heun-type second stages): a change made now would be
-            # dropped, or even reversed. Guide at the next step instead.
-            self.history.append({"step": step_index, "timestep": _scalar(call["timestep"]), "deferred": True})
+        if restarts_from_saved_sample(scheduler):
+            # a change made now would be dropped (or reversed) by the next step: guide at the next step instead
+            self.history.append({"step": step_index, "timestep": _scalar(call.timestep), "deferred": True})
             return callback_kwargs
-        model_input, output = self._combine_cfg(call, latents.shape[0])
-        a_t, coefficient = self._noise_levels(scheduler, call, step_index, num_steps, latents)
-        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        levels = step_levels(scheduler, _scalar(call.timestep), step_index, num_steps)
+        batch = latents.shape[0]
         self._recording = False
         modules = [pipeline.unet, pipeline.vae] + ([self.scorer] if isinstance(self.scorer, torch.nn.Module) else [])
         try:
             with frozen(*modules):
                 if self.config.mode == "x0":
-                    x0, _ = clean_estimate(output.float(), model_input.float(), a_t, prediction_type)
-                    step = x0_step(x0, self._objective, self.config.scale, normalize=self.config.normalize,
-                                   max_norm=self.config.max_norm)
-                    delta = step.delta * coefficient
+                    step = x0_step(self.clean_estimate(call, levels, batch), self._objective, self.config.scale,
+                                   normalize=self.config.normalize, max_norm=self.config.max_norm)
+                    delta = step.delta * levels.coefficient
                 else:
-                    step = self._unet_step(pipeline, call, latents.shape[0], a_t, prediction_type)
-                    # the step moved the U-Net's (VP-scaled) input; as a clean-latent change that is
-                    # delta / sqrt(a_t), which reaches the next level times its signal coefficient
-                    delta = step.delta * (coefficient / a_t.sqrt())
+                    step = self._unet_step(pipeline, call, batch, levels)
+                    # the step moved the U-Net's input, whose clean part is x0 times levels.signal; as a clean-latent
+                    # change that is delta / signal, which reaches the next level times its signal coefficient
+                    delta = step.delta * (levels.coefficient / levels.signal)
         finally:
             self._recording = True
-        self.history.append({"step": step_index, "timestep": _scalar(call["timestep"]),
+        self.history.append({"step": step_index, "timestep": _scalar(call.timestep),
                              "score": step.objective.cpu(), "delta_norm": per_sample_norm(delta).flatten().cpu(),
-                             "skipped": step.skipped.cpu(), "alpha_bar": float(a_t),
-                             "coefficient": float(coefficient), "deferred": False})
+                             "skipped": step.skipped.cpu(), "alpha_bar": levels.alpha_bar, "sigma": levels.sigma,
+                             "coefficient": levels.coefficient, "deferred": False})
         if bool(step.skipped.all()):
             return callback_kwargs
         if getattr(scheduler, "last_sample", None) is not None and hasattr(scheduler, "disable_corrector"):
@@ -181,50 +201,34 @@ class QualityGuidance(PipelineCallback):
         callback_kwargs["latents"] = latents + delta.to(latents.dtype)
         return callback_kwargs
 
+    def clean_estimate(self, call: UNetCall, levels: StepLevels, batch: int) -> torch.Tensor:
+        """The clean latents the scheduler itself estimated from ``call`` (its ``pred_original_sample``), float32.
+
+        Args:
+            call: the recorded U-Net call (both CFG halves when CFG is on).
+            levels: the step's noise levels (:func:`qualityguide.diffusion.families.step_levels`).
+            batch: the latents' batch size (a U-Net batch of twice that means CFG).
+        """
+        model_input, output = self._combine_cfg(call, batch)
+        return levels.clean_estimate(output.float(), model_input.float())
+
     @staticmethod
-    def _combine_cfg(call: dict, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _combine_cfg(call: UNetCall, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The guided noise prediction and the latents it was made from; CFG is recognised by the U-Net batch
         being twice the latents' batch (unconditional half first, as diffusers orders it)."""
-        sample, output = call["sample"], call["output"]
+        sample, output = call.sample, call.output
         if sample.shape[0] == 2 * batch:
             uncond, text = output.chunk(2)
-            output = uncond + call["guidance_scale"] * (text - uncond)
-            if call["guidance_rescale"] > 0:
+            output = uncond + call.guidance_scale * (text - uncond)
+            if call.guidance_rescale > 0:
                 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-                output = rescale_noise_cfg(output, text, guidance_rescale=call["guidance_rescale"])
+                output = rescale_noise_cfg(output, text, guidance_rescale=call.guidance_rescale)
             sample = sample.chunk(2)[1]
         elif sample.shape[0] != batch:
             raise InputError(f"the U-Net ran on {sample.shape[0]} samples for {batch} latents; QualityGuidance "
                              "supports pipelines that call the U-Net once per step on the latents (or both CFG halves)")
         return sample, output
-
-    @staticmethod
-    def _noise_levels(scheduler, call: dict, step_index: int, num_steps: int,
-                      like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha_bar of this step's U-Net input, signal coefficient of the latents after the step)``.
-
-        Schedulers that keep a sigma table and a step index (Euler, LMS, DPM-Solver, UniPC) are read at
-        their own position, which is exact for Karras/trailing spacings and for img2img's shortened loop.
-        Others (DDIM, DDPM, PNDM) are read off ``alphas_cumprod``; their position in ``timesteps`` is offset
-        by the steps img2img skips (``len(timesteps) - num_steps``).
-        """
-        one = torch.ones((), device=like.device)
-        sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
-        if sigmas is not None and index is not None and 0 < index < len(sigmas):
-            sigma_t, sigma_next = float(sigmas[index - 1]), float(sigmas[index])
-            a_t = torch.tensor(1.0 / (1.0 + sigma_t**2), device=like.device)
-            if is_sigma_parameterised(scheduler):
-                return a_t, one
-            return a_t, torch.tensor((1.0 / (1.0 + sigma_next**2)) ** 0.5, device=like.device)
-        a_t = alpha_bar_at(scheduler, _scalar(call["timestep"]), like)
-        if is_sigma_parameterised(scheduler):
-            return a_t, one
-        timesteps = scheduler.timesteps
-        following = len(timesteps) - num_steps + step_index + 1
-        if following < len(timesteps):
-            return a_t, alpha_bar_at(scheduler, _scalar(timesteps[following]), like).sqrt()
-        return a_t, one  # the last step lands on (almost) clean latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Clean latents -> images in [0,1] through the pipeline's VAE, float32; an fp16 VAE runs in float32 where the
@@ -238,38 +242,26 @@ class QualityGuidance(PipelineCallback):
                              "return one score per image ([B])")
         return scores.float()
 
-    def _unet_step(self, pipeline, call: dict, batch: int, a_t: torch.Tensor, prediction_type: str):
-        """Universal-guidance style: gradient of the score w.r.t. the noisy latents through the U-Net."""
-        args, kwargs = list(call["args"]), dict(call["kwargs"])
-        cfg = call["sample"].shape[0] == 2 * batch
-        sample = call["sample"].chunk(2)[1] if cfg else call["sample"]
+    def _unet_step(self, pipeline, call: UNetCall, batch: int, levels: StepLevels):
+        """Universal-guidance style: gradient of the score w.r.t. the U-Net's input through the U-Net."""
+        args, kwargs = list(call.args), dict(call.kwargs)
+        cfg = call.sample.shape[0] == 2 * batch
+        sample = call.sample.chunk(2)[1] if cfg else call.sample
 
         def objective(x_t: torch.Tensor) -> torch.Tensor:
             full = torch.cat([x_t, x_t]) if cfg else x_t
             if args:
-                args[0] = full.to(call["sample"].dtype)
+                args[0] = full.to(call.sample.dtype)
             else:
-                kwargs["sample"] = full.to(call["sample"].dtype)
+                kwargs["sample"] = full.to(call.sample.dtype)
             out = pipeline.unet(*args, **kwargs)
             out = out[0] if isinstance(out, tuple) else out.sample
-            _, combined = self._combine_cfg({**call, "sample": full, "output": out}, batch)
-            x0, _ = clean_estimate(combined.float(), x_t.float(), a_t, prediction_type)
-            return self._objective(x0)
+            again = UNetCall(full, call.timestep, out, call.args, call.kwargs, call.guidance_scale,
+                             call.guidance_rescale)
+            return self._objective(self.clean_estimate(again, levels, batch))
 
         return x0_step(sample.float(), objective, self.config.scale, normalize=self.config.normalize,
                        max_norm=self.config.max_norm)
-
-
-def _restarts_from_saved_sample(scheduler) -> bool:
-    """Whether the scheduler's next step starts from a sample it saved earlier instead of the latents."""
-    if getattr(scheduler, "state_in_first_order", True) is False:  # Heun/KDPM2 second stage
-        return True
-    if hasattr(scheduler, "prk_timesteps") and hasattr(scheduler, "counter"):  # PNDM
-        counter = scheduler.counter
-        if not scheduler.config.skip_prk_steps and counter < len(scheduler.prk_timesteps):
-            return counter % 4 != 0  # Runge-Kutta sub-steps 1-3 restart from the sub-step-0 sample
-        return counter == 1 and getattr(scheduler, "cur_sample", None) is not None  # PLMS warm-up
-    return False
 
 
 def _scalar(value) -> float:
