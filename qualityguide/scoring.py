@@ -81,8 +81,10 @@ def _fmt(value: float) -> str:
 BATCH_PIXELS = 16 * 2**20
 
 
-def batches_by_pixels(shapes: Sequence[tuple[int, ...]], max_pixels: int = BATCH_PIXELS) -> list[list[int]]:
-    """Indices of same-size images grouped into batches of at most ``max_pixels`` pixels (at least one image)."""
+def batches_by_pixels(shapes: Sequence[tuple[int, ...]], max_pixels: int | None = None) -> list[list[int]]:
+    """Indices of same-size images grouped into batches of at most ``max_pixels`` pixels (default
+    :data:`BATCH_PIXELS`; at least one image)."""
+    max_pixels = BATCH_PIXELS if max_pixels is None else max_pixels
     groups: dict[tuple, list[int]] = {}
     for i, shape in enumerate(shapes):
         groups.setdefault(tuple(shape), []).append(i)
@@ -94,7 +96,7 @@ def batches_by_pixels(shapes: Sequence[tuple[int, ...]], max_pixels: int = BATCH
 
 
 def score_tensors(scorer: QualityScorer, images: list[torch.Tensor], device: torch.device,
-                  max_pixels: int = BATCH_PIXELS) -> list[tuple[float, float] | Exception]:
+                  max_pixels: int | None = None) -> list[tuple[float, float] | Exception]:
     """Score images of possibly different sizes in batches of same-size images of at most ``max_pixels``
     pixels (:func:`batches_by_pixels`); a failing batch is retried one by one."""
     results: list[tuple[float, float] | Exception] = [None] * len(images)  # type: ignore[list-item]
@@ -179,8 +181,10 @@ def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, outpu
 
 
 def _score_chunk(scorer: QualityScorer, chunk: list[tuple[str, Path]], device: torch.device,
-                 max_pixels: int = BATCH_PIXELS) -> list[dict]:
-    """Rows for ``chunk``; images are loaded only until ``max_pixels`` wait, then scored and released."""
+                 max_pixels: int | None = None) -> list[dict]:
+    """Rows for ``chunk``; images are loaded only until ``max_pixels`` (default :data:`BATCH_PIXELS`) wait,
+    then scored and released."""
+    max_pixels = BATCH_PIXELS if max_pixels is None else max_pixels
     rows: list[dict] = [{"path": key, "score": "", "error": "", "native_score": ""} for key, _ in chunk]
     pending: list[tuple[int, torch.Tensor]] = []
 
@@ -200,11 +204,16 @@ def _score_chunk(scorer: QualityScorer, chunk: list[tuple[str, Path]], device: t
         except ImageError as exc:
             rows[i]["error"] = str(exc)
             continue
-        waiting = sum(img.shape[-2] * img.shape[-1] for _, img in pending)
-        if pending and waiting + image.shape[-2] * image.shape[-1] > max_pixels:
+        if pending and _pixels(pending) + image.shape[-2] * image.shape[-1] > max_pixels:
             flush()
         pending.append((i, image))
         del image
+        if _pixels(pending) >= max_pixels:  # full: score it before loading more (a huge photo alone)
+            flush()
     if pending:
         flush()
     return rows
+
+
+def _pixels(pending: list[tuple[int, torch.Tensor]]) -> int:
+    return sum(image.shape[-2] * image.shape[-1] for _, image in pending)

@@ -18,6 +18,7 @@ the resize) is applied by the same functions, so it is the whole image's. Peak m
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -181,10 +182,17 @@ def _brisque_moments(region: Region, size: tuple[int, int], max_pixels: int) -> 
     """Moments of the MSCN coefficients and of their products with each shifted copy, where the shift
     wraps around the image (``torch.roll``, as pyiqa): each tile brings a one-pixel ring of neighbours."""
     height, width = size
-    lines = _border_lines(region, size)
+
+    @functools.cache
+    def line(name: str) -> torch.Tensor:
+        """MSCN of the image's first/last row or column: the wrapped neighbours of border tiles."""
+        rect = {"top": (0, 1, 0, width), "bottom": (height - 1, height, 0, width),
+                "left": (0, height, 0, 1), "right": (0, height, width - 1, width)}[name]
+        return mscn_region(region, size, rect, "zeros")[0].reshape(-1)
+
     coefficients, products = None, None
     for t, b, l, r in plan_tiles(height, width, 1, max_pixels):
-        ring = _with_ring(region, size, (t, b, l, r), lines)
+        ring = _with_ring(region, size, (t, b, l, r), line)
         centre = ring[..., 1:-1, 1:-1]
         h, w = centre.shape[-2:]
         tile_products = [moments(centre * ring[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w], ALL)
@@ -198,28 +206,26 @@ def _brisque_moments(region: Region, size: tuple[int, int], max_pixels: int) -> 
     return coefficients, products
 
 
-def _border_lines(region: Region, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """MSCN values of the first and last row and column, which the wrapped neighbours of border tiles are."""
-    height, width = size
-    rects = {"top": (0, 1, 0, width), "bottom": (height - 1, height, 0, width),
-             "left": (0, height, 0, 1), "right": (0, height, width - 1, width)}
-    return {name: mscn_region(region, size, rect, "zeros")[0].reshape(-1) for name, rect in rects.items()}
-
-
-def _with_ring(region: Region, size: tuple[int, int], rect: Rect, lines: dict[str, torch.Tensor]) -> torch.Tensor:
+def _with_ring(region: Region, size: tuple[int, int], rect: Rect, line: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """MSCN on ``rect`` grown by one pixel, the ring wrapping around the image's edges: ``[1,1,h+2,w+2]``."""
     height, width = size
     t, b, l, r = rect
     inner = _grow(rect, 1, size)
     values = mscn_region(region, size, inner, "zeros")[0]
-    rows = torch.arange(inner[0], inner[1], device=values.device)
-    if l == 0:
-        values = torch.cat([lines["right"][rows].reshape(1, 1, -1, 1), values], -1)
-    if r == width:
-        values = torch.cat([values, lines["left"][rows].reshape(1, 1, -1, 1)], -1)
-    cols = torch.arange(l - 1, r + 1, device=values.device) % width
-    if t == 0:
-        values = torch.cat([lines["bottom"][cols].reshape(1, 1, 1, -1), values], -2)
-    if b == height:
-        values = torch.cat([values, lines["top"][cols].reshape(1, 1, 1, -1)], -2)
+    if l == 0 and r == width:  # the tile spans the image: it holds its own wrapped neighbours
+        values = torch.cat([values[..., -1:], values, values[..., :1]], -1)
+    else:
+        rows = torch.arange(inner[0], inner[1], device=values.device)
+        if l == 0:
+            values = torch.cat([line("right")[rows].reshape(1, 1, -1, 1), values], -1)
+        if r == width:
+            values = torch.cat([values, line("left")[rows].reshape(1, 1, -1, 1)], -1)
+    if t == 0 and b == height:
+        values = torch.cat([values[..., -1:, :], values, values[..., :1, :]], -2)
+    else:
+        cols = torch.arange(l - 1, r + 1, device=values.device) % width
+        if t == 0:
+            values = torch.cat([line("bottom")[cols].reshape(1, 1, 1, -1), values], -2)
+        if b == height:
+            values = torch.cat([values, line("top")[cols].reshape(1, 1, 1, -1)], -2)
     return values
