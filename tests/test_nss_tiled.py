@@ -127,6 +127,32 @@ def test_tiles_are_invisible():
         assert torch.equal(half(rect), whole[..., rect[0]:rect[1], rect[2]:rect[3]]), rect
 
 
+def test_local_statistics_do_not_depend_on_position():
+    """Values at a pixel are the same whichever window computes them, for any (non-integer) values: a
+    flat area stays exactly flat (the sign of its rounding noise decides NIQE's AGGD fits there)."""
+    from pyiqa.archs.func_util import normalize_img_with_gauss
+
+    g = torch.Generator().manual_seed(0)
+    plane = torch.rand(1, 1, 61, 83, generator=g, dtype=torch.float64) * 255
+    plane[..., 20:45, 10:70] = 100.3
+    mu, var = local_mean_var(plane, "replicate")
+    assert torch.equal(mu[..., 23:42, 13:67], torch.full_like(mu[..., 23:42, 13:67], float(mu[0, 0, 30, 30])))
+    whole = mscn(plane, mu, var)
+    assert torch.equal(whole, normalize_img_with_gauss(plane, padding="replicate"))  # pyiqa's, bit for bit
+    for top, left in [(5, 7), (11, 0), (0, 13)]:
+        window = plane[..., top:top + 40, left:left + 61]
+        part = mscn(window, *local_mean_var(window, "replicate"))
+        assert torch.equal(part[..., 3:-3, 3:-3], whole[..., top + 3:top + 37, left + 3:left + 58])
+
+
+def test_brisque_sums_make_tiling_invisible():
+    """Sums are accumulated in float64, so a tiling changes the features by less than their float32 rounding."""
+    image = _photos()["astronaut 512x512"]
+    whole = brisque_feature_vector(image)
+    for tile in (4099, 20000, 65536):
+        assert torch.allclose(brisque_feature_vector(image, max_pixels=tile), whole, rtol=2.0**-23, atol=0), tile
+
+
 def test_plan_tiles_cover_once():
     for height, width, unit, budget in [(384, 480, 96, 3 * 9216), (397, 577, 1, 5000), (7, 100000, 1, 1000),
                                         (96 * 5, 96 * 130, 96, 1 << 20)]:
