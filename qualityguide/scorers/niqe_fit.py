@@ -56,12 +56,16 @@ def niqe_block_features(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         image: ``[3,H,W]`` in [0,1].
 
     Returns:
-        ``(features [N,36], sharpness [N])`` in float64, blocks in row-major order.
+        ``(features [N,36], sharpness [N])`` in float64. Features are listed column by column (pyiqa's
+        ``blockproc`` order), sharpness row by row: the code that fitted the shipped embedded model
+        paired them so, which selects blocks by another block's sharpness on images with more than
+        one block row and column. Kept, so that the shipped model stays reproducible; pairing them
+        (``features.transpose(0, 1)``) means refitting it with ``evals/fit_niqe_pristine.py``.
     """
     from .nss_tiled import niqe_feature_grid
 
     features, sharpness = niqe_feature_grid(image)
-    return features.flatten(0, 1), sharpness.flatten()
+    return features.transpose(0, 1).flatten(0, 1), sharpness.flatten()
 
 
 def fit_pristine(images: list[torch.Tensor], threshold: float = SHARPNESS_THRESHOLD,
