@@ -9,11 +9,12 @@ maps at once (6 GB) and a 36 MP one does not fit in 16 GB. Both metrics are loca
   which need only sums (:class:`~.nss_maths.Moments`), accumulated tile by tile.
 
 So each tile is computed from a window of the luma that reaches a few px past it (the filter's
-:data:`~.nss_maths.RADIUS`, and :data:`RESIZE_MARGIN` for the resize): MSCN
-values at a tile's pixels then depend only on genuine image pixels, and where a window touches the
-image border, pyiqa's own padding (replicate for NIQE, zeros for BRISQUE, MATLAB's symmetric for
-the resize) is applied by the same functions, so it is the whole image's. Peak memory is set by
-:data:`TILE_PIXELS`, not by the photo.
+:data:`~.nss_maths.RADIUS`, :data:`RESIZE_MARGIN` for the resize): MSCN values at a tile's pixels
+then depend only on genuine image pixels, and where a window touches the image border, pyiqa's own
+padding (replicate for NIQE, zeros for BRISQUE, MATLAB's symmetric for the resize) is applied by
+the same functions, so it is the whole image's. Every operation rounds the same wherever a pixel
+lies in a window, so a tiling changes no value (tested). Peak memory is set by :data:`TILE_PIXELS`,
+not by the photo.
 """
 
 from __future__ import annotations
@@ -24,20 +25,11 @@ from collections.abc import Callable
 
 import torch
 
-from .nss_maths import (
-    BRISQUE_SHIFTS,
-    RADIUS,
-    Moments,
-    brisque_scale_features,
-    half_size,
-    local_mean_var,
-    moments,
-    mscn,
-    niqe_block_features,
-)
+from .nss_maths import (BRISQUE_SHIFTS, RADIUS, Moments, brisque_scale_features, half_size, local_mean_var, moments,
+                        mscn, niqe_block_features)
 
 BLOCK = 96
-TILE_PIXELS = 1 << 20  # ~1 MP per tile: some 300 MB of working maps in float64
+TILE_PIXELS = 1 << 20  # ~1 MP per tile: a few hundred MB of float64 working maps
 # Output i of the x0.5 antialiased bicubic resize reads inputs 2i-4 .. 2i+5 (the end taps weigh 0):
 # a full-size window this many px wider (even, so windows start on even rows) makes it exact.
 RESIZE_MARGIN = 6
@@ -134,10 +126,11 @@ def niqe_feature_grid(image: torch.Tensor, max_pixels: int = TILE_PIXELS) -> tup
             per_scale.append(niqe_block_features(blocks.reshape(-1, 1, s, s)).reshape(*blocks.shape[:2], 18))
         sharp = torch.nn.functional.avg_pool2d(var.sqrt(), BLOCK)[0, 0]
         rows.append((t, l, torch.cat(per_scale, -1), sharp))
-    return _assemble(rows, size)
+    return _assemble(rows)
 
 
-def _assemble(tiles: list, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _assemble(tiles: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile ``(top, left, features, sharpness)`` -> whole-image grids."""
     grid_rows: dict[int, list] = {}
     for t, l, feats, sharp in sorted(tiles, key=lambda item: item[:2]):
         grid_rows.setdefault(t, []).append((feats, sharp))
