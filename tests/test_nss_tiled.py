@@ -7,8 +7,9 @@ Tolerances, from what differs between the two computations:
   amplified by the pseudo-inverse of the block covariance: 1e-10 relative on the score.
 - BRISQUE: pyiqa sums up to ~10^6 float32 values in float32; the tiles sum them in float64. The
   means differ by ~1e-7 relative (float32 rounding of long sums), so features agree to 1e-5
-  relative and scores to 1e-3 on the 0..100 scale (the LIVE SVR amplifies ~100x), far inside the
-  calibration tolerance of 8% / 0.5.
+  relative, and scores to ~1e-5 on the 0..100 scale, except where the two sums straddle a midpoint
+  of the 0.001 shape grid: one shape then moves one step, which moves the score by up to 0.005
+  (seen once in 210 BIQ2021 photos and crops), far inside the calibration tolerance of 8% / 0.5.
 """
 
 import math
@@ -42,7 +43,7 @@ from qualityguide.scorers.nss_tiled import (
 
 NIQE_RTOL = 1e-10
 BRISQUE_FEATURE_RTOL = 1e-5
-BRISQUE_SCORE_ATOL = 1e-3
+BRISQUE_SCORE_ATOL = 5e-3
 
 
 def _photos():
