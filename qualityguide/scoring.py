@@ -42,13 +42,32 @@ def _fmt(value: float) -> str:
     return f"{value:.9g}"
 
 
-def score_tensors(scorer: QualityScorer, images: list[torch.Tensor], device: torch.device) -> list[tuple[float, float] | Exception]:
-    """Score images of possibly different sizes: same-size images share a batch; a failing batch is retried one by one."""
-    results: list[tuple[float, float] | Exception] = [None] * len(images)  # type: ignore[list-item]
+# Images per batch are bounded by their pixel count, so memory does not grow with --batch-size: 8 phone
+# photos (12 MP each) are 8 batches, 8 thumbnails one. A larger image is a batch of its own (NIQE and
+# BRISQUE then bound their own memory by tiling).
+BATCH_PIXELS = 16 * 2**20
+
+
+def batches_by_pixels(shapes: Sequence[tuple[int, ...]], max_pixels: int | None = None) -> list[list[int]]:
+    """Indices of same-size images grouped into batches of at most ``max_pixels`` pixels (default
+    :data:`BATCH_PIXELS`; at least one image)."""
+    max_pixels = BATCH_PIXELS if max_pixels is None else max_pixels
     groups: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(tuple(image.shape), []).append(i)
-    for indices in groups.values():
+    for i, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(i)
+    batches = []
+    for shape, indices in groups.items():
+        per_batch = max(1, max_pixels // (shape[-2] * shape[-1]))
+        batches.extend(indices[start:start + per_batch] for start in range(0, len(indices), per_batch))
+    return batches
+
+
+def score_tensors(scorer: QualityScorer, images: list[torch.Tensor], device: torch.device,
+                  max_pixels: int | None = None) -> list[tuple[float, float] | Exception]:
+    """Score images of possibly different sizes in batches of same-size images of at most ``max_pixels``
+    pixels (:func:`batches_by_pixels`); a failing batch is retried one by one."""
+    results: list[tuple[float, float] | Exception] = [None] * len(images)  # type: ignore[list-item]
+    for indices in batches_by_pixels([image.shape for image in images], max_pixels):
         try:
             _score_group(scorer, images, indices, device, results)
         except QualityGuideError as exc:
@@ -64,7 +83,10 @@ def score_tensors(scorer: QualityScorer, images: list[torch.Tensor], device: tor
 
 
 def _score_group(scorer, images, indices, device, results) -> None:
-    batch = torch.stack([images[i] for i in indices]).to(device)
+    if len(indices) == 1:
+        batch = images[indices[0]][None].to(device)  # a view: a big photo is not copied
+    else:
+        batch = torch.stack([images[i] for i in indices]).to(device)
     with torch.no_grad():
         scores, native = scorer.score_with_native(batch)
     for j, i in enumerate(indices):
@@ -123,9 +145,23 @@ def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, outpu
     return summary
 
 
-def _score_chunk(scorer: QualityScorer, chunk: list[tuple[str, Path]], device: torch.device) -> list[dict]:
+def _score_chunk(scorer: QualityScorer, chunk: list[tuple[str, Path]], device: torch.device,
+                 max_pixels: int | None = None) -> list[dict]:
+    """Rows for ``chunk``; images are loaded only until ``max_pixels`` (default :data:`BATCH_PIXELS`) wait,
+    then scored and released."""
+    max_pixels = BATCH_PIXELS if max_pixels is None else max_pixels
     rows: list[dict] = [{"path": key, "score": "", "error": "", "native_score": ""} for key, _ in chunk]
-    images, where = [], []
+    pending: list[tuple[int, torch.Tensor]] = []
+
+    def flush() -> None:
+        results = score_tensors(scorer, [image for _, image in pending], device, max_pixels)
+        for (i, _), result in zip(pending, results):
+            if isinstance(result, Exception):
+                rows[i]["error"] = f"{chunk[i][1]}: {result}"
+            else:
+                rows[i]["score"], rows[i]["native_score"] = _fmt(result[0]), _fmt(result[1])
+        pending.clear()
+
     for i, (key, path) in enumerate(chunk):
         try:
             image = load_image(path)
@@ -133,13 +169,16 @@ def _score_chunk(scorer: QualityScorer, chunk: list[tuple[str, Path]], device: t
         except ImageError as exc:
             rows[i]["error"] = str(exc)
             continue
-        images.append(image)
-        where.append(i)
-    if images:
-        results = score_tensors(scorer, images, device)
-        for i, result in zip(where, results):
-            if isinstance(result, Exception):
-                rows[i]["error"] = f"{chunk[i][1]}: {result}"
-            else:
-                rows[i]["score"], rows[i]["native_score"] = _fmt(result[0]), _fmt(result[1])
+        if pending and _pixels(pending) + image.shape[-2] * image.shape[-1] > max_pixels:
+            flush()
+        pending.append((i, image))
+        del image
+        if _pixels(pending) >= max_pixels:  # full: score it before loading more (a huge photo alone)
+            flush()
+    if pending:
+        flush()
     return rows
+
+
+def _pixels(pending: list[tuple[int, torch.Tensor]]) -> int:
+    return sum(image.shape[-2] * image.shape[-1] for _, image in pending)

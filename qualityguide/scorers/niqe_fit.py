@@ -1,7 +1,7 @@
 """Fit a NIQE pristine model from photographs (Mittal et al. 2013, section IV; their computemodelparams.m).
 
-Per image: Y channel in 0..255, 96 px blocks, 36 NSS features per block over two scales (pyiqa's
-``compute_feature``, the same code that scores images), and the block's sharpness (mean local
+Per image: Y channel in 0..255, 96 px blocks, 36 NSS features per block over two scales (the same
+code that scores images, :func:`~.nss_tiled.niqe_feature_grid`), and the block's sharpness (mean local
 standard deviation at the first scale). Blocks sharper than ``0.75 x`` the image's sharpest block
 are kept; the model is the mean and covariance of the kept blocks' features.
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BLOCK = 96
+from .nss_tiled import BLOCK
+
 SHARPNESS_THRESHOLD = 0.75
 
 # (package, file in that package's data folder) — natural photographs only (no text, charts or synthetic images).
@@ -49,33 +50,22 @@ def bundled_photo(package: str, filename: str) -> Path:
 
 
 def niqe_block_features(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NIQE features and sharpness of every full 96 px block of one image.
+    """NIQE features and sharpness of every full 96 px block of one image (the code that scores images).
 
     Args:
         image: ``[3,H,W]`` in [0,1].
 
     Returns:
-        ``(features [N,36], sharpness [N])`` in float64, blocks in row-major order.
+        ``(features [N,36], sharpness [N])`` in float64. Features are listed column by column (pyiqa's
+        ``blockproc`` order), sharpness row by row: the code that fitted the shipped embedded model
+        paired them so, which selects blocks by another block's sharpness on images with more than
+        one block row and column. Kept, so that the shipped model stays reproducible; pairing them
+        (``features.transpose(0, 1)``) means refitting it with ``evals/fit_niqe_pristine.py``.
     """
-    from pyiqa.archs.func_util import diff_round, normalize_img_with_gauss
-    from pyiqa.archs.niqe_arch import compute_feature
-    from pyiqa.matlab_utils import blockproc, fspecial, imfilter, imresize
-    from pyiqa.utils.color_util import to_y_channel
+    from .nss_tiled import niqe_feature_grid
 
-    img = diff_round(to_y_channel(image[None].double(), 255, "yiq")).double()
-    h, w = (img.shape[-2] // BLOCK) * BLOCK, (img.shape[-1] // BLOCK) * BLOCK
-    img = img[..., :h, :w]
-    kernel = fspecial(7, 7.0 / 6, 1).to(img)
-    mu = imfilter(img, kernel, padding="replicate")
-    sigma = (imfilter(img**2, kernel, padding="replicate") - mu**2).abs().sqrt()
-    sharpness = torch.nn.functional.avg_pool2d(sigma, BLOCK).flatten()
-    feats = []
-    for scale in (1, 2):
-        normalized = normalize_img_with_gauss(img, padding="replicate")
-        feats.append(blockproc(normalized, [BLOCK // scale, BLOCK // scale], fun=compute_feature))
-        if scale == 1:
-            img = imresize(img / 255.0, scale=0.5, antialiasing=True) * 255.0
-    return torch.cat(feats, -1)[0], sharpness
+    features, sharpness = niqe_feature_grid(image)
+    return features.transpose(0, 1).flatten(0, 1), sharpness.flatten()
 
 
 def fit_pristine(images: list[torch.Tensor], threshold: float = SHARPNESS_THRESHOLD,

@@ -1,8 +1,9 @@
 """Classical natural-scene-statistics scorers: NIQE and BRISQUE, offline and differentiable.
 
-The maths are pyiqa's plain functions (``calculate_niqe``, ``brisque``), which reproduce the
-authors' implementations; these modules only hold the model parameters as float64 buffers and
-resolve where the parameters come from. Nothing is downloaded: parameter files are found in this
+The maths are pyiqa's (``calculate_niqe``, ``brisque``), which reproduce the authors'
+implementations, computed tile by tile in bounded memory (:mod:`.nss_tiled`, :mod:`.nss_maths`);
+these modules only hold the model parameters as float64 buffers and resolve where the parameters
+come from. Nothing is downloaded: parameter files are found in this
 order, and a clear error says how to provide them when none is found:
 
 1. ``weights=`` (CLI ``--weights``);
@@ -28,6 +29,7 @@ import torch
 
 from ..errors import ImageError, InputError, WeightsNotFoundError
 from .base import QualityScorer
+from .nss_tiled import BLOCK, TILE_PIXELS, brisque_feature_vector, niqe_feature_grid, niqe_score
 from .safe_load import load_torch_weights
 
 EMBEDDED_NIQE_PARAMS = Path(__file__).resolve().parent.parent / "data" / "niqe_pristine_qualityguide.safetensors"
@@ -72,8 +74,17 @@ def _resolve(name: str, weights: str | os.PathLike | None, candidates: list[Path
 def flat_images(images: torch.Tensor) -> list[int]:
     """Indices of images whose 8-bit luma is constant (NSS statistics divide by zero on them)."""
     weights = images.new_tensor(_LUMA).view(1, 3, 1, 1)
-    luma = torch.round((images.detach() * weights).sum(1) * 255.0).flatten(1)
-    return [int(i) for i in torch.nonzero(luma.amax(1) == luma.amin(1)).flatten()]
+    flat = []
+    for i, image in enumerate(images.detach()):
+        rows = max(1, TILE_PIXELS // image.shape[-1])  # a band at a time: no full-size temporaries
+        lows, highs = [], []
+        for band in image.split(rows, dim=1):
+            luma = torch.round((band[None] * weights).sum(1) * 255.0)
+            lows.append(luma.amin())
+            highs.append(luma.amax())
+        if bool(torch.stack(lows).amin() == torch.stack(highs).amax()):
+            flat.append(i)
+    return flat
 
 
 class _NSSScorer(QualityScorer):
@@ -181,15 +192,15 @@ class NIQEScorer(_NSSScorer):
         return cls(mu, cov, name="niqe-embedded", source=f"qualityguide fit ({EMBEDDED_NIQE_PARAMS.name})")
 
     def native(self, images: torch.Tensor) -> torch.Tensor:
-        from pyiqa.archs.niqe_arch import calculate_niqe
-
         self._check_not_flat(images)
-        try:
-            scores = calculate_niqe(images.double(), 0, True, "yiq", self.mu, self.cov)
-        except RuntimeError as exc:  # torch.linalg errors on non-finite block statistics
-            raise ImageError(f"{self.name} input", f"NIQE statistics are undefined for this batch ({exc})",
-                             "check for nearly flat images and score them one by one") from None
-        return self._check_finite(scores.reshape(-1)).to(images.dtype)
+        scores = []
+        for i, image in enumerate(images):  # one image at a time, in tiles: memory does not grow with the batch
+            try:
+                scores.append(niqe_score(image, self.mu, self.cov))
+            except RuntimeError as exc:  # torch.linalg errors on non-finite block statistics
+                raise ImageError(f"{self.name} input", f"NIQE statistics are undefined for the image at batch "
+                                 f"index {i} ({exc})", "check for nearly flat images") from None
+        return self._check_finite(torch.stack(scores)).to(images.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", source={self.source!r}"
@@ -262,33 +273,21 @@ def brisque_features(images: torch.Tensor) -> torch.Tensor:
 
     Differentiable (the AGGD shape is read off a grid, so its gradient is zero; means and variances carry it).
     """
-    from pyiqa.archs.brisque_arch import natural_scene_statistics, scale_features
-    from pyiqa.matlab_utils import imresize
-    from pyiqa.utils.color_util import to_y_channel
+    from pyiqa.archs.brisque_arch import scale_features
 
-    # Float32, as pyiqa was calibrated against the authors' code (the AGGD shape is read off a 0.001
-    # grid, so float64 features land on neighbouring grid points). One image at a time: batched
-    # float32 convolutions pick other kernels and shift a noisy image's score by ~0.003, breaking
-    # "a batch equals its singles".
-    rows = []
-    for image in images.float().split(1):
-        y = to_y_channel(image, 255.0)
-        features = []
-        for _ in range(2):
-            features.append(natural_scene_statistics(y, 7, 7 / 6))
-            y = imresize(y, scale=0.5, antialiasing=True)
-        rows.append(torch.cat(features, dim=-1))
-    return scale_features(torch.cat(rows))
+    # Float32 maps, as pyiqa was calibrated against the authors' code (the AGGD shape is read off a
+    # 0.001 grid, so float64 features land on neighbouring grid points); sums in float64 (see
+    # nss_tiled). One image at a time: batched float32 convolutions pick other kernels and shift a
+    # noisy image's score by ~0.003, breaking "a batch equals its singles".
+    return scale_features(torch.stack([brisque_feature_vector(image) for image in images]))
 
 
 def niqe_features(images: torch.Tensor) -> torch.Tensor:
     """Mean NIQE feature vector over each image's 96 px blocks (the MVG mean NIQE compares): ``[B,36]`` float32."""
-    from .niqe_fit import BLOCK, niqe_block_features
-
     if min(images.shape[-2:]) < BLOCK:
         raise ImageError("niqe features", f"images are {images.shape[-2]}x{images.shape[-1]} px; NIQE needs at "
                          f"least one {BLOCK}x{BLOCK} block", f"use images of at least {BLOCK} px per side")
-    return torch.stack([niqe_block_features(image)[0].mean(0) for image in images]).float()
+    return torch.stack([niqe_feature_grid(image)[0].flatten(0, 1).mean(0) for image in images]).float()
 
 
 class BRISQUEScorer(_NSSScorer):
