@@ -13,7 +13,7 @@ import sys
 import warnings
 
 from . import __version__
-from .errors import QualityGuideError
+from .errors import InputError, QualityGuideError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scorer", action="append", default=None,
                       help=f"scorer spec, optionally SPEC@SIZE, repeatable (default {DEFAULT_SCORER}, which needs no "
                       "downloads)")
-    demo.add_argument("--size", type=int, default=384, help="short side of the photographs (default 384)")
+    demo.add_argument("--size", type=int, default=384, help="short side of the photographs in px (default 384; at "
+                      "least the scorer's minimum, 192 for NIQE, or use SPEC@SIZE)")
+    demo.add_argument("--weights", action="append", default=[], metavar="[SPEC=]FILE",
+                      help="local weights/parameter file for a scorer that needs one (brisque, niqe, pyiqa:<name>); "
+                      "FILE alone with one --scorer, SPEC=FILE with several; repeatable")
     demo.add_argument("--quiet", action="store_true")
 
     from .lgdm.commands import add_parser as add_lgdm_parser
@@ -64,17 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_score(args) -> int:
-    import torch
-
+    from .devices import check_device
+    from .scorefile import check_output
     from .scorers import load_scorer
     from .scoring import score_paths
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise QualityGuideError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QualityGuideError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    device = check_device(args.device, "--device")
+    check_output(args.output)  # before the scorer loads: a folder given as --output is a typo, say so at once
     if args.max_image_pixels is not None:
         if args.max_image_pixels < 0:
             raise QualityGuideError(f"--max-image-pixels must be >= 0 (0: no limit), got {args.max_image_pixels}")
@@ -94,10 +94,30 @@ def _cmd_score(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    result = run_demo(args.out, scorers=args.scorer, size=args.size, progress=not args.quiet)
+    result = run_demo(args.out, scorers=args.scorer, size=args.size, progress=not args.quiet,
+                      weights=_demo_weights(args.weights, args.scorer))
     print(result["table"])
     print(f"\nreport: {args.out}/report.md, contact sheet: {args.out}/contact_sheet.png")
     return 0
+
+
+def _demo_weights(items: list[str], specs: list[str] | None) -> dict[str, str]:
+    """``--weights [SPEC=]FILE`` items -> {spec: file}; a bare FILE belongs to the only --scorer."""
+    from .scorers import DEFAULT_SCORER
+
+    specs = specs or [DEFAULT_SCORER]
+    weights: dict[str, str] = {}
+    for item in items:
+        spec, sep, file = item.partition("=")
+        if not sep or spec not in specs:  # a bare file (its name may hold '=')
+            if len(specs) != 1:
+                raise InputError(f"--weights {item!r}: with several --scorer ({', '.join(specs)}) say which one "
+                                        f"the file is for: --weights SPEC=FILE, e.g. --weights {specs[0]}=FILE")
+            spec, file = specs[0], item
+        if spec in weights:
+            raise InputError(f"--weights: two files for {spec!r} ({weights[spec]!r} and {file!r}); give one")
+        weights[spec] = file
+    return weights
 
 
 def _cmd_scorers(args) -> int:

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import io
 import json
+import numbers
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from .errors import InputError
 from .images import load_image
 from .protocol import krcc
 from .scorers import DEFAULT_SCORER, QualityScorer, load_scorer
+from .scorers.base import SIZE_SEP
 from .scorers.niqe_fit import DEMO_PHOTOS, bundled_photo
 
 # distortion -> the three levels (mild, medium, strong)
@@ -60,22 +63,74 @@ def build_series(size: int = 384) -> list[dict]:
     return items
 
 
+# The files a report folder holds; results.json marks a folder as a demo report (rerunning overwrites it).
+REPORT_FILES = ("results.json", "results.csv", "report.md", "contact_sheet.png")
+
+
+def check_report_folder(out: Path) -> None:
+    """Refuse a report folder that is a file, or that holds report-named files a demo did not write."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder; pass a folder name for the report (created if "
+                         "absent), e.g. --out qualityguide-demo")
+    taken = [name for name in REPORT_FILES if (out / name).exists()]
+    if taken and not _is_report(out / "results.json"):
+        raise InputError(f"--out {out} already holds {', '.join(taken)}, not written by `qualityguide demo`; they "
+                         "were left unchanged. Pass --out with a new folder")
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"scorers", "distortions", "items", "series"} <= data.keys()
+
+
+def check_photo_size(size: object) -> int:
+    """``size`` as an int if it is a positive whole number of pixels (the photographs' short side)."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise InputError(f"--size {size!r}: the photographs' short side must be a positive whole number of pixels, "
+                         "e.g. --size 384")
+    return int(size)
+
+
 def run_demo(out: str | Path = "qualityguide-demo", scorers: list[str] | None = None, size: int = 384,
-             progress: bool = True) -> dict:
-    """Score the distortion series with each scorer, write the report folder, return the results."""
+             progress: bool = True, weights: dict[str, str] | None = None) -> dict:
+    """Score the distortion series with each scorer, write the report folder, return the results.
+
+    Args:
+        out: the report folder (created; a file, or a folder holding report-named files from elsewhere, is refused).
+        scorers: scorer specs (default :data:`DEFAULT_SCORER`).
+        size: short side of the photographs, px; at least every scorer's ``min_side`` (use ``SPEC@N`` to score at
+            another size).
+        weights: ``{spec: file}`` for scorers that take a weights file.
+
+    Everything is checked and scored before the folder is created, so a refused run leaves nothing behind.
+    """
     from tqdm import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    size = check_photo_size(size)
+    check_report_folder(out)
     specs = scorers or [DEFAULT_SCORER]
-    models: list[QualityScorer] = [load_scorer(spec) for spec in specs]
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(specs))
+    if unknown:
+        raise InputError(f"weights given for {', '.join(unknown)}, which is not among the scorers "
+                         f"({', '.join(specs)}); name one of those")
+    models: list[QualityScorer] = [load_scorer(spec, weights=weights.get(spec)) for spec in specs]
+    for model in models:
+        if size < model.min_side:
+            raise InputError(f"--size {size} is below {model.name}'s minimum side of {model.min_side} px; use --size "
+                             f"{model.min_side} or more, or score resized photographs with --scorer "
+                             f"{model.name}{SIZE_SEP}{model.min_side}")
     items = build_series(size)
     for item in tqdm(items, desc="demo", unit="img", disable=not progress):
         x = load_image(item["image"])[None]
         with torch.no_grad():
             for model in models:
-                native = model.native(x)
-                item[model.name] = float(model.to_higher_better(native)[0])
+                score, native = model.score_with_native(x)  # validated, as any scoring is
+                item[model.name] = float(score[0])
                 item[f"{model.name} (native)"] = float(native[0])
     series = _series_checks(items, [m.name for m in models])
     result = {"scorers": [{"name": m.name, "native_lower_better": m.native_lower_better,
@@ -83,9 +138,10 @@ def run_demo(out: str | Path = "qualityguide-demo", scorers: list[str] | None = 
               "distortions": {k: list(v) for k, v in DISTORTIONS.items()},
               "items": [{k: v for k, v in item.items() if k != "image"} for item in items],
               "series": series}
+    table = format_table(items, series, models[0].name)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     _write_csv(out / "results.csv", result["items"], [m.name for m in models])
-    table = format_table(items, series, models[0].name)
     (out / "report.md").write_text(f"# qualityguide demo\n\nScores by `{models[0].name}` (higher is better).\n\n"
                                    f"{table}\n\n![contact sheet](contact_sheet.png)\n")
     contact_sheet(items, models[0].name).save(out / "contact_sheet.png")

@@ -239,10 +239,22 @@ def load_image(source: ImageInput, name: str | None = None) -> torch.Tensor:
                      "pass a path, PIL.Image, numpy array or torch tensor")
 
 
+def _check_has_values(tensor: torch.Tensor, name: str) -> None:
+    """Refuse tensors without values to check or score: on the meta device, or with no image or no pixel."""
+    if tensor.is_meta:
+        raise InputError(f"{name}: the tensor is on the meta device, which holds shapes but no values, so there is "
+                         "nothing to score; create or load the images on a real device (cpu, cuda), e.g. with "
+                         "qualityguide.images.to_batch()")
+    if tensor.numel() == 0:
+        what = "the batch is empty" if tensor.ndim == 4 and tensor.shape[0] == 0 else "the image has no pixels"
+        raise InputError(f"{name}: {what} (shape {list(tensor.shape)}); pass at least one image of at least 1x1 px")
+
+
 def _tensor_batch(tensor: torch.Tensor, label: str) -> torch.Tensor:
     if tensor.ndim != 4:
         raise ImageError(label, f"expected a [B,3,H,W] tensor, got {tensor.ndim} dimensions {tuple(tensor.shape)}",
                          "add a batch axis with x[None] or stack images with torch.stack")
+    _check_has_values(tensor, label)
     channels = tensor.shape[1]
     if channels not in (1, 3):
         hint = "tensors are channels-first: use x.permute(0, 3, 1, 2) for [B,H,W,C]" if tensor.shape[-1] in (1, 3) \
@@ -296,7 +308,8 @@ def to_batch(images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
 
 
 def check_batch(images: torch.Tensor, name: str = "images", min_side: int = 1) -> None:
-    """Validate the scorer contract's input: a float ``[B,3,H,W]`` tensor, finite, in [0,1], sides >= ``min_side``."""
+    """Validate the scorer contract's input: a float ``[B,3,H,W]`` tensor with ``B >= 1`` images holding values (not on
+    the meta device), finite, in [0,1], sides >= ``min_side``."""
     if not isinstance(images, torch.Tensor):
         raise InputError(f"{name}: expected a torch.Tensor [B,3,H,W] in [0,1], got {type(images).__name__}; "
                          "convert with qualityguide.images.to_batch()")
@@ -307,6 +320,7 @@ def check_batch(images: torch.Tensor, name: str = "images", min_side: int = 1) -
         raise InputError(f"{name}: expected a float tensor in [0,1], got dtype {images.dtype}; "
                          "convert with qualityguide.images.to_batch()")
     check_size(images.shape[-2], images.shape[-1], min_side, name)
+    _check_has_values(images, name)
     with torch.no_grad():
         validate_range(images.detach(), name)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import check_device
 from .errors import InputError, WeightsNotFoundError, closest
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -38,13 +39,15 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
             written by ``save_pretrained`` (holds ``model_index.json``), or a Hugging Face hub id such as
             ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
         dtype: weights dtype (``"fp16"``, ``"bf16"``, ``"fp32"`` or a torch dtype).
-        device: where to move the pipeline (default: stays on the CPU).
+        device: where to move the pipeline (default: stays on the CPU); one this machine lacks is refused first.
         **kwargs: for tiny specs ``seed`` and ``prediction_type``; otherwise passed to
             ``DiffusionPipeline.from_pretrained`` (e.g. ``variant="fp16"``).
     """
     if not isinstance(spec, str) or not spec:
         raise InputError(f"model spec must be a non-empty string, got {spec!r}")
     torch_dtype = parse_dtype(dtype)
+    if device is not None:
+        device = check_device(device)
     offline = spec.startswith(("tiny:", "random:"))
     if offline:
         if spec not in OFFLINE_SPECS:

@@ -120,6 +120,21 @@ def _foreign(output: Path, data: bytes) -> InputError:
                       f"columns {','.join(FIELDS)}); {fix}")
 
 
+def check_output(output: str | os.PathLike) -> Path:
+    """``output`` as a Path if it can name the scores CSV: not a folder (existing, or written with a trailing
+    separator, ``out/``), not another kind of non-file; else an :class:`InputError` naming a file to use instead."""
+    text = os.fspath(output)
+    path = Path(output)
+    folder = path.is_dir() or text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))
+    if folder:
+        raise InputError(f"--output {printable(text)} is a folder, not a file: the scores go into one CSV file; pass a "
+                         f"file name, e.g. --output {printable(str(path / 'scores.csv'))}")
+    if path.exists() and not path.is_file():
+        raise InputError(f"--output {printable(text)} exists and is not a regular file (a device, socket or pipe); "
+                         "pass a CSV file name")
+    return path
+
+
 class ScoreFile:
     """A scores CSV opened for resuming: locked, checked to be ours, repaired, read.
 
@@ -135,9 +150,7 @@ class ScoreFile:
     @classmethod
     def open(cls, output: str | os.PathLike, settings: str) -> "ScoreFile":
         """Lock ``output`` (creating it if absent), check it is ours and was made with ``settings``, and read it."""
-        output = Path(output)
-        if output.exists() and not output.is_file():
-            raise InputError(f"--output {output} is not a regular file; pass a CSV file name")
+        output = check_output(output)
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
             table = cls(output, settings, _open_locked(output))

@@ -165,11 +165,12 @@ def test_a_backbone_the_scorer_loaded_itself_follows_it(head_dir):
     assert set(scorer.state_dict()) == {f"head.{k}" for k in scorer.head.state_dict()}
 
 
-def test_device_and_dtype_with_a_pipeline_are_honoured_or_refused(head_dir):
+def test_device_and_dtype_with_a_pipeline_are_honoured_or_refused(head_dir, monkeypatch):
     pipe = load_pipeline("tiny:sd")
     assert LGDMScorer.from_pretrained(head_dir, pipeline=pipe, device="cpu", dtype="fp32").lgdm.unet is pipe.unet
     with pytest.raises(InputError, match=r"dtype='fp16' but the shared pipeline's U-Net is torch.float32.*pipe\.to"):
         LGDMScorer.from_pretrained(head_dir, pipeline=pipe, dtype="fp16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # "cuda" exists here; the mismatch is the point
     with pytest.raises(InputError, match=r"device='cuda' but the shared pipeline's U-Net is on cpu.*pipe\.to\('cuda'\)"):
         load_scorer(f"lgdm:{head_dir}", pipeline=pipe, device="cuda")
     with pytest.raises(InputError, match=r"model, variant only apply when the scorer loads its own backbone"):

@@ -128,7 +128,7 @@ def test_nss_parameters_keep_float64_under_half(params):
 def test_flat_images_give_a_clear_error_not_nan(build, spec):
     scorer = build(spec)
     for value in (0.0, 1.0, 0.4):
-        with pytest.raises(ImageError, match=r"batch index \[0\] are flat"):  # the flat check, not a fallback
+        with pytest.raises(ImageError, match=r"the image is flat"):  # the flat check, not a fallback
             scorer(torch.full((1, 3, 256, 256), value))
 
 
@@ -137,7 +137,7 @@ def test_flat_photograph_from_the_shared_data_is_named(build, spec, shared_data)
     edge = shared_data / "edge-cases" / "biq2021_ss01_1457.jpg"
     if not edge.is_file():
         pytest.skip(f"edge-case image missing: {edge}")
-    with pytest.raises(ImageError, match=r"batch index \[0\]"):
+    with pytest.raises(ImageError, match=r"the image is (nearly )?flat"):
         build(spec)(load_image(edge)[None])
 
 

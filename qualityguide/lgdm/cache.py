@@ -5,7 +5,7 @@ Layout of a cache folder::
     manifest.json                 feature key (hash of config + backbone + autocast), config, layout
     weights_identity.safetensors  the backbone weights the features were extracted with (WeightIdentity)
     shards/<rank>-<id>.safetensors         "features" [n, steps, F]; metadata "keys": JSON list of image hashes
-    failed-<rank>.jsonl           images that could not be read (path, hash, error)
+    failed-<rank>.jsonl           images that could not be read (path, hash, error), each recorded once
 
 A shard is written to a temporary name and renamed, so it is either complete or absent. A shard
 that cannot be read (disk full, copied half) is moved aside and its images are extracted again.
@@ -41,6 +41,15 @@ def file_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_cache_folder(root: str | os.PathLike) -> Path:
+    """``root`` as a Path if it can be a cache folder (absent, or a folder); a file there is refused unchanged."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--cache {root} is a file, not a folder; it was left unchanged. Pass a folder name for the "
+                         "feature cache (created if absent), e.g. --cache feats/")
+    return root
+
+
 class FeatureCache:
     """A cache folder bound to one feature key.
 
@@ -56,8 +65,9 @@ class FeatureCache:
 
     def __init__(self, root: str | os.PathLike, manifest: dict | None = None, create: bool = False,
                  weights: Mapping[str, nn.Module] | None = None):
-        self.root = Path(root)
+        self.root = check_cache_folder(root)
         self.shards = self.root / "shards"
+        self._recorded: set[str] | None = None  # failure records already on disk, read on first need
         path = self.root / MANIFEST
         if path.is_file():
             found = json.loads(path.read_text())
@@ -148,9 +158,23 @@ class FeatureCache:
         os.replace(tmp, final)
         return final
 
-    def record_failure(self, path: str, key: str | None, error: str, rank: int = 0) -> None:
-        with open(self.root / f"failed-{rank:03d}.jsonl", "a") as handle:
-            handle.write(json.dumps({"path": path, "key": key, "error": error}) + "\n")
+    def failure_log(self, rank: int = 0) -> Path:
+        """The file process ``rank`` records failed images in."""
+        return self.root / f"failed-{rank:03d}.jsonl"
+
+    def record_failure(self, path: str, key: str | None, error: str, rank: int = 0) -> bool:
+        """Append ``(path, key, error)`` to this process's failure log unless any log holds it already (a rerun
+        that meets the same bad file adds no line); returns whether a line was written."""
+        record = {"path": path, "key": key, "error": error}
+        if self._recorded is None:
+            self._recorded = {json.dumps(row, sort_keys=True) for row in self.failures()}
+        line = json.dumps(record, sort_keys=True)
+        if line in self._recorded:
+            return False
+        with open(self.failure_log(rank), "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self._recorded.add(line)
+        return True
 
     def failures(self) -> list[dict]:
         rows = []

@@ -102,25 +102,30 @@ def run(args) -> int:
 
 
 def _extract(args) -> int:
-    import torch
-
     from ..data import load_iqa_dataset
+    from ..devices import check_device
+    from ..errors import printable
+    from .cache import check_cache_folder
     from .extract import extract_to_cache, process_state
     from .model import LGDM
 
     config = config_from_args(args)
+    device = None if args.device == "auto" else check_device(args.device, "--device")
+    check_cache_folder(args.cache)  # before the backbone loads
     dataset = load_iqa_dataset(args.dataset, args.csv, limit=args.limit)
     state = process_state(cpu=args.device == "cpu")
-    try:
-        device = state.device if args.device == "auto" else torch.device(args.device)
-    except RuntimeError:
-        raise InputError(f"--device {args.device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    device = device or state.device
     lgdm = LGDM.from_pretrained(args.model, config, dtype=args.dtype, device=device, psi_weights=args.psi_weights,
                                 pmg_chunk=args.pmg_chunk)
     summary = extract_to_cache(lgdm, dataset["image"], args.cache, batch_size=args.batch_size,
                                autocast=args.autocast, progress=not args.quiet)
+    failures = summary.pop("failures")
+    for failure in failures:  # every process names its own failures, then where they are kept
+        error = failure["error"] if failure["error"].startswith(failure["path"]) else \
+            f"{failure['path']}: {failure['error']}"
+        print(f"error: {printable(error)}", file=sys.stderr)
+    for log in dict.fromkeys(f["log"] for f in failures):
+        print(f"failed images are recorded in {printable(log)}", file=sys.stderr)
     if state.is_main_process:
         print(json.dumps(summary), file=sys.stderr)
     return 0 if summary["failed"] == 0 else 1

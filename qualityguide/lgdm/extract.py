@@ -71,8 +71,9 @@ def extract_to_cache(lgdm: LGDM, paths: Sequence[str | os.PathLike], cache_dir: 
         progress: show a tqdm bar (main process only).
 
     Returns:
-        ``{"images", "cached_before", "extracted", "failed", "cached_now", "process_index", "num_processes"}``
-        (``extracted``/``failed`` count this process's work; ``cached_now`` all processes').
+        ``{"images", "cached_before", "extracted", "failed", "failures", "cached_now", "process_index",
+        "num_processes"}`` (``extracted``/``failed``/``failures`` are this process's work, ``failures`` a list of
+        ``{"path", "error", "log"}`` with the failure log that records it; ``cached_now`` all processes').
     """
     from tqdm.auto import tqdm
 
@@ -96,7 +97,13 @@ def extract_to_cache(lgdm: LGDM, paths: Sequence[str | os.PathLike], cache_dir: 
     state.wait_for_everyone()  # every process has read the same state before anyone writes
     todo = [k for k in keys if k not in done]
     mine = split_for_process(state, todo)
-    extracted = failed = 0
+    extracted = 0
+    failures: list[dict] = []
+
+    def fail(key: str, error: str) -> None:
+        cache.record_failure(keys[key], key, error, state.process_index)
+        failures.append({"path": keys[key], "error": error, "log": str(cache.failure_log(state.process_index))})
+
     bar = tqdm(total=len(mine), desc=f"LGDM features (process {state.process_index})", unit="img",
                disable=not progress or not state.is_main_process)
     for start in range(0, len(mine), batch_size):
@@ -106,8 +113,7 @@ def extract_to_cache(lgdm: LGDM, paths: Sequence[str | os.PathLike], cache_dir: 
             try:
                 image = lgdm.prepare(load_image(keys[key])[None])
             except QualityGuideError as exc:
-                cache.record_failure(keys[key], key, str(exc), state.process_index)
-                failed += 1
+                fail(key, str(exc))
                 continue
             groups[tuple(image.shape)].append((key, image))
         done_keys, rows = [], []
@@ -118,9 +124,8 @@ def extract_to_cache(lgdm: LGDM, paths: Sequence[str | os.PathLike], cache_dir: 
             finite = torch.isfinite(feats.flatten(1)).all(1)
             for (key, _), ok in zip(members, finite.tolist()):
                 if not ok:  # never cache NaN/inf: it would poison every head trained on the cache
-                    cache.record_failure(keys[key], key, "non-finite features (fp16 overflow?); rerun with "
-                                         "--dtype bf16/fp32 or without --autocast fp16", state.process_index)
-                    failed += 1
+                    fail(key, "non-finite features (fp16 overflow?); rerun with --dtype bf16/fp32 or without "
+                         "--autocast fp16")
             rows.append(feats[finite])
             done_keys += [key for (key, _), ok in zip(members, finite.tolist()) if ok]
         if done_keys:
@@ -130,8 +135,9 @@ def extract_to_cache(lgdm: LGDM, paths: Sequence[str | os.PathLike], cache_dir: 
     bar.close()
     state.wait_for_everyone()
     cached = len(cache.done_keys() & set(keys))  # all processes' shards, after the barrier
-    return {"images": len(keys), "cached_before": len(done & set(keys)), "extracted": extracted, "failed": failed,
-            "cached_now": cached, "process_index": state.process_index, "num_processes": state.num_processes}
+    return {"images": len(keys), "cached_before": len(done & set(keys)), "extracted": extracted,
+            "failed": len(failures), "failures": failures, "cached_now": cached, "process_index": state.process_index,
+            "num_processes": state.num_processes}
 
 
 def dataset_features(cache_dir: str | os.PathLike, dataset) -> tuple[torch.Tensor, FeatureCache]:

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..devices import check_device
 from ..errors import InputError, QualityGuideError, closest
 from .base import SIZE_SEP, QualityScorer, Resized, check_scoring_size, split_size
 from .nss import BRISQUEScorer, NIQEScorer, weights_env_var
@@ -72,7 +73,8 @@ def load_scorer(spec: str, weights: str | os.PathLike | None = None, device: str
         spec: ``"niqe"``, ``"niqe-embedded"``, ``"brisque"``, ``"pyiqa:<metric>"`` or ``"lgdm:<head dir>"``,
             each optionally with ``@<size>``.
         weights: local weights/parameter file (else ``$QUALITYGUIDE_<NAME>_WEIGHTS``, else caches).
-        device: where to put the scorer (default: stays on the CPU; nothing picks CUDA silently).
+        device: where to put the scorer (default: stays on the CPU; nothing picks CUDA silently). A device this
+            machine does not have (``cuda:7`` on two GPUs, ``cuda`` without CUDA, ``meta``) is refused first.
         size: resize the short side of every image to this many pixels before scoring (the spec's
             ``@<size>``; give it one way, not both).
         **kwargs: scorer-specific options (``lgdm:``: ``pipeline=``, ``model=``, ``dtype=``).
@@ -83,6 +85,8 @@ def load_scorer(spec: str, weights: str | os.PathLike | None = None, device: str
     if not isinstance(spec, str) or not spec.strip():
         raise InputError(f"scorer spec must be a non-empty string, got {spec!r}; known: {', '.join(known_specs())}")
     spec = spec.strip()
+    if device is not None:
+        device = check_device(device)
     base, spec_size = split_size(spec)
     if size is not None:
         size = check_scoring_size(size)

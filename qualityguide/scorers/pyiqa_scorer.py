@@ -25,10 +25,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..errors import InputError, QualityGuideError, WeightsNotFoundError, closest
+from ..errors import InputError, QualityGuideError, WeightsNotFoundError, closest, printable
 from .base import QualityScorer
 from .nss import pyiqa_cache_dir, weights_env_var
-from .safe_load import sanitized_checkpoint
+from .safe_load import check_checkpoint, sanitized_checkpoint, weights_file
 
 # Distribution metrics and text-conditioned ones do not score single images against the contract.
 _NOT_SINGLE_IMAGE = {"fid", "sfid", "fid_dinov2", "inception_score", "clipscore"}
@@ -115,8 +115,13 @@ def missing_weights(metric: str, options: dict | None = None) -> tuple[list[str]
 def pyiqa_offline_status(metric: str) -> dict:
     """Cheap check (no network, no weight loading): can ``pyiqa:<metric>`` be built offline now, and why."""
     env = weights_env_var(f"pyiqa:{metric}")
-    if os.environ.get(env):
-        return {"offline": Path(os.environ[env]).expanduser().is_file(), "reason": f"${env}"}
+    if os.environ.get(env):  # the file must be a checkpoint that loads safely; whether it fits shows when built
+        try:
+            check_checkpoint(weights_file(os.environ[env], f"${env}={Path(os.environ[env]).expanduser()}",
+                                          f"point it at {metric}'s checkpoint{_default_files(metric)}"), f"${env}")
+        except QualityGuideError as exc:
+            return {"offline": False, "reason": str(exc)}
+        return {"offline": True, "reason": f"${env} (a checkpoint that loads safely)"}
     if metric in NO_WEIGHTS:
         return {"offline": True, "reason": "needs no weights"}
     found = default_weight_urls(metric)
@@ -132,6 +137,37 @@ def pyiqa_offline_status(metric: str) -> dict:
 def _files(urls: list[str], exact: bool) -> str:
     names = [weight_file(u).name for u in urls]
     return ", ".join(names) if exact or len(names) == 1 else f"one of {', '.join(names)}"
+
+
+def _default_files(metric: str) -> str:
+    """`` (pyiqa's default: FILE from URL)`` for messages, or "" when unknown."""
+    found = default_weight_urls(metric)
+    if not found or not found[0]:
+        return ""
+    urls, exact = found
+    return f" (pyiqa's default: {_files(urls, exact)}, from {' or '.join(urls[:3])})"
+
+
+def _failed_reading(exc: BaseException, copy: str) -> bool:
+    """Whether ``exc`` was raised while pyiqa read the weights file ``copy`` into its network.
+
+    Read off the traceback: the innermost frame that holds the path as a local (pyiqa's ``load_pretrained_network``,
+    or the architecture's ``__init__``) either is a loading helper rather than the constructor, raised the error
+    itself, or called a ``load_state_dict`` that raised it. A failure elsewhere in a constructor (a backbone
+    download) passes through the constructor without any of these.
+    """
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    holding = [i for i, frame in enumerate(frames)
+               if any(isinstance(v, str) and v == copy for v in frame.f_locals.values())]
+    if not holding:
+        return False
+    last = holding[-1]
+    return (frames[last].f_code.co_name != "__init__" or last == len(frames) - 1
+            or any(frame.f_code.co_name == "load_state_dict" for frame in frames[last + 1:]))
 
 
 def _parse_range(text: str | None) -> tuple[float, float]:
@@ -179,13 +215,12 @@ class PyIQAScorer(QualityScorer):
         self.native_range = _parse_range(config.get("score_range"))
         self.differentiable = metric not in NON_DIFFERENTIABLE
         env = weights_env_var(self.name)
+        label = "weights file"
         if weights is None and os.environ.get(env):
-            weights = os.environ[env]
+            weights, label = os.environ[env], f"${env}"
         if weights is not None:
-            path = Path(weights).expanduser()
-            if not path.is_file():
-                raise WeightsNotFoundError(f"{self.name}: weights file {path} does not exist; pass an existing "
-                                           f"file with weights=/--weights or {env}")
+            path = weights_file(weights, f"{self.name}: {label} {Path(weights).expanduser()}",
+                                f"pass {metric}'s checkpoint{_default_files(metric)} with weights=/--weights or ${env}")
             self.source = str(path)
         missing, exact = missing_weights(metric, {**options, **({"pretrained_model_path": str(path)} if weights
                                                                  is not None else {})})
@@ -199,6 +234,8 @@ class PyIQAScorer(QualityScorer):
                     self.metric = pyiqa.create_metric(metric, as_loss=True, loss_reduction="none",
                                                       device=torch.device("cpu"), **options)
             except Exception as exc:
+                if weights is not None:
+                    raise self._weights_error(exc, path, options["pretrained_model_path"], env) from exc
                 if missing and missing_weights(metric, options)[0]:
                     raise self._missing_error(missing, exact, env,
                                               f"downloading failed ({type(exc).__name__}: {exc})") from exc
@@ -208,6 +245,21 @@ class PyIQAScorer(QualityScorer):
                                         "FILE") from exc
         self.metric.requires_grad_(False)  # a fixed judge; also keeps pyiqa's as_loss mode from building graphs under no_grad
         self.metric.eval()
+
+    def _weights_error(self, exc: Exception, path: Path, copy: str, env: str) -> QualityGuideError:
+        """The error for a metric that pyiqa could not build with a user's weights file: the file's fault when pyiqa
+        failed while reading it into the network, else (a backbone of its own, ...) said without blaming the file."""
+        metric = self.name.split(":", 1)[1]
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {printable(lines[0][:200]) if lines else ''}" + \
+            (f" ... ({len(lines) - 1} more lines)" if len(lines) > 1 else "")
+        if _failed_reading(exc, copy):
+            return InputError(f"{self.name}: {path} is not weights for {metric}: pyiqa could not load it into the "
+                              f"network ({detail}). Fix: pass {metric}'s own checkpoint{_default_files(metric)} with "
+                              f"weights=/--weights or ${env}, or leave weights out to use pyiqa's cache")
+        return QualityGuideError(f"{self.name}: pyiqa could not build the metric with weights {path} ({detail}); the "
+                                 "file itself was not what failed. If the metric fetches a backbone of its own, run it "
+                                 f"once with internet (pyiqa caches in {pyiqa_cache_dir()})")
 
     def _missing_error(self, urls: list[str], exact: bool, env: str, why: str) -> WeightsNotFoundError:
         where = " or ".join(urls)

@@ -19,18 +19,70 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, WeightsNotFoundError, printable
 
 
-def load_torch_weights(path: str | os.PathLike, what: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU; a file holding other Python objects is refused.
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".mat", ".npz", ".pkl")
+
+
+def weights_file(path: str | os.PathLike, label: str, how: str) -> Path:
+    """``path`` (``~`` expanded) if it is an existing, non-empty regular file, else one error naming what it is.
+
+    Args:
+        label: how the message names it, e.g. ``"niqe: weights file x.mat"`` or ``"niqe: $QUALITYGUIDE_NIQE_WEIGHTS=x"``.
+        how: the fix, appended to the message (where such files come from, how to pass one).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _WEIGHT_SUFFIXES and p.is_file())
+        found = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        raise InputError(f"{label} is a folder, not a weights file{found}; pass the file itself: {how}")
+    if not path.exists():
+        raise WeightsNotFoundError(f"{label} does not exist; {how}")
+    if not path.is_file():
+        raise InputError(f"{label} is not a regular file; {how}")
+    if path.stat().st_size == 0:
+        raise InputError(f"{label} is empty (0 bytes), e.g. an interrupted download; {how}")
+    return path
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """What a file's first bytes say it is, for messages: None for a ``torch.save`` file (zip archive or pickle)."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    kinds = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
+             b"MATLAB": "a MATLAB .mat file", b"\x93NUMPY": "a numpy .npy file", b"svm_type": "a LIBSVM model file"}
+    for magic, kind in kinds.items():
+        if head.startswith(magic):
+            return kind
+    if len(head) > 9 and head[8:10] == b'{"':
+        return "a safetensors file"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "a binary file of another kind"
+
+
+def load_torch_weights(path: str | os.PathLike, what: str, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file holding other Python objects is refused, and so is
+    a file that is no ``torch.save`` file at all (an image, a text file), saying what it is.
 
     Args:
         path: a ``torch.save`` file.
         what: how to name the file's role in messages (e.g. ``"brisque weights"``).
+        mmap: map a zip-format file's tensors instead of reading them (a cheap check that it loads).
     """
+    kind = file_kind(path)
+    if kind is not None:
+        raise InputError(f"{what}: {path} is not a weights file: its bytes are {kind}, not a torch.save checkpoint "
+                         "(a zip archive or a pickle); pass the checkpoint file itself")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as handle:
+            zipped = handle.read(4) == b"PK\x03\x04"
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
     except pickle.UnpicklingError as exc:
         match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", str(exc))
         detail = match.group(1).strip()[:160] if match else type(exc).__name__
@@ -39,6 +91,19 @@ def load_torch_weights(path: str | os.PathLike, what: str) -> Any:
                          "stored in the file. Fix: if you trust the file, re-save its tensors with safetensors (or "
                          "torch.save of a dict/tuple of tensors), or use the original file from the metric's "
                          "authors") from None
+    except Exception as exc:  # a zip that is no torch archive, a truncated file, ...
+        detail = printable(str(exc).strip().splitlines()[0][:160]) if str(exc).strip() else ""
+        raise InputError(f"{what}: {path} is not a readable torch.save checkpoint ({type(exc).__name__}"
+                         f"{': ' + detail if detail else ''}); pass the checkpoint file itself, re-downloaded if it "
+                         "was cut short") from None
+
+
+def check_checkpoint(path: str | os.PathLike, what: str) -> None:
+    """Raise unless :func:`sanitized_checkpoint` would accept ``path`` (a MAT file, or a plain torch.save file);
+    tensors are memory-mapped, not read, where the format allows."""
+    if file_kind(path) == "a MATLAB .mat file":
+        return
+    load_torch_weights(path, what, mmap=True)
 
 
 @contextlib.contextmanager
