@@ -106,12 +106,33 @@ def _without_safety_checker(index: dict) -> dict:
     return options
 
 
+def looks_like_local_path(spec: str) -> bool:
+    """Hub ids are ``owner/name``; anything else with a path shape is meant as a local folder."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
+def hub_fetch_error(problem: str, spec: str, exc: Exception, fix: str) -> WeightsNotFoundError:
+    """The one-line error for a hub id that could not be fetched (offline, unknown, no network).
+
+    Args:
+        problem: what went wrong, naming the spec (``"model 'a/b' could not be loaded"``).
+        spec: the hub id (for the download command).
+        exc: the loader's exception (its first line is quoted).
+        fix: the alternatives, after the download advice.
+    """
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return WeightsNotFoundError(
+        f"{problem} ({type(exc).__name__}: {detail}). "
+        f"{'HF_HUB_OFFLINE is set; ' if offline else ''}Fix: download it on a machine with internet "
+        f"(huggingface-cli download {spec}) into the Hugging Face cache, {fix}")
+
+
 def _from_pretrained(spec: str, torch_dtype: torch.dtype | None, **kwargs):
     from diffusers import DiffusionPipeline
 
     path = Path(spec).expanduser()
-    # Hub ids are "owner/name"; anything else with a path shape is meant as a local folder.
-    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    looks_local = looks_like_local_path(spec)
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise InputError(f"model folder {path} has no model_index.json; pass a folder written by "
@@ -128,12 +149,8 @@ def _from_pretrained(spec: str, torch_dtype: torch.dtype | None, **kwargs):
             options = {**_without_safety_checker(_model_index(source, path.exists(), options)), **options}
         pipe = DiffusionPipeline.from_pretrained(source, **options)
     except (OSError, EnvironmentError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        raise WeightsNotFoundError(
-            f"model {spec!r} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-            f"{'HF_HUB_OFFLINE is set; ' if offline else ''}Fix: download it on a machine with internet "
-            f"(huggingface-cli download {spec}) into the Hugging Face cache, pass a local folder, or use "
-            f"one of {', '.join(TINY_SPECS)} for offline tests") from None
+        raise hub_fetch_error(f"model {spec!r} could not be loaded", spec, exc, f"pass a local folder, or use one of {', '.join(TINY_SPECS)} "
+                              "for offline tests") from None
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, WeightsNotFoundError
+from ..errors import InputError
 from ..identity import IDENTITY_FILE, WeightIdentity
+from ..pipelines import hub_fetch_error, looks_like_local_path
 from ..scorers.base import QualityScorer
 from .cache import _mismatch
 from .config import LGDMConfig
@@ -54,7 +55,7 @@ def resolve_head_folder(spec: str | os.PathLike) -> Path:
     if path.exists():
         return path
     text = str(spec)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+    if looks_like_local_path(text):
         raise InputError(f"LGDM head folder {path} does not exist; pass a folder written by `qualityguide lgdm fit "
                          "--out DIR` (or LGDMScorer.save_pretrained), or a hub id owner/name")
     from huggingface_hub import snapshot_download
@@ -62,13 +63,8 @@ def resolve_head_folder(spec: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=[HEAD_CONFIG, HEAD_WEIGHTS, IDENTITY_FILE, *LEGACY_FILES]))
     except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        raise WeightsNotFoundError(
-            f"LGDM head {text!r} is neither a local folder nor a hub repository that could be fetched "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            f"{'HF_HUB_OFFLINE is set; ' if offline else ''}Fix: pass an existing head folder, or download the "
-            f"repository on a machine with internet (huggingface-cli download {text}) into the Hugging Face "
-            "cache") from None
+        raise hub_fetch_error(f"LGDM head {text!r} is neither a local folder nor a hub repository that could be "
+                              "fetched", text, exc, "or pass an existing head folder") from None
 
 
 def _same_device(requested, actual: torch.device) -> bool:
