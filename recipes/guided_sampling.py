@@ -18,14 +18,13 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from qualityguide.errors import QualityGuideError
 from qualityguide.guidance import QualityGuidance
 from qualityguide.guidance.runner import (append_record, check_settings, finished, make_jobs, read_prompts,
                                           save_image, timed_generate)
-from qualityguide.lgdm.extract import split_for_process
+from qualityguide.distributed import process_state, split_for_process
 from qualityguide.pipelines import load_pipeline
 from qualityguide.scorers import load_scorer
 
@@ -55,7 +54,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    state = PartialState(cpu=args.device == "cpu")
+    state = process_state(cpu=args.device == "cpu")
     device = state.device if args.device == "auto" else torch.device(args.device)
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -414,7 +414,7 @@ def test_accelerate_two_processes_equal_single_process(tmp_path):
 def test_split_for_process_is_accelerates_contiguous_split_without_padding(monkeypatch):
     from accelerate import PartialState
 
-    from qualityguide.lgdm.extract import split_for_process
+    from qualityguide.distributed import split_for_process
 
     state = PartialState(cpu=True)
     assert split_for_process(state, (k for k in "abc")) == ["a", "b", "c"]  # one process: everything

@@ -106,7 +106,8 @@ def _extract(args) -> int:
     from ..devices import check_device
     from ..errors import printable
     from .cache import check_cache_folder
-    from .extract import extract_to_cache, process_state
+    from ..distributed import process_state
+    from .extract import extract_to_cache
     from .model import LGDM
 
     config = config_from_args(args)

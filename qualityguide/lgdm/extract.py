@@ -18,6 +18,7 @@ from ..errors import InputError, QualityGuideError
 from ..identity import IDENTITY_FILE
 from ..images import load_image
 from ..pipelines import parse_dtype
+from ..distributed import process_state, split_for_process
 from .cache import FeatureCache, file_hash
 from .model import LGDM
 
@@ -29,25 +30,6 @@ def cache_manifest(lgdm: LGDM, autocast: str | None = None) -> dict:
     return {"feature_key": lgdm.feature_key(autocast), "model_key": lgdm.model_key(), "config": lgdm.config.to_dict(),
             "backbone": lgdm.backbone_identity(), "weights_identity": IDENTITY_FILE,
             "backbone_spec": lgdm.backbone_spec, "precision": lgdm.precision(autocast), "layout": lgdm.layout()}
-
-
-def process_state(cpu: bool = False):
-    """accelerate's per-process state; CPU processes (``--device cpu`` or ``ACCELERATE_USE_CPU=1``) join a gloo
-    group when launched with several processes."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
-def split_for_process(state, items: Sequence) -> list:
-    """This process's contiguous share of ``items`` (accelerate's ``split_between_processes``).
-
-    No padding: a process with nothing left gets an empty list rather than a repeat of the last item,
-    so no image or prompt is done twice. One process gets everything.
-    """
-    with state.split_between_processes(list(items)) as mine:
-        return list(mine)
 
 
 def autocast_context(device: torch.device, autocast: str | None):
