@@ -11,14 +11,12 @@
 
 from .families import (SUPPORTED_SCHEDULERS, StepLevels, edm_clean_estimate, edm_scalings,
                        restarts_from_saved_sample, scheduler_family, step_levels)
-from .schedule import (PREDICTION_TYPES, alpha_bar, alpha_bar_at, clean_estimate, ddim_sigma, ddim_update,
-                       is_sigma_parameterised)
+from .schedule import PREDICTION_TYPES, alpha_bar, clean_estimate, ddim_sigma, ddim_update
 from .training import add_noise, noise_prediction_loss, one_step_clean, sample_timesteps, snr, training_target
 from .vae import decode_latents, encode_images, from_vae_range, pipeline_upcasts_vae, to_vae_range
 from .x0 import NORMALIZE, StepResult, frozen, per_sample_norm, x0_step
 
 __all__ = ["SUPPORTED_SCHEDULERS", "StepLevels", "edm_clean_estimate", "edm_scalings", "restarts_from_saved_sample",
-           "scheduler_family", "step_levels", "PREDICTION_TYPES", "alpha_bar", "alpha_bar_at", "clean_estimate",
-           "ddim_sigma", "ddim_update", "is_sigma_parameterised", "add_noise", "noise_prediction_loss", "one_step_clean", "sample_timesteps",
-           "snr", "training_target", "decode_latents", "encode_images", "from_vae_range", "pipeline_upcasts_vae",
+           "scheduler_family", "step_levels", "PREDICTION_TYPES", "alpha_bar", "clean_estimate",
+           "ddim_sigma", "ddim_update", "add_noise", "noise_prediction_loss", "one_step_clean", "sample_timesteps", "snr", "training_target", "decode_latents", "encode_images", "from_vae_range", "pipeline_upcasts_vae",
            "to_vae_range", "NORMALIZE", "StepResult", "frozen", "per_sample_norm", "x0_step"]

@@ -66,30 +66,3 @@ def ddim_update(x0: torch.Tensor, eps: torch.Tensor, a_prev: torch.Tensor, sigma
 def ddim_sigma(a_t: torch.Tensor, a_prev: torch.Tensor, eta: float) -> torch.Tensor:
     """DDIM's sigma_t(eta) (Song et al. 2021, eq. 16); eta=0 is deterministic DDIM, eta=1 DDPM-like."""
     return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp_min(0).sqrt()
-
-
-def alpha_bar_at(scheduler, timestep: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``alphas_cumprod`` at a possibly fractional timestep (Euler/LMS pass interpolated ones).
-
-    Interpolates log-sigma linearly, the inverse of the sigma -> t map those schedulers use, so a
-    fractional t gives back the sigma it came from; integer t gives the table entry exactly.
-    """
-    t = float(timestep)
-    table = scheduler.alphas_cumprod.to(dtype=torch.float64)
-    if t <= 0:
-        return table[0].to(device=like.device, dtype=torch.float32)
-    if t >= len(table) - 1:
-        return table[-1].to(device=like.device, dtype=torch.float32)
-    lo = int(t)
-    if t == lo:
-        return table[lo].to(device=like.device, dtype=torch.float32)
-    log_sigma = 0.5 * torch.log((1 - table) / table)
-    w = t - lo
-    s = torch.exp((1 - w) * log_sigma[lo] + w * log_sigma[lo + 1])
-    return (1 / (1 + s**2)).to(device=like.device, dtype=torch.float32)
-
-
-def is_sigma_parameterised(scheduler) -> bool:
-    """True for k-diffusion style schedulers (Euler, Euler-ancestral, LMS, Heun, ...) whose latents are
-    ``x0 + sigma * eps``; False for variance-preserving ones (DDIM, DDPM, PNDM, DPM-Solver, UniPC)."""
-    return float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0 + 1e-6
