@@ -1,4 +1,5 @@
-"""``qualityguide`` command line: ``score``, ``label``, ``demo``, ``scorers``, ``lgdm extract|fit|evaluate``, ``--version``.
+"""``qualityguide`` command line: ``score``, ``label``, ``demo``, ``scorers``, ``lgdm extract|fit|evaluate``,
+``--version``.
 
 Exit codes: 0 success, 1 some files failed to score, 2 usage or configuration errors (one line on
 stderr, no traceback).
@@ -147,8 +148,9 @@ def _cmd_label(args) -> int:
     for note in summary.notes:
         print(f"note: {note}", file=sys.stderr)
     done = ", ".join(f"{column} {summary.scored[column]} of {summary.images}" for column in summary.columns)
-    print(f"{summary.metadata}: {summary.images} images; scored now: {done}; {len({n for n, _, _ in summary.failures})} "
-          f"failed; {summary.added_rows} row(s) added", file=sys.stderr)
+    failed_images = len({name for name, _, _ in summary.failures})
+    print(f"{summary.metadata}: {summary.images} images; scored now: {done}; {failed_images} failed; "
+          f"{summary.added_rows} row(s) added", file=sys.stderr)
     return 0 if summary.ok else 1
 
 

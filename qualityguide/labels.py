@@ -24,8 +24,15 @@ import torch
 from tqdm import tqdm
 
 from .errors import InputError, printable
-from .imagefolder import FILE_NAME, METADATA, MetadataTable, normalise_name, other_metadata, read_metadata, \
-    write_atomic
+from .imagefolder import (
+    FILE_NAME,
+    METADATA,
+    MetadataTable,
+    normalise_name,
+    other_metadata,
+    read_metadata,
+    write_atomic,
+)
 from .images import IMAGE_EXTENSIONS, collect_multi_frame, scan_images
 from .scorefile import ScoreFile, scorer_settings
 from .scorers.base import QualityScorer
@@ -148,11 +155,11 @@ def _claim(owned: _Owned, table: MetadataTable | None, settings: dict[str, str],
                          f"{settings[column]!r}; values from different scorers, weights or options must not share a "
                          "column. Rerun with the settings of the earlier run (the same --weights), or pass "
                          "--overwrite to label the column afresh")
-    for column in settings:
+    for column, setting in settings.items():
         file = owned.record.get(column, {}).get("file") or score_file_name(column)
         if column in changed:
             (owned.path / file).unlink(missing_ok=True)
-        owned.record[column] = {"file": file, "settings": settings[column]}
+        owned.record[column] = {"file": file, "settings": setting}
     owned.save()
 
 
@@ -205,7 +212,8 @@ def label_folder(folder: str | os.PathLike, scorers: dict[str, QualityScorer], b
                                             progress, summary) for column, scorer in scorers.items()}
         if multi_frame:
             summary.notes.append(f"{len(set(multi_frame))} file(s) have several frames (animated GIF, multi-page "
-                                 f"TIFF, ...) and were labelled on their first frame only, e.g. {printable(multi_frame[0])}")
+                                 "TIFF, ...) and were labelled on their first frame only, e.g. "
+                                 f"{printable(multi_frame[0])}")
         # re-read now: edits made to metadata.csv while scoring ran are kept
         _merge(read_metadata(folder / METADATA), tables, names, keys, folder, recursive, summary)
     finally:

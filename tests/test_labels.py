@@ -1,4 +1,4 @@
-"""`qualityguide label`: score columns in an imagefolder's metadata.csv (qualityguide.labels, qualityguide.imagefolder)."""
+"""`qualityguide label`: score columns in an imagefolder's metadata.csv (qualityguide.labels, .imagefolder)."""
 
 import csv
 import io
@@ -113,7 +113,8 @@ def test_existing_columns_rows_and_order_kept(tmp_path):
     for name in ("c.png", "./a.png", "b.png", "d.png"):
         assert float(mean[name]) == pytest.approx(_numpy_mean(folder / name), rel=1e-6)
     assert mean["gone.png"] == "" and summary.missing == ["gone.png"]
-    assert mean["sub/e.png"] == "" and summary.unlabelled[0][0] == "sub/e.png" and "--recursive" in summary.unlabelled[0][1]
+    assert mean["sub/e.png"] == ""
+    assert summary.unlabelled == [("sub/e.png", "in a sub-folder: pass --recursive to label it")]
     # --recursive labels the nested image in its existing row and adds no row
     summary = label_folder(folder, {"mean": Mean()}, recursive=True, progress=False)
     assert summary.added_rows == 0 and summary.scored == {"mean": 1}
@@ -186,8 +187,11 @@ def test_bad_image_leaves_empty_cell_and_exit_1(tmp_path, capsys):
     assert rows["bad.jpg"]["niqe-embedded"] == "" and rows["a.png"]["niqe-embedded"] and rows["b.png"]["niqe-embedded"]
     assert main(args) == 1 and len(_table(folder / "metadata.csv")) == 4  # still failed, no duplicate row
     (folder / "bad.jpg").unlink()
-    assert main(args) == 0  # its row stays, reported as naming a missing file
-    assert "1 row(s) name files that do not exist (bad.jpg)" in capsys.readouterr().err
+    (folder / "b.png").unlink()  # scored before: a deleted image loses its score
+    assert main(args) == 0  # their rows stay, reported as naming missing files
+    assert "2 row(s) name files that do not exist (b.png, bad.jpg)" in capsys.readouterr().err
+    rows = _by_name(folder / "metadata.csv")
+    assert rows["b.png"]["niqe-embedded"] == "" and rows["a.png"]["niqe-embedded"] and len(rows) == 3
 
 
 def test_non_finite_scores_never_written(tmp_path):
@@ -237,13 +241,19 @@ def test_killed_metadata_write_leaves_the_old_file(tmp_path, monkeypatch):
     folder = _images(tmp_path / "d", ["a.png"])
     (folder / "metadata.csv").write_text("file_name,text\na.png,x\n")
 
-    def killed(src, dst):
-        raise KeyboardInterrupt
+    replace, seen = os.replace, []
+
+    def killed(src, dst):  # Ctrl-C at the last moment of the metadata write (after the temporary file is complete)
+        seen.append(os.path.basename(dst))
+        if seen[-1] == "metadata.csv":
+            raise KeyboardInterrupt
+        replace(src, dst)
 
     monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         label_folder(folder, {"mean": Mean()}, progress=False)
     monkeypatch.undo()
+    assert seen == [RECORD, "metadata.csv"]  # the ownership record is written first
     assert (folder / "metadata.csv").read_text() == "file_name,text\na.png,x\n"
     assert sorted(p.name for p in folder.iterdir()) == [".qualityguide", "a.png", "metadata.csv"]  # no temp file left
 
