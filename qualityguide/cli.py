@@ -1,4 +1,5 @@
-"""``qualityguide`` command line: ``score``, ``demo``, ``scorers``, ``lgdm extract|fit|evaluate``, ``--version``.
+"""``qualityguide`` command line: ``score``, ``label``, ``demo``, ``scorers``, ``lgdm extract|fit|evaluate``,
+``--version``.
 
 Exit codes: 0 success, 1 some files failed to score, 2 usage or configuration errors (one line on
 stderr, no traceback).
@@ -46,6 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
                        "for files you trust (0: no limit)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    label = sub.add_parser("label", help="write score columns into a training folder's metadata.csv (datasets "
+                           "imagefolder)")
+    label.add_argument("folder", metavar="DIR", help="image folder; DIR/metadata.csv is created or updated")
+    label.add_argument("--scorer", action="append", required=True, metavar="SPEC",
+                       help="scorer spec, optionally SPEC@SIZE; repeatable; each gives a column named SPEC as written")
+    label.add_argument("--weights", action="append", default=[], metavar="[SPEC=]FILE",
+                       help="local weights/parameter file for a scorer that needs one; FILE alone with one --scorer, "
+                       "SPEC=FILE with several; repeatable")
+    label.add_argument("--batch-size", type=int, default=8)
+    label.add_argument("--recursive", "-r", action="store_true", help="label images in sub-folders too")
+    label.add_argument("--device", default="cpu", help="torch device, e.g. cuda, cuda:1 (default cpu)")
+    label.add_argument("--overwrite", action="store_true",
+                       help="replace existing columns of these names not written by `label`, and relabel a column "
+                       "labelled earlier with other settings")
+    label.add_argument("--retry-failed", action="store_true", help="score again the images recorded as failed")
+    label.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                       help="load images of up to N pixels without Pillow's decompression-bomb guard stepping in, "
+                       "for files you trust (0: no limit)")
+    label.add_argument("--quiet", action="store_true", help="no progress bar")
+
     demo = sub.add_parser("demo", help="offline demo: score distorted real photographs, write a report")
     demo.add_argument("--out", default="qualityguide-demo", help="report folder (default ./qualityguide-demo)")
     demo.add_argument("--scorer", action="append", default=None,
@@ -75,12 +96,7 @@ def _cmd_score(args) -> int:
 
     device = check_device(args.device, "--device")
     check_output(args.output)  # before the scorer loads: a folder given as --output is a typo, say so at once
-    if args.max_image_pixels is not None:
-        if args.max_image_pixels < 0:
-            raise QualityGuideError(f"--max-image-pixels must be >= 0 (0: no limit), got {args.max_image_pixels}")
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None  # Pillow warns above it, refuses above twice it
+    _max_image_pixels(args.max_image_pixels)
     scorer = load_scorer(args.scorer, weights=args.weights, device=device)
     summary = score_paths(args.paths, scorer, args.output, batch_size=args.batch_size, recursive=args.recursive,
                           device=device, retry_failed=args.retry_failed, progress=not args.quiet)
@@ -88,6 +104,53 @@ def _cmd_score(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"{summary.scored} scored, {summary.failed} failed, {summary.skipped} already in {args.output}",
           file=sys.stderr)
+    return 0 if summary.ok else 1
+
+
+def _max_image_pixels(value: int | None) -> None:
+    """Apply ``--max-image-pixels`` (None: keep Pillow's limit; 0: no limit)."""
+    if value is not None:
+        if value < 0:
+            raise QualityGuideError(f"--max-image-pixels must be >= 0 (0: no limit), got {value}")
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = value or None  # Pillow warns above it, refuses above twice it
+
+
+def _cmd_label(args) -> int:
+    from .devices import check_device
+    from .errors import printable
+    from .labels import label_folder
+    from .scorers import load_scorer
+
+    device = check_device(args.device, "--device")
+    specs = [spec.strip() for spec in args.scorer]
+    twice = sorted({spec for spec in specs if specs.count(spec) > 1})
+    if twice:
+        raise InputError(f"--scorer {twice[0]} is given twice; each --scorer is one column: give it once")
+    weights = _demo_weights(args.weights, specs)  # every key is one of specs
+    _max_image_pixels(args.max_image_pixels)
+    scorers = {spec: load_scorer(spec, weights=weights.get(spec), device=device) for spec in specs}
+    summary = label_folder(args.folder, scorers, batch_size=args.batch_size, recursive=args.recursive, device=device,
+                           overwrite=args.overwrite, retry_failed=args.retry_failed, progress=not args.quiet)
+    failed: dict[tuple[str, str], list[str]] = {}
+    for name, column, error in summary.failures:
+        failed.setdefault((name, error), []).append(column)
+    for (name, error), columns in failed.items():
+        print(f"error: [{', '.join(columns)}] {error}", file=sys.stderr)
+    for name, why in summary.unlabelled:
+        print(f"note: row {printable(name)!r} was not labelled: {why}", file=sys.stderr)
+    if summary.missing:
+        shown = ", ".join(printable(name) for name in summary.missing[:3])
+        more = f" and {len(summary.missing) - 3} more" if len(summary.missing) > 3 else ""
+        print(f"note: {len(summary.missing)} row(s) name files that do not exist ({shown}{more}); they were kept "
+              "with empty score cells", file=sys.stderr)
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
+    done = ", ".join(f"{column} {summary.scored[column]} of {summary.images}" for column in summary.columns)
+    failed_images = len({name for name, _, _ in summary.failures})
+    print(f"{summary.metadata}: {summary.images} images; scored now: {done}; {failed_images} failed; "
+          f"{summary.added_rows} row(s) added", file=sys.stderr)
     return 0 if summary.ok else 1
 
 
@@ -172,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     _quiet_third_party(quiet=getattr(args, "quiet", False))
-    handlers = {"score": _cmd_score, "demo": _cmd_demo, "scorers": _cmd_scorers, "lgdm": _cmd_lgdm}
+    handlers = {"score": _cmd_score, "label": _cmd_label, "demo": _cmd_demo, "scorers": _cmd_scorers, "lgdm": _cmd_lgdm}
     try:
         return handlers[args.command](args)
     except QualityGuideError as exc:
