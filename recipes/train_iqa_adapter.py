@@ -1,0 +1,178 @@
+"""Train an IQA-Adapter: generation conditioned on target quality (DESIGN.md section 4).
+
+    qualityguide label photos/ --scorer pyiqa:topiq_nr --scorer pyiqa:laion_aes   # score columns in metadata.csv
+    accelerate launch recipes/train_iqa_adapter.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --dataset photos/ --score_columns pyiqa:topiq_nr pyiqa:laion_aes --output_dir iqa-adapter \
+        --resolution 512 --train_batch_size 8 --mixed_precision fp16 --max_train_steps 20000
+    python recipes/train_iqa_adapter.py --model tiny:sd --dataset DIR --score_columns niqe-embedded \
+        --resolution 64 --max_train_steps 20 --output_dir out/            # offline, CPU
+
+The dataset is an image folder with a ``metadata.csv`` (``file_name``, a caption column ``text`` and the score
+columns) as ``datasets``' imagefolder reads it. Only the adapter trains (AdamW, lr 1e-5, weight decay 1e-2, plain
+noise-prediction MSE, condition dropout text 5% / quality 1% / both 1%: IQA-Adapter's settings). Latents are
+encoded once into a cache. Checkpoints (``save_state``, adapter weights and optimizer only) every
+``--checkpointing_steps``; rerun with ``--resume_from_checkpoint latest`` to continue exactly as an uninterrupted
+run would (same batches, noise and losses). The final adapter is written with ``save_pretrained`` to
+``--output_dir`` (plus diffusers' IP-Adapter layout where it applies). ``--reference brisque`` trains a
+reference-image adapter on the images' own features instead of scores.
+
+Every piece comes from ``qualityguide.adapter`` and ``qualityguide.train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter, ScoreQuantiles
+from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptEncoder, dropout_masks
+from qualityguide.errors import InputError, QualityGuideError
+from qualityguide.pipelines import load_pipeline
+from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_finite, load_image_folder,
+                                mean_over_processes, step_generator)
+from qualityguide.train.log import StepLog
+
+DTYPES = {"no": None, "fp16": "fp16", "bf16": "bf16"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="hub id, local folder, tiny:sd, tiny:sdxl")
+    p.add_argument("--dataset", required=True, help="image folder with metadata.csv")
+    p.add_argument("--score_columns", nargs="+", default=None, help="score columns to condition on")
+    p.add_argument("--reference", default=None, help="train a reference adapter on these features instead "
+                   "(brisque, niqe, pyiqa:<metric>)")
+    p.add_argument("--reference_weights", default=None, help="local weights of a pyiqa: feature extractor")
+    p.add_argument("--caption_column", default="text", help="caption column ('none': unconditional captions)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--num_tokens", type=int, default=4)
+    p.add_argument("--projection", default="linear", choices=["linear", "mlp"])
+    p.add_argument("--p_text", type=float, default=0.05, help="drop only the caption")
+    p.add_argument("--p_quality", type=float, default=0.01, help="drop only the quality condition")
+    p.add_argument("--p_both", type=float, default=0.01, help="drop both")
+    p.add_argument("--snr_gamma", type=float, default=None)
+    p.add_argument("--output_dir", default="iqa-adapter")
+    p.add_argument("--cache_dir", default=None, help="latent cache folder (default OUTPUT_DIR/latent_cache)")
+    p.add_argument("--max_train_steps", type=int, required=True)
+    p.add_argument("--train_batch_size", type=int, default=4, help="per process")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", default="no", choices=list(DTYPES))
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help="'latest', a checkpoint name or path")
+    p.add_argument("--report_to", default=None, help="accelerate tracker (tensorboard, wandb, ...)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if (args.score_columns is None) == (args.reference is None):
+        p.error("pass --score_columns NAME... (score targets) or --reference FEATURES (reference mode), not both")
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    return args
+
+
+def build_adapter(args, pipe, dataset, device):
+    torch.manual_seed(args.seed)  # the same initial weights on every process and every rerun
+    if args.reference is None:
+        adapter = IQAAdapter.for_unet(pipe.unet, args.score_columns, num_tokens=args.num_tokens,
+                                      projection=args.projection)
+        adapter.set_quantiles(ScoreQuantiles.fit({n: dataset.scores[:, i] for i, n in enumerate(args.score_columns)}))
+        return adapter, dataset.scores
+    adapter = ReferenceIQAAdapter.for_unet(pipe.unet, args.reference, num_tokens=args.num_tokens,
+                                           projection=args.projection, weights=args.reference_weights)
+    features = torch.cat([adapter.features(dataset[i]["pixels"][None]) for i in
+                          tqdm(range(len(dataset)), desc=f"{args.reference} features")])
+    adapter.fit_feature_stats(features)
+    return adapter, features
+
+
+def main(argv=None) -> int:
+    from accelerate import Accelerator
+
+    args = parse_args(argv)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    out = Path(args.output_dir)
+    pipe = load_pipeline(args.model, dtype=DTYPES[args.mixed_precision], device=device)
+    caption_column = None if args.caption_column == "none" else args.caption_column
+    with accelerator.main_process_first():
+        dataset = load_image_folder(args.dataset, args.resolution, caption_column=caption_column,
+                                    score_columns=args.score_columns or (), progress=accelerator.is_main_process)
+        cache = cache_latents(dataset, pipe.vae, args.cache_dir or out / "latent_cache",
+                              progress=accelerator.is_main_process)
+    adapter, conditions = build_adapter(args, pipe, dataset, device)
+    adapter.attach(pipe, dtype=torch.float32)  # trainable weights in float32; the frozen U-Net in its own dtype
+    trainer = AdapterTrainer(adapter, pipe.unet, pipe.scheduler, snr_gamma=args.snr_gamma)
+    optimizer = torch.optim.AdamW(trainer.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    trainer, optimizer = accelerator.prepare(trainer, optimizer)
+    dropout = DropoutConfig(args.p_text, args.p_quality, args.p_both)
+    prompts = PromptEncoder(pipe, args.resolution)
+    manager = CheckpointManager(out, args.checkpoints_total_limit)
+    identity = {"adapter": asdict(adapter.config), "quantiles": getattr(adapter.quantiles, "table", None)
+                if isinstance(adapter, IQAAdapter) else None, "files": len(dataset)}
+    start = 0
+    path = manager.resolve(args.resume_from_checkpoint)
+    if path is not None:
+        start, extra = manager.load(accelerator, path)
+        if extra.get("identity") != identity:
+            raise InputError(f"{path} was saved for another adapter or dataset (config, score quantiles or image "
+                             "count differ); resume with the same --dataset and options, or use a new --output_dir")
+    if args.report_to:
+        accelerator.init_trackers("train_iqa_adapter", config={k: v for k, v in vars(args).items()
+                                                               if isinstance(v, (int, float, str, bool))})
+    log = StepLog(out, start) if accelerator.is_main_process else None
+    accum = args.gradient_accumulation_steps
+    progress = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps,
+                    desc="IQA-Adapter", disable=not accelerator.is_main_process)
+    for step in progress:
+        total = 0.0
+        for micro in range(accum):
+            s = step * accum + micro
+            index = batch_indices(len(dataset), args.train_batch_size, s, args.seed, world, rank)
+            generator = step_generator(args.seed, s, rank)
+            drop_text, drop_quality = dropout_masks(len(index), dropout, generator)
+            captions = [dataset.captions[i] if dataset.captions is not None else "" for i in index]
+            text, added = prompts(captions, device, drop_text)
+            condition = adapter.condition(conditions[index])
+            latents = cache.latents(index).to(device, pipe.unet.dtype)
+            sync = accelerator.no_sync(trainer) if micro < accum - 1 else nullcontext()
+            with sync:
+                loss = trainer(latents, text, condition, added, drop_quality, generator)["loss"] / accum
+                accelerator.backward(loss)
+            total = total + loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(trainer.parameters(), args.max_grad_norm)
+        check_finite({"loss": total, "grad_norm": grad_norm}, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        values = mean_over_processes({"loss": total}, accelerator)
+        if log is not None:
+            log.write(step, values)
+            progress.set_postfix(loss=f"{values['loss']:.4f}")
+        accelerator.log(values, step=step)
+        if (step + 1) % args.checkpointing_steps == 0:
+            manager.save(accelerator, step + 1, extra={"identity": identity})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        log.close()
+        final = accelerator.unwrap_model(trainer).adapter
+        final.save_pretrained(out)
+        print(f"saved the IQA-Adapter to {out}")
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except QualityGuideError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,135 @@
+"""recipes/train_iqa_adapter.py end to end on tiny SD: training, exact resume, two processes, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qualityguide.adapter import IQAAdapter
+from qualityguide.train.log import read_log
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_iqa_adapter.py"
+
+
+def load_recipe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_iqa_adapter", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapter_data")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        smooth = rng.uniform(0, 1) > 0.5
+        pixels = rng.uniform(0, 255, (72, 80, 3))
+        if smooth:
+            pixels = np.full_like(pixels, pixels.mean())
+        Image.fromarray(pixels.astype(np.uint8)).save(root / f"{i:02d}.png")
+        rows.append({"file_name": f"{i:02d}.png", "text": f"photo {i}", "sharpness": f"{pixels.std() / 255:.6f}",
+                     "other": f"{float(i):.1f}"})
+    with open(root / "metadata.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def run(dataset, out, steps, extra=()):
+    reset_accelerate()
+    recipe = load_recipe()
+    argv = ["--model", "tiny:sd", "--dataset", str(dataset), "--score_columns", "sharpness", "other",
+            "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", "1e-3",
+            "--checkpointing_steps", "2", "--output_dir", str(out), "--cache_dir", str(out.parent / "cache"),
+            "--p_text", "0.3", "--p_quality", "0.2", "--p_both", "0.2", *extra]
+    assert recipe.main(argv) == 0
+    reset_accelerate()
+    return read_log(out)
+
+
+def test_train_resume_exactly_and_the_result_conditions_generation(dataset, tmp_path):
+    full = run(dataset, tmp_path / "full", 6)
+    assert [r["step"] for r in full] == list(range(6))
+    part = tmp_path / "part"
+    run(dataset, part, 4, ["--gradient_accumulation_steps", "1"])
+    shutil.rmtree(part / "checkpoint-4")  # as if killed after logging steps 4.. but before saving 4
+    resumed = run(dataset, part, 6, ["--resume_from_checkpoint", "latest"])
+    assert [r["step"] for r in resumed] == list(range(6))  # no duplicate, no gap
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # bit for bit
+
+    a = IQAAdapter.from_pretrained(tmp_path / "full")
+    b = IQAAdapter.from_pretrained(part)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert a.score_names == ["sharpness", "other"] and a.quantiles.count == 12
+    assert (tmp_path / "full" / "diffusers" / "ip_adapter.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "full").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4",
+                                                                              "checkpoint-6"]
+
+    from qualityguide.testing import tiny_sd
+
+    pipe = tiny_sd()
+    a.attach(pipe)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = [pipe("photo", latents=latents, num_inference_steps=2, output_type="pt", ip_adapter_image_embeds=a.embeds(
+        percentiles={"sharpness": p, "other": 0.5})).images for p in (0.05, 0.95)]
+    assert (images[0] - images[1]).abs().max() > 0  # trained weights respond to the target
+
+
+def test_resume_refuses_another_dataset_or_adapter(dataset, tmp_path):
+    from qualityguide.errors import InputError
+
+    out = tmp_path / "run"
+    run(dataset, out, 2)
+    with pytest.raises(InputError, match="saved for another adapter or dataset"):
+        run(dataset, out, 4, ["--resume_from_checkpoint", "latest", "--num_tokens", "2"])
+    reset_accelerate()
+
+
+def test_bad_input_exits_with_one_line(dataset, tmp_path):
+    base = [sys.executable, str(RECIPE), "--model", "tiny:sd", "--dataset", str(dataset), "--resolution", "64",
+            "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    missing = subprocess.run(base + ["--score_columns", "topiq"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "topiq" in missing.stderr and "Traceback" not in missing.stderr
+    neither = subprocess.run(base, capture_output=True, text=True, env=env)
+    assert neither.returncode == 2 and "--score_columns" in neither.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_complete_and_save_once(dataset, tmp_path):
+    launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPE), "--model", "tiny:sd",
+                             "--dataset", str(dataset), "--score_columns", "sharpness", "--resolution", "64",
+                             "--train_batch_size", "2", "--max_train_steps", "3", "--checkpointing_steps", "2",
+                             "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("saved the IQA-Adapter") == 1
+    assert [r["step"] for r in read_log(out)] == [0, 1, 2]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    IQAAdapter.from_pretrained(out)
