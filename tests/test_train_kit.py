@@ -145,6 +145,7 @@ def test_batch_indices_partition_each_epoch_across_processes(drop_last):
     n, bs, procs, seed = 23, 3, 2, 7
     per_epoch = steps_per_epoch(n, bs, procs, drop_last)
     assert per_epoch == (3 if drop_last else 4)
+    assert steps_per_epoch(24, bs, procs, drop_last) == 4 and steps_per_epoch(5, bs, procs, drop_last) == 1 - drop_last
     for epoch in range(3):
         seen = []
         for step in range(epoch * per_epoch, (epoch + 1) * per_epoch):
@@ -155,12 +156,13 @@ def test_batch_indices_partition_each_epoch_across_processes(drop_last):
         assert len(seen) == len(set(seen))  # nothing repeated within an epoch
         assert len(seen) == (18 if drop_last else 23)  # the documented tail: 23 % 6 = 5 dropped
     tail = [batch_indices(n, bs, per_epoch - 1, seed, procs, p, False) for p in range(procs)]
-    if not drop_last:
-        assert sorted(map(len, tail)) == [2, 3]
+    if not drop_last:  # short last batches are split as evenly as possible
+        assert [len(t) for t in tail] == [3, 2]
+        assert [len(batch_indices(26, bs, 4, seed, procs, p, False)) for p in range(procs)] == [1, 1]
     # a pure function: the same call (e.g. after a resume) gives the same indices; another epoch another order
     assert batch_indices(n, bs, 5, seed, procs, 1, drop_last) == batch_indices(n, bs, 5, seed, procs, 1, drop_last)
-    epochs = [sum((batch_indices(n, bs, e * per_epoch + s, seed, 1, 0, drop_last) for s in range(2)), [])
-              for e in range(2)]
+    one = steps_per_epoch(n, bs, 1, drop_last)
+    epochs = [sum((batch_indices(n, bs, e * one + s, seed, 1, 0, drop_last) for s in range(one)), []) for e in range(2)]
     assert epochs[0] != epochs[1] and batch_indices(n, bs, 0, seed + 1) != batch_indices(n, bs, 0, seed)
 
 
@@ -232,10 +234,10 @@ def test_latent_cache_refuses_other_weights_files_and_folders(tmp_path, vae):
         weight.mul_(1 + 0.01 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(WeightsMismatchError, match="other VAE weights.*encoder.conv_in.weight"):
         cache_latents(ds, other, cache_dir, progress=False)
-    (folder / "metadata.csv").write_text("file_name,text\nimg0.png,a\nimg1.png,b\nimg3.png,d\n")
-    fewer = load_image_folder(folder, 16, progress=False)
-    with pytest.raises(InputError, match="other files.*item 2 is 'img2.png'"):
-        cache_latents(fewer, vae, cache_dir, progress=False)
+    (folder / "metadata.csv").write_text("file_name,text\nimg0.png,a\nimg1.png,b\nimg3.png,d\nimg2.png,c\n")
+    reordered = load_image_folder(folder, 16, progress=False)
+    with pytest.raises(InputError, match="other files.*item 2 is 'img2.png' .* 'img3.png'"):
+        cache_latents(reordered, vae, cache_dir, progress=False)
     with pytest.raises(InputError, match="resolution=16"):
         cache_latents(load_image_folder(folder, 8, progress=False), vae, cache_dir, progress=False)
     with pytest.raises(InputError, match="random draw"):
