@@ -70,7 +70,8 @@ def resize_crop(image: torch.Tensor, resolution: int, center_crop: bool = True, 
         generator: CPU generator for the random crop and flip.
 
     Returns:
-        (pixels ``[3,R,R]`` in [0,1], crop top-left (top, left) in resized pixels, whether it was flipped).
+        (pixels ``[3,R,R]`` in [0,1], crop top-left (top, left) in the resized image, flipped if the output is,
+        as SDXL's ``crops_coords_top_left`` conditioning expects; whether it was flipped).
     """
     _, height, width = image.shape
     if height <= width:
@@ -85,8 +86,8 @@ def resize_crop(image: torch.Tensor, resolution: int, center_crop: bool = True, 
         left = int(torch.randint(0, size[1] - resolution + 1, (1,), generator=generator))
     pixels = resized[:, top:top + resolution, left:left + resolution]
     flipped = bool(random_flip and torch.rand(1, generator=generator).item() < 0.5)
-    if flipped:
-        pixels = pixels.flip(-1)
+    if flipped:  # the same pixels as flipping first and cropping at the mirrored column
+        pixels, left = pixels.flip(-1), size[1] - left - resolution
     return pixels.clamp(0.0, 1.0).contiguous(), (top, left), flipped
 
 
