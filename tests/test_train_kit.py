@@ -2,7 +2,6 @@
 
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -118,6 +117,7 @@ def test_image_that_fails_to_decode_later_is_replaced_by_the_next(tmp_path):
     ("text score", r"'q' of 'img1.png' 'good' is not a number.*qualityguide label"),
     ("inf score", r"'q' of 'img1.png' 'inf' is not finite"),
     ("resolution", "positive multiple of 8"),
+    ("trailing comma", r"empty or repeated column names \[''\]"),
 ])
 def test_bad_folders_and_arguments_are_explained(tmp_path, case, match):
     folder = tmp_path / "data"
@@ -135,6 +135,8 @@ def test_bad_folders_and_arguments_are_explained(tmp_path, case, match):
         kwargs["score_columns"] = ["q", "mos"]
     if case in cells:
         _write_folder(folder, ["img0.png,a,1,2", f"img1.png,b,{cells[case]},2"])
+    if case == "trailing comma":
+        _write_folder(folder, ["img0.png,a,1,2,"], header="file_name,text,q,sharp,")
     if case == "resolution":
         kwargs["resolution"] = 12
     with pytest.raises(InputError, match=match):
@@ -164,7 +166,7 @@ def test_batch_indices_partition_each_epoch_across_processes(drop_last):
     # a pure function: the same call (e.g. after a resume) gives the same indices; another epoch another order
     assert batch_indices(n, bs, 5, seed, procs, 1, drop_last) == batch_indices(n, bs, 5, seed, procs, 1, drop_last)
     one = steps_per_epoch(n, bs, 1, drop_last)
-    epochs = [sum((batch_indices(n, bs, e * one + s, seed, 1, 0, drop_last) for s in range(one)), []) for e in range(2)]
+    epochs = [[i for s in range(one) for i in batch_indices(n, bs, e * one + s, seed, 1, 0, drop_last)] for e in range(2)]
     assert epochs[0] != epochs[1] and batch_indices(n, bs, 0, seed + 1) != batch_indices(n, bs, 0, seed)
 
 
@@ -417,7 +419,7 @@ def test_two_processes_save_and_resume_reproduce_the_run(tmp_path):
     for resume in ([], ["latest"]):
         run = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                               "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "worker.py"),
-                              str(out)] + resume, env=env, capture_output=True, text=True, timeout=300)
+                              str(out)] + resume, env=env, capture_output=True, text=True, timeout=300, check=False)
         assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(os.listdir(out / "checkpoint-3")) == ["model.safetensors", "optimizer.bin",
                                                          "qualityguide_checkpoint.json", "random_states_0.pkl",

@@ -23,9 +23,9 @@ import math
 import numbers
 import os
 import warnings
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ def resize_crop(image: torch.Tensor, resolution: int, center_crop: bool = True, 
         size = (int(resolution * height / width), resolution)
     resized = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
     if center_crop:
-        top, left = int(round((size[0] - resolution) / 2)), int(round((size[1] - resolution) / 2))
+        top, left = round((size[0] - resolution) / 2), round((size[1] - resolution) / 2)
     else:
         top = int(torch.randint(0, size[0] - resolution + 1, (1,), generator=generator))
         left = int(torch.randint(0, size[1] - resolution + 1, (1,), generator=generator))
@@ -205,13 +205,13 @@ def _readable(path: Path) -> str | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.size
+        with Image.open(path):  # reads the header only
+            pass
     except FileNotFoundError:
         return "file not found"
     except UnidentifiedImageError:
         return "not an image Pillow can read"
-    except Exception as exc:  # unreadable, decompression bomb, a folder, ...
+    except Exception as exc:  # noqa: BLE001 - unreadable, decompression bomb, a folder, ...
         return f"{type(exc).__name__}: {exc}"
     return None
 
@@ -259,6 +259,10 @@ def load_image_folder(folder: str | os.PathLike, resolution: int, caption_column
                          f"columns. Create it with `qualityguide label {folder} --scorer ...` or by hand "
                          f"({FILE_COLUMN},text)")
     columns = _header(metadata)
+    odd = [c for c in columns if not c.strip() or columns.count(c) > 1]
+    if odd:
+        raise InputError(f"{metadata}: the header {columns} has empty or repeated column names {sorted(set(odd))} (a "
+                         "trailing comma?); give every column one distinct name")
     wanted = [FILE_COLUMN] + ([caption_column] if caption_column is not None else []) + list(score_columns)
     missing = [c for c in wanted if c not in columns]
     if missing:

@@ -25,9 +25,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -139,7 +139,7 @@ def _read_shard(path: Path, start: int, count: int, store_std: bool) -> tuple[to
             std = handle.get_tensor("std") if store_std else None
         if (int(meta.get("start", -1)), int(meta.get("count", -1))) != (start, count) or len(mean) != count:
             raise ValueError(f"holds items {meta.get('start')}+{meta.get('count')}, expected {start}+{count}")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any damage: truncated file, wrong keys, bad metadata
         raise InputError(f"latent cache shard {path} cannot be used ({type(exc).__name__}: {exc}); delete that file "
                          "and rerun to encode its images again") from None
     return mean, std
