@@ -28,6 +28,10 @@ class ImageError(InputError):
         super().__init__(message)
 
 
+class TrainingError(QualityGuideError, RuntimeError):
+    """Training cannot go on (a loss term became NaN or infinite); the message names the term and the step."""
+
+
 class WeightsNotFoundError(QualityGuideError, FileNotFoundError):
     """Weights or parameter files needed offline are not on this machine."""
 

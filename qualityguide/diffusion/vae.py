@@ -80,8 +80,17 @@ def decode_latents(vae, latents: torch.Tensor, upcast: bool = False) -> torch.Te
     return _run(vae, "decode", z, ("decoder.", "post_quant_conv."), upcast).sample.float()
 
 
+def encode_posterior(vae, images: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``E(x)`` as the encoder's Gaussian: (mean, std) in scaled-latent space, float32.
+
+    ``mean + std * noise`` with ``noise ~ N(0, I)`` is diffusers' ``latent_dist.sample()`` scaled like the mean.
+    """
+    dist = _run(vae, "encode", to_vae_range(images), ("encoder.", "quant_conv."), upcast).latent_dist
+    z = dist.mean.float()
+    mean, std = _latent_stats(vae, z)
+    return (z - mean) * vae.config.scaling_factor / std, dist.std.float() * vae.config.scaling_factor / std
+
+
 def encode_images(vae, images: torch.Tensor, upcast: bool = False) -> torch.Tensor:
     """``E(x)``: images in [0,1] -> scaled latents (the posterior mean), float32."""
-    z = _run(vae, "encode", to_vae_range(images), ("encoder.", "quant_conv."), upcast).latent_dist.mean.float()
-    mean, std = _latent_stats(vae, z)
-    return (z - mean) * vae.config.scaling_factor / std
+    return encode_posterior(vae, images, upcast)[0]

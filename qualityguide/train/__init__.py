@@ -1,0 +1,14 @@
+"""Shared pieces of the training recipes: a captioned image folder with deterministic, resumable batches
+(:mod:`.data`), a latent cache (:mod:`.latents`), crash-safe checkpoints (:mod:`.checkpoints`) and a non-finite
+loss guard (:mod:`.guard`). Imports only ``errors``, ``images``, ``diffusion`` and ``identity``.
+"""
+
+from .checkpoints import CheckpointManager, read_marker
+from .data import (ImageFolderDataset, UnreadableImagesWarning, batch_indices, collate, derive_seed, load_image_folder,
+                   resize_crop, step_generator, steps_per_epoch)
+from .guard import check_finite, mean_over_processes
+from .latents import LatentCache, cache_latents
+
+__all__ = ["CheckpointManager", "read_marker", "ImageFolderDataset", "UnreadableImagesWarning", "batch_indices",
+           "collate", "derive_seed", "load_image_folder", "resize_crop", "step_generator", "steps_per_epoch",
+           "check_finite", "mean_over_processes", "LatentCache", "cache_latents"]

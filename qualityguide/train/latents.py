@@ -1,0 +1,205 @@
+"""Encode a training folder once with a frozen VAE and keep the latents on disk.
+
+The cache is a folder it owns::
+
+    cache.json                   format, the dataset's files (name and byte size), resolution, crop, VAE scaling
+    vae_identity.safetensors     the VAE's WeightIdentity (qualityguide.identity)
+    shard-00000.safetensors ...  "mean" (and "std") [n,C,h,w] float32 for items start..start+n
+
+Shards are written to a temporary name and renamed, so a killed run leaves only whole shards and the next call
+encodes just the missing ones. A cache made for other VAE weights, another VAE scaling, other files, another
+resolution or shard layout is **refused** (never silently rebuilt or deleted: the folder may belong to another
+run); the error says which field differs. Files are identified by relative name and byte size: replacing an image
+by another of exactly the same size is not noticed.
+
+Latents follow :func:`qualityguide.diffusion.vae.encode_images`: ``(E(x) - shift) * scaling_factor`` (per-channel
+``latents_mean``/``latents_std`` where the VAE config has them), the posterior mean. With ``store_std=True`` the
+posterior's std is kept too and :meth:`LatentCache.latents` can draw a fresh sample per step from a generator.
+
+Several processes: build on the main process first (``with accelerator.main_process_first(): cache_latents(...)``);
+the others then find a complete cache, check it and load it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..diffusion.vae import encode_posterior
+from ..errors import InputError
+from ..identity import WeightIdentity
+from .data import ImageFolderDataset, _check_int
+
+FORMAT = "qualityguide.latent_cache/1"
+KEY_FILE = "cache.json"
+IDENTITY_FILE = "vae_identity.safetensors"
+
+
+@dataclass
+class LatentCache:
+    """Latents of every dataset item, in dataset order (CPU, float32).
+
+    Attributes:
+        folder: the cache folder. files: the dataset's files, as recorded. mean: ``[N,C,h,w]`` posterior means.
+        std: ``[N,C,h,w]`` posterior stds, or None unless built with ``store_std=True``.
+    """
+
+    folder: Path
+    files: list[str]
+    mean: torch.Tensor
+    std: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def latents(self, indices: Sequence[int] | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents of items ``indices``: the means, or ``mean + std * noise`` drawn from ``generator`` (CPU).
+
+        Args:
+            indices: dataset indices, e.g. from :func:`qualityguide.train.data.batch_indices`.
+            generator: draw a posterior sample (needs a cache built with ``store_std=True``); None for the mean.
+        """
+        index = torch.as_tensor(indices, dtype=torch.long)
+        mean = self.mean[index]
+        if generator is None:
+            return mean
+        if self.std is None:
+            raise InputError(f"latent cache {self.folder} holds only posterior means, so it cannot sample; rebuild it "
+                             "with store_std=True in a new folder, or pass generator=None for the mean")
+        return mean + self.std[index] * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+
+
+def _key(dataset: ImageFolderDataset, vae, shard_size: int, store_std: bool) -> dict:
+    config = vae.config
+    scaling = {name: config.get(name) for name in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")}
+    return {"format": FORMAT, "resolution": dataset.resolution, "center_crop": dataset.center_crop,
+            "shard_size": shard_size, "store_std": store_std, "vae_scaling": scaling,
+            "files": [[f, s] for f, s in zip(dataset.files, dataset.sizes)]}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _files_difference(stored: list, current: list) -> str:
+    for i, (a, b) in enumerate(zip(stored, current)):
+        if a != b:
+            return f"item {i} is {a[0]!r} ({a[1]} bytes) there, {b[0]!r} ({b[1]} bytes) here"
+    return f"{len(stored)} files there, {len(current)} here"
+
+
+def _open_cache(folder: Path, key: dict, vae) -> None:
+    """Create the cache's key files, or check that an existing cache was made for this key and VAE."""
+    key_file = folder / KEY_FILE
+    fix = f"pass a new cache folder for these settings, or delete {folder} to rebuild it"
+    if key_file.is_file():
+        try:
+            stored = json.loads(key_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"latent cache {key_file} cannot be read ({exc}); {fix}") from None
+        if stored.get("format") != FORMAT:
+            raise InputError(f"{folder} holds a {stored.get('format')!r} cache, not {FORMAT!r}; {fix}")
+        for field in ("resolution", "center_crop", "shard_size", "store_std", "vae_scaling"):
+            if stored.get(field) != key[field]:
+                raise InputError(f"latent cache {folder} was made with {field}={stored.get(field)!r}, this run has "
+                                 f"{key[field]!r}; {fix}")
+        if stored.get("files") != key["files"]:
+            raise InputError(f"latent cache {folder} was made for other files ("
+                             f"{_files_difference(stored.get('files') or [], key['files'])}); {fix}")
+        WeightIdentity.load(folder / IDENTITY_FILE).check(
+            {"vae": vae}, what=f"latent cache {folder} was encoded with other VAE weights", fix=fix)
+        return
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise InputError(f"cache folder {folder} exists and is not a latent cache (no {KEY_FILE}); pass a new or empty "
+                         "folder: the cache owns it")
+    folder.mkdir(parents=True, exist_ok=True)
+    WeightIdentity.of({"vae": vae}).save(folder / IDENTITY_FILE)
+    _write_json(key_file, key)  # last: its presence means the key files are complete
+
+
+def _shard_path(folder: Path, shard: int) -> Path:
+    return folder / f"shard-{shard:05d}.safetensors"
+
+
+def _read_shard(path: Path, start: int, count: int, store_std: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            mean = handle.get_tensor("mean")
+            std = handle.get_tensor("std") if store_std else None
+        if (int(meta.get("start", -1)), int(meta.get("count", -1))) != (start, count) or len(mean) != count:
+            raise ValueError(f"holds items {meta.get('start')}+{meta.get('count')}, expected {start}+{count}")
+    except Exception as exc:  # noqa: BLE001 - any damage: truncated file, wrong keys, bad metadata
+        raise InputError(f"latent cache shard {path} cannot be used ({type(exc).__name__}: {exc}); delete that file "
+                         "and rerun to encode its images again") from None
+    return mean, std
+
+
+@torch.no_grad()
+def cache_latents(dataset: ImageFolderDataset, vae, cache_dir: str | os.PathLike, batch_size: int = 8,
+                  shard_size: int = 256, store_std: bool = False, upcast: bool = False, progress: bool = True
+                  ) -> LatentCache:
+    """Encode every item of ``dataset`` once (or resume a partial cache) and return all latents.
+
+    Args:
+        dataset: from :func:`qualityguide.train.data.load_image_folder`, with ``center_crop=True`` and
+            ``random_flip=False`` (a cache would freeze one random crop / flip forever).
+        vae: a frozen diffusers ``AutoencoderKL``; images are encoded on its device and dtype.
+        cache_dir: the folder the cache owns (created if missing).
+        batch_size: images per encoder call.
+        shard_size: items per shard file (the unit of resume).
+        store_std: keep the posterior std too, so :meth:`LatentCache.latents` can sample.
+        upcast: run an fp16 encoder in float32 (see :mod:`qualityguide.diffusion.vae`).
+        progress: show a tqdm bar.
+
+    Raises:
+        InputError: a random-augmentation dataset; a folder that is not a cache, or a cache made for other weights,
+            files or settings; a damaged shard.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    batch_size = _check_int("batch_size", batch_size, 1, "pass how many images to encode at once, e.g. 8")
+    shard_size = _check_int("shard_size", shard_size, 1, "pass how many items per shard file, e.g. 256")
+    if not dataset.deterministic:
+        raise InputError(f"cannot cache latents of a dataset with random crops or flips (center_crop="
+                         f"{dataset.center_crop}, random_flip={dataset.random_flip}): the cache would freeze one "
+                         "random draw. Load it with center_crop=True, random_flip=False, or encode every step")
+    folder = Path(cache_dir)
+    _open_cache(folder, _key(dataset, vae, shard_size, store_std), vae)
+    total = len(dataset)
+    shards = [(s, s * shard_size, min(shard_size, total - s * shard_size)) for s in range(math.ceil(total / shard_size))]
+    todo = [sh for sh in shards if not _shard_path(folder, sh[0]).is_file()]
+    device = next(vae.parameters()).device
+    bar = tqdm(total=total, initial=total - sum(c for _, _, c in todo), desc="encoding latents", unit="img",
+               disable=not progress)
+    for shard, start, count in todo:
+        means, stds = [], []
+        for first in range(start, start + count, batch_size):
+            indices = range(first, min(first + batch_size, start + count))
+            pixels = torch.stack([dataset.get(i)["pixels"] for i in indices]).to(device)
+            mean, std = encode_posterior(vae, pixels, upcast=upcast)
+            means.append(mean.cpu())
+            stds.append(std.cpu())
+            bar.update(len(indices))
+        tensors = {"mean": torch.cat(means).contiguous()}
+        if store_std:
+            tensors["std"] = torch.cat(stds).contiguous()
+        path = _shard_path(folder, shard)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"start": str(start), "count": str(count)})
+        os.replace(tmp, path)
+    bar.close()
+    read = [_read_shard(_shard_path(folder, s), start, count, store_std) for s, start, count in shards]
+    return LatentCache(folder, list(dataset.files), torch.cat([m for m, _ in read]),
+                       torch.cat([s for _, s in read]) if store_std else None)
