@@ -35,7 +35,7 @@ from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptE
 from qualityguide.errors import InputError, QualityGuideError
 from qualityguide.pipelines import load_pipeline
 from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_finite, load_image_folder,
-                                mean_over_processes, step_generator)
+                                mean_over_processes, read_marker, step_generator)
 from qualityguide.train.log import StepLog
 
 DTYPES = {"no": None, "fp16": "fp16", "bf16": "bf16"}
@@ -122,10 +122,10 @@ def main(argv=None) -> int:
     start = 0
     path = manager.resolve(args.resume_from_checkpoint)
     if path is not None:
-        start, extra = manager.load(accelerator, path)
-        if extra.get("identity") != identity:
+        if (read_marker(path).get("extra") or {}).get("identity") != identity:
             raise InputError(f"{path} was saved for another adapter or dataset (config, score quantiles or image "
                              "count differ); resume with the same --dataset and options, or use a new --output_dir")
+        start, _ = manager.load(accelerator, path)
     if args.report_to:
         accelerator.init_trackers("train_iqa_adapter", config={k: v for k, v in vars(args).items()
                                                                if isinstance(v, (int, float, str, bool))})
@@ -166,6 +166,8 @@ def main(argv=None) -> int:
         final = accelerator.unwrap_model(trainer).adapter
         final.save_pretrained(out)
         print(f"saved the IQA-Adapter to {out}")
+    del trainer, optimizer  # a gloo process that exits still holding DDP can abort (torch 2.14)
+    accelerator.free_memory()
     accelerator.end_training()
     return 0
 
