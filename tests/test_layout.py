@@ -48,6 +48,14 @@ def test_lgdm_and_guidance_are_siblings_over_the_diffusion_layer():
             assert not any(m == other or m.startswith(other + ".") for m in _imports(path)), (path, other)
 
 
+def test_adapter_stays_off_the_sampling_and_assessment_paths():
+    """The adapter builds on diffusion, features and train; it needs neither LGDM nor the guidance callback."""
+    for path in sorted((PACKAGE / "adapter").rglob("*.py")):
+        for module in _imports(path):
+            assert not module.startswith(("qualityguide.lgdm", "qualityguide.guidance", "qualityguide.finetune",
+                                          "qualityguide.testing")), (path.name, module)
+
+
 def test_importing_the_library_loads_neither_testing_nor_the_callback():
     code = ("import sys, qualityguide, qualityguide.lgdm, qualityguide.pipelines, qualityguide.scorers; "
             "print(sorted(m for m in sys.modules if m.startswith(('qualityguide.testing', 'qualityguide.guidance'))))")
