@@ -107,7 +107,7 @@ def test_each_term_equals_an_independent_computation(pipes, kind, prediction_typ
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl", "ddpm"])
 def test_anchor_is_exactly_zero_at_initialisation(pipes, kind):
-    unet, base, scheduler, vae, z0, cond = setup(pipes, kind)
+    unet, _, scheduler, vae, z0, cond = setup(pipes, kind)
     loss = ACPOLoss(unet, scheduler, Smoothness(), ACPOConfig(w_diff=1.0, w_anchor=5.0, w_quality=0.3), vae=vae)
     out = loss(z0, cond, generator=torch.Generator().manual_seed(0))
     assert out["anchor"].item() == 0.0
@@ -251,7 +251,7 @@ def test_quality_only_run_raises_the_score_on_a_fixed_batch(quality_only_run):
 
 def test_a_larger_anchor_weight_limits_drift(pipes, quality_only_run):
     free = quality_only_run[1]["anchor"]
-    before, anchored = _train(pipes, w_anchor=10.0)
+    _, anchored = _train(pipes, w_anchor=10.0)
     assert anchored["anchor"] < 0.1 * free, (anchored["anchor"], free)
     assert anchored["quality"] < quality_only_run[1]["quality"]  # the anchor also holds the score back
 

@@ -105,7 +105,7 @@ class ACPOConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ACPOConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ACPOConfig:
         """The config saved by :meth:`to_dict`; unknown keys are refused by name."""
         if not isinstance(data, dict):
             raise InputError(f"ACPOConfig.from_dict needs a dict, got {type(data).__name__}")

@@ -13,11 +13,10 @@ Two U-Net types:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-import torch
 from torch import nn
 
 from ..errors import InputError, WeightsNotFoundError

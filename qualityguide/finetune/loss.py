@@ -29,7 +29,9 @@ class ACPOLoss:
     (epsilon or v), and ``quality`` the scorer's mean score of the decoded quality input of the samples with
     ``t <= t_quality_max`` (exactly 0, still differentiable, when there are none). Only LoRA parameters receive
     gradients: the U-Net's own weights must be frozen (:func:`add_lora` does it), and the VAE and scorer are frozen
-    while the loss runs.
+    while the loss runs. Decoded images reach the scorer on the U-Net's device: move the scorer there. The loss holds
+    no weights of its own, so it is a plain callable rather than an ``nn.Module`` (which would register the U-Net a
+    second time in a recipe's module tree).
 
     Args:
         unet: a ``UNet2DConditionModel`` (SD, SDXL) or pixel-space ``UNet2DModel`` with a LoRA adapter (may be
@@ -81,7 +83,7 @@ class ACPOLoss:
 
     @classmethod
     def from_pipeline(cls, pipe, scorer: nn.Module | None, config: ACPOConfig | None = None,
-                      scheduler=None) -> "ACPOLoss":
+                      scheduler=None) -> ACPOLoss:
         """The loss for ``pipe.unet`` (with a LoRA adapter), decoding with ``pipe.vae`` when it has one.
 
         Args:

@@ -3,7 +3,7 @@ through its last steps (DRaFT-K, Clark et al. 2024, section 4.2), built from the
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
