@@ -377,3 +377,22 @@ def test_finetune_imports_nothing_above_it():
                 assert node.module in ("diffusion", "errors", "scorers"), (path.name, node.module)
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 assert not node.module.startswith("qualityguide"), (path.name, node.module)
+
+
+def test_from_pipeline_picks_the_decoder_and_encodes_images(pipes):
+    for kind in ("sd", "ddpm"):
+        pipe = copy.copy(pipes[kind])
+        pipe.unet = copy.deepcopy(pipe.unet)
+        add_lora(pipe.unet)
+        loss = ACPOLoss.from_pipeline(pipe, Brightness())
+        assert loss.unet is pipe.unet and not tuner_layers(pipes[kind].unet)  # the shared pipeline is untouched
+        images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            clean = loss.denoiser.encode(images)
+            if kind == "ddpm":
+                assert loss.vae is None and torch.equal(clean, images * 2 - 1)
+                torch.testing.assert_close(loss.denoiser.decode(clean), images)
+            else:
+                assert loss.vae is pipe.vae and clean.shape == (1, 4, 16, 16)
+                mean = pipe.vae.encode(images * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+                torch.testing.assert_close(clean, mean)
