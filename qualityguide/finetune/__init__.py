@@ -1,0 +1,19 @@
+"""Anchor-constrained perceptual LoRA fine-tuning (ACPO, DESIGN.md section 5).
+
+- :mod:`.config`: :class:`ACPOConfig`, the term weights and the quality input (one-step or K-step DDIM).
+- :mod:`.loss`: :class:`ACPOLoss`, diffusion + anchor to the adapter-free base - quality, one dict per batch.
+- :mod:`.lora`: add a LoRA adapter, switch it off for the base prediction, save and load it.
+- :mod:`.denoisers`: how SD, SDXL and pixel-space U-Nets are called and decoded.
+- :mod:`.sampling`: the differentiable K-step DDIM sample (DRaFT-K).
+"""
+
+from .config import QUALITY_INPUTS, ACPOConfig
+from .denoisers import Denoiser, LatentDenoiser, PixelDenoiser, denoiser_for
+from .lora import (DEFAULT_TARGET_MODULES, adapters_disabled, add_lora, load_lora, lora_parameters, save_lora,
+                   tuner_layers)
+from .loss import ACPOLoss
+from .sampling import ddim_to_clean, k_step_timesteps
+
+__all__ = ["QUALITY_INPUTS", "ACPOConfig", "ACPOLoss", "Denoiser", "LatentDenoiser", "PixelDenoiser", "denoiser_for",
+           "DEFAULT_TARGET_MODULES", "adapters_disabled", "add_lora", "load_lora", "lora_parameters", "save_lora",
+           "tuner_layers", "ddim_to_clean", "k_step_timesteps"]

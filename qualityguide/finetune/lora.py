@@ -1,0 +1,205 @@
+"""LoRA adapters on a diffusers U-Net through peft: add, switch off for the base prediction, save, load.
+
+Two U-Net types:
+
+- ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL) carries diffusers' ``PeftAdapterMixin``; its LoRA is saved in
+  diffusers' pipeline format (``pytorch_lora_weights.safetensors``, keys ``unet.*``, with the LoRA config as
+  metadata so ranks and alphas survive), which ``StableDiffusionPipeline.load_lora_weights(dir)`` and the SDXL
+  pipeline's load.
+- ``UNet2DModel`` (pixel-space DDPM) has no LoRA loader in diffusers (``DDPMPipeline`` cannot load one), so peft
+  injects the adapter directly and it is saved in peft's own format (``adapter_model.safetensors`` +
+  ``adapter_config.json``), which :func:`load_lora` reads back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import InputError, WeightsNotFoundError
+
+# Attention projections: the same names in both U-Net types' Attention modules (diffusers' LoRA training scripts
+# use these for UNet2DConditionModel; UNet2DModel's AttnDownBlock2D/AttnUpBlock2D/mid-block name them alike).
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+UNET_TYPES = ("UNet2DConditionModel", "UNet2DModel")
+
+
+def _unet_type(unet: nn.Module) -> str:
+    name = type(unet).__name__
+    if name not in UNET_TYPES:
+        raise InputError(f"unet is a {name}; LoRA helpers support diffusers' {', '.join(UNET_TYPES)} (pass "
+                         "pipe.unet; unwrap accelerate/DDP wrappers with accelerator.unwrap_model(unet))")
+    return name
+
+
+def tuner_layers(unet: nn.Module) -> list[nn.Module]:
+    """peft's LoRA-carrying layers of ``unet`` (empty if it has no adapter)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def add_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None,
+             target_modules: list[str] | tuple[str, ...] | None = None, init_lora_weights: bool | str = True,
+             adapter_name: str = "default"):
+    """Freeze ``unet`` and add a trainable LoRA adapter to it (in place).
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel`` or ``UNet2DModel``.
+        rank: LoRA rank ``r``.
+        alpha: LoRA alpha (the update is scaled by ``alpha / rank``); None: ``rank`` (scale 1).
+        target_modules: module names to adapt (peft's matching); None: the attention projections
+            ``to_q, to_k, to_v, to_out.0``.
+        init_lora_weights: peft's initialisation; True (default) sets ``B = 0`` so the adapted U-Net starts equal to
+            the base; False makes both factors random (tests and debugging only).
+        adapter_name: peft's adapter name.
+
+    Returns:
+        The ``peft.LoraConfig`` used.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    kind = _unet_type(unet)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InputError(f"rank={rank!r}: must be a whole number >= 1, e.g. rank=4")
+    alpha = rank if alpha is None else alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise InputError(f"alpha={alpha!r}: must be a positive number (the update is scaled by alpha / rank), e.g. "
+                         f"alpha={rank}")
+    targets = list(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
+    names = [n for n, _ in unet.named_modules()]
+    if not any(n == t or n.endswith("." + t) for t in targets for n in names):
+        raise InputError(f"target_modules={targets}: no module of this {kind} matches; use names such as "
+                         f"{', '.join(DEFAULT_TARGET_MODULES)} (see unet.named_modules())")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=init_lora_weights)
+    unet.requires_grad_(False)
+    if hasattr(unet, "add_adapter"):  # diffusers' PeftAdapterMixin (UNet2DConditionModel)
+        unet.add_adapter(config, adapter_name=adapter_name)
+    else:
+        if adapter_name in getattr(unet, "peft_config", {}):
+            raise InputError(f"adapter_name={adapter_name!r} already exists on this {kind}; pick another name")
+        inject_adapter_in_model(config, unet, adapter_name)
+    return config
+
+
+def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    """The LoRA parameters of ``unet`` (what the optimiser trains), in a stable order."""
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    if not params:
+        raise InputError("unet has no LoRA parameters; add an adapter first with "
+                         "qualityguide.finetune.add_lora(unet, rank=4)")
+    return params
+
+
+@contextmanager
+def adapters_disabled(unet: nn.Module) -> Iterator[None]:
+    """Run ``unet`` as its base model: every LoRA layer switched off, then restored even if the body raises.
+
+    peft's switch also flips the adapters' ``requires_grad`` (and back on to True); the flags each LoRA parameter
+    had before are restored, so a user's frozen adapter stays frozen.
+    """
+    layers = tuner_layers(unet)
+    if not layers:
+        raise InputError("unet has no LoRA adapter, so there is no base model to compare with; add one with "
+                         "qualityguide.finetune.add_lora(unet, rank=4)")
+    was_disabled = [layer.disable_adapters for layer in layers]
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, disabled in zip(layers, was_disabled):
+            layer.enable_adapters(not disabled)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _peft_config(unet: nn.Module, adapter_name: str):
+    configs = getattr(unet, "peft_config", None) or {}
+    if adapter_name not in configs:
+        raise InputError(f"unet has no LoRA adapter named {adapter_name!r} (has: {sorted(configs) or 'none'}); add "
+                         "one with qualityguide.finetune.add_lora(unet) or pass adapter_name")
+    return configs[adapter_name]
+
+
+def save_lora(unet: nn.Module, output_dir: str | Path, adapter_name: str = "default") -> Path:
+    """Write the LoRA adapter of ``unet`` to ``output_dir`` and return the weights file.
+
+    ``UNet2DConditionModel``: diffusers' ``pytorch_lora_weights.safetensors`` (loaded by
+    ``pipe.load_lora_weights(output_dir)`` for SD and SDXL pipelines alike). ``UNet2DModel``: peft's
+    ``adapter_model.safetensors`` + ``adapter_config.json`` (loaded by :func:`load_lora`).
+
+    Args:
+        unet: the adapted U-Net (unwrapped from accelerate/DDP).
+        output_dir: a folder (created if missing).
+        adapter_name: which adapter to save.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    kind = _unet_type(unet)
+    config = _peft_config(unet, adapter_name)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"output_dir={str(output_dir)!r} is a file; pass a folder")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
+    if kind == "UNet2DConditionModel":
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        # Both SD and SDXL pipelines pack U-Net layers under "unet."; the config travels as metadata because without
+        # it diffusers infers alpha = rank on loading.
+        StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=convert_state_dict_to_diffusers(state),
+                                                  unet_lora_adapter_metadata=config.to_dict(),
+                                                  weight_name=DIFFUSERS_WEIGHT_NAME, safe_serialization=True)
+        return output_dir / DIFFUSERS_WEIGHT_NAME
+    config.save_pretrained(str(output_dir))
+    save_file(state, str(output_dir / PEFT_WEIGHT_NAME), metadata={"format": "pt"})
+    return output_dir / PEFT_WEIGHT_NAME
+
+
+def load_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
+    """Load a LoRA written by :func:`save_lora` into ``unet`` (in place; its own weights are untouched).
+
+    Reads diffusers' ``pytorch_lora_weights.safetensors`` into a ``UNet2DConditionModel`` (for a whole pipeline,
+    ``pipe.load_lora_weights(directory)`` does the same) and peft's ``adapter_model.safetensors`` into a
+    ``UNet2DModel``. Weights are read with safetensors only (nothing is unpickled).
+
+    Args:
+        unet: a U-Net of the architecture the LoRA was trained on.
+        directory: the folder :func:`save_lora` wrote.
+        adapter_name: the name the loaded adapter gets.
+    """
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    kind = _unet_type(unet)
+    directory = Path(directory)
+    if kind == "UNet2DConditionModel":
+        path = directory / DIFFUSERS_WEIGHT_NAME
+        if not path.is_file():
+            raise WeightsNotFoundError(f"{path} not found; pass the folder qualityguide.finetune.save_lora wrote "
+                                       "(for a UNet2DConditionModel it holds pytorch_lora_weights.safetensors)")
+        unet.load_lora_adapter(str(directory), weight_name=DIFFUSERS_WEIGHT_NAME, prefix="unet",
+                               adapter_name=adapter_name, use_safetensors=True)
+        return
+    path, config_path = directory / PEFT_WEIGHT_NAME, directory / PEFT_CONFIG_NAME
+    for needed in (path, config_path):
+        if not needed.is_file():
+            raise WeightsNotFoundError(f"{needed} not found; pass the folder qualityguide.finetune.save_lora wrote "
+                                       f"(for a UNet2DModel it holds {PEFT_WEIGHT_NAME} and {PEFT_CONFIG_NAME})")
+    config = LoraConfig.from_pretrained(str(directory))
+    inject_adapter_in_model(config, unet, adapter_name)
+    result = set_peft_model_state_dict(unet, load_file(str(path)), adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise InputError(f"{path} does not fit this {kind}: missing {missing[:3]}, unexpected "
+                         f"{list(result.unexpected_keys)[:3]}; load it into the architecture it was trained on")
