@@ -8,7 +8,10 @@ from .data import (ImageFolderDataset, UnreadableImagesWarning, batch_indices, c
                    resize_crop, step_generator, steps_per_epoch)
 from .guard import check_finite, mean_over_processes
 from .latents import LatentCache, cache_latents
+from .log import StepLog, read_log
+from .prompts import PromptEncoder
 
 __all__ = ["CheckpointManager", "read_marker", "ImageFolderDataset", "UnreadableImagesWarning", "batch_indices",
            "collate", "derive_seed", "load_image_folder", "resize_crop", "step_generator", "steps_per_epoch",
-           "check_finite", "mean_over_processes", "LatentCache", "cache_latents"]
+           "check_finite", "mean_over_processes", "LatentCache", "cache_latents", "StepLog", "read_log",
+           "PromptEncoder"]
