@@ -14,6 +14,10 @@ from PIL import Image  # noqa: E402
 from qualityguide.data import shared_data_dir  # noqa: E402
 from qualityguide.scorers.niqe_fit import DEMO_PHOTOS, bundled_photo  # noqa: E402
 
+# Tiny models are dominated by per-op overhead: on a 2-core runner two intra-op threads contend with each other and
+# with any other process (measured 10-60x slower per step under load), so tests run single-threaded by default.
+torch.set_num_threads(int(os.environ.get("QUALITYGUIDE_TEST_THREADS", "1")))
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
