@@ -139,7 +139,9 @@ def test_local_statistics_do_not_depend_on_position():
     mu, var = local_mean_var(plane, "replicate")
     assert torch.equal(mu[..., 23:42, 13:67], torch.full_like(mu[..., 23:42, 13:67], float(mu[0, 0, 30, 30])))
     whole = mscn(plane, mu, var)
-    assert torch.equal(whole, normalize_img_with_gauss(plane, padding="replicate"))  # pyiqa's, bit for bit
+    # pyiqa's: equal to float64 rounding. pyiqa filters with conv2d, whose summation order depends on the CPU's
+    # convolution backend (bit-equal on one machine, 1.4e-14 apart on another), so the bound is a few ulps
+    assert torch.allclose(whole, normalize_img_with_gauss(plane, padding="replicate"), rtol=0, atol=1e-12)
     for top, left in [(5, 7), (11, 0), (0, 13)]:
         window = plane[..., top:top + 40, left:left + 61]
         part = mscn(window, *local_mean_var(window, "replicate"))
@@ -221,9 +223,10 @@ def test_gradients_equal_the_whole_image_ones():
     calculate_niqe(old[None].double(), 0, True, "yiq", mu, cov).sum().backward()
     new = image.clone().requires_grad_(True)
     niqe_score(new, mu, cov, max_pixels=96 * 96).backward()
-    # gradients are float32 (the input's dtype): equal to a float32 ulp of the largest
+    # gradients are float32 (the input's dtype): equal to float32 rounding of the largest (measured: up to 5.3e-6
+    # of it on one CPU, below 1e-6 on another; pyiqa's conv2d summation order follows the CPU's backend)
     scale = old.grad.abs().max()
-    assert torch.allclose(new.grad, old.grad, rtol=0, atol=1e-6 * scale) and scale > 0
+    assert torch.allclose(new.grad, old.grad, rtol=0, atol=2e-5 * scale) and scale > 0
     old = image.clone().requires_grad_(True)
     _old_brisque_features(old).sum().backward()
     new = image.clone().requires_grad_(True)
