@@ -1,6 +1,7 @@
 """Shared pieces of the training recipes: a captioned image folder with deterministic, resumable batches
-(:mod:`.data`), a latent cache (:mod:`.latents`), crash-safe checkpoints (:mod:`.checkpoints`) and a non-finite
-loss guard (:mod:`.guard`), and the base model's own samples as training data (:mod:`.self_samples`). Imports only ``errors``, ``images``, ``diffusion`` and ``identity``.
+(:mod:`.data`), a latent cache (:mod:`.latents`), crash-safe checkpoints (:mod:`.checkpoints`), a non-finite
+loss guard (:mod:`.guard`) and the base model's own samples as training data (:mod:`.self_samples`). Imports only
+``errors``, ``images``, ``diffusion`` and ``identity``.
 """
 
 from .checkpoints import CheckpointManager, read_marker
