@@ -3,7 +3,8 @@
 
     accelerate launch recipes/train_acpo_lora.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --prompts prompts.txt --num_self_samples 1000 --scorer pyiqa:topiq_nr --mixed_precision fp16 \
-        --max_train_steps 2000 --validation_prompt "a photo of a lighthouse" --validation_steps 250 --report_to tensorboard
+        --max_train_steps 2000 --validation_prompt "a photo of a lighthouse" --validation_steps 250 \
+        --report_to tensorboard
     python recipes/train_acpo_lora.py --model tiny:sd --prompts prompts.txt --num_self_samples 8 \
         --scorer niqe-embedded@192 --num_inference_steps 4 --max_train_steps 10 --output_dir out/     # offline, CPU
 
@@ -28,14 +29,13 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError, QualityGuideError, TrainingError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, lora_parameters, save_lora
-from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_mixed_precision,
-                                            check_report_to, check_scorer, identity_difference, lora_identity,
+from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_mixed_precision, check_report_to,
+                                            check_scorer, check_target_modules, identity_difference, lora_identity,
                                             make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, run_validation
 from qualityguide.identity import WeightIdentity
@@ -145,21 +145,21 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
 
 
 def main(argv=None) -> int:
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     args = parse_args(argv)
-    weight_dtype = check_mixed_precision(args.mixed_precision, PartialState().device)
     report_to = check_report_to(args.report_to)
     config = acpo_config(args)
     out = Path(args.output_dir)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=report_to,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    weight_dtype = check_mixed_precision(args.mixed_precision, accelerator.device)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     scorer = load_scorer(args.scorer, weights=args.scorer_weights, size=args.scorer_size, device=device)
     check_scorer(scorer, config)
-    targets = args.lora_target_modules.split(",") if args.lora_target_modules else None
     pipe = load_pipeline(args.model, dtype=weight_dtype, device=device)
+    targets = check_target_modules(pipe.unet, args.lora_target_modules.split(",") if args.lora_target_modules else None)
     resolution = args.resolution or native_resolution(pipe)
     validation = None
     if args.validation_steps is not None:

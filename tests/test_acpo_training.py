@@ -17,8 +17,8 @@ from qualityguide.diffusion import encode_images
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, lora_parameters
 from qualityguide.finetune.training import (BASE_IDENTITY_NAME, LORA_STATE_NAME, LoraCheckpointing, TrainingSamples,
-                                            check_mixed_precision, check_report_to, check_scorer,
-                                            identity_difference, make_optimizer, prepare_lora_unet)
+                                            check_mixed_precision, check_report_to, check_scorer, identity_difference,
+                                            make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, make_grid, run_validation
 from qualityguide.identity import WeightIdentity, WeightsMismatchError
 from qualityguide.scorers import QualityScorer
@@ -131,8 +131,8 @@ def test_unconditional_self_samples_and_prompt_rules(tmp_path):
         SelfSampleSettings.for_pipeline(tiny_sd(), None, 2, 32, 2, 1.0, 0)
     settings = SelfSampleSettings.for_pipeline(ddpm, None, 2, 32, 2, 7.5, 0)
     ss.generate_self_samples(ddpm, settings, tmp_path / "u", progress=False)
-    expected = ddpm(batch_size=1, generator=torch.Generator().manual_seed(ss.derive_seed("qualityguide.self_sample", 0, 1)),
-                    num_inference_steps=2,
+    seed = ss.derive_seed("qualityguide.self_sample", 0, 1)
+    expected = ddpm(batch_size=1, generator=torch.Generator().manual_seed(seed), num_inference_steps=2,
                     output_type="pt").images[0]
     stored = np.asarray(Image.open(tmp_path / "u" / "000001.png")).astype(int)
     assert np.abs(stored - png_of(expected).astype(int)).max() <= 1

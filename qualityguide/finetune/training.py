@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,7 +94,7 @@ def make_optimizer(params: Sequence[nn.Parameter], learning_rate: float, weight_
     Raises:
         InputError: a bad learning rate or weight decay; 8-bit Adam without bitsandbytes or off CUDA.
     """
-    if not isinstance(learning_rate, (int, float)) or not learning_rate > 0 or learning_rate != learning_rate:
+    if not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate) or learning_rate <= 0:
         raise InputError(f"--learning_rate {learning_rate!r}: must be a positive number, e.g. 1e-4")
     if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
         raise InputError(f"--adam_weight_decay {weight_decay!r}: must be a number >= 0, e.g. 1e-2")
@@ -112,6 +113,26 @@ def make_optimizer(params: Sequence[nn.Parameter], learning_rate: float, weight_
 
 
 # ----------------------------------------------------------------------------------------------- LoRA
+def check_target_modules(unet: nn.Module, target_modules: Sequence[str] | None) -> list[str]:
+    """The LoRA target module names (None: ``to_q, to_k, to_v, to_out.0``); every name must match at least one
+    module of ``unet`` (peft's rule: the full name or its last dotted parts), else an error with close matches."""
+    targets = list(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise InputError(f"--lora_target_modules {targets!r}: give module names, e.g. "
+                         f"{','.join(DEFAULT_TARGET_MODULES)}")
+    names = [n for n, _ in unet.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in unet.named_modules() if isinstance(m, (nn.Linear,
+                                                                                                   nn.Conv2d))})
+        guess = closest(unmatched[0], leaves)
+        raise InputError(f"--lora_target_modules: {unmatched} match no module of this {type(unet).__name__}; use "
+                         f"names such as {', '.join(DEFAULT_TARGET_MODULES)} (linear/conv layers here: "
+                         f"{', '.join(leaves[:12])}{', ...' if len(leaves) > 12 else ''})"
+                         + (f". Did you mean {guess!r}?" if guess else ""))
+    return targets
+
+
 def prepare_lora_unet(unet: nn.Module, rank: int = 4, alpha: float | None = None,
                       target_modules: Sequence[str] | None = None, gradient_checkpointing: bool = False,
                       seed: int = 0):
@@ -132,19 +153,7 @@ def prepare_lora_unet(unet: nn.Module, rank: int = 4, alpha: float | None = None
     Returns:
         The ``peft.LoraConfig`` used.
     """
-    targets = list(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise InputError(f"--lora_target_modules {targets!r}: give module names, e.g. {','.join(DEFAULT_TARGET_MODULES)}")
-    names = [n for n, _ in unet.named_modules()]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if unmatched:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in unet.named_modules() if isinstance(m, (nn.Linear,
-                                                                                                   nn.Conv2d))})
-        guess = closest(unmatched[0], leaves)
-        raise InputError(f"--lora_target_modules: {unmatched} match no module of this {type(unet).__name__}; use "
-                         f"names such as {', '.join(DEFAULT_TARGET_MODULES)} (linear/conv layers here: "
-                         f"{', '.join(leaves[:12])}{', ...' if len(leaves) > 12 else ''})"
-                         + (f". Did you mean {guess!r}?" if guess else ""))
+    targets = check_target_modules(unet, target_modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         config = add_lora(unet, rank=rank, alpha=alpha, target_modules=targets)
@@ -254,9 +263,10 @@ class LoraCheckpointing:
 def identity_difference(stored: dict | None, current: dict) -> str | None:
     """The first top-level field where a checkpoint's identity differs from this run's, as a message; else None."""
     stored = stored if isinstance(stored, dict) else {}
-    for key in current:
-        if stored.get(key) != current[key]:
-            return f"{key}={json.dumps(stored.get(key), sort_keys=True)} there, {json.dumps(current[key], sort_keys=True)} here"
+    for key, value in current.items():
+        if stored.get(key) != value:
+            there, here = (json.dumps(v, sort_keys=True) for v in (stored.get(key), value))
+            return f"{key}={there} there, {here} here"
     return None
 
 
