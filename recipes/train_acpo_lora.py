@@ -95,7 +95,8 @@ def parse_args(argv=None):
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", default=None, help="'latest', a checkpoint name or path")
-    a("--report_to", default=None, help="accelerate tracker(s): tensorboard, wandb, ..., all, none")
+    a("--report_to", default=None, help="accelerate tracker(s): tensorboard, wandb, ..., all, none (default: "
+      "tensorboard when installed)")
     a("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",

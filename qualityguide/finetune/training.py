@@ -63,13 +63,16 @@ def check_mixed_precision(mixed_precision: str, device: torch.device | str) -> t
 
 
 def check_report_to(report_to: str | None) -> list[str] | None:
-    """The accelerate trackers for ``--report_to`` (comma-separated; ``none``/None: no tracker; ``all``: every
-    installed one). A tracker accelerate does not know, or one that is not installed, is refused here, before
-    training, instead of being dropped with a log line.
+    """The accelerate trackers for ``--report_to`` (comma-separated; ``none``: no tracker; ``all``: every installed
+    one; None: tensorboard when it is installed, else none). A tracker accelerate does not know, or one that is not
+    installed, is refused here, before training, instead of being dropped with a log line.
     """
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
-    if report_to is None or str(report_to).strip().lower() in ("", "none"):
+    if report_to is None:
+        installed = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+        return ["tensorboard"] if "tensorboard" in installed else None
+    if str(report_to).strip().lower() in ("", "none"):
         return None
     names = [n.strip() for n in str(report_to).split(",") if n.strip()]
     if "all" in names:
