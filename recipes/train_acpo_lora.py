@@ -125,7 +125,7 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
         caption = None if args.caption_column == "none" or not is_conditional(pipe) else args.caption_column
         with main():
             dataset = load_image_folder(args.image_dir, resolution, caption_column=caption, progress=progress)
-        source = "image_dir"
+        source, made_by = "image_dir", None
     else:
         if is_conditional(pipe) and args.prompts is None:
             raise InputError(f"{args.model} is a prompted model: pass --prompts FILE (train on its own samples) or "
@@ -140,9 +140,9 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
         accelerator.wait_for_everyone()
         with main():
             dataset = load_self_samples(pipe, settings, cache / "self_samples", progress=progress)
-        source = "self_samples"
+        source, made_by = "self_samples", settings.to_dict()
     with main():
-        return TrainingSamples.encode(pipe, dataset, cache / f"latents-{source}", source, progress=progress)
+        return TrainingSamples.encode(pipe, dataset, cache / f"latents-{source}", source, made_by, progress=progress)
 
 
 def main(argv=None) -> int:

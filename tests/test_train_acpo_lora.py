@@ -209,7 +209,8 @@ def test_resume_refuses_other_settings(prompts, cache, tmp_path):
     out = tmp_path / "run"
     run(sd_args(prompts, cache, out, 2))
     for extra, field in ((["--rank", "8"], "lora"), (["--w_anchor", "2"], "acpo"),
-                         (["--scorer", "niqe-embedded@224"], "scorer")):
+                         (["--scorer", "niqe-embedded@224"], "scorer"),
+                         (["--guidance_scale", "3", "--cache_dir", str(tmp_path / "other_cache")], "data")):
         reset_accelerate()
         with pytest.raises(InputError, match=f"saved for other settings \\({field}="):
             load_recipe().main(sd_args(prompts, cache, out, 4, [*extra, "--resume_from_checkpoint", "latest"]))

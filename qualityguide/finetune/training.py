@@ -274,11 +274,19 @@ def identity_difference(stored: dict | None, current: dict) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def dataset_identity(dataset, source: str) -> dict:
+def _sha256(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def dataset_identity(dataset, source: str, settings: dict | None = None) -> dict:
     """Identity of an :class:`~qualityguide.train.data.ImageFolderDataset` for the resume check: where it came from,
-    its resolution and crop, and a SHA-256 over its files (names and byte sizes) and captions."""
-    digest = hashlib.sha256(json.dumps([dataset.files, dataset.sizes, dataset.captions]).encode()).hexdigest()
-    return {"source": source, "count": len(dataset), "resolution": dataset.resolution, "files_sha256": digest}
+    its size and resolution, a SHA-256 over its files (names and byte sizes) and captions, and one over the
+    ``settings`` that made it (self samples: :meth:`SelfSampleSettings.to_dict`), if any."""
+    identity = {"source": source, "count": len(dataset), "resolution": dataset.resolution,
+                "files_sha256": _sha256([dataset.files, dataset.sizes, dataset.captions])}
+    if settings is not None:
+        identity["settings_sha256"] = _sha256(settings)
+    return identity
 
 
 class TrainingSamples:
@@ -301,8 +309,8 @@ class TrainingSamples:
         return len(self.clean)
 
     @classmethod
-    def encode(cls, pipe, dataset, cache_dir: str | os.PathLike, source: str, progress: bool = True
-               ) -> TrainingSamples:
+    def encode(cls, pipe, dataset, cache_dir: str | os.PathLike, source: str, settings: dict | None = None,
+               progress: bool = True) -> TrainingSamples:
         """Encode ``dataset`` for ``pipe``'s U-Net: latents through the VAE, cached in ``cache_dir`` (see
         :func:`qualityguide.train.cache_latents`; with several processes call it on the main process first), or,
         for a pixel-space ``UNet2DModel``, the images mapped to [-1,1] (kept in memory).
@@ -312,6 +320,7 @@ class TrainingSamples:
             dataset: an :class:`~qualityguide.train.data.ImageFolderDataset` (centre crop, no flip).
             cache_dir: the latent cache folder.
             source: ``"image_dir"`` or ``"self_samples"`` (recorded in the identity).
+            settings: what made the images (self samples: ``SelfSampleSettings.to_dict()``), hashed into the identity.
             progress: show tqdm bars.
         """
         from tqdm.auto import tqdm
@@ -326,7 +335,8 @@ class TrainingSamples:
             clean = torch.stack([to_vae_range(dataset.get(i)["pixels"])
                                  for i in tqdm(range(len(dataset)), desc="loading images", disable=not progress)])
         captions = (dataset.captions or [""] * len(dataset)) if conditional else None
-        return cls(clean.float(), list(captions) if captions is not None else None, dataset_identity(dataset, source))
+        return cls(clean.float(), list(captions) if captions is not None else None,
+                   dataset_identity(dataset, source, settings))
 
     def batch(self, indices: Sequence[int], device: torch.device | str, dtype: torch.dtype | None = None
               ) -> torch.Tensor:
