@@ -160,8 +160,9 @@ def main(argv=None) -> int:
     scorer = load_scorer(args.scorer, weights=args.scorer_weights, size=args.scorer_size, device=device)
     check_scorer(scorer, config)
     pipe = load_pipeline(args.model, dtype=weight_dtype, device=device)
-    targets = check_target_modules(pipe.unet, args.lora_target_modules.split(",") if args.lora_target_modules else None)
+    targets = check_target_modules(pipe.unet, args.lora_target_modules and args.lora_target_modules.split(","))
     resolution = args.resolution or native_resolution(pipe)
+    check_scorer(scorer, config, resolution)
     validation = None
     if args.validation_steps is not None:
         validation = ValidationSettings(args.validation_prompt if is_conditional(pipe) else None,

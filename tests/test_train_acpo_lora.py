@@ -226,6 +226,7 @@ def test_resume_refuses_other_settings(prompts, cache, tmp_path):
     ("targets", r"\['to_kk'\] match no module"),
     ("no_data", "pass --prompts FILE"),
     ("validation_prompt", "needs --validation_prompt"),
+    ("scorer_size", "needs images of at least 192 px.*--scorer niqe-embedded@192"),
 ])
 def test_bad_input_exits_2_with_one_line(prompts, cache, tmp_path, capsys, case, match):
     (tmp_path / "empty").mkdir()
@@ -237,7 +238,8 @@ def test_bad_input_exits_2_with_one_line(prompts, cache, tmp_path, capsys, case,
              "fp16_cpu": ["--mixed_precision", "fp16"],
              "targets": ["--lora_target_modules", "to_q,to_kk"],
              "no_data": ["--prompts", None],
-             "validation_prompt": ["--validation_steps", "1"]}[case]
+             "validation_prompt": ["--validation_steps", "1"],
+             "scorer_size": ["--scorer", "niqe-embedded"]}[case]
     argv = list(base)
     for flag, value in zip(extra[::2], extra[1::2]):
         if value is None:  # drop the flag

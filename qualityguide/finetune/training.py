@@ -35,8 +35,15 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def check_scorer(scorer: nn.Module | None, config: ACPOConfig) -> None:
-    """Refuse a missing or non-differentiable scorer when ``config.w_quality > 0`` (before any data is made)."""
+def check_scorer(scorer: nn.Module | None, config: ACPOConfig, resolution: int | None = None) -> None:
+    """Refuse a missing or non-differentiable scorer when ``config.w_quality > 0``, and one whose smallest accepted
+    image side exceeds ``resolution`` (before any data is made)."""
+    min_side = getattr(scorer, "min_side", 1)
+    if scorer is not None and resolution is not None and resolution < min_side:
+        name = getattr(scorer, "name", type(scorer).__name__)
+        raise InputError(f"scorer {name!r} needs images of at least {min_side} px, the training images are "
+                         f"{resolution} px; score them resized: --scorer {name}@{min_side} (or --scorer_size "
+                         f"{min_side}), or train at --resolution {min_side} or more")
     if config.w_quality == 0:
         return
     if scorer is None:
