@@ -5,6 +5,8 @@
 - :mod:`.lora`: add a LoRA adapter, switch it off for the base prediction, save and load it.
 - :mod:`.denoisers`: how SD, SDXL and pixel-space U-Nets are called and decoded.
 - :mod:`.sampling`: the differentiable K-step DDIM sample (DRaFT-K).
+- :mod:`.training`: the training run's pieces (LoRA preparation, training samples, LoRA-only checkpoints, checks).
+- :mod:`.validation`: validation images with fixed seeds, grids and scores, sent to trackers.
 """
 
 from .config import QUALITY_INPUTS, ACPOConfig

@@ -1,0 +1,365 @@
+"""The pieces an ACPO LoRA training run is built from (``recipes/train_acpo_lora.py``), each unit-tested.
+
+- :func:`prepare_lora_unet`: freeze the U-Net, add a LoRA (seeded), keep its weights in float32, optionally turn on
+  gradient checkpointing.
+- :class:`TrainingSamples`: the clean samples ``z0`` and captions a step draws from (an image folder or self
+  samples), encoded once, and the U-Net conditioning of a batch.
+- :class:`LoraCheckpointing`: accelerate ``save_state`` / ``load_state`` hooks so checkpoints hold the LoRA weights
+  (and the optimizer), never the whole U-Net, plus the identity a resumed run must match.
+- :func:`make_optimizer`, :func:`check_report_to`, :func:`check_mixed_precision`, :func:`check_scorer`: refuse
+  settings that cannot work before anything expensive runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..diffusion import pipeline_upcasts_vae, to_vae_range
+from ..errors import InputError, closest
+from ..identity import WeightIdentity
+from .config import ACPOConfig
+from .denoisers import unwrap
+from .lora import DEFAULT_TARGET_MODULES, add_lora, lora_parameters
+
+LORA_STATE_NAME = "lora_state.safetensors"
+BASE_IDENTITY_NAME = "base_unet_identity.safetensors"
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def check_scorer(scorer: nn.Module | None, config: ACPOConfig, resolution: int | None = None) -> None:
+    """Refuse a missing or non-differentiable scorer when ``config.w_quality > 0``, and one whose smallest accepted
+    image side exceeds ``resolution`` (before any data is made)."""
+    min_side = getattr(scorer, "min_side", 1)
+    if scorer is not None and resolution is not None and resolution < min_side:
+        name = getattr(scorer, "name", type(scorer).__name__)
+        raise InputError(f"scorer {name!r} needs images of at least {min_side} px, the training images are "
+                         f"{resolution} px; score them resized: --scorer {name}@{min_side} (or --scorer_size "
+                         f"{min_side}), or train at --resolution {min_side} or more")
+    if config.w_quality == 0:
+        return
+    if scorer is None:
+        raise InputError(f"w_quality={config.w_quality} needs a scorer; pass --scorer SPEC, or --w_quality 0")
+    if not getattr(scorer, "differentiable", False):
+        raise InputError(f"scorer {getattr(scorer, 'name', type(scorer).__name__)!r} is not differentiable, so it "
+                         f"cannot train with w_quality={config.w_quality}; use a differentiable scorer (e.g. "
+                         "niqe-embedded@192, pyiqa:topiq_nr), or --w_quality 0 to only log its score")
+
+
+def check_mixed_precision(mixed_precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The frozen weights' dtype for ``--mixed_precision`` (None: float32); fp16 is refused on a CPU.
+
+    Args:
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``.
+        device: the device training runs on (``accelerator.device``).
+    """
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise InputError(f"--mixed_precision {mixed_precision!r} is not known; allowed: {', '.join(MIXED_PRECISIONS)}")
+    if mixed_precision == "fp16" and torch.device(device).type == "cpu":
+        raise InputError("--mixed_precision fp16 on a CPU: CPUs have no fp16 autocast with gradient scaling; use "
+                         "--mixed_precision bf16 or no on a CPU, or run on a GPU")
+    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def check_report_to(report_to: str | None) -> list[str] | None:
+    """The accelerate trackers for ``--report_to`` (comma-separated; ``none``: no tracker; ``all``: every installed
+    one; None: tensorboard when it is installed, else none). A tracker accelerate does not know, or one that is not
+    installed, is refused here, before training, instead of being dropped with a log line.
+    """
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    if report_to is None:
+        installed = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+        return ["tensorboard"] if "tensorboard" in installed else None
+    if str(report_to).strip().lower() in ("", "none"):
+        return None
+    names = [n.strip() for n in str(report_to).split(",") if n.strip()]
+    if "all" in names:
+        return ["all"]
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            guess = closest(name, sorted(LOGGER_TYPE_TO_CLASS))
+            raise InputError(f"--report_to {name!r} is not an accelerate tracker; known: "
+                             f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}, all, none"
+                             + (f". Did you mean {guess!r}?" if guess else ""))
+        if name not in available:
+            raise InputError(f"--report_to {name}: the {name} package is not installed; pip install {name}, or "
+                             f"drop --report_to (installed trackers: {', '.join(sorted(available)) or 'none'})")
+    return names
+
+
+def make_optimizer(params: Sequence[nn.Parameter], learning_rate: float, weight_decay: float = 1e-2,
+                   use_8bit_adam: bool = False, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
+    """AdamW over ``params``; with ``use_8bit_adam`` bitsandbytes' ``AdamW8bit`` (CUDA only).
+
+    Raises:
+        InputError: a bad learning rate or weight decay; 8-bit Adam without bitsandbytes or off CUDA.
+    """
+    if not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise InputError(f"--learning_rate {learning_rate!r}: must be a positive number, e.g. 1e-4")
+    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        raise InputError(f"--adam_weight_decay {weight_decay!r}: must be a number >= 0, e.g. 1e-2")
+    params = list(params)
+    if not use_8bit_adam:
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    if torch.device(device).type != "cuda":
+        raise InputError(f"--use_8bit_adam needs a CUDA device (bitsandbytes' 8-bit optimizers), this run is on "
+                         f"{torch.device(device)}; drop --use_8bit_adam")
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken CUDA setup raised at import
+        raise InputError(f"--use_8bit_adam needs bitsandbytes, which cannot be imported ({type(exc).__name__}: "
+                         f"{exc}); pip install bitsandbytes, or drop --use_8bit_adam") from None
+    return bnb.optim.AdamW8bit(params, lr=learning_rate, weight_decay=weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+def check_target_modules(unet: nn.Module, target_modules: Sequence[str] | None) -> list[str]:
+    """The LoRA target module names (None: ``to_q, to_k, to_v, to_out.0``); every name must match at least one
+    module of ``unet`` (peft's rule: the full name or its last dotted parts), else an error with close matches."""
+    targets = list(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise InputError(f"--lora_target_modules {targets!r}: give module names, e.g. "
+                         f"{','.join(DEFAULT_TARGET_MODULES)}")
+    names = [n for n, _ in unet.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in unet.named_modules() if isinstance(m, (nn.Linear,
+                                                                                                   nn.Conv2d))})
+        guess = closest(unmatched[0], leaves)
+        raise InputError(f"--lora_target_modules: {unmatched} match no module of this {type(unet).__name__}; use "
+                         f"names such as {', '.join(DEFAULT_TARGET_MODULES)} (linear/conv layers here: "
+                         f"{', '.join(leaves[:12])}{', ...' if len(leaves) > 12 else ''})"
+                         + (f". Did you mean {guess!r}?" if guess else ""))
+    return targets
+
+
+def prepare_lora_unet(unet: nn.Module, rank: int = 4, alpha: float | None = None,
+                      target_modules: Sequence[str] | None = None, gradient_checkpointing: bool = False,
+                      seed: int = 0):
+    """Freeze ``unet``, add a trainable LoRA (B = 0, so it starts as the base model), upcast the LoRA weights to
+    float32 (frozen weights may be fp16/bf16) and optionally enable gradient checkpointing; in place.
+
+    The LoRA's random ``A`` factors are drawn after ``torch.manual_seed(seed)`` inside a forked CPU RNG, so every
+    process and every rerun starts from the same weights and the caller's CPU RNG is untouched.
+
+    Args:
+        unet: a ``UNet2DConditionModel`` or ``UNet2DModel``.
+        rank, alpha: LoRA rank and alpha (None: ``rank``).
+        target_modules: module names to adapt; every name must match at least one module (None: the attention
+            projections ``to_q, to_k, to_v, to_out.0``).
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more time).
+        seed: seed of the LoRA initialisation.
+
+    Returns:
+        The ``peft.LoraConfig`` used.
+    """
+    targets = check_target_modules(unet, target_modules)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = add_lora(unet, rank=rank, alpha=alpha, target_modules=targets)
+    for param in lora_parameters(unet):
+        param.data = param.data.float()
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return config
+
+
+def lora_identity(config) -> dict:
+    """The parts of a ``peft.LoraConfig`` a resumed run must share."""
+    targets = config.target_modules
+    return {"rank": int(config.r), "alpha": float(config.lora_alpha),
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else str(targets)}
+
+
+class LoraCheckpointing:
+    """accelerate hooks that put only the LoRA weights of ``unet`` in ``save_state`` checkpoints and read them back.
+
+    ``accelerator.save_state`` would write the whole prepared U-Net (gigabytes, mostly frozen); the save hook takes
+    the U-Net's entry out and writes ``lora_state.safetensors`` (peft's adapter state dict) plus the frozen base
+    U-Net's :class:`~qualityguide.identity.WeightIdentity`; the load hook fills the adapter from that file (read with
+    safetensors only). Optimizer, scaler and RNG states stay with accelerate.
+
+    Args:
+        unet: the adapted U-Net (unwrapped).
+        base_identity: ``WeightIdentity.of({"unet": unet})`` taken *before* the adapter was added.
+        adapter_name: the adapter to save and load.
+    """
+
+    def __init__(self, unet: nn.Module, base_identity: WeightIdentity, adapter_name: str = "default"):
+        self.unet, self.base_identity, self.adapter_name = unet, base_identity, adapter_name
+
+    def register(self, accelerator) -> None:
+        """Register the hooks (once, before ``accelerator.prepare`` or after; before any save or load)."""
+        accelerator.register_save_state_pre_hook(self._save_hook(accelerator))
+        accelerator.register_load_state_pre_hook(self.load_hook)
+
+    def _mine(self, models: list) -> int | None:
+        for i, model in enumerate(models):
+            if unwrap(model) is self.unet:
+                return i
+        return None
+
+    def _save_hook(self, accelerator):
+        def hook(models: list, weights: list, output_dir: str) -> None:
+            i = self._mine(models)
+            if i is None:
+                return
+            if weights:
+                weights.pop(i)  # accelerate then saves no model file for the U-Net
+            # ``models`` keeps its entry: accelerate numbers model files by position in the weights list
+            writer = accelerator.is_local_main_process if accelerator.project_configuration.save_on_each_node \
+                else accelerator.is_main_process
+            if writer:
+                self.save(output_dir)
+        return hook
+
+    def load_hook(self, models: list, input_dir: str) -> None:
+        """accelerate's load pre-hook: fill the adapter from ``input_dir`` and take the U-Net off accelerate's list."""
+        i = self._mine(models)
+        if i is None:
+            return
+        models.pop(i)
+        self.load(input_dir)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the adapter state and the base identity into ``directory``."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        state = get_peft_model_state_dict(self.unet, adapter_name=self.adapter_name)
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(Path(directory) / LORA_STATE_NAME),
+                  metadata={"format": "pt"})
+        self.base_identity.save(Path(directory) / BASE_IDENTITY_NAME)
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Fill the adapter from ``directory/lora_state.safetensors``; every LoRA weight must be there."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(directory) / LORA_STATE_NAME
+        if not path.is_file():
+            raise InputError(f"{path} not found: {directory} is not an ACPO LoRA checkpoint (it holds no LoRA "
+                             "state); resume from a checkpoint this recipe wrote, or use a new --output_dir")
+        state = load_file(str(path))
+        result = set_peft_model_state_dict(self.unet, state, adapter_name=self.adapter_name)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise InputError(f"{path} does not fit this LoRA (missing {missing[:3]}, unexpected "
+                             f"{list(result.unexpected_keys)[:3]}); resume with the --rank/--lora_target_modules it "
+                             "was saved with, or use a new --output_dir")
+
+    @staticmethod
+    def check_base(directory: str | os.PathLike, unet: nn.Module) -> None:
+        """Refuse to resume from ``directory`` if ``unet`` (before its adapter is added) holds other base weights."""
+        path = Path(directory) / BASE_IDENTITY_NAME
+        if not path.is_file():
+            raise InputError(f"{path} not found: {directory} is not an ACPO LoRA checkpoint; resume from one this "
+                             "recipe wrote, or use a new --output_dir")
+        WeightIdentity.load(path).check({"unet": unet}, what=f"checkpoint {directory} was trained on another base "
+                                        "U-Net", fix="resume with the --model it was trained from, or use a new "
+                                        "--output_dir")
+
+
+def identity_difference(stored: dict | None, current: dict) -> str | None:
+    """The first top-level field where a checkpoint's identity differs from this run's, as a message; else None."""
+    stored = stored if isinstance(stored, dict) else {}
+    for key, value in current.items():
+        if stored.get(key) != value:
+            there, here = (json.dumps(v, sort_keys=True) for v in (stored.get(key), value))
+            return f"{key}={there} there, {here} here"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _sha256(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def dataset_identity(dataset, source: str, settings: dict | None = None) -> dict:
+    """Identity of an :class:`~qualityguide.train.data.ImageFolderDataset` for the resume check: where it came from,
+    its size and resolution, a SHA-256 over its files (names and byte sizes) and captions, and one over the
+    ``settings`` that made it (self samples: :meth:`SelfSampleSettings.to_dict`), if any."""
+    identity = {"source": source, "count": len(dataset), "resolution": dataset.resolution,
+                "files_sha256": _sha256([dataset.files, dataset.sizes, dataset.captions])}
+    if settings is not None:
+        identity["settings_sha256"] = _sha256(settings)
+    return identity
+
+
+class TrainingSamples:
+    """Clean model-space samples ``z0`` (CPU float32 ``[N,C,h,w]``) and their captions, in dataset order.
+
+    Build with :meth:`encode`. ``captions`` is None for an unconditional (pixel-space) model.
+
+    Args:
+        clean: the samples: scaled VAE latents, or pixels in [-1,1] for a ``UNet2DModel``.
+        captions: one caption per sample, or None.
+        identity: what a resumed run must match (:func:`dataset_identity`).
+    """
+
+    def __init__(self, clean: torch.Tensor, captions: list[str] | None, identity: dict):
+        if captions is not None and len(captions) != len(clean):
+            raise InputError(f"{len(captions)} captions for {len(clean)} samples; give one caption per sample")
+        self.clean, self.captions, self.identity = clean, captions, identity
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    @classmethod
+    def encode(cls, pipe, dataset, cache_dir: str | os.PathLike, source: str, settings: dict | None = None,
+               progress: bool = True) -> TrainingSamples:
+        """Encode ``dataset`` for ``pipe``'s U-Net: latents through the VAE, cached in ``cache_dir`` (see
+        :func:`qualityguide.train.cache_latents`; with several processes call it on the main process first), or,
+        for a pixel-space ``UNet2DModel``, the images mapped to [-1,1] (kept in memory).
+
+        Args:
+            pipe: the pipeline (its VAE, if any, frozen).
+            dataset: an :class:`~qualityguide.train.data.ImageFolderDataset` (centre crop, no flip).
+            cache_dir: the latent cache folder.
+            source: ``"image_dir"`` or ``"self_samples"`` (recorded in the identity).
+            settings: what made the images (self samples: ``SelfSampleSettings.to_dict()``), hashed into the identity.
+            progress: show tqdm bars.
+        """
+        from tqdm.auto import tqdm
+
+        from ..train.latents import cache_latents
+
+        conditional = type(pipe.unet).__name__ == "UNet2DConditionModel"
+        if getattr(pipe, "vae", None) is not None:
+            clean = cache_latents(dataset, pipe.vae, cache_dir, upcast=pipeline_upcasts_vae(pipe),
+                                  progress=progress).mean
+        else:
+            clean = torch.stack([to_vae_range(dataset.get(i)["pixels"])
+                                 for i in tqdm(range(len(dataset)), desc="loading images", disable=not progress)])
+        captions = (dataset.captions or [""] * len(dataset)) if conditional else None
+        return cls(clean.float(), list(captions) if captions is not None else None,
+                   dataset_identity(dataset, source, settings))
+
+    def batch(self, indices: Sequence[int], device: torch.device | str, dtype: torch.dtype | None = None
+              ) -> torch.Tensor:
+        """The clean samples of ``indices`` on ``device`` (in ``dtype``, default float32)."""
+        return self.clean[torch.as_tensor(list(indices), dtype=torch.long)].to(device, dtype or torch.float32)
+
+    def conditioning(self, indices: Sequence[int], encoder, device: torch.device | str) -> dict | None:
+        """The U-Net conditioning of ``indices`` for :class:`~qualityguide.finetune.ACPOLoss`: SD
+        ``{"encoder_hidden_states"}``, SDXL also ``"added_cond_kwargs"``, None for an unconditional model.
+
+        Args:
+            indices: sample indices.
+            encoder: a :class:`qualityguide.train.PromptEncoder` for the pipeline (ignored when unconditional).
+            device: where the embeddings go.
+        """
+        if self.captions is None:
+            return None
+        embeds, extra = encoder([self.captions[i] for i in indices], device)
+        return {"encoder_hidden_states": embeds, **({"added_cond_kwargs": extra} if extra else {})}

@@ -1,0 +1,259 @@
+"""Fine-tune a LoRA with ACPO: raise a no-reference quality score while an anchor keeps the model near its base
+(DESIGN.md section 5).
+
+    accelerate launch recipes/train_acpo_lora.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --prompts prompts.txt --num_self_samples 1000 --scorer pyiqa:topiq_nr --mixed_precision fp16 \
+        --max_train_steps 2000 --validation_prompt "a photo of a lighthouse" --validation_steps 250 \
+        --report_to tensorboard
+    python recipes/train_acpo_lora.py --model tiny:sd --prompts prompts.txt --num_self_samples 8 \
+        --scorer niqe-embedded@192 --num_inference_steps 4 --max_train_steps 10 --output_dir out/     # offline, CPU
+
+Training data: with ``--prompts`` the base model's own samples (generated once with fixed seeds into
+``--cache_dir``, resumable), or an image folder with a ``metadata.csv`` (``--image_dir``, captions from
+``--caption_column``); unconditional models (``tiny:ddpm``) take ``--image_dir`` or prompt-less self samples. Latents
+are encoded once. Loss: :class:`qualityguide.finetune.ACPOLoss` (``--w_diff``, ``--w_anchor``, ``--w_quality``, ...);
+a NaN or infinite term stops the run (exit code 1) before the optimizer step, so the last checkpoint stays good.
+Checkpoints (``save_state``: LoRA weights, optimizer) every ``--checkpointing_steps``, written atomically; rerun
+with ``--resume_from_checkpoint latest`` to continue exactly as an uninterrupted run would. The result is
+``OUTPUT_DIR/pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(OUTPUT_DIR)``); for a pixel-space
+``UNet2DModel`` peft's ``adapter_model.safetensors`` (``qualityguide.finetune.load_lora``).
+
+Exit codes: 0 done, 1 training stopped (non-finite loss), 2 bad input. Every piece comes from
+``qualityguide.finetune`` and ``qualityguide.train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from qualityguide.diffusion import pipeline_upcasts_vae
+from qualityguide.errors import InputError, QualityGuideError, TrainingError
+from qualityguide.finetune import ACPOConfig, ACPOLoss, lora_parameters, save_lora
+from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_mixed_precision, check_report_to,
+                                            check_scorer, check_target_modules, identity_difference, lora_identity,
+                                            make_optimizer, prepare_lora_unet)
+from qualityguide.finetune.validation import ValidationSettings, run_validation
+from qualityguide.identity import WeightIdentity
+from qualityguide.pipelines import load_pipeline
+from qualityguide.scorers import DEFAULT_SCORER, load_scorer
+from qualityguide.train import (CheckpointManager, PromptEncoder, batch_indices, check_finite, load_image_folder,
+                                mean_over_processes, read_marker, step_generator)
+from qualityguide.train.log import StepLog
+from qualityguide.train.self_samples import (SelfSampleSettings, generate_self_samples, is_conditional,
+                                             load_self_samples, native_resolution, open_self_samples, read_prompts)
+
+DEFAULTS = ACPOConfig()
+TERMS = ("loss", "diffusion", "anchor", "quality")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", required=True, help="hub id, local pipeline folder, tiny:sd, tiny:sdxl, tiny:ddpm")
+    a("--scorer", default=DEFAULT_SCORER, help="quality scorer spec, optionally SPEC@SIZE (e.g. niqe-embedded@192)")
+    a("--scorer_weights", default=None, help="local weights / parameter file of the scorer")
+    a("--scorer_size", type=int, default=None, help="score after resizing the short side to this many pixels")
+    a("--prompts", default=None, help="text file, one prompt per line: train on the base model's own samples")
+    a("--image_dir", default=None, help="image folder with metadata.csv: train on these images")
+    a("--caption_column", default="text", help="caption column of --image_dir ('none': empty captions)")
+    a("--num_self_samples", type=int, default=64, help="self samples to generate (with --prompts or unconditional)")
+    a("--resolution", type=int, default=None, help="image side (default: the model's native size)")
+    a("--cache_dir", default=None, help="self-sample and latent cache (default OUTPUT_DIR/cache)")
+    a("--rank", type=int, default=4, help="LoRA rank")
+    a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    a("--lora_target_modules", default=None, help="comma-separated module names (default to_q,to_k,to_v,to_out.0)")
+    a("--w_diff", type=float, default=DEFAULTS.w_diff, help="weight of the diffusion (noise-prediction) loss")
+    a("--w_anchor", type=float, default=DEFAULTS.w_anchor, help="weight of the anchor to the base model")
+    a("--w_quality", type=float, default=DEFAULTS.w_quality, help="weight of the mean quality score (maximised)")
+    a("--t_quality_max", type=int, default=DEFAULTS.t_quality_max, help="quality term on timesteps <= this")
+    a("--quality_fraction", type=float, default=DEFAULTS.quality_fraction,
+      help="share of each batch drawn in [0, t_quality_max]")
+    a("--quality_input", default=DEFAULTS.quality_input, choices=["one_step", "k_step"])
+    a("--k_steps", type=int, default=DEFAULTS.k_steps, help="DDIM steps of the k_step quality input")
+    a("--k_grad_steps", type=int, default=DEFAULTS.k_grad_steps, help="last k steps with gradients (default all)")
+    a("--snr_gamma", type=float, default=DEFAULTS.snr_gamma, help="min-SNR-gamma weighting of the diffusion term")
+    a("--output_dir", default="acpo-lora")
+    a("--max_train_steps", type=int, required=True)
+    a("--train_batch_size", type=int, default=4, help="per process")
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--gradient_checkpointing", action="store_true")
+    a("--learning_rate", type=float, default=1e-4)
+    a("--adam_weight_decay", type=float, default=1e-2)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit (CUDA only)")
+    a("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    a("--num_inference_steps", type=int, default=30, help="sampler steps of self samples and validation images")
+    a("--guidance_scale", type=float, default=7.5, help="CFG scale of self samples and validation images")
+    a("--validation_steps", type=int, default=None, help="validation images every N steps (default: none)")
+    a("--validation_prompt", default=None)
+    a("--num_validation_images", type=int, default=4)
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help="'latest', a checkpoint name or path")
+    a("--report_to", default=None, help="accelerate tracker(s): tensorboard, wandb, ..., all, none (default: "
+      "tensorboard when installed)")
+    a("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                 "num_inference_steps", "num_validation_images", "num_self_samples", "rank"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.validation_steps is not None and args.validation_steps < 1:
+        p.error(f"--validation_steps {args.validation_steps}: must be >= 1")
+    if args.prompts is not None and args.image_dir is not None:
+        p.error("--prompts (train on the base model's own samples) and --image_dir (train on a folder) exclude each "
+                "other; pass one of them")
+    return args
+
+
+def acpo_config(args) -> ACPOConfig:
+    return ACPOConfig(w_diff=args.w_diff, w_anchor=args.w_anchor, w_quality=args.w_quality,
+                      t_quality_max=args.t_quality_max, quality_fraction=args.quality_fraction,
+                      quality_input=args.quality_input, k_steps=args.k_steps, k_grad_steps=args.k_grad_steps,
+                      snr_gamma=args.snr_gamma)
+
+
+def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> TrainingSamples:
+    """The image folder, or the base model's own samples (generated in shares by every process), encoded once."""
+    main, progress = accelerator.main_process_first, accelerator.is_main_process
+    if args.image_dir is not None:
+        caption = None if args.caption_column == "none" or not is_conditional(pipe) else args.caption_column
+        with main():
+            dataset = load_image_folder(args.image_dir, resolution, caption_column=caption, progress=progress)
+        source, made_by = "image_dir", None
+    else:
+        if is_conditional(pipe) and args.prompts is None:
+            raise InputError(f"{args.model} is a prompted model: pass --prompts FILE (train on its own samples) or "
+                             "--image_dir DIR (train on a folder)")
+        prompts = read_prompts(args.prompts) if args.prompts is not None else None
+        settings = SelfSampleSettings.for_pipeline(pipe, prompts, args.num_self_samples, resolution,
+                                                   args.num_inference_steps, args.guidance_scale, args.seed, args.model)
+        with main():
+            open_self_samples(pipe, settings, cache / "self_samples")
+        generate_self_samples(pipe, settings, cache / "self_samples", process_index=accelerator.process_index,
+                              num_processes=accelerator.num_processes, progress=progress)
+        accelerator.wait_for_everyone()
+        with main():
+            dataset = load_self_samples(pipe, settings, cache / "self_samples", progress=progress)
+        source, made_by = "self_samples", settings.to_dict()
+    with main():
+        return TrainingSamples.encode(pipe, dataset, cache / f"latents-{source}", source, made_by, progress=progress)
+
+
+def main(argv=None) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    args = parse_args(argv)
+    report_to = check_report_to(args.report_to)
+    config = acpo_config(args)
+    out = Path(args.output_dir)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=report_to,
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    weight_dtype = check_mixed_precision(args.mixed_precision, accelerator.device)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    scorer = load_scorer(args.scorer, weights=args.scorer_weights, size=args.scorer_size, device=device)
+    check_scorer(scorer, config)
+    pipe = load_pipeline(args.model, dtype=weight_dtype, device=device)
+    targets = check_target_modules(pipe.unet, args.lora_target_modules and args.lora_target_modules.split(","))
+    resolution = args.resolution or native_resolution(pipe)
+    check_scorer(scorer, config, resolution)
+    validation = None
+    if args.validation_steps is not None:
+        validation = ValidationSettings(args.validation_prompt if is_conditional(pipe) else None,
+                                        args.num_validation_images, resolution, args.num_inference_steps,
+                                        args.guidance_scale, args.seed)
+        if is_conditional(pipe) and validation.prompt is None:
+            raise InputError("--validation_steps needs --validation_prompt TEXT for a prompted model")
+    samples = training_samples(args, accelerator, pipe, resolution, Path(args.cache_dir or out / "cache"))
+
+    manager = CheckpointManager(out, args.checkpoints_total_limit)
+    resume = manager.resolve(args.resume_from_checkpoint)
+    if resume is not None:
+        LoraCheckpointing.check_base(resume, pipe.unet)  # before the adapter changes the U-Net's parameters
+    base_identity = WeightIdentity.of({"unet": pipe.unet})
+    lora = prepare_lora_unet(pipe.unet, args.rank, args.lora_alpha, targets, args.gradient_checkpointing, args.seed)
+    identity = {"lora": lora_identity(lora), "acpo": config.to_dict(), "data": samples.identity,
+                "scorer": scorer.name, "model_class": type(pipe.unet).__name__}
+    if resume is not None:
+        why = identity_difference((read_marker(resume).get("extra") or {}).get("identity"), identity)
+        if why is not None:
+            raise InputError(f"{resume} was saved for other settings ({why}); resume with the same settings, or use "
+                             "a new --output_dir")
+    optimizer = make_optimizer(lora_parameters(pipe.unet), args.learning_rate, args.adam_weight_decay,
+                               args.use_8bit_adam, device)
+    LoraCheckpointing(pipe.unet, base_identity).register(accelerator)
+    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    pipe.unet.train()
+    vae = getattr(pipe, "vae", None)  # the loss calls the prepared (DDP) U-Net, which syncs gradients
+    loss_fn = ACPOLoss(unet, pipe.scheduler, scorer, config, vae=vae,
+                       upcast_vae=vae is not None and pipeline_upcasts_vae(pipe))
+    params = lora_parameters(pipe.unet)
+    encoder = PromptEncoder(pipe, resolution) if is_conditional(pipe) else None
+    start = manager.load(accelerator, resume)[0] if resume is not None else 0
+    if report_to:
+        accelerator.init_trackers("train_acpo_lora", config={k: v for k, v in vars(args).items()
+                                                             if isinstance(v, (int, float, str, bool))})
+    log = StepLog(out, start) if accelerator.is_main_process else None
+    accum = args.gradient_accumulation_steps
+    progress = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="ACPO",
+                    disable=not accelerator.is_main_process)
+    for step in progress:
+        sums = dict.fromkeys(TERMS, 0.0)
+        for micro in range(accum):
+            s = step * accum + micro
+            index = batch_indices(len(samples), args.train_batch_size, s, args.seed, world, rank)
+            clean = samples.batch(index, device, weight_dtype)
+            with accelerator.no_sync(unet) if micro < accum - 1 else nullcontext():
+                terms = loss_fn(clean, samples.conditioning(index, encoder, device), generator=step_generator(
+                    args.seed, s, rank))
+                accelerator.backward(terms["loss"] / accum)
+            sums = {k: sums[k] + terms[k].detach().float() / accum for k in TERMS}
+        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        values = mean_over_processes(sums, accelerator)  # NaN on any process reaches all: they stop together
+        # fp16's GradScaler skips steps with overflowing gradients itself; elsewhere they are a real failure
+        check_finite({**values, **({} if args.mixed_precision == "fp16" else {"grad_norm": grad_norm})}, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if log is not None:
+            log.write(step, values)
+            progress.set_postfix(loss=f"{values['loss']:.4f}", quality=f"{values['quality']:.3f}")
+        accelerator.log(values, step=step)
+        if (step + 1) % args.checkpointing_steps == 0:
+            manager.save(accelerator, step + 1, extra={"identity": identity})
+        if validation is not None and (step + 1) % args.validation_steps == 0:
+            if accelerator.is_main_process:
+                with accelerator.autocast():
+                    scores = run_validation(pipe, validation, step + 1, out, scorer, accelerator.trackers)
+                accelerator.log(scores, step=step)
+            accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        log.close()
+        path = save_lora(pipe.unet, out)
+        print(f"saved the ACPO LoRA to {path}")
+    del unet, optimizer, loss_fn  # a gloo process that exits still holding DDP can abort (torch 2.14)
+    accelerator.free_memory()
+    accelerator.end_training()
+    return 0
+
+
+def cli(argv=None) -> int:
+    """``main`` with exit codes: 0 done, 1 training stopped (non-finite loss), 2 bad input (one line on stderr)."""
+    try:
+        return main(argv)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except QualityGuideError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
