@@ -56,6 +56,14 @@ def test_adapter_stays_off_the_sampling_and_assessment_paths():
                                           "qualityguide.testing")), (path.name, module)
 
 
+def test_finetune_stays_off_the_other_capabilities():
+    """ACPO builds on diffusion, scorers, identity and train; it needs neither LGDM, the callback nor the adapter."""
+    for path in sorted((PACKAGE / "finetune").rglob("*.py")):
+        for module in _imports(path):
+            assert not module.startswith(("qualityguide.lgdm", "qualityguide.guidance", "qualityguide.adapter",
+                                          "qualityguide.testing", "qualityguide.cli")), (path.name, module)
+
+
 def test_importing_the_library_loads_neither_testing_nor_the_callback():
     code = ("import sys, qualityguide, qualityguide.lgdm, qualityguide.pipelines, qualityguide.scorers; "
             "print(sorted(m for m in sys.modules if m.startswith(('qualityguide.testing', 'qualityguide.guidance'))))")
