@@ -15,7 +15,9 @@ and the components ACPO adds, timed in the same rounds:
 * ``quality_k``: decoder + scorer forward and backward on ``k`` one-step clean estimates (``k`` = the quality
   samples of each ACPO variant).
 
-``ratio = ACPO step / (plain + anchor + quality_k)``: 1.0 means ACPO costs exactly its parts (target <= 1.10).
+``ratio = ACPO step / (plain + anchor + quality_k)`` on medians: 1.0 means ACPO costs exactly its parts (target
+<= 1.10). ``ratio_of_minima`` is the same on each variant's fastest round: on a shared machine other processes only
+ever add time, so the minima are the least disturbed estimate.
 Peak memory: CUDA ``max_memory_allocated`` per variant; on CPU the process RSS sampled every 2 ms by a psutil
 thread during one extra (untimed) step of each variant, reported as the peak and as the rise over the RSS before
 that step (the resident model; freed heap is returned to the OS with glibc's ``malloc_trim`` first).
@@ -243,6 +245,7 @@ def run(args) -> dict:
                 step(args.repeats + 1)
             peaks[name] = {"peak_bytes": int(meter.peak), "rise_bytes": int(meter.peak - meter.baseline)}
     median = {name: statistics.median(values) for name, values in times.items()}
+    fastest = {name: min(values) for name, values in times.items()}
     result = {"model": args.model, "device": args.device, "dtype": args.dtype or "fp32", "size": size,
               "batch": args.batch_size, "repeats": args.repeats, "rank": args.rank, "scorer": scorer.name,
               "threads": torch.get_num_threads(), "platform": platform.platform(),
@@ -251,12 +254,14 @@ def run(args) -> dict:
               "memory_kind": ("cuda max_memory_allocated" if device.type == "cuda" else
                               "process RSS sampled every 2 ms by psutil (peak, and rise over the RSS before the step)"),
               "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "median_s": median, "all_s": times, "memory": peaks, "target_ratio": TARGET, "ratios": {}}
+              "median_s": median, "min_s": fastest, "all_s": times, "memory": peaks, "target_ratio": TARGET, "ratios": {}}
     for name, k in bench.counts.items():
         parts = median["plain"] + median["anchor"] + median.get(f"quality_{k}", 0.0)
+        parts_min = fastest["plain"] + fastest["anchor"] + fastest.get(f"quality_{k}", 0.0)
         result["ratios"][name] = {"acpo_s": median[name], "parts_s": parts, "ratio": median[name] / parts,
                                   "over_plain": median[name] / median["plain"],
-                                  "meets_target": median[name] / parts <= TARGET}
+                                  "meets_target": median[name] / parts <= TARGET,
+                                  "ratio_of_minima": fastest[name] / parts_min}
     return result
 
 
@@ -266,16 +271,18 @@ def markdown(r: dict) -> str:
     lines = [f"ACPO step cost, `{r['model']}`{label} on {r['device']} ({r['dtype']}, {r['threads']} thread(s)), "
              f"{r['size']} px, batch {r['batch']}, LoRA rank {r['rank']}, scorer `{r['scorer']}`; median of "
              f"{r['repeats']} interleaved rounds after a warm-up.", "",
-             f"| variant | s per step | peak MiB | rise MiB |", "|---|---|---|---|"]
+             "| variant | median s per step | min s | peak MiB | rise MiB |", "|---|---|---|---|---|"]
     for name, s in r["median_s"].items():
         m = r["memory"][name]
-        lines.append(f"| {name} | {s:.3f} | {m['peak_bytes'] / mib:.0f} | {m['rise_bytes'] / mib:.0f} |")
+        lines.append(f"| {name} | {s:.3f} | {r['min_s'][name]:.3f} | {m['peak_bytes'] / mib:.0f} | "
+                     f"{m['rise_bytes'] / mib:.0f} |")
     lines += ["", f"Memory: {r['memory_kind']}.", "",
               f"| ACPO variant | quality samples | ACPO s | plain + anchor + quality s | ratio (target <= {r['target_ratio']}) "
-              "| ACPO / plain |", "|---|---|---|---|---|---|"]
+              "| ratio of minima | ACPO / plain |", "|---|---|---|---|---|---|---|"]
     for name, q in r["ratios"].items():
         lines.append(f"| {name} | {r['quality_samples'][name]} | {q['acpo_s']:.3f} | {q['parts_s']:.3f} | "
-                     f"{q['ratio']:.3f} ({'meets' if q['meets_target'] else 'misses'}) | {q['over_plain']:.2f} |")
+                     f"{q['ratio']:.3f} ({'meets' if q['meets_target'] else 'misses'}) | {q['ratio_of_minima']:.3f} | "
+                     f"{q['over_plain']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

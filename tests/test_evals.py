@@ -70,3 +70,82 @@ def test_nriqa_trained_variants_learn_noise_level(tmp_path):
     assert "random weights" in results["variants"]["lgdm:psi=none"]["label"]
     assert "mechanics check" in (out / "trained.md").read_text()
     assert (out / "trained_srcc.png").stat().st_size > 1000
+
+
+def _module(name):
+    """An evals/ script as a module, registered in sys.modules (dataclasses and pickling look it up there)."""
+    import sys
+
+    if name not in sys.modules:
+        sys.modules[name] = _load(name)
+    return sys.modules[name]
+
+
+def _tiny_sd_lora(directory, scale):
+    """A LoRA for tiny:sd (seed 0): add_lora, lora_B set to ``scale`` x a seeded normal draw (0: a zero LoRA), saved."""
+    import torch
+
+    from qualityguide.finetune import add_lora, save_lora
+    from qualityguide.testing import tiny_sd
+
+    unet = tiny_sd().unet
+    add_lora(unet, rank=4)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    save_lora(unet, directory)
+    return directory
+
+
+def test_finetune_eval_smoke_on_tiny_sd(tmp_path):
+    """Base vs LoRA on tiny:sd: a perturbed LoRA drifts, a zero LoRA (lora_B = 0) does not, CLIP is skipped offline."""
+    finetune = _module("finetune")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# held out\na red fox in snow\na lighthouse at night\n")
+    common = ["--model", "tiny:sd", "--prompts", str(prompts), "--seeds", "0", "1", "--steps", "2",
+              "--scorer", "niqe-embedded@192", "--held-out-scorer", "niqe-embedded@256", "--drift-timesteps", "2",
+              "--n-boot", "50"]
+    runs = {}
+    for name, scale in (("perturbed", 0.5), ("zero", 0.0)):
+        lora = _tiny_sd_lora(tmp_path / f"lora_{name}", scale)
+        runs[name] = finetune.main(common + ["--lora", str(lora), "--out", str(tmp_path / name)])
+    perturbed, zero = runs["perturbed"], runs["zero"]
+    assert perturbed["drift"]["mean"] > 0 and all(d > 0 for d in perturbed["drift"]["per_prompt"])
+    assert zero["drift"]["mean"] == 0.0
+    for role in ("guiding", "held_out"):
+        gain = perturbed["gains"][role]
+        assert np.isfinite(gain["gain"]) and gain["gain_ci95"][0] <= gain["gain"] <= gain["gain_ci95"][1] + 1e-9
+        assert gain["gain"] == pytest.approx(gain["finetuned_mean"] - gain["base_mean"])
+        assert zero["gains"][role]["gain"] == 0.0  # identical images with a zero LoRA
+    assert perturbed["clip"]["skipped"] and "--clip-weights" in perturbed["clip"]["note"]
+    assert zero["diversity"]["base"] == pytest.approx(zero["diversity"]["finetuned"])
+    assert perturbed["prompts"] == 2 and perturbed["mechanics_only"]
+    out = tmp_path / "perturbed"
+    assert json.loads((out / "results.json").read_text())["drift"]["mean"] == perturbed["drift"]["mean"]
+    assert "mechanics only" in (out / "results.md").read_text()
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size[1] == 2 * 64 + 14 and grid.size[0] > 4 * 64
+
+
+def test_finetune_eval_on_an_unconditional_pixel_model(tmp_path):
+    """tiny:ddpm with a peft-format LoRA: no prompts, so one unconditional row and no CLIP score."""
+    import torch
+
+    from qualityguide.finetune import add_lora, save_lora
+    from qualityguide.testing import tiny_ddpm
+
+    unet = tiny_ddpm().unet
+    add_lora(unet, rank=2)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    save_lora(unet, tmp_path / "lora")
+    result = _module("finetune").main(["--model", "tiny:ddpm", "--lora", str(tmp_path / "lora"), "--seeds", "0", "1",
+                                       "--steps", "2", "--scorer", "niqe-embedded@192", "--held-out-scorer",
+                                       "niqe-embedded@256", "--n-boot", "20", "--out", str(tmp_path / "out")])
+    assert result["prompts"] == 1 and result["cfg"] is None and result["drift"]["mean"] > 0
+    assert result["clip"]["skipped"] and "unconditional" in result["clip"]["note"]
+    assert "no CFG" in (tmp_path / "out" / "results.md").read_text()
