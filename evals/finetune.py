@@ -283,8 +283,9 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def markdown(r: dict) -> str:
     label = " **Random weights: mechanics only, not quality.**" if r["mechanics_only"] else ""
+    cfg = "no CFG" if r["cfg"] is None else f"CFG {r['cfg']}"
     lines = [f"Base vs LoRA `{r['lora']}` on `{r['model']}`: {r['prompts']} prompt(s) x {len(r['seeds'])} seed(s), "
-             f"{r['steps']} steps, {'no CFG' if r['cfg'] is None else f'CFG {r[\'cfg\']}'}, {r['size']} px.{label}", "",
+             f"{r['steps']} steps, {cfg}, {r['size']} px.{label}", "",
              "| measure | base | fine-tuned | gain [95% CI] | improved |", "|---|---|---|---|---|"]
     for role, g in r["gains"].items():
         lines.append(f"| {role} `{r['scorers'][role]}` | {g['base_mean']:.4g} | {g['finetuned_mean']:.4g} | "
