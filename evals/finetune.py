@@ -136,11 +136,17 @@ def drift(pipe, clean: torch.Tensor, prompt: str, size: int, repeats: int, seed:
 
 
 def paired(tuned: np.ndarray, base: np.ndarray, n_boot: int) -> dict:
-    """Mean gain (fine-tuned - base) over paired images with a percentile bootstrap 95% interval."""
+    """Mean gain (fine-tuned - base) over paired images with a percentile bootstrap 95% interval (None below 3
+    pairs, too few to resample)."""
     diff = tuned - base
-    lo, hi = bootstrap_ci(diff, diff, lambda a, b: float(np.mean(a)), n_boot=n_boot)
+    ci = list(bootstrap_ci(diff, diff, lambda a, b: float(np.mean(a)), n_boot=n_boot)) if diff.size >= 3 else None
     return {"base_mean": float(base.mean()), "finetuned_mean": float(tuned.mean()), "gain": float(diff.mean()),
-            "gain_ci95": [lo, hi], "fraction_improved": float((diff > 0).mean())}
+            "gain_ci95": ci, "fraction_improved": float((diff > 0).mean())}
+
+
+def _ci(g: dict, digits: int) -> str:
+    return "n/a (< 3 pairs)" if g["gain_ci95"] is None else (f"[{g['gain_ci95'][0]:+.{digits}g}, "
+                                                              f"{g['gain_ci95'][1]:+.{digits}g}]")
 
 
 @torch.no_grad()
@@ -289,14 +295,14 @@ def markdown(r: dict) -> str:
              "| measure | base | fine-tuned | gain [95% CI] | improved |", "|---|---|---|---|---|"]
     for role, g in r["gains"].items():
         lines.append(f"| {role} `{r['scorers'][role]}` | {g['base_mean']:.4g} | {g['finetuned_mean']:.4g} | "
-                     f"{g['gain']:+.4g} [{g['gain_ci95'][0]:+.3g}, {g['gain_ci95'][1]:+.3g}] | "
+                     f"{g['gain']:+.4g} {_ci(g, 3)} | "
                      f"{g['fraction_improved']:.0%} |")
     c = r["clip"]
     if c["skipped"]:
         lines.append(f"| CLIP score | - | - | {c['note']} | - |")
     else:
         lines.append(f"| CLIP score ({c['model']}) | {c['base_mean']:.2f} | {c['finetuned_mean']:.2f} | "
-                     f"{c['gain']:+.2f} [{c['gain_ci95'][0]:+.2f}, {c['gain_ci95'][1]:+.2f}] | "
+                     f"{c['gain']:+.2f} {_ci(c, 3)} | "
                      f"{c['fraction_improved']:.0%} |")
     d = r["diversity"]
     fmt = (lambda v: "n/a (one seed)" if v is None else f"{v:.4g}")
