@@ -149,3 +149,29 @@ def test_finetune_eval_on_an_unconditional_pixel_model(tmp_path):
     assert result["prompts"] == 1 and result["cfg"] is None and result["drift"]["mean"] > 0
     assert result["clip"]["skipped"] and "unconditional" in result["clip"]["note"]
     assert "no CFG" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_acpo_toy_smoke(tmp_path):
+    """Two anchor weights, a few steps on a few crops of the shared photos: structure, files, finite numbers."""
+    from qualityguide.data import shared_data_dir
+
+    if shared_data_dir() is None:
+        pytest.skip("shared evaluation data (../shared/data or $QUALITYGUIDE_DATA) not found")
+    acpo_toy = _module("acpo_toy")
+    out = tmp_path / "out"
+    summary = acpo_toy.main(["--anchor-weights", "0", "3", "--steps", "3", "--n-images", "20", "--base-steps", "8",
+                             "--samples", "4", "--sample-steps", "3", "--probe", "6", "--probe-timesteps", "3",
+                             "--n-boot", "20", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    assert [r["w_anchor"] for r in summary["runs"]] == [0.0, 3.0]
+    for r in summary["runs"]:
+        assert np.isfinite(r["drift"]) and r["drift"] > 0  # three steps move a B=0 LoRA off the base
+        for role in ("guiding", "held_out"):
+            gain = r["gains"][role]
+            assert gain["pairs"] <= 4 and (gain["pairs"] == 0 or np.isfinite(gain["gain"]))
+        assert set(r["final_terms"]) == {"loss", "diffusion", "anchor", "quality"}
+    assert summary["scorers"]["guiding"] == acpo_toy.toy_task.TOY_SCORER
+    assert json.loads((out / "summary.json").read_text())["runs"][1]["w_anchor"] == 3.0
+    assert "| 3 |" in (out / "results.md").read_text()
+    assert (out / "tradeoff.png").stat().st_size > 1000
+    with Image.open(out / "grid.png") as grid:  # rows: base + two anchor weights, 4 samples each
+        assert 0.65 < grid.size[1] / grid.size[0] < 0.85
