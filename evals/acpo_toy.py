@@ -45,7 +45,7 @@ from qualityguide.protocol import bootstrap_ci  # noqa: E402
 from qualityguide.train import batch_indices, step_generator  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_ANCHORS = (0.0, 0.3, 1.0, 3.0, 10.0)
+DEFAULT_ANCHORS = (0.0, 1.0, 3.0, 10.0, 30.0)
 
 
 @dataclass
@@ -273,7 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     if len(set(args.anchor_weights)) != len(args.anchor_weights) or min(args.anchor_weights) < 0:
-        parser.error(f"--anchor-weights {args.anchor_weights}: distinct values >= 0, e.g. 0 0.3 1 3 10")
+        parser.error(f"--anchor-weights {args.anchor_weights}: distinct values >= 0, e.g. 0 1 3 10 30")
     return args
 
 
