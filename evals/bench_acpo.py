@@ -24,7 +24,8 @@ that step (the resident model; freed heap is returned to the OS with glibc's ``m
 
     python evals/bench_acpo.py --model tiny:sd --repeats 2
     python evals/bench_acpo.py --model random:sd15 --height 256 --batch-size 2 --repeats 3
-    python evals/bench_acpo.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --height 512 --batch-size 4
+    python evals/bench_acpo.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --height 512 \
+        --batch-size 4
 
 Writes ``evals/results/bench_acpo/<model>_<size>px_b<batch>.json`` / ``.md`` / ``.png`` and prints the JSON.
 Random-weight models (``tiny:``, ``random:``) measure cost only, never quality.
@@ -254,7 +255,8 @@ def run(args) -> dict:
               "memory_kind": ("cuda max_memory_allocated" if device.type == "cuda" else
                               "process RSS sampled every 2 ms by psutil (peak, and rise over the RSS before the step)"),
               "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "median_s": median, "min_s": fastest, "all_s": times, "memory": peaks, "target_ratio": TARGET, "ratios": {}}
+              "median_s": median, "min_s": fastest, "all_s": times, "memory": peaks, "target_ratio": TARGET,
+              "ratios": {}}
     for name, k in bench.counts.items():
         parts = median["plain"] + median["anchor"] + median.get(f"quality_{k}", 0.0)
         parts_min = fastest["plain"] + fastest["anchor"] + fastest.get(f"quality_{k}", 0.0)
@@ -277,8 +279,9 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {s:.3f} | {r['min_s'][name]:.3f} | {m['peak_bytes'] / mib:.0f} | "
                      f"{m['rise_bytes'] / mib:.0f} |")
     lines += ["", f"Memory: {r['memory_kind']}.", "",
-              f"| ACPO variant | quality samples | ACPO s | plain + anchor + quality s | ratio (target <= {r['target_ratio']}) "
-              "| ratio of minima | ACPO / plain |", "|---|---|---|---|---|---|---|"]
+              "| ACPO variant | quality samples | ACPO s | plain + anchor + quality s | "
+              f"ratio (target <= {r['target_ratio']}) | ratio of minima | ACPO / plain |",
+              "|---|---|---|---|---|---|---|"]
     for name, q in r["ratios"].items():
         lines.append(f"| {name} | {r['quality_samples'][name]} | {q['acpo_s']:.3f} | {q['parts_s']:.3f} | "
                      f"{q['ratio']:.3f} ({'meets' if q['meets_target'] else 'misses'}) | {q['ratio_of_minima']:.3f} | "

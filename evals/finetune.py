@@ -305,8 +305,8 @@ def markdown(r: dict) -> str:
                      f"{c['gain']:+.2f} {_ci(c, 3)} | "
                      f"{c['fraction_improved']:.0%} |")
     d = r["diversity"]
-    fmt = (lambda v: "n/a (one seed)" if v is None else f"{v:.4g}")
-    lines += [f"| diversity | {fmt(d['base'])} | {fmt(d['finetuned'])} | | |", "",
+    base, tuned = ("n/a (one seed)" if d[arm] is None else f"{d[arm]:.4g}" for arm in ("base", "finetuned"))
+    lines += [f"| diversity | {base} | {tuned} | | |", "",
               f"Drift (ACPO's anchor figure): **{r['drift']['mean']:.4g}** ({r['drift']['definition']}).",
               f"Diversity: {d['measure']}.",
               "A gain on the guiding scorer without one on the held-out scorer suggests reward hacking.", ""]
