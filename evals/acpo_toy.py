@@ -220,6 +220,7 @@ def plot(s: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.NullFormatter below)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     for ax, role, colour in zip(axes, ("guiding", "held_out"), ("C0", "C1")):
@@ -230,7 +231,12 @@ def plot(s: dict, path: Path) -> None:
             ax.annotate(f"w={r['w_anchor']:g}", (r["drift"], g["gain"]), textcoords="offset points", xytext=(5, 4),
                         fontsize=8)
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xscale("symlog", linthresh=max(1e-6, min(r["drift"] for r in s["runs"]) or 1e-6))
+        drifts = [r["drift"] for r in s["runs"]]
+        if min(drifts) > 0:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        else:  # a run that never left the base (drift 0) still gets a place on the axis
+            ax.set_xscale("symlog", linthresh=min([d for d in drifts if d > 0], default=1e-6))
         ax.set_xlabel("drift (noise-prediction MSE to the base)")
         ax.set_ylabel(f"gain in {s['scorers'][role]} score")
         ax.set_title(f"{'guiding' if role == 'guiding' else 'held-out'}: {s['scorers'][role]}", fontsize=9)
