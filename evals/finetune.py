@@ -95,12 +95,15 @@ def lora_off(pipe):
 
 
 def is_pixel(pipe) -> bool:
+    """Whether ``pipe`` denoises pixels (no VAE), like ``DDPMPipeline``."""
     return getattr(pipe, "vae", None) is None
 
 
 @torch.no_grad()
-def generate(pipe, prompt: str, seeds: list[int], steps: int, cfg: float, size: int | None) -> torch.Tensor:
-    """One image per seed, ``[S,3,H,W]`` in [0,1], and the clean model-space samples behind them."""
+def generate(pipe, prompt: str, seeds: list[int], steps: int, cfg: float,
+             size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, clean)``: one image per seed ``[S,3,H,W]`` in [0,1] (CPU), and the clean model-space samples behind
+    them (scaled latents, or pixels in [-1,1] for a ``UNet2DModel``) on the U-Net's device."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     if is_pixel(pipe):
         out = pipe(batch_size=len(seeds), generator=generators, num_inference_steps=steps, output_type="np").images
@@ -151,6 +154,7 @@ def _ci(g: dict, digits: int) -> str:
 
 @torch.no_grad()
 def score(scorer, images: torch.Tensor, device: torch.device, batch: int = 8) -> np.ndarray:
+    """Scores ``[N]`` float64 of ``images`` ``[N,3,H,W]`` in [0,1], ``batch`` at a time."""
     return np.concatenate([scorer(images[i:i + batch].to(device)).double().cpu().numpy()
                            for i in range(0, len(images), batch)])
 
