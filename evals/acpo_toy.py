@@ -93,7 +93,7 @@ def finetune(base, scheduler, crops: toy_task.Crops, scorer, w_anchor: float, co
         out["loss"].backward()
         optimizer.step()
         for key in log:
-            log[key].append(float(out[key]))
+            log[key].append(float(out[key].detach()))
         if step % 10 == 0 or step == config.steps - 1:
             bar.set_postfix(quality=f"{np.mean(log['quality'][-10:]):.2f}", anchor=f"{log['anchor'][-1]:.2e}")
     return unet.eval().requires_grad_(False), log
