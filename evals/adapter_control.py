@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -144,14 +145,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--cfg", type=float, default=3.0, help="quality guidance scale of the guided variant")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(max(1, args.threads))
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    crops = toy_task.build_crops(args.data and Path(args.data) / "biq2021", args.n_images, args.crop, seed=args.seed)
-    scorer = toy_task.load_toy_scorer(params_dir=args.data)
+    data = toy_task.resolve_data_dir(args.data)
+    crops = toy_task.build_crops(data / "biq2021", args.n_images, args.crop, seed=args.seed)
+    scorer = toy_task.load_toy_scorer(params_dir=data / "params")
     name = toy_task.TOY_SCORER
     labels = toy_task.score_images(scorer, crops.images, desc="labelling crops")
     keep = torch.isfinite(labels)
@@ -176,8 +179,10 @@ def main(argv=None) -> dict:
                "adapter_steps": args.adapter_steps, "batch_size": args.batch_size, "lr": args.lr,
                "p_quality": args.p_quality, "final_loss": float(np.mean(losses[-20:])),
                "final_loss_shuffled": float(np.mean(control_losses[-20:])),
-               "base_model": {k: base_info[k] for k in ("key", "loaded") if k in base_info},
-               "results": results, "seconds": time.perf_counter() - started,
+               "base_model": {k: base_info[k] for k in ("key", "loaded", "final_loss", "train_seconds")
+                              if k in base_info},
+               "results": results, "seconds": time.perf_counter() - started, "threads": torch.get_num_threads(),
+               "load_average": os.getloadavg(),
                "note": "a tiny pixel model trained for minutes on 48 px crops; the numbers show whether the "
                        "mechanism learns control, not the quality SD-scale training reaches"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

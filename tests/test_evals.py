@@ -1,22 +1,34 @@
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from qualityguide.errors import InputError
+from qualityguide.images import load_image
 from qualityguide.scorers.niqe_fit import FIT_PHOTOS, bundled_photo, fit_pristine
 from qualityguide.scorers.nss import EMBEDDED_NIQE_PARAMS, load_niqe_params
-from qualityguide.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name):
+    """Import ``evals/<name>.py`` once, registered in ``sys.modules`` (dataclasses look their module up there, and
+    ``adapter_control`` imports ``toy_task`` by name)."""
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, ROOT / "evals" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 
@@ -70,3 +82,279 @@ def test_nriqa_trained_variants_learn_noise_level(tmp_path):
     assert "random weights" in results["variants"]["lgdm:psi=none"]["label"]
     assert "mechanics check" in (out / "trained.md").read_text()
     assert (out / "trained_srcc.png").stat().st_size > 1000
+
+
+def _tiny_sd_lora(directory, scale):
+    """A LoRA for tiny:sd (seed 0): add_lora, lora_B set to ``scale`` x a seeded normal draw (0: a zero LoRA), saved."""
+    from qualityguide.finetune import add_lora, save_lora
+    from qualityguide.testing import tiny_sd
+
+    unet = tiny_sd().unet
+    add_lora(unet, rank=4)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    save_lora(unet, directory)
+    return directory
+
+
+def test_finetune_eval_smoke_on_tiny_sd(tmp_path):
+    """Base vs LoRA on tiny:sd: a perturbed LoRA drifts, a zero LoRA (lora_B = 0) does not, CLIP is skipped offline."""
+    finetune = _load("finetune")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# held out\na red fox in snow\na lighthouse at night\n")
+    common = ["--model", "tiny:sd", "--prompts", str(prompts), "--seeds", "0", "1", "--steps", "2",
+              "--scorer", "niqe-embedded@192", "--held-out-scorer", "niqe-embedded@256", "--drift-timesteps", "2",
+              "--n-boot", "50"]
+    runs = {}
+    for name, scale in (("perturbed", 0.5), ("zero", 0.0)):
+        lora = _tiny_sd_lora(tmp_path / f"lora_{name}", scale)
+        runs[name] = finetune.main(common + ["--lora", str(lora), "--out", str(tmp_path / name)])
+    perturbed, zero = runs["perturbed"], runs["zero"]
+    assert perturbed["drift"]["mean"] > 0 and all(d > 0 for d in perturbed["drift"]["per_prompt"])
+    assert zero["drift"]["mean"] == 0.0
+    for role in ("guiding", "held_out"):
+        gain = perturbed["gains"][role]
+        assert np.isfinite(gain["gain"]) and gain["gain_ci95"][0] <= gain["gain"] <= gain["gain_ci95"][1] + 1e-9
+        assert gain["gain"] == pytest.approx(gain["finetuned_mean"] - gain["base_mean"])
+        assert zero["gains"][role]["gain"] == 0.0  # identical images with a zero LoRA
+    assert perturbed["clip"]["skipped"] and "--clip-weights" in perturbed["clip"]["note"]
+    assert zero["diversity"]["base"] == pytest.approx(zero["diversity"]["finetuned"])
+    assert perturbed["prompts"] == 2 and perturbed["mechanics_only"]
+    out = tmp_path / "perturbed"
+    assert json.loads((out / "results.json").read_text())["drift"]["mean"] == perturbed["drift"]["mean"]
+    assert "mechanics only" in (out / "results.md").read_text()
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size[1] == 2 * 64 + 14 and grid.size[0] > 4 * 64
+
+
+def test_finetune_eval_on_an_unconditional_pixel_model(tmp_path):
+    """tiny:ddpm with a peft-format LoRA: no prompts, so one unconditional row and no CLIP score."""
+    from qualityguide.finetune import add_lora, save_lora
+    from qualityguide.testing import tiny_ddpm
+
+    unet = tiny_ddpm().unet
+    add_lora(unet, rank=2)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    save_lora(unet, tmp_path / "lora")
+    result = _load("finetune").main(["--model", "tiny:ddpm", "--lora", str(tmp_path / "lora"), "--seeds", "0", "1",
+                                       "--steps", "2", "--scorer", "niqe-embedded@192", "--held-out-scorer",
+                                       "niqe-embedded@256", "--n-boot", "20", "--out", str(tmp_path / "out")])
+    assert result["prompts"] == 1 and result["cfg"] is None and result["drift"]["mean"] > 0
+    assert result["clip"]["skipped"] and "unconditional" in result["clip"]["note"]
+    assert "no CFG" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_acpo_toy_smoke(shared_data, params, tmp_path):
+    """Two anchor weights, a few steps on a few crops of the shared photos: structure, files, finite numbers."""
+    acpo_toy = _load("acpo_toy")
+    out = tmp_path / "out"
+    summary = acpo_toy.main(["--anchor-weights", "0", "3", "--steps", "3", "--n-images", "20", "--base-steps", "8",
+                             "--samples", "4", "--sample-steps", "3", "--probe", "6", "--probe-timesteps", "3",
+                             "--n-boot", "20", "--out", str(out), "--cache", str(tmp_path / "cache"),
+                             "--data", str(shared_data)])
+    assert [r["w_anchor"] for r in summary["runs"]] == [0.0, 3.0]
+    for r in summary["runs"]:
+        assert np.isfinite(r["drift"]) and r["drift"] > 0  # three steps move a B=0 LoRA off the base
+        for role in ("guiding", "held_out"):
+            gain = r["gains"][role]
+            assert gain["pairs"] <= 4 and (gain["pairs"] == 0 or np.isfinite(gain["gain"]))
+        assert set(r["final_terms"]) == {"loss", "diffusion", "anchor", "quality"}
+    assert summary["scorers"]["guiding"] == acpo_toy.toy_task.TOY_SCORER
+    assert json.loads((out / "summary.json").read_text())["runs"][1]["w_anchor"] == 3.0
+    assert "| 3 |" in (out / "results.md").read_text()
+    assert (out / "tradeoff.png").stat().st_size > 1000
+    with Image.open(out / "grid.png") as grid:  # rows: base + two anchor weights, 4 samples each
+        assert 0.65 < grid.size[1] / grid.size[0] < 0.85
+
+
+# ----------------------------------------------------------------------------------------------- toy task
+def _tiny_config(toy, kind, **kwargs):
+    """A base model small enough to train in a second: 16 px, two levels, attention on the second."""
+    return toy.BaseConfig(crop=16, steps=3, batch_size=4, seed=3, kind=kind, block_out_channels=(8, 16),
+                          attention=(False, True), norm_num_groups=4, cross_attention_dim=8, **kwargs)
+
+
+def _synthetic_crops(toy, n=6, size=16):
+    g = torch.Generator().manual_seed(0)
+    images = _to8(torch.rand(n, 3, size, size, generator=g))
+    return toy.Crops(images, ["clean"] * n, torch.zeros(n, dtype=torch.long), [f"synthetic_{i}.png" for i in range(n)])
+
+
+def _to8(x):
+    return torch.round(x * 255) / 255
+
+
+def test_toy_distortions_match_independent_implementations(photo):
+    toy = _load("toy_task")
+    import io
+
+    from scipy.ndimage import gaussian_filter
+
+    clean = _to8(photo[0, :, 100:148, 100:148])
+    for level, sigma in enumerate(toy.LEVELS["blur"], start=1):
+        radius = int(np.ceil(3 * sigma))  # torchvision's kernel: 2 * ceil(3 sigma) + 1 taps, mirrored border
+        want = np.stack([gaussian_filter(c, sigma, mode="mirror", truncate=radius / sigma) for c in clean.numpy()])
+        got = toy.distort(clean, "blur", level).numpy()
+        assert np.abs(got - np.round(want * 255) / 255).max() <= 1 / 255 + 1e-6
+    for level, std in enumerate(toy.LEVELS["noise"], start=1):
+        noisy = toy.distort(clean, "noise", level, seed=7)
+        assert torch.equal(noisy, toy.distort(clean, "noise", level, seed=7))
+        inside = (clean > 0.2) & (clean < 0.8)  # away from clipping
+        assert abs(float((noisy - clean)[inside].std()) - std) < 0.15 * std
+    for level, quality in enumerate(toy.LEVELS["jpeg"], start=1):
+        buffer = io.BytesIO()
+        Image.fromarray((clean.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buffer, "JPEG",
+                                                                                               quality=quality)
+        want = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32) / 255
+        assert np.array_equal(toy.distort(clean, "jpeg", level).permute(1, 2, 0).numpy(), want)
+    assert torch.equal(toy.distort(clean, "clean", 0), clean)
+    with pytest.raises(InputError, match="is not one of"):
+        toy.distort(clean, "blur", 4)
+
+
+def test_toy_crops_are_deterministic_and_graded(shared_data, params):
+    toy = _load("toy_task")
+    crops = toy.build_crops(shared_data / "biq2021", 40, seed=0)
+    again = toy.build_crops(shared_data / "biq2021", 40, seed=0)
+    other = toy.build_crops(shared_data / "biq2021", 40, seed=1)
+    assert torch.equal(crops.images, again.images) and crops.fingerprint() == again.fingerprint()
+    assert (crops.distortion, crops.source) == (again.distortion, again.source)
+    assert crops.fingerprint() != other.fingerprint() and crops.source != other.source
+    assert crops.images.shape == (40, 3, 48, 48) and crops.images.dtype == torch.float32
+    assert float(crops.images.min()) >= 0 and float(crops.images.max()) <= 1
+    assert torch.equal(crops.images, _to8(crops.images))  # stored at 8 bits
+    assert len(set(crops.source)) == 40  # one crop per photo
+    pairs = [(d, int(k)) for d, k in zip(crops.distortion, crops.level)]
+    assert sorted(set(pairs)) == sorted(toy.CONDITIONS) and all(pairs.count(c) == 4 for c in toy.CONDITIONS)
+
+    scorer = toy.load_toy_scorer(toy.TOY_SCORER, params_dir=params)
+    assert Path(scorer.source) == params / "brisque_live_svm.pth"
+    scores = toy.score_images(scorer, crops.images, progress=False)
+    assert scores.dtype == torch.float64 and bool(torch.isfinite(scores).all())
+    assert torch.allclose(scores[:5], scorer(crops.images[:5]).double())  # batching changes nothing
+    tracking = toy.level_tracking(crops, scores)
+    assert tracking["spearman_vs_level"]["overall"] < -0.3
+    # The same crops at every level: each step up in level lowers the mean score, for every distortion.
+    clean = crops.images[[i for i, (d, _) in enumerate(pairs) if d == "clean"]]
+    base = scorer(clean).mean()
+    for distortion in ("blur", "noise", "jpeg"):
+        means = [base] + [scorer(torch.stack([toy.distort(c, distortion, k, seed=i) for i, c in enumerate(clean)]))
+                          .mean() for k in (1, 2, 3)]
+        assert all(a > b for a, b in zip(means, means[1:])), (distortion, means)
+
+
+def test_toy_scorers_and_data_errors(params, tmp_path):
+    toy = _load("toy_task")
+    held_out = toy.load_toy_scorer(toy.HELD_OUT_SCORER, params_dir=params)
+    assert held_out.differentiable and held_out.name == toy.HELD_OUT_SCORER
+    crop = _to8(torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    held_out(crop).sum().backward()
+    assert bool(torch.isfinite(crop.grad).all()) and float(crop.grad.abs().sum()) > 0
+    with pytest.raises(InputError, match="brisque_live_svm.pth"):
+        toy.load_toy_scorer("brisque", params_dir=tmp_path)
+    with pytest.raises(InputError, match="has no biq2021/"):
+        toy.resolve_data_dir(tmp_path)
+    (tmp_path / "images").mkdir()
+    with pytest.raises(InputError, match="pass its parent"):
+        toy.resolve_data_dir(tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        toy.resolve_data_dir(tmp_path / "nowhere")
+    assert toy.resolve_data_dir(params.parent) == params.parent
+    with pytest.raises(InputError, match="holds only 0 photos|holds no images"):
+        toy.build_crops(tmp_path, 3)
+    with pytest.raises(InputError, match="not a multiple of 8"):
+        toy.BaseConfig(crop=44)
+    with pytest.raises(InputError, match="kind="):
+        toy.BaseConfig(kind="latent")
+
+
+@pytest.mark.parametrize("kind", ["conditional", "unconditional"])
+def test_toy_base_trains_with_epsilon_mse_caches_and_reloads(tmp_path, kind):
+    toy = _load("toy_task")
+    from diffusers import DDPMScheduler
+
+    from qualityguide.train import batch_indices, step_generator
+
+    crops, config = _synthetic_crops(toy), _tiny_config(toy, kind)
+    (tmp_path / toy.cache_key(crops, config)).mkdir()  # a folder left by something that did not finish: not trusted
+    unet, _, info = toy.load_or_train_base(crops, config, tmp_path, progress=False)
+    assert not info["loaded"] and len(info["losses"]) == 3 and np.isfinite(info["final_loss"])
+    assert type(unet).__name__ == ("UNet2DConditionModel" if kind == "conditional" else "UNet2DModel")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [info["key"]]  # no temporary folder left behind
+    again, _, info2 = toy.load_or_train_base(crops, config, tmp_path, progress=False)
+    assert info2["loaded"] and info2["key"] == info["key"] and info2["losses"] == info["losses"]
+    trained, reloaded = unet.state_dict(), again.state_dict()
+    assert trained.keys() == reloaded.keys() and all(torch.equal(trained[k], reloaded[k]) for k in trained)
+    # Retraining from scratch gives the same weights (everything is seeded).
+    retrained, _, _ = toy.train_base(crops, config, progress=False)
+    assert all(torch.equal(trained[k], v) for k, v in retrained.state_dict().items())
+    # Another config or other crops are another model.
+    assert toy.cache_key(crops, _tiny_config(toy, kind, lr=2e-3)) != info["key"]
+    assert toy.cache_key(_synthetic_crops(toy, n=5), config) != info["key"]
+
+    # The first step's loss is the epsilon MSE at diffusers' own forward noising of that step's batch.
+    fresh = toy.build_unet(config)
+    index = batch_indices(len(crops), config.batch_size, 0, config.seed)
+    generator = step_generator(config.seed, 0)
+    x0 = crops.images[index] * 2 - 1
+    flip = torch.rand(len(index), generator=generator) < 0.5
+    x0 = torch.stack([x.flip(-1) if f else x for x, f in zip(x0, flip)])
+    t = torch.randint(0, 1000, (len(index),), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    noisy = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").add_noise(x0, noise, t)
+    kwargs = {"encoder_hidden_states": torch.zeros(len(index), 1, 8)} if kind == "conditional" else {}
+    with torch.no_grad():
+        want = torch.nn.functional.mse_loss(fresh(noisy, t, **kwargs).sample, noise)
+    assert info["losses"][0] == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["conditional", "unconditional"])
+def test_toy_sample_is_deterministic_ddim(kind):
+    toy = _load("toy_task")
+    from diffusers import DDIMPipeline
+
+    config = _tiny_config(toy, kind)
+    unet, scheduler = toy.build_unet(config).eval(), toy.build_scheduler(config)
+    images = toy.sample(unet, scheduler, 3, seed=5, steps=4, progress=False)
+    assert images.shape == (3, 3, 16, 16) and float(images.min()) >= 0 and float(images.max()) <= 1
+    assert torch.equal(images, toy.sample(unet, scheduler, 3, seed=5, steps=4, progress=False))
+    assert not torch.equal(images, toy.sample(unet, scheduler, 3, seed=6, steps=4, progress=False))
+    if kind == "conditional":
+        assert toy.null_condition(unet, 3).shape == (3, 1, 8) and not toy.null_condition(unet, 3).any()
+        explicit = toy.sample(unet, scheduler, 3, seed=5, steps=4, encoder_hidden_states=toy.null_condition(unet, 3),
+                              progress=False)
+        one_row = toy.sample(unet, scheduler, 3, seed=5, steps=4, encoder_hidden_states=toy.null_condition(unet, 1),
+                             progress=False)
+        assert torch.equal(images, explicit) and torch.equal(images, one_row)
+    else:
+        assert toy.null_condition(unet, 3) is None
+        pipe = DDIMPipeline(unet=unet, scheduler=scheduler)  # diffusers' own DDIM loop
+        pipe.set_progress_bar_config(disable=True)
+        want = pipe(batch_size=3, generator=torch.Generator().manual_seed(5), num_inference_steps=4, eta=0.0,
+                    output_type="np").images
+        assert np.allclose(images.permute(0, 2, 3, 1).numpy(), want, atol=1e-5)
+        with pytest.raises(InputError, match="unconditional"):
+            toy.sample(unet, scheduler, 3, seed=5, encoder_hidden_states=torch.zeros(1, 1, 8))
+
+
+def test_adapter_control_smoke(shared_data, params, tmp_path):
+    control = _load("adapter_control")
+    out = tmp_path / "out"
+    summary = control.main(["--data", str(shared_data), "--out", str(out), "--cache", str(tmp_path / "cache"),
+                            "--n-images", "20", "--base-steps", "3", "--adapter-steps", "3", "--batch-size", "4",
+                            "--samples", "3", "--sample-steps", "3", "--targets", "0.1", "0.9"])
+    results = summary["results"]
+    assert len(results) == 4 and {"adapter", "shuffled labels", "off"} <= set(results)
+    assert np.isfinite(results["adapter"]["spearman"]) and not results["adapter"]["identical_for_every_target"]
+    assert results["off"]["identical_for_every_target"] and np.isnan(results["off"]["spearman"])
+    assert all(len(r["mean"]) == 2 for r in results.values()) and summary["crops"] <= 20
+    assert summary["threads"] == 1 and not summary["base_model"]["loaded"]
+    assert json.loads((out / "summary.json").read_text())["targets"] == [0.1, 0.9]
+    assert "shuffled labels" in (out / "results.md").read_text()
+    assert (out / "control.png").stat().st_size > 1000 and (out / "grid.png").stat().st_size > 100
