@@ -19,6 +19,8 @@ from qualityguide.finetune import (ACPOConfig, ACPOLoss, adapters_disabled, add_
 from qualityguide.scorers import QualityScorer
 from qualityguide.testing import tiny_ddpm, tiny_sd, tiny_sdxl
 
+from helpers import Brightness, Frozen
+
 
 class Smoothness(QualityScorer):
     """Minus a weighted squared total variation: nonlinear, differentiable, with a parameter that must stay frozen."""
@@ -32,17 +34,6 @@ class Smoothness(QualityScorer):
     def native(self, x):
         return self.weight * ((x[..., 1:, :] - x[..., :-1, :]).pow(2).mean((1, 2, 3))
                               + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean((1, 2, 3)))
-
-
-class Brightness(QualityScorer):
-    name, differentiable = "test-brightness", True
-
-    def native(self, x):
-        return x.mean((1, 2, 3))
-
-
-class Frozen(Brightness):
-    name, differentiable = "test-nondiff", False
 
 
 @pytest.fixture(scope="module")

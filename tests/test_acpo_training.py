@@ -21,24 +21,14 @@ from qualityguide.finetune.training import (BASE_IDENTITY_NAME, LORA_STATE_NAME,
                                             make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, make_grid, run_validation
 from qualityguide.identity import WeightIdentity, WeightsMismatchError
-from qualityguide.scorers import QualityScorer
 from qualityguide.testing import tiny_ddpm, tiny_sd
 from qualityguide.train import CheckpointManager, PromptEncoder
 from qualityguide.train import self_samples as ss
 from qualityguide.train.self_samples import SelfSampleSettings, read_prompts
 
+from helpers import Brightness, Frozen
+
 PROMPTS = ["a red apple", "a blue car, at night", "sea"]
-
-
-class Brightness(QualityScorer):
-    name, differentiable = "test-brightness", True
-
-    def native(self, x):
-        return x.mean((1, 2, 3))
-
-
-class Frozen(Brightness):
-    name, differentiable = "test-nondiff", False
 
 
 @pytest.fixture(scope="module")

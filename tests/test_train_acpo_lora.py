@@ -5,7 +5,6 @@ processes complete."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import re
 import shutil
@@ -26,23 +25,14 @@ from qualityguide.testing import tiny_ddpm, tiny_sd
 from qualityguide.train import read_marker
 from qualityguide.train.log import read_log
 
+from helpers import load_script, reset_accelerate
+
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_acpo_lora.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def load_recipe():
-    spec = importlib.util.spec_from_file_location("train_acpo_lora", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    return load_script("recipes/train_acpo_lora.py")
 
 
 class NaNAfter(QualityScorer):

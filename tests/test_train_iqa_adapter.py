@@ -17,24 +17,13 @@ from PIL import Image
 from qualityguide.adapter import IQAAdapter
 from qualityguide.train.log import read_log
 
+from helpers import load_script, reset_accelerate
+
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_iqa_adapter.py"
 
 
 def load_recipe():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_iqa_adapter", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    return load_script("recipes/train_iqa_adapter.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,43 @@
+"""Small pieces several test files share (pytest puts ``tests/`` on ``sys.path``: ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from qualityguide.scorers import QualityScorer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    """A recipe or eval script of this repository (e.g. ``"recipes/train_acpo_lora.py"``) as a fresh module."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so the next ``Accelerator()`` in this process starts clean."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+class Brightness(QualityScorer):
+    """A differentiable scorer whose value is known by hand: the mean pixel value."""
+
+    name, differentiable = "test-brightness", True
+
+    def native(self, x):
+        return x.mean((1, 2, 3))
+
+
+class Frozen(Brightness):
+    """The same values, declared non-differentiable."""
+
+    name, differentiable = "test-nondiff", False
