@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -389,7 +390,16 @@ def _call(unet, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states, added_c
 
 
 def train_base(crops: Crops, config: BaseConfig, progress: bool = True):
-    """Train a fresh U-Net on every crop with the plain epsilon MSE; returns ``(unet, scheduler, losses)``."""
+    """Train a fresh U-Net on every crop with the plain epsilon MSE (no caching: see :func:`load_or_train_base`).
+
+    Args:
+        crops: the training images (``config.crop`` px).
+        config: the model and its training; every random draw comes from ``config.seed``.
+        progress: show a progress bar.
+    Returns:
+        ``(unet, DDPMScheduler, losses)``: the U-Net holds the averaged weights (``config.ema``), in eval mode with
+        ``requires_grad=False``; ``losses`` has one float per step.
+    """
     if crops.images.shape[-1] != config.crop or crops.images.shape[-2] != config.crop:
         raise InputError(f"crops are {tuple(crops.images.shape[-2:])} px but BaseConfig.crop={config.crop}; build the "
                          "crops with the same crop size")
@@ -479,9 +489,14 @@ def load_or_train_base(crops: Crops, config: BaseConfig, cache_dir, progress: bo
     folder = cache_dir / key
     fingerprint = crops.fingerprint()
     if (folder / "info.json").is_file():
-        unet, scheduler, info = _load_cached(folder, config, fingerprint)
-        return unet, scheduler, {**info, "key": key, "loaded": True, "path": str(folder),
-                                 "seconds": time.perf_counter() - started, "train_seconds": info["seconds"]}
+        try:
+            unet, scheduler, info = _load_cached(folder, config, fingerprint)
+        except (json.JSONDecodeError, OSError) as exc:  # unreadable: never trusted, trained again below
+            warnings.warn(f"cached base model {folder} cannot be read ({exc}); training it again", stacklevel=2)
+        else:
+            return unet, scheduler, {**info, "key": key, "loaded": True, "path": str(folder),
+                                     "seconds": time.perf_counter() - started, "train_seconds": info["seconds"]}
+    stale = folder.exists()  # there before training, yet not loadable: replaced
     unet, scheduler, losses = train_base(crops, config, progress)
     seconds = time.perf_counter() - started
     info = {"key": key, "config": asdict(config), "crops": fingerprint, "n_crops": len(crops), "seconds": seconds,
@@ -493,8 +508,8 @@ def load_or_train_base(crops: Crops, config: BaseConfig, cache_dir, progress: bo
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
         (tmp / "info.json").write_text(json.dumps(info))
-        if folder.exists() and not (folder / "info.json").is_file():
-            shutil.rmtree(folder)  # not written by a finished run: never trusted
+        if stale and folder.exists():
+            shutil.rmtree(folder)
         try:
             os.rename(tmp, folder)
         except OSError:  # another run finished the same model first: keep theirs
