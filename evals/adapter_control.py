@@ -136,7 +136,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--crop", type=int, default=48)
     parser.add_argument("--base-steps", type=int, default=toy_task.BaseConfig.steps)
     parser.add_argument("--adapter-steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="adapter training batch (16: the eval fits ~15 min on one CPU thread)")
     parser.add_argument("--lr", type=float, default=1e-3, help="1e-3: a tiny model from scratch (SD uses 1e-5)")
     parser.add_argument("--p-quality", type=float, default=0.1, help="quality dropout (enables quality CFG)")
     parser.add_argument("--num-tokens", type=int, default=4)

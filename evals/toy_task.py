@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -285,6 +286,8 @@ class BaseConfig:
         crop: image side (px); a multiple of ``2 ** (len(block_out_channels) - 1)``.
         steps, batch_size, lr: optimiser steps, crops per step, peak AdamW learning rate.
         warmup: linear warm-up steps, then cosine decay to ``lr / 10``.
+        ema: decay of the exponential moving average of the weights that is saved as the model (0: the last
+            weights). A short run's averaged weights sample with much less leftover noise.
         seed: initial weights, batches, timesteps, noise and flips.
         kind: ``"conditional"`` (``UNet2DConditionModel`` with a null text condition) or ``"unconditional"``
             (``UNet2DModel``).
@@ -303,6 +306,7 @@ class BaseConfig:
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 40
+    ema: float = 0.995
     seed: int = 0
     kind: str = "conditional"
     block_out_channels: tuple[int, ...] = (16, 32, 64, 64)
@@ -328,6 +332,8 @@ class BaseConfig:
             raise InputError(f"BaseConfig.warmup={self.warmup!r}: a whole number of steps >= 0")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"BaseConfig.lr={self.lr!r}: a positive learning rate, e.g. 1e-3")
+        if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
+            raise InputError(f"BaseConfig.ema={self.ema!r}: a decay in [0, 1), e.g. 0.995 (0: no averaging)")
         if len(self.attention) != len(self.block_out_channels) or not self.block_out_channels:
             raise InputError(f"attention={self.attention} needs one flag per block of block_out_channels="
                              f"{self.block_out_channels}")
@@ -384,7 +390,16 @@ def _call(unet, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states, added_c
 
 
 def train_base(crops: Crops, config: BaseConfig, progress: bool = True):
-    """Train a fresh U-Net on every crop with the plain epsilon MSE; returns ``(unet, scheduler, losses)``."""
+    """Train a fresh U-Net on every crop with the plain epsilon MSE (no caching: see :func:`load_or_train_base`).
+
+    Args:
+        crops: the training images (``config.crop`` px).
+        config: the model and its training; every random draw comes from ``config.seed``.
+        progress: show a progress bar.
+    Returns:
+        ``(unet, DDPMScheduler, losses)``: the U-Net holds the averaged weights (``config.ema``), in eval mode with
+        ``requires_grad=False``; ``losses`` has one float per step.
+    """
     if crops.images.shape[-1] != config.crop or crops.images.shape[-2] != config.crop:
         raise InputError(f"crops are {tuple(crops.images.shape[-2:])} px but BaseConfig.crop={config.crop}; build the "
                          "crops with the same crop size")
@@ -401,6 +416,8 @@ def train_base(crops: Crops, config: BaseConfig, progress: bool = True):
 
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     x0_all = crops.images * 2 - 1
+    params = list(unet.parameters())
+    averaged = [p.detach().clone() for p in params]
     losses = []
     bar = tqdm(range(config.steps), desc=f"training the {config.kind} base", disable=not progress)
     for step in bar:
@@ -420,9 +437,14 @@ def train_base(crops: Crops, config: BaseConfig, progress: bool = True):
         check_finite({"loss": loss}, step)
         optimizer.step()
         lr_schedule.step()
+        with torch.no_grad():  # the decay ramps up, so early weights do not linger (as diffusers' EMAModel does)
+            torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - min(config.ema, (1 + step) / (10 + step)))
         losses.append(loss.item())
         if step % 25 == 0 or step == config.steps - 1:
             bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
+    with torch.no_grad():
+        for p, a in zip(params, averaged):
+            p.copy_(a)
     return unet.eval().requires_grad_(False), scheduler, losses
 
 
@@ -467,9 +489,14 @@ def load_or_train_base(crops: Crops, config: BaseConfig, cache_dir, progress: bo
     folder = cache_dir / key
     fingerprint = crops.fingerprint()
     if (folder / "info.json").is_file():
-        unet, scheduler, info = _load_cached(folder, config, fingerprint)
-        return unet, scheduler, {**info, "key": key, "loaded": True, "path": str(folder),
-                                 "seconds": time.perf_counter() - started, "train_seconds": info["seconds"]}
+        try:
+            unet, scheduler, info = _load_cached(folder, config, fingerprint)
+        except (json.JSONDecodeError, OSError) as exc:  # unreadable: never trusted, trained again below
+            warnings.warn(f"cached base model {folder} cannot be read ({exc}); training it again", stacklevel=2)
+        else:
+            return unet, scheduler, {**info, "key": key, "loaded": True, "path": str(folder),
+                                     "seconds": time.perf_counter() - started, "train_seconds": info["seconds"]}
+    stale = folder.exists()  # there before training, yet not loadable: replaced
     unet, scheduler, losses = train_base(crops, config, progress)
     seconds = time.perf_counter() - started
     info = {"key": key, "config": asdict(config), "crops": fingerprint, "n_crops": len(crops), "seconds": seconds,
@@ -481,8 +508,8 @@ def load_or_train_base(crops: Crops, config: BaseConfig, cache_dir, progress: bo
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
         (tmp / "info.json").write_text(json.dumps(info))
-        if folder.exists() and not (folder / "info.json").is_file():
-            shutil.rmtree(folder)  # not written by a finished run: never trusted
+        if stale and folder.exists():
+            shutil.rmtree(folder)
         try:
             os.rename(tmp, folder)
         except OSError:  # another run finished the same model first: keep theirs

@@ -297,6 +297,11 @@ def test_toy_base_trains_with_epsilon_mse_caches_and_reloads(tmp_path, kind):
     # Another config or other crops are another model.
     assert toy.cache_key(crops, _tiny_config(toy, kind, lr=2e-3)) != info["key"]
     assert toy.cache_key(_synthetic_crops(toy, n=5), config) != info["key"]
+    (tmp_path / info["key"] / "info.json").write_text("{")  # damaged: trained again, never trusted
+    with pytest.warns(UserWarning, match="cannot be read"):
+        _, _, info3 = toy.load_or_train_base(crops, config, tmp_path, progress=False)
+    assert not info3["loaded"] and info3["losses"] == info["losses"]
+    assert toy.load_or_train_base(crops, config, tmp_path, progress=False)[2]["loaded"]
 
     # The first step's loss is the epsilon MSE at diffusers' own forward noising of that step's batch.
     fresh = toy.build_unet(config)
