@@ -83,9 +83,10 @@ def _key(dataset: ImageFolderDataset, vae, shard_size: int, store_std: bool) -> 
             "files": [[f, s] for f, s in zip(dataset.files, dataset.sizes)]}
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
+    """Replace ``path`` by ``data`` as JSON atomically (a temporary file beside it, then ``os.replace``)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -122,7 +123,7 @@ def _open_cache(folder: Path, key: dict, vae) -> None:
                          "folder: the cache owns it")
     folder.mkdir(parents=True, exist_ok=True)
     WeightIdentity.of({"vae": vae}).save(folder / IDENTITY_FILE)
-    _write_json(key_file, key)  # last: its presence means the key files are complete
+    write_json(key_file, key)  # last: its presence means the key files are complete
 
 
 def _shard_path(folder: Path, shard: int) -> Path:

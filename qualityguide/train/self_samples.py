@@ -33,6 +33,7 @@ import torch
 from ..errors import InputError
 from ..identity import WeightIdentity
 from .data import METADATA, derive_seed, load_image_folder
+from .latents import write_json
 
 FORMAT = "qualityguide.self_samples/1"
 MANIFEST = "self_samples.json"
@@ -228,9 +229,7 @@ def open_self_samples(pipe, settings: SelfSampleSettings, folder: str | os.PathL
                          "new or empty --cache_dir: the cache owns its folder")
     folder.mkdir(parents=True, exist_ok=True)
     WeightIdentity.of(_modules(pipe)).save(folder / IDENTITY_FILE)
-    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
-    os.replace(tmp, manifest)  # last: its presence means the key files are complete
+    write_json(manifest, wanted)  # last: its presence means the key files are complete
     return folder
 
 
@@ -272,8 +271,9 @@ def generate_self_samples(pipe, settings: SelfSampleSettings, folder: str | os.P
         index = stale.name[1:].split(".", 1)[0]
         if index.isdigit() and int(index) % num_processes == process_index:
             stale.unlink(missing_ok=True)
-    todo = [i for i in missing_indices(settings, folder) if i % num_processes == process_index]
-    done = settings.num_samples - len(missing_indices(settings, folder))
+    missing = missing_indices(settings, folder)
+    todo = [i for i in missing if i % num_processes == process_index]
+    done = settings.num_samples - len(missing)
     bar = tqdm(total=settings.num_samples, initial=done, desc="self samples", unit="img", disable=not progress)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
