@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError, QualityGuideError, TrainingError
-from qualityguide.finetune import ACPOConfig, ACPOLoss, lora_parameters, save_lora
+from qualityguide.finetune import ACPOConfig, ACPOLoss, check_target_modules, lora_parameters, save_lora
 from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_mixed_precision, check_report_to,
-                                            check_scorer, check_target_modules, identity_difference, lora_identity,
+                                            check_scorer, identity_difference, lora_identity,
                                             make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, run_validation
 from qualityguide.identity import WeightIdentity

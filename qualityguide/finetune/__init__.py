@@ -11,11 +11,11 @@
 
 from .config import QUALITY_INPUTS, ACPOConfig
 from .denoisers import Denoiser, LatentDenoiser, PixelDenoiser, denoiser_for
-from .lora import (DEFAULT_TARGET_MODULES, adapters_disabled, add_lora, load_lora, lora_parameters, save_lora,
-                   tuner_layers)
+from .lora import (DEFAULT_TARGET_MODULES, adapters_disabled, add_lora, check_target_modules, load_lora,
+                   lora_parameters, save_lora, tuner_layers)
 from .loss import ACPOLoss
 from .sampling import ddim_to_clean, k_step_timesteps
 
 __all__ = ["QUALITY_INPUTS", "ACPOConfig", "ACPOLoss", "Denoiser", "LatentDenoiser", "PixelDenoiser", "denoiser_for",
-           "DEFAULT_TARGET_MODULES", "adapters_disabled", "add_lora", "load_lora", "lora_parameters", "save_lora",
-           "tuner_layers", "ddim_to_clean", "k_step_timesteps"]
+           "DEFAULT_TARGET_MODULES", "adapters_disabled", "add_lora", "check_target_modules", "load_lora",
+           "lora_parameters", "save_lora", "tuner_layers", "ddim_to_clean", "k_step_timesteps"]

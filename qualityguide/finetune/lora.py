@@ -13,13 +13,13 @@ Two U-Net types:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
 
-from ..errors import InputError, WeightsNotFoundError
+from ..errors import InputError, WeightsNotFoundError, closest
 
 # Attention projections: the same names in both U-Net types' Attention modules (diffusers' LoRA training scripts
 # use these for UNet2DConditionModel; UNet2DModel's AttnDownBlock2D/AttnUpBlock2D/mid-block name them alike).
@@ -43,6 +43,25 @@ def tuner_layers(unet: nn.Module) -> list[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def check_target_modules(unet: nn.Module, target_modules: Sequence[str] | None) -> list[str]:
+    """The LoRA target module names (None: ``to_q, to_k, to_v, to_out.0``); every name must match at least one
+    module of ``unet`` (peft's rule: the full name or its last dotted parts), else an error with close matches."""
+    targets = list(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise InputError(f"target_modules={targets!r}: give module names, e.g. {','.join(DEFAULT_TARGET_MODULES)}")
+    names = [n for n, _ in unet.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in unet.named_modules() if isinstance(m, (nn.Linear,
+                                                                                                   nn.Conv2d))})
+        guess = closest(unmatched[0], leaves)
+        raise InputError(f"target_modules (--lora_target_modules): {unmatched} match no module of this "
+                         f"{type(unet).__name__}; use names such as {', '.join(DEFAULT_TARGET_MODULES)} (linear/conv "
+                         f"layers here: {', '.join(leaves[:12])}{', ...' if len(leaves) > 12 else ''})"
+                         + (f". Did you mean {guess!r}?" if guess else ""))
+    return targets
 
 
 def add_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None,
@@ -72,11 +91,7 @@ def add_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None,
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
         raise InputError(f"alpha={alpha!r}: must be a positive number (the update is scaled by alpha / rank), e.g. "
                          f"alpha={rank}")
-    targets = list(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
-    names = [n for n, _ in unet.named_modules()]
-    if not any(n == t or n.endswith("." + t) for t in targets for n in names):
-        raise InputError(f"target_modules={targets}: no module of this {kind} matches; use names such as "
-                         f"{', '.join(DEFAULT_TARGET_MODULES)} (see unet.named_modules())")
+    targets = check_target_modules(unet, target_modules)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=init_lora_weights)
     unet.requires_grad_(False)
     if hasattr(unet, "add_adapter"):  # diffusers' PeftAdapterMixin (UNet2DConditionModel)

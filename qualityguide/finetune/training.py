@@ -27,7 +27,7 @@ from ..errors import InputError, closest
 from ..identity import WeightIdentity
 from .config import ACPOConfig
 from .denoisers import unwrap
-from .lora import DEFAULT_TARGET_MODULES, add_lora, lora_parameters
+from .lora import add_lora, lora_parameters
 
 LORA_STATE_NAME = "lora_state.safetensors"
 BASE_IDENTITY_NAME = "base_unet_identity.safetensors"
@@ -123,26 +123,6 @@ def make_optimizer(params: Sequence[nn.Parameter], learning_rate: float, weight_
 
 
 # ----------------------------------------------------------------------------------------------- LoRA
-def check_target_modules(unet: nn.Module, target_modules: Sequence[str] | None) -> list[str]:
-    """The LoRA target module names (None: ``to_q, to_k, to_v, to_out.0``); every name must match at least one
-    module of ``unet`` (peft's rule: the full name or its last dotted parts), else an error with close matches."""
-    targets = list(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise InputError(f"--lora_target_modules {targets!r}: give module names, e.g. "
-                         f"{','.join(DEFAULT_TARGET_MODULES)}")
-    names = [n for n, _ in unet.named_modules()]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if unmatched:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in unet.named_modules() if isinstance(m, (nn.Linear,
-                                                                                                   nn.Conv2d))})
-        guess = closest(unmatched[0], leaves)
-        raise InputError(f"--lora_target_modules: {unmatched} match no module of this {type(unet).__name__}; use "
-                         f"names such as {', '.join(DEFAULT_TARGET_MODULES)} (linear/conv layers here: "
-                         f"{', '.join(leaves[:12])}{', ...' if len(leaves) > 12 else ''})"
-                         + (f". Did you mean {guess!r}?" if guess else ""))
-    return targets
-
-
 def prepare_lora_unet(unet: nn.Module, rank: int = 4, alpha: float | None = None,
                       target_modules: Sequence[str] | None = None, gradient_checkpointing: bool = False,
                       seed: int = 0):
@@ -163,10 +143,9 @@ def prepare_lora_unet(unet: nn.Module, rank: int = 4, alpha: float | None = None
     Returns:
         The ``peft.LoraConfig`` used.
     """
-    targets = check_target_modules(unet, target_modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        config = add_lora(unet, rank=rank, alpha=alpha, target_modules=targets)
+        config = add_lora(unet, rank=rank, alpha=alpha, target_modules=target_modules)
     for param in lora_parameters(unet):
         param.data = param.data.float()
     if gradient_checkpointing:
