@@ -20,6 +20,21 @@ from .lora import adapters_disabled, lora_parameters
 from .sampling import ddim_to_clean
 
 
+def check_quality_scorer(scorer: nn.Module | None, config: ACPOConfig) -> None:
+    """Refuse a missing or non-differentiable scorer when ``config.w_quality > 0`` (with 0 any scorer, or none, is
+    fine: it is only logged)."""
+    if config.w_quality == 0:
+        return
+    if scorer is None:
+        raise InputError(f"w_quality={config.w_quality} needs a scorer; pass scorer=load_scorer(...) (--scorer SPEC), "
+                         "or set w_quality=0")
+    if not getattr(scorer, "differentiable", False):
+        raise InputError(f"scorer {getattr(scorer, 'name', type(scorer).__name__)!r} is not differentiable, so it "
+                         f"cannot train with w_quality={config.w_quality}; use a differentiable scorer (its "
+                         ".differentiable is True: e.g. niqe-embedded@192, pyiqa:topiq_nr), or w_quality=0 to only "
+                         "log its score")
+
+
 class ACPOLoss:
     """Anchor-constrained perceptual loss for a U-Net carrying peft LoRA adapters.
 
@@ -73,13 +88,7 @@ class ACPOLoss:
         if self.config.t_quality_max >= self.num_train_timesteps:
             raise InputError(f"ACPOConfig.t_quality_max={self.config.t_quality_max} is outside the scheduler's "
                              f"{self.num_train_timesteps} training timesteps; use at most {self.num_train_timesteps - 1}")
-        if self.config.w_quality > 0:
-            if scorer is None:
-                raise InputError("w_quality > 0 needs a scorer; pass scorer=load_scorer(...), or set w_quality=0")
-            if not getattr(scorer, "differentiable", False):
-                raise InputError(f"scorer {getattr(scorer, 'name', type(scorer).__name__)!r} is not differentiable, "
-                                 f"so it cannot train with w_quality={self.config.w_quality}; use a differentiable "
-                                 "scorer (its .differentiable is True), or w_quality=0 to only log its score")
+        check_quality_scorer(scorer, self.config)
 
     @classmethod
     def from_pipeline(cls, pipe, scorer: nn.Module | None, config: ACPOConfig | None = None,

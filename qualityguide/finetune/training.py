@@ -28,6 +28,7 @@ from ..identity import WeightIdentity
 from .config import ACPOConfig
 from .denoisers import unwrap
 from .lora import add_lora, lora_parameters
+from .loss import check_quality_scorer
 
 LORA_STATE_NAME = "lora_state.safetensors"
 BASE_IDENTITY_NAME = "base_unet_identity.safetensors"
@@ -44,14 +45,7 @@ def check_scorer(scorer: nn.Module | None, config: ACPOConfig, resolution: int |
         raise InputError(f"scorer {name!r} needs images of at least {min_side} px, the training images are "
                          f"{resolution} px; score them resized: --scorer {name}@{min_side} (or --scorer_size "
                          f"{min_side}), or train at --resolution {min_side} or more")
-    if config.w_quality == 0:
-        return
-    if scorer is None:
-        raise InputError(f"w_quality={config.w_quality} needs a scorer; pass --scorer SPEC, or --w_quality 0")
-    if not getattr(scorer, "differentiable", False):
-        raise InputError(f"scorer {getattr(scorer, 'name', type(scorer).__name__)!r} is not differentiable, so it "
-                         f"cannot train with w_quality={config.w_quality}; use a differentiable scorer (e.g. "
-                         "niqe-embedded@192, pyiqa:topiq_nr), or --w_quality 0 to only log its score")
+    check_quality_scorer(scorer, config)
 
 
 def check_mixed_precision(mixed_precision: str, device: torch.device | str) -> torch.dtype | None:
