@@ -3,15 +3,22 @@
 1. Crops of real photos (BIQ2021) at graded blur / noise / JPEG levels plus clean, labelled by a scorer of
    this library (``evals/toy_task.py``: BRISQUE with the original LIVE model, chosen there because it tracks
    the distortion level on these crops).
-2. A tiny pixel-space ``UNet2DConditionModel`` trained briefly on all of them (cached by toy_task).
+2. A tiny pixel-space ``UNet2DConditionModel`` trained briefly on all of them (cached by toy_task), with
+   v-prediction by default: with epsilon prediction a model this small spends its error at high noise levels
+   on copying the noise, where a global attribute is decided and epsilon's loss discounts the clean image by
+   the SNR; on flat images whose brightness is the label neither the base nor an adapter then learns
+   brightness (samples 0.499 / 0.500 / 0.501 at targets 0.1 / 0.5 / 0.9), while with v-prediction the adapter
+   does (``tests/test_adapter_learning.py``). ``--prediction-type epsilon`` runs the original setting.
 3. An :class:`~qualityguide.adapter.IQAAdapter` trained on top with :class:`AdapterTrainer` (the recipe's
-   loss, quality dropout), and a control adapter trained identically on **shuffled** labels.
+   loss, quality dropout), and a control adapter trained identically on **shuffled** labels. With
+   ``--joint``, also the same U-Net + adapter trained together from scratch with the condition (nothing
+   frozen, the base's budget): what this architecture can learn at all, an upper bound for the adapter.
 4. For each target percentile, the same seeds are sampled with each adapter (and without one), the
    samples are scored by the same scorer, and the Spearman correlation between target and measured
    quality is reported: adapter on, adapter with quality guidance (CFG on the quality condition,
    negative = the null input), shuffled-label adapter, and off (identical images for every target).
 
-    python evals/adapter_control.py
+    python evals/adapter_control.py [--joint]
     python evals/adapter_control.py --adapter-steps 50 --samples 4 --sample-steps 5 --n-images 8 --base-steps 20
 
 Writes ``evals/results/adapter_control/{summary.json, results.md, control.png, grid.png}``.
@@ -127,6 +134,37 @@ def control_stats(targets, scores: torch.Tensor) -> dict:
             "nan": int((~ok).sum())}
 
 
+def known_attribute_check(args) -> dict:
+    """The mechanism on an attribute a tiny base renders: flat images whose brightness is the label.
+
+    Same pieces as the quality task (toy_task's base training, :func:`train_adapter`, :func:`generate`), on
+    512 flat 16 px images of brightness ~ U(0.1, 0.9); "measured" is the samples' mean brightness. Shows what
+    the adapter learns when the base can draw the attribute, next to the quality task's result.
+    """
+    size, count, name = 16, 512, "brightness"
+    brightness = torch.rand(count, generator=torch.Generator().manual_seed(args.seed)) * 0.8 + 0.1
+    images = brightness.view(-1, 1, 1, 1).expand(count, 3, size, size).contiguous()
+    crops = toy_task.Crops(images, ["clean"] * count, torch.zeros(count, dtype=torch.long),
+                           [f"flat_{i}" for i in range(count)])
+    config = toy_task.BaseConfig(crop=size, steps=args.check_base_steps, block_out_channels=(16, 32, 64), attention=(False, True, True),
+                                 seed=args.seed, prediction_type=args.prediction_type)
+    unet, scheduler, info = toy_task.load_or_train_base(crops, config, args.cache, progress=False)
+    settings = argparse.Namespace(**{**vars(args), "adapter_steps": args.check_steps})
+    labels = brightness.double()
+    adapter, losses = train_adapter(unet, scheduler, images, labels, name, settings, shuffle=False)
+    control, control_losses = train_adapter(unet, scheduler, images, labels, name, settings, shuffle=True)
+    results = {}
+    for label, (model, cfg) in {"adapter": (adapter, 1.0), "shuffled labels": (control, 1.0),
+                                "off": (None, 1.0)}.items():
+        measured = generate(unet, scheduler, model, name, args.targets, settings, cfg).mean(dim=(2, 3, 4))
+        results[label] = control_stats(args.targets, measured)
+    return {"attribute": "mean brightness of flat 16 px images", "images": count, "adapter_steps": args.check_steps,
+            "training_set_value_at_target": adapter.quantiles.score_at(name, args.targets).tolist(),
+            "final_loss": float(np.mean(losses[-20:])), "final_loss_shuffled": float(np.mean(control_losses[-20:])),
+            "base_model": {k: info[k] for k in ("key", "loaded", "final_loss", "train_seconds") if k in info},
+            "results": results}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="folder holding biq2021/ and params/ (default: shared data)")
@@ -135,6 +173,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--n-images", type=int, default=256)
     parser.add_argument("--crop", type=int, default=48)
     parser.add_argument("--base-steps", type=int, default=toy_task.BaseConfig.steps)
+    parser.add_argument("--prediction-type", default="v_prediction", choices=toy_task.PREDICTION_TYPES,
+                        help="the base's parameterisation (v: see the module docstring on why not epsilon)")
     parser.add_argument("--adapter-steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=16,
                         help="adapter training batch (16: the eval fits ~15 min on one CPU thread)")
@@ -145,6 +185,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=32, help="samples per target (same seeds for each)")
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--cfg", type=float, default=3.0, help="quality guidance scale of the guided variant")
+    parser.add_argument("--joint", action="store_true",
+                        help="also train the same U-Net + adapter jointly from scratch with the condition (nothing "
+                             "frozen, the base's budget; ~8 more minutes): an upper bound for a frozen-base adapter")
+    parser.add_argument("--check-steps", type=int, default=300,
+                        help="adapter steps of the known-attribute check (flat images, brightness = label; ~2 min)")
+    parser.add_argument("--check-base-steps", type=int, default=400, help="base training steps of that check")
+    parser.add_argument("--no-check", action="store_true", help="skip the known-attribute check")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)")
     args = parser.parse_args(argv)
@@ -160,17 +207,32 @@ def main(argv=None) -> dict:
     labels = toy_task.score_images(scorer, crops.images, desc="labelling crops")
     keep = torch.isfinite(labels)
     images, labels = crops.images[keep], labels[keep].double()
-    unet, scheduler, base_info = toy_task.load_or_train_base(crops, toy_task.BaseConfig(
-        crop=args.crop, steps=args.base_steps, seed=args.seed), args.cache)
+    base_config = toy_task.BaseConfig(crop=args.crop, steps=args.base_steps, seed=args.seed,
+                                      prediction_type=args.prediction_type)
+    unet, scheduler, base_info = toy_task.load_or_train_base(crops, base_config, args.cache)
     unet.requires_grad_(False)
 
+    check = None if args.no_check else known_attribute_check(args)
     adapter, losses = train_adapter(unet, scheduler, images, labels, name, args, shuffle=False)
     control, control_losses = train_adapter(unet, scheduler, images, labels, name, args, shuffle=True)
     variants = {"adapter": (adapter, 1.0), f"adapter, quality CFG {args.cfg:g}": (adapter, args.cfg),
                 "shuffled labels": (control, 1.0), "off": (None, 1.0)}
+    unets = dict.fromkeys(variants, unet)
+    joint_loss = None
+    if args.joint:  # the same architecture and budget, trained with the condition from the first step
+        torch.manual_seed(args.seed)
+        joint = IQAAdapter.for_unet(unet, [name], num_tokens=args.num_tokens, projection="linear")
+        joint.set_quantiles(ScoreQuantiles.fit({name: labels}))
+        kept = toy_task.Crops(images, [d for d, k in zip(crops.distortion, keep) if k], crops.level[keep],
+                              [p for p, k in zip(crops.source, keep) if k])
+        joint_unet, _, joint_losses = toy_task.train_base(kept, base_config, adapter=joint, labels=labels,
+                                                          p_quality=args.p_quality)
+        joint_loss = float(np.mean(joint_losses[-50:]))
+        for label, cfg in (("joint model (upper bound)", 1.0), (f"joint model, quality CFG {args.cfg:g}", args.cfg)):
+            variants[label], unets[label] = (joint, cfg), joint_unet
     samples, results = {}, {}
     for label, (model, cfg) in tqdm(list(variants.items()), desc="sampling variants"):
-        samples[label] = generate(unet, scheduler, model, name, args.targets, args, cfg)
+        samples[label] = generate(unets[label], scheduler, model, name, args.targets, args, cfg)
         flat = samples[label].reshape(-1, *samples[label].shape[2:])
         scores = toy_task.score_images(scorer, flat, progress=False).reshape(len(args.targets), args.samples)
         results[label] = control_stats(args.targets, scores)
@@ -179,11 +241,12 @@ def main(argv=None) -> dict:
                "training_set_score_at_target": quantile_scores, "samples_per_target": args.samples,
                "adapter_steps": args.adapter_steps, "batch_size": args.batch_size, "lr": args.lr,
                "p_quality": args.p_quality, "final_loss": float(np.mean(losses[-20:])),
-               "final_loss_shuffled": float(np.mean(control_losses[-20:])),
+               "final_loss_shuffled": float(np.mean(control_losses[-20:])), "final_loss_joint": joint_loss,
+               "prediction_type": args.prediction_type,
                "base_model": {k: base_info[k] for k in ("key", "loaded", "final_loss", "train_seconds")
                               if k in base_info},
-               "results": results, "seconds": time.perf_counter() - started, "threads": torch.get_num_threads(),
-               "load_average": os.getloadavg(),
+               "results": results, "known_attribute_check": check, "seconds": time.perf_counter() - started,
+               "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
                "note": "a tiny pixel model trained for minutes on 48 px crops; the numbers show whether the "
                        "mechanism learns control, not the quality SD-scale training reaches"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -197,19 +260,34 @@ def main(argv=None) -> dict:
     return summary
 
 
-def markdown(s: dict) -> str:
-    head = "| variant | Spearman(target, measured) | " + " | ".join(f"mean @ p={t:g}" for t in s["targets"]) + " |"
-    lines = [f"IQA-Adapter control on {s['crops']} real photo crops ({s['crop_px']} px), scorer `{s['scorer']}`, "
-             f"{s['samples_per_target']} samples per target (same seeds), adapter trained {s['adapter_steps']} steps.",
-             "", head, "|" + "---|" * (len(s["targets"]) + 2),
-             "| training set's score at the target | | " + " | ".join(f"{v:.2f}" for v in
-                                                                    s["training_set_score_at_target"]) + " |"]
-    for label, r in s["results"].items():
+def _table(targets, reference: tuple[str, list], results: dict) -> list[str]:
+    head = "| variant | Spearman(target, measured) | " + " | ".join(f"mean @ p={t:g}" for t in targets) + " |"
+    lines = [head, "|" + "---|" * (len(targets) + 2),
+             f"| {reference[0]} | | " + " | ".join(f"{v:.2f}" for v in reference[1]) + " |"]
+    for label, r in results.items():
         rho = "n/a (same images)" if r["identical_for_every_target"] else f"{r['spearman']:.3f}"
         lines.append(f"| {label} | {rho} | " + " | ".join(f"{m:.2f} ± {e:.2f}" for m, e in zip(r["mean"], r["sem"]))
                      + " |")
-    lines += ["", f"Final training loss: {s['final_loss']:.4f} (true labels), {s['final_loss_shuffled']:.4f} "
-              "(shuffled). " + s["note"] + "."]
+    return lines
+
+
+def markdown(s: dict) -> str:
+    lines = [f"IQA-Adapter control on {s['crops']} real photo crops ({s['crop_px']} px), scorer `{s['scorer']}`, "
+             f"{s['samples_per_target']} samples per target (same seeds), adapter trained {s['adapter_steps']} steps, "
+             f"{s.get('prediction_type', 'epsilon')} base.", ""]
+    lines += _table(s["targets"], ("training set's score at the target", s["training_set_score_at_target"]),
+                    s["results"])
+    joint = "" if s.get("final_loss_joint") is None else f", {s['final_loss_joint']:.4f} (joint model)"
+    lines += ["", f"Final training loss ({s.get('prediction_type', 'epsilon')} MSE): {s['final_loss']:.4f} (true "
+              f"labels), {s['final_loss_shuffled']:.4f} (shuffled){joint}. " + s["note"] + "."]
+    check = s.get("known_attribute_check")
+    if check:
+        lines += ["", f"Known-attribute check ({check['attribute']}, {check['images']} images, adapter trained "
+                      f"{check['adapter_steps']} steps; measured = the samples' mean brightness):", ""]
+        lines += _table(s["targets"], ("training set's value at the target", check["training_set_value_at_target"]),
+                        check["results"])
+        lines += ["", f"Final training loss: {check['final_loss']:.4f} (true labels), "
+                      f"{check['final_loss_shuffled']:.4f} (shuffled)."]
     return "\n".join(lines) + "\n"
 
 
@@ -219,15 +297,23 @@ def plot(s: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for i, (label, r) in enumerate(s["results"].items()):
-        rho = "" if r["identical_for_every_target"] else f" (rho {r['spearman']:.2f})"
-        ax.errorbar(s["targets"], r["mean"], yerr=r["sem"], marker="o", capsize=3, label=label + rho, color=f"C{i}")
-    ax.plot(s["targets"], s["training_set_score_at_target"], "k--", label="training set at that percentile")
-    ax.set_xlabel("target percentile")
-    ax.set_ylabel(f"measured {s['scorer']} of samples (higher is better)")
-    ax.set_title("IQA-Adapter control on real photo crops (tiny model, CPU)", fontsize=9)
-    ax.legend(fontsize=7)
+    check = s.get("known_attribute_check")
+    panels = [("IQA-Adapter control on real photo crops (tiny model, CPU)", s["results"],
+               s["training_set_score_at_target"], f"measured {s['scorer']} of samples (higher is better)")]
+    if check:
+        panels.append(("known-attribute check: flat images, brightness = label", check["results"],
+                       check["training_set_value_at_target"], "mean brightness of samples"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=120, squeeze=False)
+    for ax, (title, results, reference, ylabel) in zip(axes[0], panels):
+        for i, (label, r) in enumerate(results.items()):
+            rho = "" if r["identical_for_every_target"] else f" (rho {r['spearman']:.2f})"
+            ax.errorbar(s["targets"], r["mean"], yerr=r["sem"], marker="o", capsize=3, label=label + rho,
+                        color=f"C{i}")
+        ax.plot(s["targets"], reference, "k--", label="training set at that percentile")
+        ax.set_xlabel("target percentile")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

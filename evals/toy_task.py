@@ -65,6 +65,7 @@ SCENE_FRACTION = 0.375  # crop side / downscaled photo's short side (48 px crops
 MIN_TEXTURE = 0.04  # luma std a crop should reach (flat crops have undefined NSS statistics)
 CROP_TRIES = 20
 KINDS = ("conditional", "unconditional")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 TASK_VERSION = 1  # part of every cache key: bump when the training procedure changes
 
 
@@ -297,7 +298,8 @@ class BaseConfig:
             CPU, attention over 576+ tokens costs more than the rest of the network.
         attention_head_dim: channels per head.
         cross_attention_dim: width of the (null) text condition and so of the adapter's tokens.
-        num_train_timesteps: DDPM schedule length (linear betas, epsilon prediction, x0 clipped to [-1,1]).
+        num_train_timesteps: DDPM schedule length (linear betas, x0 clipped to [-1,1]).
+        prediction_type: what the U-Net predicts, ``"epsilon"`` or ``"v_prediction"`` (Salimans & Ho 2022).
         flip: random horizontal flips.
     """
 
@@ -317,12 +319,15 @@ class BaseConfig:
     norm_num_groups: int = 8
     num_train_timesteps: int = 1000
     flip: bool = True
+    prediction_type: str = "epsilon"
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
         self.attention = tuple(bool(a) for a in self.attention)
         if self.kind not in KINDS:
             raise InputError(f"kind={self.kind!r}: allowed {', '.join(KINDS)}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise InputError(f"prediction_type={self.prediction_type!r}: allowed {', '.join(PREDICTION_TYPES)}")
         for name in ("crop", "steps", "batch_size", "layers_per_block", "attention_head_dim", "cross_attention_dim",
                      "norm_num_groups", "num_train_timesteps"):
             value = getattr(self, name)
@@ -367,11 +372,11 @@ def build_unet(config: BaseConfig) -> torch.nn.Module:
 
 
 def build_scheduler(config: BaseConfig):
-    """The training schedule: DDPM, linear betas, epsilon prediction, clean estimates clipped to [-1,1]."""
+    """The training schedule: DDPM, linear betas, ``config.prediction_type``, clean estimates clipped to [-1,1]."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule="linear",
-                         prediction_type="epsilon", clip_sample=True)
+                         prediction_type=config.prediction_type, clip_sample=True)
 
 
 def null_condition(unet, n: int) -> torch.Tensor | None:
@@ -389,13 +394,19 @@ def _call(unet, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states, added_c
     return unet(x, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
 
 
-def train_base(crops: Crops, config: BaseConfig, progress: bool = True):
-    """Train a fresh U-Net on every crop with the plain epsilon MSE (no caching: see :func:`load_or_train_base`).
+def train_base(crops: Crops, config: BaseConfig, progress: bool = True, adapter=None, labels=None,
+               p_quality: float = 0.1):
+    """Train a fresh U-Net on every crop with the plain noise-prediction MSE (no caching: see
+    :func:`load_or_train_base`).
 
     Args:
         crops: the training images (``config.crop`` px).
         config: the model and its training; every random draw comes from ``config.seed``.
         progress: show a progress bar.
+        adapter, labels: train *jointly* with a quality condition from the first step: an unattached
+            ``IQAAdapter`` (fitted quantiles) is attached to the new U-Net and trained with it on ``labels`` ``[N]``
+            (quality dropout ``p_quality``): the same architecture and budget as base + adapter, with nothing
+            frozen (an upper bound for what a frozen-base adapter can learn). Detached again before returning.
     Returns:
         ``(unet, DDPMScheduler, losses)``: the U-Net holds the averaged weights (``config.ema``), in eval mode with
         ``requires_grad=False``; ``losses`` has one float per step.
@@ -403,10 +414,17 @@ def train_base(crops: Crops, config: BaseConfig, progress: bool = True):
     if crops.images.shape[-1] != config.crop or crops.images.shape[-2] != config.crop:
         raise InputError(f"crops are {tuple(crops.images.shape[-2:])} px but BaseConfig.crop={config.crop}; build the "
                          "crops with the same crop size")
+    if (adapter is None) != (labels is None) or (adapter is not None and config.kind != "conditional"):
+        raise InputError("joint training needs both adapter and labels, and a conditional base")
     unet = build_unet(config).train()
     scheduler = build_scheduler(config)
     alphas = scheduler.alphas_cumprod.float()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-2)
+    if adapter is not None:
+        if len(labels) != len(crops):
+            raise InputError(f"{len(labels)} labels for {len(crops)} crops")
+        adapter.attach(unet, dtype=torch.float32)
+        adapter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-2)  # with the adapter's, if any
 
     def factor(step: int) -> float:  # linear warm-up, then cosine decay to a tenth
         if step < config.warmup:
@@ -430,8 +448,13 @@ def train_base(crops: Crops, config: BaseConfig, progress: bool = True):
         t = sample_timesteps(len(index), config.num_train_timesteps, generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         noisy = add_noise(x0, noise, t, alphas)
-        output = _call(unet, noisy, t, null_condition(unet, len(index)), None)
-        loss = noise_prediction_loss(output, training_target(x0, noise, t, alphas, "epsilon"))
+        added = None
+        if adapter is not None:
+            condition = adapter.condition(labels[index][:, None]).float()
+            drop = torch.rand(len(index), generator=generator) < p_quality
+            added = {"image_embeds": [torch.where(drop.view(-1, 1), 0.0, condition).unsqueeze(1)]}
+        output = _call(unet, noisy, t, null_condition(unet, len(index)), added)
+        loss = noise_prediction_loss(output, training_target(x0, noise, t, alphas, config.prediction_type))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         check_finite({"loss": loss}, step)
@@ -445,12 +468,24 @@ def train_base(crops: Crops, config: BaseConfig, progress: bool = True):
     with torch.no_grad():
         for p, a in zip(params, averaged):
             p.copy_(a)
+    if adapter is not None:
+        adapter.detach(unet)
+        adapter.eval().requires_grad_(False)
     return unet.eval().requires_grad_(False), scheduler, losses
+
+
+def _config_identity(config: BaseConfig) -> dict:
+    """The config as stored and hashed; ``prediction_type`` only when not the original ``"epsilon"`` (so bases
+    cached before the field existed keep their keys)."""
+    identity = json.loads(json.dumps(asdict(config)))
+    if identity.get("prediction_type") == "epsilon":
+        del identity["prediction_type"]
+    return identity
 
 
 def cache_key(crops: Crops, config: BaseConfig) -> str:
     """What a cached base model is filed under: a hash of the config, the crops' content and :data:`TASK_VERSION`."""
-    payload = json.dumps({"config": asdict(config), "crops": crops.fingerprint(), "version": TASK_VERSION},
+    payload = json.dumps({"config": _config_identity(config), "crops": crops.fingerprint(), "version": TASK_VERSION},
                          sort_keys=True)
     return f"{config.kind}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
@@ -459,7 +494,7 @@ def _load_cached(folder: Path, config: BaseConfig, fingerprint: str):
     from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
     info = json.loads((folder / "info.json").read_text())
-    if info.get("config") != json.loads(json.dumps(asdict(config))) or info.get("crops") != fingerprint:
+    if info.get("config") != _config_identity(config) or info.get("crops") != fingerprint:
         raise InputError(f"cached base model {folder} was trained on another config or other crops than its name "
                          "says; delete that folder and run again to retrain")
     cls = UNet2DConditionModel if config.kind == "conditional" else UNet2DModel
@@ -499,8 +534,8 @@ def load_or_train_base(crops: Crops, config: BaseConfig, cache_dir, progress: bo
     stale = folder.exists()  # there before training, yet not loadable: replaced
     unet, scheduler, losses = train_base(crops, config, progress)
     seconds = time.perf_counter() - started
-    info = {"key": key, "config": asdict(config), "crops": fingerprint, "n_crops": len(crops), "seconds": seconds,
-            "final_loss": float(np.mean(losses[-50:])), "losses": losses, "version": TASK_VERSION}
+    info = {"key": key, "config": _config_identity(config), "crops": fingerprint, "n_crops": len(crops),
+            "seconds": seconds, "final_loss": float(np.mean(losses[-50:])), "losses": losses, "version": TASK_VERSION}
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,3 +1,5 @@
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import sys
@@ -319,6 +321,56 @@ def test_toy_base_trains_with_epsilon_mse_caches_and_reloads(tmp_path, kind):
     assert info["losses"][0] == pytest.approx(float(want), rel=1e-5)
 
 
+def test_toy_base_v_prediction_and_joint_training(tmp_path):
+    toy = _load("toy_task")
+    from diffusers import DDPMScheduler
+
+    from qualityguide.adapter import IQAAdapter, ScoreQuantiles
+    from qualityguide.train import batch_indices, step_generator
+
+    crops, eps_config = _synthetic_crops(toy), _tiny_config(toy, "conditional")
+    config = _tiny_config(toy, "conditional", prediction_type="v_prediction")
+    # Epsilon bases keep the key they had before the field existed; v-prediction is another model.
+    old = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(eps_config))).items() if k != "prediction_type"}
+    payload = json.dumps({"config": old, "crops": crops.fingerprint(), "version": toy.TASK_VERSION}, sort_keys=True)
+    assert toy.cache_key(crops, eps_config) == "conditional-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+    assert toy.cache_key(crops, config) != toy.cache_key(crops, eps_config)
+    with pytest.raises(InputError, match="prediction_type="):
+        toy.BaseConfig(prediction_type="sample")
+    unet, scheduler, info = toy.load_or_train_base(crops, config, tmp_path, progress=False)
+    assert scheduler.config.prediction_type == "v_prediction" and info["config"]["prediction_type"] == "v_prediction"
+    assert toy.load_or_train_base(crops, config, tmp_path, progress=False)[2]["loaded"]
+    # The first step's loss is the MSE to diffusers' own velocity target.
+    fresh = toy.build_unet(config)
+    index = batch_indices(len(crops), config.batch_size, 0, config.seed)
+    generator = step_generator(config.seed, 0)
+    x0 = crops.images[index] * 2 - 1
+    flip = torch.rand(len(index), generator=generator) < 0.5
+    x0 = torch.stack([x.flip(-1) if f else x for x, f in zip(x0, flip)])
+    t = torch.randint(0, 1000, (len(index),), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="v_prediction")
+    with torch.no_grad():
+        out = fresh(reference.add_noise(x0, noise, t), t, encoder_hidden_states=torch.zeros(len(index), 1, 8)).sample
+    want = torch.nn.functional.mse_loss(out, reference.get_velocity(x0, noise, t))
+    assert info["losses"][0] == pytest.approx(float(want), rel=1e-5)
+
+    # Joint training: the adapter trains with the U-Net from the first step, and is detached afterwards.
+    labels = torch.linspace(0, 1, len(crops)).double()
+    adapter = IQAAdapter.for_unet(fresh, ["q"], num_tokens=2)
+    adapter.set_quantiles(ScoreQuantiles.fit({"q": labels}))
+    before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    joint, _, losses = toy.train_base(crops, config, progress=False, adapter=adapter, labels=labels)
+    assert adapter.attached_unet is None and joint.encoder_hid_proj is None and len(losses) == config.steps
+    assert all(not torch.equal(before[k], v) for k, v in adapter.state_dict().items() if k.endswith("weight"))
+    plain = toy.train_base(crops, config, progress=False)[0].state_dict()
+    assert any(not torch.equal(plain[k], v) for k, v in joint.state_dict().items())  # the condition changed training
+    with pytest.raises(InputError, match="needs both adapter and labels"):
+        toy.train_base(crops, config, progress=False, adapter=adapter)
+    with pytest.raises(InputError, match="labels for"):
+        toy.train_base(crops, config, progress=False, adapter=adapter, labels=labels[:2])
+
+
 @pytest.mark.parametrize("kind", ["conditional", "unconditional"])
 def test_toy_sample_is_deterministic_ddim(kind):
     toy = _load("toy_task")
@@ -353,9 +405,17 @@ def test_adapter_control_smoke(shared_data, params, tmp_path):
     out = tmp_path / "out"
     summary = control.main(["--data", str(shared_data), "--out", str(out), "--cache", str(tmp_path / "cache"),
                             "--n-images", "20", "--base-steps", "3", "--adapter-steps", "3", "--batch-size", "4",
-                            "--samples", "3", "--sample-steps", "3", "--targets", "0.1", "0.9"])
+                            "--samples", "3", "--sample-steps", "3", "--targets", "0.1", "0.9", "--joint",
+                            "--check-steps", "2", "--check-base-steps", "3"])
     results = summary["results"]
-    assert len(results) == 4 and {"adapter", "shuffled labels", "off"} <= set(results)
+    assert len(results) == 6 and {"adapter", "shuffled labels", "off", "joint model (upper bound)"} <= set(results)
+    assert not results["joint model (upper bound)"]["identical_for_every_target"]
+    assert np.isfinite(summary["final_loss_joint"]) and summary["prediction_type"] == "v_prediction"
+    check = summary["known_attribute_check"]
+    assert {"adapter", "shuffled labels", "off"} == set(check["results"]) and check["adapter_steps"] == 2
+    assert check["results"]["off"]["identical_for_every_target"]
+    assert all(0 <= m <= 1 for r in check["results"].values() for m in r["mean"])  # mean brightness
+    assert "Known-attribute check" in (out / "results.md").read_text()
     assert np.isfinite(results["adapter"]["spearman"]) and not results["adapter"]["identical_for_every_target"]
     assert results["off"]["identical_for_every_target"] and np.isnan(results["off"]["spearman"])
     assert all(len(r["mean"]) == 2 for r in results.values()) and summary["crops"] <= 20
