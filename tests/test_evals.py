@@ -281,8 +281,6 @@ def test_toy_base_trains_with_epsilon_mse_caches_and_reloads(tmp_path, kind):
     toy = _load("toy_task")
     from diffusers import DDPMScheduler
 
-    from qualityguide.train import batch_indices, step_generator
-
     crops, config = _synthetic_crops(toy), _tiny_config(toy, kind)
     (tmp_path / toy.cache_key(crops, config)).mkdir()  # a folder left by something that did not finish: not trusted
     unet, _, info = toy.load_or_train_base(crops, config, tmp_path, progress=False)
@@ -307,18 +305,25 @@ def test_toy_base_trains_with_epsilon_mse_caches_and_reloads(tmp_path, kind):
 
     # The first step's loss is the epsilon MSE at diffusers' own forward noising of that step's batch.
     fresh = toy.build_unet(config)
+    x0, noise, t = _first_batch(crops, config)
+    noisy = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").add_noise(x0, noise, t)
+    kwargs = {"encoder_hidden_states": torch.zeros(len(t), 1, 8)} if kind == "conditional" else {}
+    with torch.no_grad():
+        want = torch.nn.functional.mse_loss(fresh(noisy, t, **kwargs).sample, noise)
+    assert info["losses"][0] == pytest.approx(float(want), rel=1e-5)
+
+
+def _first_batch(crops, config):
+    """Step 0's clean batch (flips applied), noise and timesteps, drawn here as train_base documents them."""
+    from qualityguide.train import batch_indices, step_generator
+
     index = batch_indices(len(crops), config.batch_size, 0, config.seed)
     generator = step_generator(config.seed, 0)
     x0 = crops.images[index] * 2 - 1
     flip = torch.rand(len(index), generator=generator) < 0.5
     x0 = torch.stack([x.flip(-1) if f else x for x, f in zip(x0, flip)])
     t = torch.randint(0, 1000, (len(index),), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator)
-    noisy = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").add_noise(x0, noise, t)
-    kwargs = {"encoder_hidden_states": torch.zeros(len(index), 1, 8)} if kind == "conditional" else {}
-    with torch.no_grad():
-        want = torch.nn.functional.mse_loss(fresh(noisy, t, **kwargs).sample, noise)
-    assert info["losses"][0] == pytest.approx(float(want), rel=1e-5)
+    return x0, torch.randn(x0.shape, generator=generator), t
 
 
 def test_toy_base_v_prediction_and_joint_training(tmp_path):
@@ -326,7 +331,6 @@ def test_toy_base_v_prediction_and_joint_training(tmp_path):
     from diffusers import DDPMScheduler
 
     from qualityguide.adapter import IQAAdapter, ScoreQuantiles
-    from qualityguide.train import batch_indices, step_generator
 
     crops, eps_config = _synthetic_crops(toy), _tiny_config(toy, "conditional")
     config = _tiny_config(toy, "conditional", prediction_type="v_prediction")
@@ -342,16 +346,10 @@ def test_toy_base_v_prediction_and_joint_training(tmp_path):
     assert toy.load_or_train_base(crops, config, tmp_path, progress=False)[2]["loaded"]
     # The first step's loss is the MSE to diffusers' own velocity target.
     fresh = toy.build_unet(config)
-    index = batch_indices(len(crops), config.batch_size, 0, config.seed)
-    generator = step_generator(config.seed, 0)
-    x0 = crops.images[index] * 2 - 1
-    flip = torch.rand(len(index), generator=generator) < 0.5
-    x0 = torch.stack([x.flip(-1) if f else x for x, f in zip(x0, flip)])
-    t = torch.randint(0, 1000, (len(index),), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator)
+    x0, noise, t = _first_batch(crops, config)
     reference = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="v_prediction")
     with torch.no_grad():
-        out = fresh(reference.add_noise(x0, noise, t), t, encoder_hidden_states=torch.zeros(len(index), 1, 8)).sample
+        out = fresh(reference.add_noise(x0, noise, t), t, encoder_hidden_states=torch.zeros(len(t), 1, 8)).sample
     want = torch.nn.functional.mse_loss(out, reference.get_velocity(x0, noise, t))
     assert info["losses"][0] == pytest.approx(float(want), rel=1e-5)
 
