@@ -18,6 +18,10 @@
    quality is reported: adapter on, adapter with quality guidance (CFG on the quality condition,
    negative = the null input), shuffled-label adapter, and off (identical images for every target).
 
+Before all that, a **known-attribute check** runs the same pieces on flat 16 px images whose brightness is
+the label (measured: the samples' mean brightness): what the adapter learns when the base can draw the
+attribute, next to what it learns on quality (``--no-check`` skips it).
+
     python evals/adapter_control.py [--joint]
     python evals/adapter_control.py --adapter-steps 50 --samples 4 --sample-steps 5 --n-images 8 --base-steps 20
 
@@ -146,8 +150,8 @@ def known_attribute_check(args) -> dict:
     images = brightness.view(-1, 1, 1, 1).expand(count, 3, size, size).contiguous()
     crops = toy_task.Crops(images, ["clean"] * count, torch.zeros(count, dtype=torch.long),
                            [f"flat_{i}" for i in range(count)])
-    config = toy_task.BaseConfig(crop=size, steps=args.check_base_steps, block_out_channels=(16, 32, 64), attention=(False, True, True),
-                                 seed=args.seed, prediction_type=args.prediction_type)
+    config = toy_task.BaseConfig(crop=size, steps=args.check_base_steps, block_out_channels=(16, 32, 64),
+                                 attention=(False, True, True), seed=args.seed, prediction_type=args.prediction_type)
     unet, scheduler, info = toy_task.load_or_train_base(crops, config, args.cache, progress=False)
     settings = argparse.Namespace(**{**vars(args), "adapter_steps": args.check_steps})
     labels = brightness.double()
