@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from qualityguide.adapter.conditions import null_condition as adapter_null
+from qualityguide.adapter.training import DropoutConfig, dropout_masks
 from qualityguide.data import DATA_ENV, shared_data_dir
 from qualityguide.diffusion import add_noise, noise_prediction_loss, sample_timesteps, training_target
 from qualityguide.errors import InputError, QualityGuideError
@@ -424,6 +426,7 @@ def train_base(crops: Crops, config: BaseConfig, progress: bool = True, adapter=
             raise InputError(f"{len(labels)} labels for {len(crops)} crops")
         adapter.attach(unet, dtype=torch.float32)
         adapter.requires_grad_(True)
+        dropout = DropoutConfig(p_text=0.0, p_quality=p_quality, p_both=0.0)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-2)  # with the adapter's, if any
 
     def factor(step: int) -> float:  # linear warm-up, then cosine decay to a tenth
@@ -451,8 +454,10 @@ def train_base(crops: Crops, config: BaseConfig, progress: bool = True, adapter=
         added = None
         if adapter is not None:
             condition = adapter.condition(labels[index][:, None]).float()
-            drop = torch.rand(len(index), generator=generator) < p_quality
-            added = {"image_embeds": [torch.where(drop.view(-1, 1), 0.0, condition).unsqueeze(1)]}
+            _, drop = dropout_masks(len(index), dropout, generator)
+            condition = torch.where(drop.view(-1, 1), adapter_null(len(index), condition.shape[1], like=condition),
+                                    condition)
+            added = {"image_embeds": [condition.unsqueeze(1)]}
         output = _call(unet, noisy, t, null_condition(unet, len(index)), added)
         loss = noise_prediction_loss(output, training_target(x0, noise, t, alphas, config.prediction_type))
         optimizer.zero_grad(set_to_none=True)
