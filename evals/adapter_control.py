@@ -18,9 +18,11 @@
    quality is reported: adapter on, adapter with quality guidance (CFG on the quality condition,
    negative = the null input), shuffled-label adapter, and off (identical images for every target).
 
-Before all that, a **known-attribute check** runs the same pieces on flat 16 px images whose brightness is
-the label (measured: the samples' mean brightness): what the adapter learns when the base can draw the
-attribute, next to what it learns on quality (``--no-check`` skips it).
+Before all that, two **known-attribute checks** run the same pieces on synthetic images whose label *is* the
+measured attribute: flat 16 px images (brightness; low frequency) and white noise on grey at 32 px (pixel std;
+high frequency, with the quality base's layout: the adapter only at the two lowest levels). They show what the
+adapter learns when the base can draw the attribute, next to what it learns on quality (``--no-check`` skips
+them).
 
     python evals/adapter_control.py [--joint]
     python evals/adapter_control.py --adapter-steps 50 --samples 4 --sample-steps 5 --n-images 8 --base-steps 20
@@ -138,32 +140,56 @@ def control_stats(targets, scores: torch.Tensor) -> dict:
             "nan": int((~ok).sum())}
 
 
-def known_attribute_check(args) -> dict:
-    """The mechanism on an attribute a tiny base renders: flat images whose brightness is the label.
+def _check_task(attribute: str, seed: int):
+    """``(images, labels, BaseConfig fields, description, measure)`` of one known-attribute check."""
+    generator = torch.Generator().manual_seed(seed)
+    if attribute == "brightness":  # low frequency: flat 16 px images, brightness ~ U(0.1, 0.9)
+        size, count = 16, 512
+        labels = torch.rand(count, generator=generator) * 0.8 + 0.1
+        images = labels.view(-1, 1, 1, 1).expand(count, 3, size, size).contiguous()
+        fields = dict(crop=size, block_out_channels=(16, 32, 64), attention=(False, True, True))
+        return (images, labels, fields, "mean brightness of flat 16 px images",
+                lambda x: x.mean(dim=(-3, -2, -1)))
+    # high frequency: white noise of amplitude ~ U(0.02, 0.25) on mid-grey, 32 px; the label is each image's
+    # measured pixel std (the same measure as the samples'); the quality base's layout (adapter at 1/4 and 1/8
+    # of the side only), so the adapter must steer pixel-level detail from the two lowest levels.
+    size, count = 32, 512
+    amplitude = torch.rand(count, generator=generator) * 0.23 + 0.02
+    images = (0.5 + amplitude.view(-1, 1, 1, 1) * torch.randn(count, 3, size, size, generator=generator)).clamp(0, 1)
+    measure = lambda x: x.std(dim=(-2, -1)).mean(-1)  # noqa: E731
+    fields = dict(crop=size, block_out_channels=(16, 32, 64, 64), attention=(False, False, True, True))
+    return images, measure(images), fields, "pixel std of white-noise 32 px images", measure
 
-    Same pieces as the quality task (toy_task's base training, :func:`train_adapter`, :func:`generate`), on
-    512 flat 16 px images of brightness ~ U(0.1, 0.9); "measured" is the samples' mean brightness. Shows what
-    the adapter learns when the base can draw the attribute, next to the quality task's result.
+
+CHECKS = ("brightness", "noise amplitude")
+
+
+def known_attribute_check(args, attribute: str = "brightness") -> dict:
+    """The mechanism on an attribute a tiny base renders, where the label *is* the measured attribute.
+
+    Same pieces as the quality task (toy_task's base training, :func:`train_adapter`, :func:`generate`), on 512
+    synthetic images: ``"brightness"`` (flat 16 px images; low frequency, decided at high noise) or
+    ``"noise amplitude"`` (white noise on grey, 32 px, the quality base's 4-level layout with the adapter only at
+    the two lowest levels; high frequency, decided at low noise). Shows what the adapter learns when the base
+    can draw the attribute, next to the quality task's result.
     """
-    size, count, name = 16, 512, "brightness"
-    brightness = torch.rand(count, generator=torch.Generator().manual_seed(args.seed)) * 0.8 + 0.1
-    images = brightness.view(-1, 1, 1, 1).expand(count, 3, size, size).contiguous()
-    crops = toy_task.Crops(images, ["clean"] * count, torch.zeros(count, dtype=torch.long),
-                           [f"flat_{i}" for i in range(count)])
-    config = toy_task.BaseConfig(crop=size, steps=args.check_base_steps, block_out_channels=(16, 32, 64),
-                                 attention=(False, True, True), seed=args.seed, prediction_type=args.prediction_type)
+    images, labels, fields, description, measure = _check_task(attribute, args.seed)
+    crops = toy_task.Crops(images, ["clean"] * len(images), torch.zeros(len(images), dtype=torch.long),
+                           [f"{'flat' if attribute == 'brightness' else 'noise'}_{i}" for i in range(len(images))])
+    config = toy_task.BaseConfig(steps=args.check_base_steps, seed=args.seed, prediction_type=args.prediction_type,
+                                 **fields)
     unet, scheduler, info = toy_task.load_or_train_base(crops, config, args.cache, progress=False)
     settings = argparse.Namespace(**{**vars(args), "adapter_steps": args.check_steps})
-    labels = brightness.double()
-    adapter, losses = train_adapter(unet, scheduler, images, labels, name, settings, shuffle=False)
-    control, control_losses = train_adapter(unet, scheduler, images, labels, name, settings, shuffle=True)
+    labels = labels.double()
+    adapter, losses = train_adapter(unet, scheduler, images, labels, attribute, settings, shuffle=False)
+    control, control_losses = train_adapter(unet, scheduler, images, labels, attribute, settings, shuffle=True)
     results = {}
     for label, (model, cfg) in {"adapter": (adapter, 1.0), "shuffled labels": (control, 1.0),
                                 "off": (None, 1.0)}.items():
-        measured = generate(unet, scheduler, model, name, args.targets, settings, cfg).mean(dim=(2, 3, 4))
+        measured = measure(generate(unet, scheduler, model, attribute, args.targets, settings, cfg))
         results[label] = control_stats(args.targets, measured)
-    return {"attribute": "mean brightness of flat 16 px images", "images": count, "adapter_steps": args.check_steps,
-            "training_set_value_at_target": adapter.quantiles.score_at(name, args.targets).tolist(),
+    return {"attribute": description, "images": len(images), "adapter_steps": args.check_steps,
+            "training_set_value_at_target": adapter.quantiles.score_at(attribute, args.targets).tolist(),
             "final_loss": float(np.mean(losses[-20:])), "final_loss_shuffled": float(np.mean(control_losses[-20:])),
             "base_model": {k: info[k] for k in ("key", "loaded", "final_loss", "train_seconds") if k in info},
             "results": results}
@@ -176,6 +202,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache", default=str(HERE / "results" / "toy_base"), help="trained base models")
     parser.add_argument("--n-images", type=int, default=256)
     parser.add_argument("--crop", type=int, default=48)
+    parser.add_argument("--distortions", nargs="+", default=list(toy_task.DISTORTIONS), choices=toy_task.DISTORTIONS,
+                        help="distortion families of the crops (clean = undistorted)")
     parser.add_argument("--base-steps", type=int, default=toy_task.BaseConfig.steps)
     parser.add_argument("--prediction-type", default="v_prediction", choices=toy_task.PREDICTION_TYPES,
                         help="the base's parameterisation (v: see the module docstring on why not epsilon)")
@@ -192,10 +220,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--joint", action="store_true",
                         help="also train the same U-Net + adapter jointly from scratch with the condition (nothing "
                              "frozen, the base's budget; ~8 more minutes): an upper bound for a frozen-base adapter")
-    parser.add_argument("--check-steps", type=int, default=300,
-                        help="adapter steps of the known-attribute check (flat images, brightness = label; ~2 min)")
-    parser.add_argument("--check-base-steps", type=int, default=400, help="base training steps of that check")
-    parser.add_argument("--no-check", action="store_true", help="skip the known-attribute check")
+    parser.add_argument("--checks", nargs="*", default=list(CHECKS), choices=CHECKS,
+                        help="known-attribute checks to run first (label = the measured attribute; ~2 and ~4 min)")
+    parser.add_argument("--check-steps", type=int, default=300, help="adapter steps of each known-attribute check")
+    parser.add_argument("--check-base-steps", type=int, default=400, help="base training steps of each check")
+    parser.add_argument("--no-check", action="store_true", help="skip the known-attribute checks (= --checks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)")
     args = parser.parse_args(argv)
@@ -205,7 +234,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     data = toy_task.resolve_data_dir(args.data)
-    crops = toy_task.build_crops(data / "biq2021", args.n_images, args.crop, seed=args.seed)
+    crops = toy_task.build_crops(data / "biq2021", args.n_images, args.crop, seed=args.seed,
+                                 distortions=tuple(args.distortions))
     scorer = toy_task.load_toy_scorer(params_dir=data / "params")
     name = toy_task.TOY_SCORER
     labels = toy_task.score_images(scorer, crops.images, desc="labelling crops")
@@ -216,7 +246,7 @@ def main(argv=None) -> dict:
     unet, scheduler, base_info = toy_task.load_or_train_base(crops, base_config, args.cache)
     unet.requires_grad_(False)
 
-    check = None if args.no_check else known_attribute_check(args)
+    checks = {} if args.no_check else {a: known_attribute_check(args, a) for a in args.checks}
     adapter, losses = train_adapter(unet, scheduler, images, labels, name, args, shuffle=False)
     control, control_losses = train_adapter(unet, scheduler, images, labels, name, args, shuffle=True)
     variants = {"adapter": (adapter, 1.0), f"adapter, quality CFG {args.cfg:g}": (adapter, args.cfg),
@@ -247,9 +277,10 @@ def main(argv=None) -> dict:
                "p_quality": args.p_quality, "final_loss": float(np.mean(losses[-20:])),
                "final_loss_shuffled": float(np.mean(control_losses[-20:])), "final_loss_joint": joint_loss,
                "prediction_type": args.prediction_type,
+               "distortions": args.distortions,
                "base_model": {k: base_info[k] for k in ("key", "loaded", "final_loss", "train_seconds")
                               if k in base_info},
-               "results": results, "known_attribute_check": check, "seconds": time.perf_counter() - started,
+               "results": results, "known_attribute_checks": checks, "seconds": time.perf_counter() - started,
                "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
                "note": "a tiny pixel model trained for minutes on 48 px crops; the numbers show whether the "
                        "mechanism learns control, not the quality SD-scale training reaches"}
@@ -284,10 +315,9 @@ def markdown(s: dict) -> str:
     joint = "" if s.get("final_loss_joint") is None else f", {s['final_loss_joint']:.4f} (joint model)"
     lines += ["", f"Final training loss ({s.get('prediction_type', 'epsilon')} MSE): {s['final_loss']:.4f} (true "
               f"labels), {s['final_loss_shuffled']:.4f} (shuffled){joint}. " + s["note"] + "."]
-    check = s.get("known_attribute_check")
-    if check:
-        lines += ["", f"Known-attribute check ({check['attribute']}, {check['images']} images, adapter trained "
-                      f"{check['adapter_steps']} steps; measured = the samples' mean brightness):", ""]
+    for check in s.get("known_attribute_checks", {}).values():
+        lines += ["", f"Known-attribute check: {check['attribute']} ({check['images']} images, label = the measured "
+                      f"attribute, adapter trained {check['adapter_steps']} steps):", ""]
         lines += _table(s["targets"], ("training set's value at the target", check["training_set_value_at_target"]),
                         check["results"])
         lines += ["", f"Final training loss: {check['final_loss']:.4f} (true labels), "
@@ -301,12 +331,11 @@ def plot(s: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    check = s.get("known_attribute_check")
     panels = [("IQA-Adapter control on real photo crops (tiny model, CPU)", s["results"],
                s["training_set_score_at_target"], f"measured {s['scorer']} of samples (higher is better)")]
-    if check:
-        panels.append(("known-attribute check: flat images, brightness = label", check["results"],
-                       check["training_set_value_at_target"], "mean brightness of samples"))
+    for check in s.get("known_attribute_checks", {}).values():
+        panels.append((f"known attribute: {check['attribute']}", check["results"],
+                       check["training_set_value_at_target"], "measured attribute of samples"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=120, squeeze=False)
     for ax, (title, results, reference, ylabel) in zip(axes[0], panels):
         for i, (label, r) in enumerate(results.items()):

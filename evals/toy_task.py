@@ -197,8 +197,10 @@ def distort(image: torch.Tensor, distortion: str, level: int, seed: int = 0) -> 
         return torch.from_numpy(np.asarray(decoded.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
-def build_crops(biq_dir: Path | None, n_images: int, crop: int = 48, seed: int = 0) -> Crops:
-    """``n_images`` crops, one per photo, each clean or distorted (the ten :data:`CONDITIONS`, balanced).
+def build_crops(biq_dir: Path | None, n_images: int, crop: int = 48, seed: int = 0,
+                distortions: tuple[str, ...] = DISTORTIONS) -> Crops:
+    """``n_images`` crops, one per photo, each clean or distorted (the :data:`CONDITIONS` of ``distortions``,
+    balanced).
 
     Deterministic given the arguments: the photos, crop positions, conditions and noise come from ``seed``.
 
@@ -207,7 +209,13 @@ def build_crops(biq_dir: Path | None, n_images: int, crop: int = 48, seed: int =
         n_images: how many photos (and crops); at most the number of photos.
         crop: crop side in px (BRISQUE needs >= 32).
         seed: the draw.
+        distortions: the families drawn from (:data:`DISTORTIONS`; ``"clean"`` is the undistorted crop); all of
+            them gives the original ten conditions.
     """
+    unknown = [d for d in distortions if d not in DISTORTIONS]
+    if unknown or not distortions or len(set(distortions)) != len(distortions):
+        raise InputError(f"distortions={tuple(distortions)!r}: pick distinct families from {', '.join(DISTORTIONS)}")
+    conditions_used = [c for c in CONDITIONS if c[0] in distortions]
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
         raise InputError(f"n_images={n_images!r}: a positive whole number of photos, e.g. 256")
     if isinstance(crop, bool) or not isinstance(crop, int) or crop < 32:
@@ -219,11 +227,11 @@ def build_crops(biq_dir: Path | None, n_images: int, crop: int = 48, seed: int =
                          f"{len(photos)} or fewer")
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(photos), size=n_images, replace=False)
-    conditions = rng.permutation(n_images) % len(CONDITIONS)  # balanced over the ten conditions
+    conditions = rng.permutation(n_images) % len(conditions_used)  # balanced over the conditions
     images, distortions, levels, sources = [], [], [], []
     for i, (index, c) in enumerate(tqdm(list(zip(chosen, conditions)), desc="cropping photos", leave=False)):
         clean = torch.from_numpy(_textured_crop(photos[index], crop, rng)).permute(2, 0, 1)
-        distortion, level = CONDITIONS[c]
+        distortion, level = conditions_used[c]
         images.append(distort(clean, distortion, level, seed=derive_seed("toy_task.noise", seed, i)))
         distortions.append(distortion)
         levels.append(level)

@@ -52,10 +52,11 @@ def test_targets_change_images_and_scale_zero_and_detach_are_bit_identical(kind)
     high = generate(pipe, ip_adapter_image_embeds=adapter.embeds(percentiles={n: 0.95 for n in NAMES}))
     low = generate(pipe, ip_adapter_image_embeds=adapter.embeds(percentiles={n: 0.05 for n in NAMES}))
     assert (high - low).abs().max() > 1e-3
+    top = adapter.embeds(percentiles={n: 0.95 for n in NAMES})
     pipe.set_ip_adapter_scale(0.0)
-    assert torch.equal(generate(pipe, ip_adapter_image_embeds=adapter.embeds(percentiles={n: 0.95 for n in NAMES})), base)
+    assert torch.equal(generate(pipe, ip_adapter_image_embeds=top), base)
     pipe.set_ip_adapter_scale(1.0)
-    assert torch.equal(generate(pipe, ip_adapter_image_embeds=adapter.embeds(percentiles={n: 0.95 for n in NAMES})), high)
+    assert torch.equal(generate(pipe, ip_adapter_image_embeds=top), high)
     processors = {k: v for k, v in pipe.unet.attn_processors.items() if k.endswith("attn1.processor")}
     adapter.detach(pipe)
     assert torch.equal(generate(pipe), base)
@@ -202,13 +203,26 @@ def test_pipeline_calls_with_missing_or_misshapen_embeds_get_clear_errors():
 def test_layout_mismatch_names_both_models():
     sd, sdxl = tiny_sd(), tiny_sdxl()
     adapter = IQAAdapter.for_unet(sd.unet, NAMES)
-    with pytest.raises(InputError, match=r"built for a U-Net with 6 cross-attention layers.*cross_attention_dim 32; this U-Net has 12.*cross_attention_dim 64"):
+    with pytest.raises(InputError, match=r"built for a U-Net with 6 cross-attention layers.*cross_attention_dim 32; "
+                                         r"this U-Net has 12.*cross_attention_dim 64"):
         adapter.attach(sdxl)
     loose = IQAAdapter(NAMES, cross_attention_dim=768)
     with pytest.raises(InputError, match="cross_attention_dim=768.*takes \\[32\\]"):
         loose.attach(sd)
     with pytest.raises(InputError, match="cannot attach"):
         adapter.attach(torch.nn.Linear(2, 2))
+    # Cross-attention in the self-attention slot (only_cross_attention): diffusers' IP path feeds it the
+    # (text, image tokens) tuple and fails mid-forward with an AttributeError; refused up front instead.
+    from diffusers import UNet2DConditionModel
+
+    odd = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
+                               out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                               norm_num_groups=8, only_cross_attention=True)
+    with pytest.raises(InputError, match="attn1; built with only_cross_attention=True"):
+        IQAAdapter.for_unet(odd, NAMES)
+    with pytest.raises(InputError, match="only_cross_attention=True"):
+        adapter.attach(odd)
 
 
 def test_only_adapter_parameters_get_gradients_with_and_without_lora():
@@ -259,7 +273,8 @@ def test_training_loss_equals_hand_computation_and_one_step_lowers_it():
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
     noisy = ddpm.add_noise(z0, noise, t)
     with torch.no_grad():
-        out = pipe.unet(noisy, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [cond[:, None]]}).sample
+        out = pipe.unet(noisy, t, encoder_hidden_states=text,
+                        added_cond_kwargs={"image_embeds": [cond[:, None]]}).sample
     torch.testing.assert_close(loss.detach(), torch.mean((out - noise) ** 2), rtol=1e-5, atol=1e-7)
 
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-3, weight_decay=1e-2)

@@ -234,6 +234,14 @@ def test_toy_crops_are_deterministic_and_graded(shared_data, params):
     assert len(set(crops.source)) == 40  # one crop per photo
     pairs = [(d, int(k)) for d, k in zip(crops.distortion, crops.level)]
     assert sorted(set(pairs)) == sorted(toy.CONDITIONS) and all(pairs.count(c) == 4 for c in toy.CONDITIONS)
+    # A subset of families: balanced over their conditions, the same photos (the draw is otherwise unchanged).
+    noisy = toy.build_crops(shared_data / "biq2021", 40, seed=0, distortions=("clean", "noise"))
+    subset = [(d, int(k)) for d, k in zip(noisy.distortion, noisy.level)]
+    assert sorted(set(subset)) == [("clean", 0)] + [("noise", k) for k in (1, 2, 3)]
+    assert all(subset.count(c) == 10 for c in set(subset)) and noisy.source == crops.source
+    for bad in (("clean", "rain"), (), ("noise", "noise")):
+        with pytest.raises(InputError, match="distortions="):
+            toy.build_crops(shared_data / "biq2021", 4, distortions=bad)
 
     scorer = toy.load_toy_scorer(toy.TOY_SCORER, params_dir=params)
     assert Path(scorer.source) == params / "brisque_live_svm.pth"
@@ -409,11 +417,14 @@ def test_adapter_control_smoke(shared_data, params, tmp_path):
     assert len(results) == 6 and {"adapter", "shuffled labels", "off", "joint model (upper bound)"} <= set(results)
     assert not results["joint model (upper bound)"]["identical_for_every_target"]
     assert np.isfinite(summary["final_loss_joint"]) and summary["prediction_type"] == "v_prediction"
-    check = summary["known_attribute_check"]
-    assert {"adapter", "shuffled labels", "off"} == set(check["results"]) and check["adapter_steps"] == 2
-    assert check["results"]["off"]["identical_for_every_target"]
-    assert all(0 <= m <= 1 for r in check["results"].values() for m in r["mean"])  # mean brightness
-    assert "Known-attribute check" in (out / "results.md").read_text()
+    checks = summary["known_attribute_checks"]
+    assert set(checks) == {"brightness", "noise amplitude"}
+    for check in checks.values():
+        assert {"adapter", "shuffled labels", "off"} == set(check["results"]) and check["adapter_steps"] == 2
+        assert check["results"]["off"]["identical_for_every_target"]
+        assert all(0 <= m <= 1 for r in check["results"].values() for m in r["mean"])  # brightness, pixel std
+    assert all(0 < v < 0.5 for v in checks["noise amplitude"]["training_set_value_at_target"])
+    assert (out / "results.md").read_text().count("Known-attribute check") == 2
     assert np.isfinite(results["adapter"]["spearman"]) and not results["adapter"]["identical_for_every_target"]
     assert results["off"]["identical_for_every_target"] and np.isnan(results["off"]["spearman"])
     assert all(len(r["mean"]) == 2 for r in results.values()) and summary["crops"] <= 20

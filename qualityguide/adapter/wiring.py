@@ -55,9 +55,16 @@ def cross_attention_layers(unet) -> list[CrossAttentionLayer]:
     """Every cross-attention layer, in ``unet.attn_processors`` order (the order of diffusers' IP-Adapter files)."""
     layers = []
     for name in unet.attn_processors:
-        if name.endswith("attn1.processor"):
-            continue
         attn = unet.get_submodule(name[: -len(".processor")])
+        if name.endswith("attn1.processor"):
+            if getattr(attn, "is_cross_attention", False):  # only_cross_attention=True blocks
+                raise InputError(
+                    f"{type(unet).__name__} has cross-attention in the self-attention slot ({name[:-10]}; built with "
+                    "only_cross_attention=True): with an IP-Adapter attached, diffusers hands that layer the "
+                    "(text, image tokens) pair and its forward fails, for diffusers' own load_ip_adapter too. Use a "
+                    "U-Net whose transformer blocks start with self-attention (SD 1.x/2.x, SDXL), or build it with "
+                    "only_cross_attention=False")
+            continue
         if not getattr(attn, "is_cross_attention", False):
             continue
         layers.append(CrossAttentionLayer(name, int(attn.to_k.out_features), int(attn.to_k.in_features)))
