@@ -228,15 +228,15 @@ def build_crops(biq_dir: Path | None, n_images: int, crop: int = 48, seed: int =
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(photos), size=n_images, replace=False)
     conditions = rng.permutation(n_images) % len(conditions_used)  # balanced over the conditions
-    images, distortions, levels, sources = [], [], [], []
+    images, kinds, levels, sources = [], [], [], []
     for i, (index, c) in enumerate(tqdm(list(zip(chosen, conditions)), desc="cropping photos", leave=False)):
         clean = torch.from_numpy(_textured_crop(photos[index], crop, rng)).permute(2, 0, 1)
         distortion, level = conditions_used[c]
         images.append(distort(clean, distortion, level, seed=derive_seed("toy_task.noise", seed, i)))
-        distortions.append(distortion)
+        kinds.append(distortion)
         levels.append(level)
         sources.append(photos[index].name)
-    return Crops(torch.stack(images).float().contiguous(), distortions, torch.tensor(levels, dtype=torch.long),
+    return Crops(torch.stack(images).float().contiguous(), kinds, torch.tensor(levels, dtype=torch.long),
                  sources)
 
 

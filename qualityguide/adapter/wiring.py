@@ -55,11 +55,12 @@ def cross_attention_layers(unet) -> list[CrossAttentionLayer]:
     """Every cross-attention layer, in ``unet.attn_processors`` order (the order of diffusers' IP-Adapter files)."""
     layers = []
     for name in unet.attn_processors:
-        attn = unet.get_submodule(name[: -len(".processor")])
+        layer = name[: -len(".processor")]
+        attn = unet.get_submodule(layer)
         if name.endswith("attn1.processor"):
             if getattr(attn, "is_cross_attention", False):  # only_cross_attention=True blocks
                 raise InputError(
-                    f"{type(unet).__name__} has cross-attention in the self-attention slot ({name[:-10]}; built with "
+                    f"{type(unet).__name__} has cross-attention in the self-attention slot ({layer}; built with "
                     "only_cross_attention=True): with an IP-Adapter attached, diffusers hands that layer the "
                     "(text, image tokens) pair and its forward fails, for diffusers' own load_ip_adapter too. Use a "
                     "U-Net whose transformer blocks start with self-attention (SD 1.x/2.x, SDXL), or build it with "
