@@ -427,8 +427,42 @@ def test_adapter_control_smoke(shared_data, params, tmp_path):
     assert (out / "results.md").read_text().count("Known-attribute check") == 2
     assert np.isfinite(results["adapter"]["spearman"]) and not results["adapter"]["identical_for_every_target"]
     assert results["off"]["identical_for_every_target"] and np.isnan(results["off"]["spearman"])
+    assert results["adapter"]["paired"]["seeds"] == 3 and np.shape(results["adapter"]["scores"]) == (2, 3)
+    assert "within-seed Spearman" in (out / "results.md").read_text()
     assert all(len(r["mean"]) == 2 for r in results.values()) and summary["crops"] <= 20
     assert summary["threads"] == 1 and not summary["base_model"]["loaded"]
     assert json.loads((out / "summary.json").read_text())["targets"] == [0.1, 0.9]
     assert "shuffled labels" in (out / "results.md").read_text()
     assert (out / "control.png").stat().st_size > 1000 and (out / "grid.png").stat().st_size > 100
+
+
+def test_paired_trend_matches_hand_computation():
+    """``paired_trend`` against Page's L and Spearman written out by hand, targets given out of order."""
+    from scipy.stats import norm
+
+    control = _load("adapter_control")
+    rng = np.random.default_rng(3)
+    seeds, n = 40, 5
+    ascending = rng.normal(size=(n, seeds)) * 3 + rng.normal(size=(1, seeds)) * 20 + np.arange(n)[:, None] * 0.8
+    targets = [0.05, 0.25, 0.5, 0.75, 0.95]
+    shuffle = [3, 0, 4, 1, 2]  # the same data, rows listed in another order
+    got = control.paired_trend([targets[i] for i in shuffle], ascending[shuffle])
+    ranks = ascending.T.argsort(axis=1).argsort(axis=1) + 1.0  # [seeds, targets], no ties in continuous data
+    L = float((ranks.sum(axis=0) * np.arange(1, n + 1)).sum())
+    mean = seeds * n * (n + 1) ** 2 / 4
+    var = seeds * n**2 * (n + 1) * (n**2 - 1) / 144
+    assert np.isclose(got["page_p"], norm.sf((L - mean) / var**0.5), rtol=1e-6)
+    d = ranks - np.arange(1, n + 1)
+    assert np.isclose(got["within_seed_spearman"], np.mean(1 - 6 * (d**2).sum(axis=1) / (n * (n**2 - 1))))
+    diff = ascending[-1] - ascending[0]
+    assert np.isclose(got["top_minus_bottom"], diff.mean())
+    assert np.isclose(got["top_minus_bottom_sem"], diff.std(ddof=1) / seeds**0.5)
+    assert got["share_increasing"] == (diff > 0).mean() and got["seeds"] == seeds
+    assert got["page_p"] < 1e-3 < control.paired_trend(targets, ascending[::-1].copy())["page_p"]
+    # a seed with a NaN is left out; identical images give NaN, not a test of nothing
+    with_nan = ascending.copy()
+    with_nan[2, 7] = np.nan
+    assert control.paired_trend(targets, with_nan)["seeds"] == seeds - 1
+    flat = control.control_stats(targets, torch.zeros(n, 4))
+    assert flat["identical_for_every_target"] and np.isnan(flat["paired"]["page_p"])
+    assert np.isclose(control.control_stats(targets, torch.from_numpy(ascending))["paired"]["page_p"], got["page_p"])
