@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import page_trend_test, spearmanr
+from scipy.stats import page_trend_test, spearmanr, wilcoxon
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -157,19 +157,42 @@ def paired_trend(targets, scores: np.ndarray, identical: bool = False) -> dict:
     """
     nan = {"seeds": 0, "within_seed_spearman": float("nan"), "top_minus_bottom": float("nan"),
            "top_minus_bottom_sem": float("nan"), "share_increasing": float("nan"), "page_p": float("nan")}
-    order = np.argsort(np.asarray(targets, dtype=float), kind="stable")
-    columns = np.asarray(scores, dtype=float)[order].T  # [seeds, targets ascending]
+    columns = _by_seed(targets, scores)
     columns = columns[np.isfinite(columns).all(axis=1)]
-    if identical or len(columns) < 2 or len(order) < 2:
+    if identical or len(columns) < 2 or len(targets) < 2:
         return {**nan, "seeds": int(len(columns))}
     varying = columns[columns.std(axis=1) > 0]
-    rhos = [spearmanr(np.arange(len(order)), row).statistic for row in varying]
+    rhos = [spearmanr(np.arange(len(targets)), row).statistic for row in varying]
     difference = columns[:, -1] - columns[:, 0]
-    page = page_trend_test(columns).pvalue if len(order) >= 3 else float("nan")
+    page = page_trend_test(columns).pvalue if len(targets) >= 3 else float("nan")
     return {"seeds": int(len(columns)), "within_seed_spearman": float(np.mean(rhos)) if rhos else float("nan"),
             "top_minus_bottom": float(difference.mean()),
             "top_minus_bottom_sem": float(difference.std(ddof=1) / len(difference) ** 0.5),
             "share_increasing": float((difference > 0).mean()), "page_p": float(page)}
+
+
+def _by_seed(targets, scores) -> np.ndarray:
+    """``[targets, seeds]`` scores -> ``[seeds, targets in ascending order]``."""
+    order = np.argsort(np.asarray(targets, dtype=float), kind="stable")
+    return np.asarray(scores, dtype=float)[order].T
+
+
+def versus_shuffled(targets, scores, shuffled) -> dict:
+    """Is the true-label adapter's trend larger than its shuffled twin's, for the same seed?
+
+    Any adapter whose output depends smoothly on the condition moves a seed monotonically with the target, in a
+    direction the labels need not have taught (the known-attribute checks' shuffled twins do, slightly), so a
+    trend alone is no proof. Per seed: (highest - lowest target) of the adapter minus the same of the
+    shuffled-label adapter; mean, standard error, and the one-sided Wilcoxon signed-rank p-value that it is
+    positive. Seeds with a non-finite score in either are left out.
+    """
+    true, control = _by_seed(targets, scores), _by_seed(targets, shuffled)
+    ok = np.isfinite(true).all(axis=1) & np.isfinite(control).all(axis=1)
+    gap = (true[ok, -1] - true[ok, 0]) - (control[ok, -1] - control[ok, 0])
+    if len(gap) < 2 or not np.any(gap):
+        return {"seeds": int(len(gap)), "gap": float("nan"), "gap_sem": float("nan"), "wilcoxon_p": float("nan")}
+    return {"seeds": int(len(gap)), "gap": float(gap.mean()), "gap_sem": float(gap.std(ddof=1) / len(gap) ** 0.5),
+            "wilcoxon_p": float(wilcoxon(gap, alternative="greater").pvalue)}
 
 
 def _check_task(attribute: str, seed: int):
@@ -220,11 +243,13 @@ def known_attribute_check(args, attribute: str = "brightness") -> dict:
                                 "off": (None, 1.0)}.items():
         measured = measure(generate(unet, scheduler, model, attribute, args.targets, settings, cfg))
         results[label] = control_stats(args.targets, measured)
+    versus = {"adapter": versus_shuffled(args.targets, results["adapter"]["scores"],
+                                         results["shuffled labels"]["scores"])}
     return {"attribute": description, "images": len(images), "adapter_steps": args.check_steps,
             "training_set_value_at_target": adapter.quantiles.score_at(attribute, args.targets).tolist(),
             "final_loss": float(np.mean(losses[-20:])), "final_loss_shuffled": float(np.mean(control_losses[-20:])),
             "base_model": {k: info[k] for k in ("key", "loaded", "final_loss", "train_seconds") if k in info},
-            "results": results}
+            "results": results, "versus_shuffled": versus}
 
 
 def main(argv=None) -> dict:
@@ -282,7 +307,8 @@ def main(argv=None) -> dict:
     adapter, losses = train_adapter(unet, scheduler, images, labels, name, args, shuffle=False)
     control, control_losses = train_adapter(unet, scheduler, images, labels, name, args, shuffle=True)
     variants = {"adapter": (adapter, 1.0), f"adapter, quality CFG {args.cfg:g}": (adapter, args.cfg),
-                "shuffled labels": (control, 1.0), "off": (None, 1.0)}
+                "shuffled labels": (control, 1.0), f"shuffled labels, quality CFG {args.cfg:g}": (control, args.cfg),
+                "off": (None, 1.0)}
     unets = dict.fromkeys(variants, unet)
     joint_loss = None
     if args.joint:  # the same architecture and budget, trained with the condition from the first step
@@ -302,6 +328,9 @@ def main(argv=None) -> dict:
         flat = samples[label].reshape(-1, *samples[label].shape[2:])
         scores = toy_task.score_images(scorer, flat, progress=False).reshape(len(args.targets), args.samples)
         results[label] = control_stats(args.targets, scores)
+    versus = {label: versus_shuffled(args.targets, results[label]["scores"], results[twin]["scores"])
+              for label, twin in (("adapter", "shuffled labels"),
+                                  (f"adapter, quality CFG {args.cfg:g}", f"shuffled labels, quality CFG {args.cfg:g}"))}
     quantile_scores = adapter.quantiles.score_at(name, args.targets).tolist()
     summary = {"scorer": name, "crops": int(keep.sum()), "crop_px": args.crop, "targets": args.targets,
                "training_set_score_at_target": quantile_scores, "samples_per_target": args.samples,
@@ -312,7 +341,8 @@ def main(argv=None) -> dict:
                "distortions": args.distortions,
                "base_model": {k: base_info[k] for k in ("key", "loaded", "final_loss", "train_seconds")
                               if k in base_info},
-               "results": results, "known_attribute_checks": checks, "seconds": time.perf_counter() - started,
+               "results": results, "versus_shuffled": versus, "known_attribute_checks": checks,
+               "seconds": time.perf_counter() - started,
                "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
                "note": f"a tiny pixel model trained for minutes on {args.crop} px crops; the numbers show whether "
                        "the mechanism learns control, not the quality SD-scale training reaches"}
@@ -344,6 +374,14 @@ def _table(targets, reference: tuple[str, list], results: dict) -> list[str]:
     return lines
 
 
+def _versus_line(versus: dict) -> str:
+    """One line: each adapter's same-seed trend minus its shuffled twin's (a trend alone can be spurious)."""
+    parts = [f"{label} {v['gap']:+.3g} ± {v['gap_sem']:.2g} (Wilcoxon one-sided p {v['wilcoxon_p']:.2g}, "
+             f"{v['seeds']} seeds)" for label, v in versus.items()]
+    return ("True labels vs the shuffled twin, same seed ((highest - lowest target) of the adapter minus the twin's): "
+            + "; ".join(parts) + ".") if parts else ""
+
+
 def markdown(s: dict) -> str:
     lines = [f"IQA-Adapter control on {s['crops']} real photo crops ({s['crop_px']} px), scorer `{s['scorer']}`, "
              f"{s['samples_per_target']} samples per target (same seeds), adapter trained {s['adapter_steps']} steps, "
@@ -353,7 +391,8 @@ def markdown(s: dict) -> str:
     joint = "" if s.get("final_loss_joint") is None else f", {s['final_loss_joint']:.4f} (joint model)"
     lines += ["", "Every target is sampled from the same seeds: the within-seed columns compare a seed with itself "
                   "across targets (the pooled Spearman counts the spread between seeds as noise); Page's L p is the "
-                  "one-sided p-value of a monotone increase across the targets, seeds as blocks."]
+                  "one-sided p-value of a monotone increase across the targets, seeds as blocks.", "",
+              _versus_line(s.get("versus_shuffled", {}))]
     lines += ["", f"Final training loss ({s.get('prediction_type', 'epsilon')} MSE): {s['final_loss']:.4f} (true "
               f"labels), {s['final_loss_shuffled']:.4f} (shuffled){joint}. " + s["note"] + "."]
     for check in s.get("known_attribute_checks", {}).values():
@@ -361,6 +400,7 @@ def markdown(s: dict) -> str:
                       f"attribute, adapter trained {check['adapter_steps']} steps):", ""]
         lines += _table(s["targets"], ("training set's value at the target", check["training_set_value_at_target"]),
                         check["results"])
+        lines += ["", _versus_line(check.get("versus_shuffled", {}))]
         lines += ["", f"Final training loss: {check['final_loss']:.4f} (true labels), "
                       f"{check['final_loss_shuffled']:.4f} (shuffled)."]
     return "\n".join(lines) + "\n"

@@ -414,7 +414,9 @@ def test_adapter_control_smoke(shared_data, params, tmp_path):
                             "--samples", "3", "--sample-steps", "3", "--targets", "0.1", "0.9", "--joint",
                             "--check-steps", "2", "--check-base-steps", "3"])
     results = summary["results"]
-    assert len(results) == 6 and {"adapter", "shuffled labels", "off", "joint model (upper bound)"} <= set(results)
+    assert len(results) == 7 and {"adapter", "shuffled labels", "off", "joint model (upper bound)"} <= set(results)
+    assert set(summary["versus_shuffled"]) == {"adapter", "adapter, quality CFG 3"}
+    assert summary["versus_shuffled"]["adapter"]["seeds"] == 3
     assert not results["joint model (upper bound)"]["identical_for_every_target"]
     assert np.isfinite(summary["final_loss_joint"]) and summary["prediction_type"] == "v_prediction"
     checks = summary["known_attribute_checks"]
@@ -466,3 +468,27 @@ def test_paired_trend_matches_hand_computation():
     flat = control.control_stats(targets, torch.zeros(n, 4))
     assert flat["identical_for_every_target"] and np.isnan(flat["paired"]["page_p"])
     assert np.isclose(control.control_stats(targets, torch.from_numpy(ascending))["paired"]["page_p"], got["page_p"])
+
+
+def test_versus_shuffled_matches_exact_signed_rank_test():
+    """The same-seed gap to the shuffled twin, and its Wilcoxon p-value enumerated over all sign flips."""
+    import itertools
+
+    control = _load("adapter_control")
+    rng = np.random.default_rng(5)
+    seeds = 12
+    targets = [0.9, 0.1, 0.5]  # out of order: the highest target is row 0, the lowest row 1
+    true = rng.normal(size=(3, seeds)) * 2
+    true[0] += 1.0
+    shuffled = rng.normal(size=(3, seeds)) * 2
+    got = control.versus_shuffled(targets, true, shuffled)
+    gap = (true[0] - true[1]) - (shuffled[0] - shuffled[1])
+    assert np.isclose(got["gap"], gap.mean()) and np.isclose(got["gap_sem"], gap.std(ddof=1) / seeds**0.5)
+    ranks = np.abs(gap).argsort().argsort() + 1
+    w_plus = ranks[gap > 0].sum()
+    sums = [sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product([0, 1], repeat=seeds)]
+    assert np.isclose(got["wilcoxon_p"], np.mean(np.array(sums) >= w_plus))
+    assert got["seeds"] == seeds
+    shuffled[2, 4] = np.nan
+    assert control.versus_shuffled(targets, true, shuffled)["seeds"] == seeds - 1
+    assert np.isnan(control.versus_shuffled(targets, true, true)["wilcoxon_p"])  # no gap at all: no test
