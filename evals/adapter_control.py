@@ -417,17 +417,31 @@ def plot(s: dict, path: Path) -> None:
     for check in s.get("known_attribute_checks", {}).values():
         panels.append((f"known attribute: {check['attribute']}", check["results"],
                        check["training_set_value_at_target"], "measured attribute of samples"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=120, squeeze=False)
-    for ax, (title, results, reference, ylabel) in zip(axes[0], panels):
+    fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), dpi=120, squeeze=False)
+    order = np.argsort(np.asarray(s["targets"], dtype=float), kind="stable")
+    targets = np.asarray(s["targets"], dtype=float)[order]
+    for top, bottom, (title, results, reference, ylabel) in zip(axes[0], axes[1], panels):
         for i, (label, r) in enumerate(results.items()):
             rho = "" if r["identical_for_every_target"] else f" (rho {r['spearman']:.2f})"
-            ax.errorbar(s["targets"], r["mean"], yerr=r["sem"], marker="o", capsize=3, label=label + rho,
-                        color=f"C{i}")
-        ax.plot(s["targets"], reference, "k--", label="training set at that percentile")
-        ax.set_xlabel("target percentile")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
+            top.errorbar(s["targets"], r["mean"], yerr=r["sem"], marker="o", capsize=3, label=label + rho,
+                         color=f"C{i}")
+            if r["identical_for_every_target"]:
+                continue
+            change = _by_seed(s["targets"], r["scores"])  # [seeds, targets ascending]
+            change = change[np.isfinite(change).all(axis=1)]
+            change = change - change[:, :1]
+            bottom.errorbar(targets, change.mean(axis=0), yerr=change.std(axis=0, ddof=1) / len(change) ** 0.5,
+                            marker="o", capsize=3, color=f"C{i}",
+                            label=f"{label} (within-seed rho {r['paired']['within_seed_spearman']:.2f})")
+        top.plot(s["targets"], reference, "k--", label="training set at that percentile")
+        top.set_title(title, fontsize=9)
+        top.set_ylabel(ylabel)
+        bottom.axhline(0, color="k", lw=0.5)
+        bottom.set_title("same seed: change from the lowest target (mean ± sem over seeds)", fontsize=9)
+        bottom.set_ylabel("change of the measured value")
+        for ax in (top, bottom):
+            ax.set_xlabel("target percentile")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
