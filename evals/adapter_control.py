@@ -16,7 +16,11 @@
 4. For each target percentile, the same seeds are sampled with each adapter (and without one), the
    samples are scored by the same scorer, and the Spearman correlation between target and measured
    quality is reported: adapter on, adapter with quality guidance (CFG on the quality condition,
-   negative = the null input), shuffled-label adapter, and off (identical images for every target).
+   negative = the null input), shuffled-label adapter (also with CFG), and off (identical images for
+   every target). Because the seeds are shared, the trend is also measured within seeds
+   (:func:`paired_trend`), and each adapter's same-seed trend is tested against its shuffled twin's
+   (:func:`versus_shuffled`): the test that separates learnt control from a network merely reacting to
+   its input.
 
 Before all that, two **known-attribute checks** run the same pieces on synthetic images whose label *is* the
 measured attribute: flat 16 px images (brightness; low frequency) and white noise on grey at 32 px (pixel std;
@@ -429,6 +433,8 @@ def plot(s: dict, path: Path) -> None:
                 continue
             change = _by_seed(s["targets"], r["scores"])  # [seeds, targets ascending]
             change = change[np.isfinite(change).all(axis=1)]
+            if len(change) < 2:
+                continue
             change = change - change[:, :1]
             bottom.errorbar(targets, change.mean(axis=0), yerr=change.std(axis=0, ddof=1) / len(change) ** 0.5,
                             marker="o", capsize=3, color=f"C{i}",
