@@ -167,7 +167,7 @@ def paired_trend(targets, scores: np.ndarray, identical: bool = False) -> dict:
         return {**nan, "seeds": int(len(columns))}
     varying = columns[columns.std(axis=1) > 0]
     rhos = [spearmanr(np.arange(len(targets)), row).statistic for row in varying]
-    difference = columns[:, -1] - columns[:, 0]
+    difference = _rise(columns)
     page = page_trend_test(columns).pvalue if len(targets) >= 3 else float("nan")
     return {"seeds": int(len(columns)), "within_seed_spearman": float(np.mean(rhos)) if rhos else float("nan"),
             "top_minus_bottom": float(difference.mean()),
@@ -181,6 +181,11 @@ def _by_seed(targets, scores) -> np.ndarray:
     return np.asarray(scores, dtype=float)[order].T
 
 
+def _rise(columns: np.ndarray) -> np.ndarray:
+    """Per seed, highest minus lowest target, from :func:`_by_seed`'s ``[seeds, targets ascending]``."""
+    return columns[:, -1] - columns[:, 0]
+
+
 def versus_shuffled(targets, scores, shuffled) -> dict:
     """Is the true-label adapter's trend larger than its shuffled twin's, for the same seed?
 
@@ -192,7 +197,7 @@ def versus_shuffled(targets, scores, shuffled) -> dict:
     """
     true, control = _by_seed(targets, scores), _by_seed(targets, shuffled)
     ok = np.isfinite(true).all(axis=1) & np.isfinite(control).all(axis=1)
-    gap = (true[ok, -1] - true[ok, 0]) - (control[ok, -1] - control[ok, 0])
+    gap = _rise(true[ok]) - _rise(control[ok])
     if len(gap) < 2 or not np.any(gap):
         return {"seeds": int(len(gap)), "gap": float("nan"), "gap_sem": float("nan"), "wilcoxon_p": float("nan")}
     return {"seeds": int(len(gap)), "gap": float(gap.mean()), "gap_sem": float(gap.std(ddof=1) / len(gap) ** 0.5),
@@ -422,8 +427,7 @@ def plot(s: dict, path: Path) -> None:
         panels.append((f"known attribute: {check['attribute']}", check["results"],
                        check["training_set_value_at_target"], "measured attribute of samples"))
     fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), dpi=120, squeeze=False)
-    order = np.argsort(np.asarray(s["targets"], dtype=float), kind="stable")
-    targets = np.asarray(s["targets"], dtype=float)[order]
+    targets = np.sort(np.asarray(s["targets"], dtype=float))  # the order of _by_seed's columns
     for top, bottom, (title, results, reference, ylabel) in zip(axes[0], axes[1], panels):
         for i, (label, r) in enumerate(results.items()):
             rho = "" if r["identical_for_every_target"] else f" (rho {r['spearman']:.2f})"
