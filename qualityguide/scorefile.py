@@ -69,11 +69,12 @@ def _sha256(path: str) -> str:
 def scorer_settings(scorer: torch.nn.Module) -> str:
     """The settings a scorer's values depend on, as ``scorer=NAME[;weights_sha256=HEX16][;dtype=...]``.
 
-    ``NAME`` is the scorer's spec (with any size suffix); the weights are identified by the content of
+    ``NAME`` is the scorer's spec (with any size suffix; a scorer whose spec is a folder, ``lgdm:<dir>``, is named
+    by the folder's content instead: its ``settings_name``); the weights are identified by the content of
     the parameter file a (sub)module reports as its ``source``, never by its path; reduced precision
     is named. The device is not: CPU and CUDA agree to float rounding.
     """
-    parts = [f"scorer={getattr(scorer, 'name', type(scorer).__name__)}"]
+    parts = [f"scorer={getattr(scorer, 'settings_name', None) or getattr(scorer, 'name', type(scorer).__name__)}"]
     for module in scorer.modules():
         source = getattr(module, "source", None)
         if isinstance(source, (str, os.PathLike)) and str(source) and os.path.isfile(source):

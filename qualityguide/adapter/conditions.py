@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..scorers.safe_load import read_json_object
 
 QUANTILE_LEVELS = 101  # 0%, 1%, ..., 100%
 QUANTILES_FILE = "quantiles.json"
@@ -120,11 +121,13 @@ class ScoreQuantiles:
     def load(cls, directory: str | os.PathLike) -> "ScoreQuantiles":
         path = Path(directory, QUANTILES_FILE)
         try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
+            payload = read_json_object(path, "IQA-Adapter quantiles", "save the adapter again (save_pretrained)")
             return cls({str(k): [float(x) for x in v] for k, v in payload["quantiles"].items()}, int(payload["count"]))
         except FileNotFoundError:
             raise InputError(f"{path} is missing: an IQA-Adapter folder holds the score quantiles it was trained "
                              "with; save the adapter again with save_pretrained(...)") from None
+        except InputError:
+            raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"{path} is not a quantiles file written by IQAAdapter.save_pretrained ({exc})") from None
 

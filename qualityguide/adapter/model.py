@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, printable
 from ..images import check_batch
+from ..scorers.safe_load import check_fields, load_checked_safetensors, read_json_object
 from .conditions import (QUANTILES_FILE, ScoreQuantiles, check_unit_range, finite_or_raise, null_condition,
                          pack_embeds, values_per_name, with_presence)
 from .wiring import (ATTACHED_ATTR, IP_HID_TYPE, AttachHook, CrossAttentionLayer, cross_attention_layers, describe,
@@ -97,7 +98,7 @@ class IQAAdapterConfig:
                                  "pyiqa:<metric>)")
             whole("feature_dim", self.feature_dim)
         if self.layers is not None:
-            self.layers = [[str(n), int(h), int(c)] for n, h, c in self.layers]
+            self.layers = [_layer_entry(i, layer) for i, layer in enumerate(_list_or_raise("layers", self.layers))]
 
     @property
     def input_dim(self) -> int:
@@ -106,6 +107,55 @@ class IQAAdapterConfig:
 
     def layer_specs(self) -> list[CrossAttentionLayer] | None:
         return None if self.layers is None else [CrossAttentionLayer(*layer) for layer in self.layers]
+
+
+def _list_or_raise(name: str, value) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise InputError(f"{name}={printable(repr(value))[:120]}: must be a list of [name, hidden_size, "
+                         "cross_attention_dim] entries (written by save_pretrained); save the adapter again")
+    return list(value)
+
+
+def _layer_entry(index: int, layer) -> list:
+    """One ``layers`` entry as ``[name, hidden_size, cross_attention_dim]``, or an error naming the entry."""
+    ok = isinstance(layer, (list, tuple)) and len(layer) == 3 and isinstance(layer[0], str) and layer[0] and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in layer[1:])
+    if not ok:
+        raise InputError(f"layers[{index}]={printable(repr(layer))[:120]}: each entry must be [processor name, "
+                         "hidden_size >= 1, cross_attention_dim >= 1], e.g. ['down_blocks.0.attentions.0."
+                         "transformer_blocks.0.attn2.processor', 320, 768]; save the adapter again")
+    return [layer[0], layer[1], layer[2]]
+
+
+def weight_shapes(config: IQAAdapterConfig) -> dict[str, tuple[tuple[int, ...], dict]]:
+    """Name -> (shape, the config fields that size it) of every tensor an adapter of ``config`` saves.
+
+    Computed from the config alone, so a config read from a file is checked against its weights file before a
+    module of that size is built (``tests/test_untrusted_files.py`` compares it with built adapters).
+    """
+    width, tokens = config.cross_attention_dim, config.num_tokens
+    inputs = {"score_names": config.score_names} if config.kind == "scores" else {"feature_dim": config.feature_dim}
+    out_fields = {"num_tokens": tokens, "cross_attention_dim": width}
+    shapes = {"projection.norm.weight": ((width,), {"cross_attention_dim": width}),
+              "projection.norm.bias": ((width,), {"cross_attention_dim": width})}
+    if config.projection == "linear":
+        shapes["projection.image_embeds.bias"] = ((tokens * width,), out_fields)
+        shapes["projection.image_embeds.weight"] = ((tokens * width, config.input_dim), {**out_fields, **inputs})
+    else:
+        hidden = config.hidden_dim or width
+        hidden_fields = {"hidden_dim": config.hidden_dim} if config.hidden_dim else {"hidden_dim": None, **out_fields}
+        shapes["projection.net.0.bias"] = ((hidden,), hidden_fields)
+        shapes["projection.net.0.weight"] = ((hidden, config.input_dim), {**hidden_fields, **inputs})
+        shapes["projection.net.2.bias"] = ((tokens * width,), out_fields)
+        shapes["projection.net.2.weight"] = ((tokens * width, hidden), {**out_fields, **hidden_fields})
+    if config.kind == "features":
+        for name in ("feature_mean", "feature_std"):
+            shapes[name] = ((config.feature_dim,), {"feature_dim": config.feature_dim})
+    for i, (name, hidden_size, cross_dim) in enumerate(config.layers or []):
+        for kv in ("to_k_ip", "to_v_ip"):
+            shapes[f"layers.{i}.{kv}.0.weight"] = ((hidden_size, cross_dim), {f"layers[{i}]": [name, hidden_size,
+                                                                                               cross_dim]})
+    return shapes
 
 
 class MLPProjection(nn.Module):
@@ -294,8 +344,8 @@ class _QualityAdapter(nn.Module):
         config_path = directory / CONFIG_FILE
         if config_path.is_file():
             try:
-                ours = json.loads(config_path.read_text(encoding="utf-8")).get("format") == FORMAT
-            except (ValueError, AttributeError):
+                ours = read_json_object(config_path, "config", "").get("format") == FORMAT
+            except InputError:
                 ours = False
             if not ours:
                 raise InputError(f"{config_path} exists and was not written by an IQA-Adapter; save into an empty "
@@ -343,34 +393,29 @@ class _QualityAdapter(nn.Module):
             device: where to put it (default CPU; ``attach`` moves it to the U-Net anyway).
             kwargs: for :class:`ReferenceIQAAdapter`, ``weights=`` of a pyiqa feature extractor.
         """
-        from safetensors.torch import load_file
-
         directory = _resolve(source, revision, subfolder)
+        again = "pass a folder written by adapter.save_pretrained(...) or by recipes/train_iqa_adapter.py"
         try:
-            payload = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+            payload = read_json_object(directory / CONFIG_FILE, "IQA-Adapter config", again)
         except FileNotFoundError:
-            raise InputError(f"{directory} is not an IQA-Adapter folder (no {CONFIG_FILE}); pass a folder written by "
-                             "adapter.save_pretrained(...) or by recipes/train_iqa_adapter.py") from None
-        except ValueError as exc:
-            raise InputError(f"{directory / CONFIG_FILE} is not valid JSON ({exc})") from None
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("config"), dict):
+            raise InputError(f"{directory} is not an IQA-Adapter folder (no {CONFIG_FILE}); {again}") from None
+        if payload.get("format") != FORMAT or not isinstance(payload.get("config"), dict):
             raise InputError(f"{directory / CONFIG_FILE} was not written by an IQA-Adapter (format "
-                             f"{payload.get('format') if isinstance(payload, dict) else None!r}, expected {FORMAT!r})")
-        try:
-            config = IQAAdapterConfig(**payload["config"])
-        except TypeError as exc:
-            raise InputError(f"{directory / CONFIG_FILE}: {exc}; it was written by another version") from None
+                             f"{printable(repr(payload.get('format')))[:80]}, expected {FORMAT!r}, and a \"config\" "
+                             f"object); {again}")
+        check_fields(payload["config"], [f.name for f in fields(IQAAdapterConfig)],
+                     f"IQA-Adapter config {directory / CONFIG_FILE}", "it was written by another version; " + again)
+        config = IQAAdapterConfig(**payload["config"])
         target = {"scores": IQAAdapter, "features": ReferenceIQAAdapter}[config.kind]
         if not issubclass(target, cls):
             raise InputError(f"{directory} holds a {target.__name__}; load it with {target.__name__}.from_pretrained")
+        if not (directory / WEIGHTS_FILE).is_file():
+            raise InputError(f"{directory / WEIGHTS_FILE} is missing; save the adapter again")
+        # sizes are checked against the weights file before a module of the config's size is built
+        state = load_checked_safetensors(directory / WEIGHTS_FILE, weight_shapes(config), "IQA-Adapter weights",
+                                         "use the config.json saved with these weights, or save the adapter again")
         adapter = target._from_config(config, directory, payload, **kwargs)
-        try:
-            adapter.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
-        except FileNotFoundError:
-            raise InputError(f"{directory / WEIGHTS_FILE} is missing; save the adapter again") from None
-        except RuntimeError as exc:
-            raise InputError(f"{directory / WEIGHTS_FILE} does not match its config.json "
-                             f"({str(exc).splitlines()[0]})") from None
+        adapter.load_state_dict(state, strict=True)
         return adapter.to(device) if device is not None else adapter
 
 

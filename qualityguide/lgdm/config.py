@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 from ..errors import InputError, closest
+from ..scorers.safe_load import check_fields
 
 LAYERS = ("up_blocks", "up_resnets")
 POOLINGS = ("mean_std", "mean")
@@ -100,12 +101,22 @@ class LGDMConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LGDMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"LGDM config has unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: dict, what: str = "LGDM config",
+                  fix: str = "use a config written by this version of qualityguide") -> "LGDMConfig":
+        """A config from its fields as read from a file; unknown fields and values of the wrong type are refused.
+
+        Args:
+            what: how messages name the source, e.g. ``"LGDM head config DIR/config.json"``.
+            fix: appended to every message.
+        """
+        if not isinstance(data, dict):
+            raise InputError(f"{what}: the LGDM config must be a JSON object of fields, got {type(data).__name__}; "
+                             f"{fix}")
+        check_fields(data, [f.name for f in fields(cls)], what, fix)
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a value of the wrong type met a comparison, e.g. eta="0"
+            raise InputError(f"{what}: a field has a value of the wrong type ({exc}); {fix}") from None
 
 
 def stable_hash(payload: dict) -> str:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, printable
+from ..scorers.safe_load import check_fields, load_checked_safetensors, read_json_object
 
 MIXINGS = ("softmax", "concat")
 HEAD_CONFIG = "config.json"          # the conventional names (huggingface_hub, diffusers, transformers)
@@ -46,20 +48,55 @@ class HeadConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.mixing not in MIXINGS:
+        if not isinstance(self.mixing, str) or self.mixing not in MIXINGS:
             raise InputError(f"mixing={self.mixing!r} is not allowed; use one of {', '.join(MIXINGS)}")
-        if self.num_steps < 1 or not self.layer_dims or any(d < 1 for d in self.layer_dims):
-            raise InputError(f"head needs num_steps >= 1 and positive layer_dims, got {self.num_steps}, {self.layer_dims}")
-        if len(self.hidden) != 2 or any(int(h) < 1 for h in self.hidden):
-            raise InputError(f"hidden must be two positive widths, got {self.hidden!r}")
+        if not _whole(self.num_steps):
+            raise InputError(f"num_steps={self.num_steps!r}: the head needs a whole number of steps >= 1")
+        if not isinstance(self.layer_dims, (list, tuple)) or not self.layer_dims or \
+                not all(_whole(d) for d in self.layer_dims):
+            raise InputError(f"layer_dims={printable(repr(self.layer_dims))[:120]}: the head needs a non-empty list of "
+                             "whole numbers >= 1 (the pooled width of each hyperfeature layer)")
+        if not isinstance(self.hidden, (list, tuple)) or len(self.hidden) != 2 or not all(map(_whole, self.hidden)):
+            raise InputError(f"hidden={printable(repr(self.hidden))[:120]}: must be two whole numbers >= 1, e.g. "
+                             "(512, 128)")
+        self.num_steps = int(self.num_steps)
         self.hidden = tuple(int(h) for h in self.hidden)
         self.layer_dims = [int(d) for d in self.layer_dims]
-        if not 0.0 <= self.dropout < 1.0:
-            raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or \
+                not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
 
     @property
     def width(self) -> int:
         return sum(self.layer_dims)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def weight_shapes(config: HeadConfig) -> dict[str, tuple[tuple[int, ...], dict]]:
+    """Name -> (shape, the config fields that size it) of every tensor a head of ``config`` saves.
+
+    Computed from the config alone, so a config read from a file is checked against its weights file before a
+    module of that size is built (``tests/test_untrusted_files.py`` compares it with built heads).
+    """
+    steps, width, (h1, h2) = config.num_steps, config.width, config.hidden
+    both = {"num_steps": steps, "layer_dims": config.layer_dims}
+    shapes = {"feature_mean": ((steps, width), both), "feature_std": ((steps, width), both),
+              "mos_range": ((2,), {})}
+    inputs = width
+    if config.mixing == "softmax":
+        shapes["mix_logits"] = ((len(config.layer_dims), steps), both)
+    else:
+        inputs = width * steps
+    shapes["mlp.0.bias"] = ((h1,), {"hidden": list(config.hidden)})
+    shapes["mlp.0.weight"] = ((h1, inputs), {"hidden": list(config.hidden), **both})
+    shapes["mlp.3.bias"] = ((h2,), {"hidden": list(config.hidden)})
+    shapes["mlp.3.weight"] = ((h2, h1), {"hidden": list(config.hidden)})
+    shapes["mlp.6.bias"] = ((1,), {})
+    shapes["mlp.6.weight"] = ((1, h2), {"hidden": list(config.hidden)})
+    return shapes
 
 
 class LGDMHead(nn.Module):
@@ -121,8 +158,6 @@ class LGDMHead(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> tuple["LGDMHead", dict]:
         """Load a head; returns ``(head, metadata)`` (metadata: what ``save_pretrained`` stored besides the head)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         for config_name, weights_name in ((HEAD_CONFIG, HEAD_WEIGHTS), LEGACY_FILES):
             if (directory / config_name).is_file() and (directory / weights_name).is_file():
@@ -130,12 +165,22 @@ class LGDMHead(nn.Module):
         else:
             raise InputError(f"{directory} is not an LGDM head folder (needs {HEAD_CONFIG} and {HEAD_WEIGHTS}); "
                              "write one with `qualityguide lgdm fit ... --out DIR`")
-        payload = json.loads((directory / config_name).read_text())
-        if not isinstance(payload, dict) or not isinstance(payload.get("head"), dict):
-            raise InputError(f"{directory / config_name} is not an LGDM head config (no \"head\" entry); write one "
-                             "with `qualityguide lgdm fit ... --out DIR`")
-        head = cls(HeadConfig(**payload.pop("head")))
-        head.load_state_dict(load_file(str(directory / weights_name)))
+        again = "write the head again with `qualityguide lgdm fit ... --out DIR`"
+        payload = read_json_object(directory / config_name, "LGDM head config", again)
+        if not isinstance(payload.get("head"), dict):
+            raise InputError(f"{directory / config_name} is not an LGDM head config (no \"head\" object); {again}")
+        fields_ = payload.pop("head")
+        check_fields(fields_, [f.name for f in fields(HeadConfig)], f"LGDM head config {directory / config_name}",
+                     again)
+        try:
+            config = HeadConfig(**fields_)
+        except TypeError as exc:  # a required field (num_steps, layer_dims) is absent
+            raise InputError(f"LGDM head config {directory / config_name}: {exc}; {again}") from None
+        # sizes are checked against the weights file before a module of the config's size is built
+        state = load_checked_safetensors(directory / weights_name, weight_shapes(config), "LGDM head weights",
+                                         f"use the {config_name} saved with these weights, or {again}")
+        head = cls(config)
+        head.load_state_dict(state)
         head.eval()
         return head, payload
 

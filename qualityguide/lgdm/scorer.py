@@ -8,18 +8,19 @@ files with ``huggingface_hub`` (an existing local folder of that name wins).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, printable
 from ..identity import IDENTITY_FILE, WeightIdentity
 from ..pipelines import hub_fetch_error, looks_like_local_path
 from ..scorers.base import QualityScorer
-from .cache import _mismatch
-from .config import LGDMConfig
+from .cache import _mismatch, file_hash
+from .config import LGDMConfig, stable_hash
 from .head import HEAD_CONFIG, HEAD_WEIGHTS, LEGACY_FILES, LGDMHead
 from .model import LGDM
 
@@ -67,6 +68,36 @@ def resolve_head_folder(spec: str | os.PathLike) -> Path:
                               "fetched", text, exc, "or pass an existing head folder") from None
 
 
+def head_content_hash(folder: str | os.PathLike) -> str:
+    """SHA-256 of what a head folder holds (config, weights and backbone identity, each by its bytes): a head refit
+    into the same folder gets a new hash, the same files copied elsewhere keep theirs."""
+    folder = Path(folder)
+    names = [n for n in (HEAD_CONFIG, HEAD_WEIGHTS, IDENTITY_FILE, *LEGACY_FILES) if (folder / n).is_file()]
+    return stable_hash({name: file_hash(folder / name) for name in names})
+
+
+def _state_hash(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (names, shapes, float32 values): a head held only in memory."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_metadata(meta: dict, where: str) -> None:
+    """The entries of a head's config.json that rebuild its feature extractor, refused naming the first bad one."""
+    for key, kind in (("lgdm", dict), ("model_key", str), ("backbone", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise InputError(f"LGDM head config {where} has no {key!r} {kind.__name__} (found "
+                             f"{printable(repr(meta.get(key)))[:80]}); write the head again with `qualityguide lgdm "
+                             "fit ... --out DIR`")
+    spec = meta.get("backbone_spec")
+    if spec is not None and not isinstance(spec, str):
+        raise InputError(f"LGDM head config {where}: backbone_spec={printable(repr(spec))[:80]} is not a model spec; "
+                         "write the head again, or pass model=...")
+
+
 def _same_device(requested, actual: torch.device) -> bool:
     requested = torch.device(requested)
     return requested.type == actual.type and (requested.index is None or requested.index == actual.index)
@@ -102,10 +133,19 @@ class LGDMScorer(QualityScorer):
                              "was trained with")
         object.__setattr__(self, "lgdm", lgdm)  # not a submodule: its modules are not this scorer's state
         self.head, self.name, self.create_graph = head, name, create_graph
+        self.head_sha256: str | None = None  # set by from_pretrained: the content of the folder it came from
         size, upscale = lgdm.config.image_size, lgdm.config.max_upscale
         self.min_side = lgdm.min_side if size is None else max(lgdm.min_side, int(-(-size // upscale)))
         lo, hi = (float(v) for v in head.mos_range)
         self.native_range = (lo, hi)
+
+    @property
+    def settings_name(self) -> str:
+        """What a scores CSV records for this scorer: the head by content (:func:`head_content_hash` of the folder
+        it was loaded from, or of its weights), never by its path, and the backbone's precision when reduced."""
+        content = self.head_sha256 or _state_hash(self.head)
+        precision = self.lgdm.precision()
+        return f"lgdm:sha256={content[:16]}" + ("" if precision == "float32" else f",{precision}")
 
     def _apply(self, fn, recurse=True):
         self.lgdm._apply(fn, recurse)  # LGDM decides what follows: its psi, and a backbone it owns
@@ -147,7 +187,10 @@ class LGDMScorer(QualityScorer):
 
         folder = resolve_head_folder(directory)
         head, meta = LGDMHead.from_pretrained(folder)
-        config = LGDMConfig.from_dict(meta["lgdm"])
+        content = head_content_hash(folder)
+        _check_metadata(meta, str(folder / HEAD_CONFIG))
+        config = LGDMConfig.from_dict(meta["lgdm"], f"LGDM config in {folder / HEAD_CONFIG}",
+                                      "write the head again with `qualityguide lgdm fit ... --out DIR`")
         if pipeline is not None:
             unet = getattr(pipeline, "unet", None)
             param = next(unet.parameters()) if unet is not None else None
@@ -187,5 +230,6 @@ class LGDMScorer(QualityScorer):
                           "backbone weights cannot be checked against the ones it was trained on. Re-save it with "
                           "LGDMScorer.save_pretrained once loaded with the right backbone", UserWarning, stacklevel=2)
         scorer = cls(lgdm, head.to(next(lgdm.unet.parameters()).device), name=f"lgdm:{directory}")
+        scorer.head_sha256 = content
         scorer.eval()
         return scorer

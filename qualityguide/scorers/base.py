@@ -34,6 +34,12 @@ class QualityScorer(nn.Module):
     native_range: tuple[float, float] = (-math.inf, math.inf)
     min_side: int = 1
 
+    @property
+    def settings_name(self) -> str:
+        """How a scores CSV's settings name this scorer: its ``name``, unless the spec names a path whose content
+        can change (``lgdm:<dir>`` is named by the head's content instead)."""
+        return self.name
+
     def native(self, images: torch.Tensor) -> torch.Tensor:
         """Scores ``[B]`` in the metric's own units and direction (input as for ``forward``)."""
         raise NotImplementedError
@@ -122,6 +128,10 @@ class Resized(QualityScorer):
         self.differentiable = scorer.differentiable
         self.native_lower_better = scorer.native_lower_better
         self.native_range = scorer.native_range
+
+    @property
+    def settings_name(self) -> str:
+        return f"{self.inner.settings_name}{SIZE_SEP}{self.size}"
 
     def native(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]

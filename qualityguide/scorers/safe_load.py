@@ -10,6 +10,8 @@ user's checkpoint reaches it only as a copy re-saved from what the safe load ret
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import pickle
 import re
@@ -19,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import InputError, WeightsNotFoundError, printable
+from ..errors import InputError, WeightsNotFoundError, closest, printable
 
 
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".mat", ".npz", ".pkl")
@@ -124,3 +126,114 @@ def sanitized_checkpoint(path: str | os.PathLike, what: str) -> Iterator[str]:
         torch.save(state, copy)
         del state
         yield str(copy)
+
+
+# --------------------------------------------------------------------------- config.json and safetensors files
+# Folders of saved models (an IQA-Adapter, an LGDM head) come from other people: their config.json can ask for any
+# size and their weights file can be anything. Sizes are checked against the weights file's header, which costs no
+# memory, before any module is built.
+
+def read_json_object(path: str | os.PathLike, what: str, fix: str) -> dict:
+    """The JSON object (a dict) stored in ``path``, or one :class:`InputError` naming what is wrong with the file.
+
+    Args:
+        path: the file (a missing file raises ``FileNotFoundError`` for the caller to explain).
+        what: how the message names it, e.g. ``"IQA-Adapter config"``.
+        fix: the fix appended to every message, e.g. ``"save the adapter again"``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {exc.start}); {fix}") from None
+    except OSError as exc:
+        raise InputError(f"{what} {path} cannot be read ({exc.strerror or type(exc).__name__}); {fix}") from None
+    try:
+        payload = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{what} {path} is not valid JSON ({printable(str(exc))}); {fix}") from None
+    except RecursionError:  # json nests by recursion: thousands of brackets exhaust the stack
+        raise InputError(f"{what} {path} is nested too deeply to be a config; {fix}") from None
+    if not isinstance(payload, dict):
+        raise InputError(f"{what} {path} holds a JSON {type(payload).__name__}, not an object "
+                         f"({{\"field\": value, ...}}); {fix}")
+    return payload
+
+
+def check_fields(data: dict, known: list[str], what: str, fix: str) -> None:
+    """Refuse fields of a config read from a file that the config class does not have, naming them, the known
+    ones and the closest known name (a typo such as ``num_token``).
+
+    Args:
+        data: the config's fields as read.
+        known: the config class's fields (``[f.name for f in dataclasses.fields(cls)]``).
+        what: how the message names the config, e.g. ``"LGDM head config dir/config.json"``.
+        fix: appended to the message.
+    """
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        guess = closest(unknown[0], list(known))
+        hint = f" (did you mean {guess!r} for {unknown[0]!r}?)" if guess else ""
+        raise InputError(f"{what} has unknown field(s) {printable(str(unknown))[:200]}{hint}; known: "
+                         f"{', '.join(known)}. {fix}")
+
+
+def safetensors_shapes(path: str | os.PathLike, what: str, fix: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, read from its header only (nothing is allocated).
+
+    A file that is not safetensors (a ``torch.save`` pickle renamed, a truncated download) is refused naming what
+    its bytes are; it is never unpickled.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} is missing or not a file; {fix}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as exc:  # SafetensorError, OSError: a header that does not parse or point inside the file
+        kind = file_kind(path) or "a torch.save checkpoint (never unpickled here: that can run code stored in it)"
+        detail = printable(str(exc).strip().splitlines()[0][:160]) if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{what} {path} is not a readable safetensors file (its bytes are {kind}; {detail}); "
+                         f"{fix}") from None
+
+
+def load_checked_safetensors(path: str | os.PathLike, expected: dict[str, tuple[tuple[int, ...], dict]],
+                             what: str, fix: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file whose tensors must have the names and shapes a config implies, and finite values.
+
+    Names and shapes are compared with the header before any tensor is read, so a config that asks for a huge
+    module is refused at no cost; the tensors read are then as large as the file.
+
+    Args:
+        expected: name -> (shape the config implies, {config field: value} that size it), in the order to check.
+        what: how the message names the weights file, e.g. ``"IQA-Adapter weights"``.
+        fix: appended to every message.
+    """
+    from safetensors.torch import load_file
+
+    found = safetensors_shapes(path, what, fix)
+    missing = [n for n in expected if n not in found]
+    extra = [n for n in found if n not in expected]
+    if missing or extra:
+        raise InputError(f"{what} {path} does not match its config.json: tensors {missing[:3]} missing, "
+                         f"{extra[:3]} not expected ({len(missing)} missing, {len(extra)} extra); {fix}")
+    for name, (shape, fields) in expected.items():
+        if tuple(shape) != found[name]:
+            sized_by = ", ".join(f"{k}={printable(repr(v))[:200]}" for k, v in fields.items()) or "the architecture"
+            raise InputError(f"{what} {path} does not match its config.json: {sized_by} make {name} "
+                             f"{list(shape)} ({math.prod(shape):.3g} values), but the weights file holds "
+                             f"{list(found[name])}; {fix}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # the header was fine but the data is not (a file cut short after the header)
+        raise InputError(f"{what} {path} cannot be read ({printable(str(exc))[:160]}); {fix}") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise InputError(f"{what} {path}: tensor {name} holds {bad} NaN/inf value(s) of {tensor.numel()} (a "
+                             f"training run that diverged, or a damaged file); {fix}")
+    return tensors
