@@ -131,7 +131,7 @@ class Resized(QualityScorer):
 
     @property
     def settings_name(self) -> str:
-        return f"{self.inner.settings_name}{SIZE_SEP}{self.size}"
+        return f"{getattr(self.inner, 'settings_name', self.inner.name)}{SIZE_SEP}{self.size}"
 
     def native(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]
