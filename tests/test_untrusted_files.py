@@ -277,6 +277,28 @@ def test_scorer_metadata_problems_are_one_input_error(head_dir, pipe, edit, matc
         LGDMScorer.from_pretrained(head_dir, pipeline=pipe)
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("image_size", 10**9, r"image_size must be an integer in \[8, 8192\]"),
+    ("max_upscale", float("nan"), "max_upscale must be a finite number"),
+    ("zeta1", float("nan"), "zeta1 must be a finite number"),
+])
+def test_lgdm_config_from_a_file_cannot_ask_for_gigapixel_or_nan_settings(field, value, match):
+    data = json.loads(json.dumps({**SMALL, field: value}))  # as read back from a head's config.json
+    with pytest.raises(InputError, match=match):
+        LGDMConfig.from_dict(data)
+
+
+def test_head_and_lgdm_config_steps_disagreeing_are_refused_before_a_backbone_loads(head_dir, monkeypatch):
+    _edit_json(head_dir / "config.json", lambda p: p["lgdm"].update(num_steps=8, t_max=40))
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("a backbone was loaded for a head that cannot use it")
+
+    monkeypatch.setattr(LGDM, "from_pretrained", no_backbone)
+    with pytest.raises(InputError, match="num_steps=4 but its LGDM config asks for num_steps=8"):
+        LGDMScorer.from_pretrained(head_dir)
+
+
 def _image(tmp_path):
     from PIL import Image
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -14,6 +15,9 @@ LAYERS = ("up_blocks", "up_resnets")
 POOLINGS = ("mean_std", "mean")
 NORMS = ("l2",)
 PSI_BUILTIN = ("none", "sd", "brisque", "niqe")
+# The largest square side images are resized to (8x SDXL's 1024): a config from a head folder cannot make every
+# image a gigapixel tensor. image_size=None scores at native size instead.
+MAX_IMAGE_SIZE = 8192
 
 
 @dataclass
@@ -70,8 +74,8 @@ class LGDMConfig:
         if not 0.0 <= self.eta <= 1.0:
             raise InputError(f"eta must be in [0, 1], got {self.eta!r}")
         for name in ("zeta1", "zeta2"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):  # NaN fails both
+                raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if not isinstance(self.psi, str) or not (self.psi in PSI_BUILTIN or
                                                  (self.psi.startswith("pyiqa:") and len(self.psi) > 6)):
             guess = closest(str(self.psi), list(PSI_BUILTIN))
@@ -82,10 +86,12 @@ class LGDMConfig:
         for name, allowed in (("layers", LAYERS), ("pooling", POOLINGS), ("norm", NORMS)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name}={getattr(self, name)!r} is not allowed; use one of {', '.join(allowed)}")
-        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
-            raise InputError(f"image_size must be an integer >= 8 or None (native size), got {self.image_size!r}")
-        if self.max_upscale < 1.0:
-            raise InputError(f"max_upscale must be >= 1, got {self.max_upscale!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or
+                                            not 8 <= self.image_size <= MAX_IMAGE_SIZE):
+            raise InputError(f"image_size must be an integer in [8, {MAX_IMAGE_SIZE}] or None (native size), got "
+                             f"{self.image_size!r}")
+        if not 1.0 <= self.max_upscale < math.inf:  # NaN fails too
+            raise InputError(f"max_upscale must be a finite number >= 1, got {self.max_upscale!r}")
 
     @property
     def timesteps(self) -> list[int]:

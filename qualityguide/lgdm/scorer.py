@@ -191,6 +191,10 @@ class LGDMScorer(QualityScorer):
         _check_metadata(meta, str(folder / HEAD_CONFIG))
         config = LGDMConfig.from_dict(meta["lgdm"], f"LGDM config in {folder / HEAD_CONFIG}",
                                       "write the head again with `qualityguide lgdm fit ... --out DIR`")
+        if config.num_steps != head.config.num_steps:  # refused before a backbone is loaded for it
+            raise InputError(f"LGDM head {directory}: its head takes num_steps={head.config.num_steps} but its LGDM "
+                             f"config asks for num_steps={config.num_steps}; write the head again with `qualityguide "
+                             "lgdm fit ... --out DIR`")
         if pipeline is not None:
             unet = getattr(pipeline, "unet", None)
             param = next(unet.parameters()) if unet is not None else None
