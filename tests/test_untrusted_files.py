@@ -88,7 +88,8 @@ def test_adapter_layers_asking_for_a_huge_layer_are_refused_before_allocating(ad
 @pytest.mark.parametrize("config", [
     IQAAdapterConfig(score_names=NAMES, cross_attention_dim=32, layers=[[LAYER, 64, 32]]),
     IQAAdapterConfig(score_names=["a"], num_tokens=3, cross_attention_dim=16, projection="mlp", hidden_dim=7),
-    IQAAdapterConfig(score_names=["a"], num_tokens=2, cross_attention_dim=16, projection="mlp", layers=[[LAYER, 8, 16]]),
+    IQAAdapterConfig(score_names=["a"], num_tokens=2, cross_attention_dim=16, projection="mlp",
+                     layers=[[LAYER, 8, 16]]),
 ])
 def test_weight_shapes_equal_a_built_adapters(config):
     built = IQAAdapter(config.score_names, config.num_tokens, config.cross_attention_dim, config.projection,
