@@ -97,6 +97,21 @@ def test_resume_refuses_another_dataset_or_adapter(dataset, tmp_path):
     reset_accelerate()
 
 
+def test_resume_from_a_damaged_checkpoint_is_refused_naming_it(dataset, tmp_path):
+    from qualityguide.errors import InputError
+
+    out = tmp_path / "run"
+    run(dataset, out, 4)  # checkpoints 2 and 4
+    weights = out / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk
+    with pytest.raises(InputError, match=r"checkpoint-4 is damaged: it cannot be read.*delete .*checkpoint-4 and "
+                                         r"resume from the previous checkpoint \(checkpoint-2\)"):
+        run(dataset, out, 6, ["--resume_from_checkpoint", "latest"])
+    reset_accelerate()
+    shutil.rmtree(out / "checkpoint-4")
+    assert [r["step"] for r in run(dataset, out, 6, ["--resume_from_checkpoint", "latest"])] == list(range(6))
+
+
 def test_bad_input_exits_with_one_line(dataset, tmp_path):
     base = [sys.executable, str(RECIPE), "--model", "tiny:sd", "--dataset", str(dataset), "--resolution", "64",
             "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, QualityGuideError
 
 MARKER = "qualityguide_checkpoint.json"
 FORMAT = "qualityguide.checkpoint/1"
@@ -246,11 +246,15 @@ class CheckpointManager:
             warnings.warn(f"{path} was saved by {marker.get('num_processes')} process(es), this run has "
                           f"{accelerator.num_processes}: the global batch and the per-process data order change from "
                           "here on", stacklevel=2)
+        from safetensors import SafetensorError
+
         damaged = self._damaged(path)
         self._check_files(accelerator, path, damaged)
         try:
             accelerator.load_state(str(path))
-        except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        except QualityGuideError:
+            raise  # a load hook's own explanation (e.g. a LoRA of another rank)
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise damaged(f"it cannot be read ({type(exc).__name__}: {first})") from None
         self._check_optimizer_shapes(accelerator, damaged)
