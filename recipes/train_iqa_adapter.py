@@ -37,8 +37,8 @@ from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError, QualityGuideError
 from qualityguide.pipelines import load_pipeline
 from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_step_finite, load_image_folder,
-                                make_accelerator, mean_over_processes, read_marker, resolve_caption_column,
-                                step_generator)
+                                long_prompts_note, make_accelerator, mean_over_processes, read_marker,
+                                resolve_caption_column, step_generator)
 from qualityguide.train.log import StepLog
 
 DTYPES = {"no": None, "fp16": "fp16", "bf16": "bf16"}
@@ -114,6 +114,9 @@ def main(argv=None) -> int:
                                     score_columns=args.score_columns or (), progress=accelerator.is_main_process)
         cache = cache_latents(dataset, pipe.vae, args.cache_dir or out / "latent_cache",
                               upcast=pipeline_upcasts_vae(pipe), progress=accelerator.is_main_process)
+    note = long_prompts_note(pipe, dataset.captions, "captions") if caption_column else None
+    if note and accelerator.is_main_process:
+        print(note, file=sys.stderr)
     adapter, conditions = build_adapter(args, pipe, dataset, device)
     adapter.attach(pipe, dtype=torch.float32)  # trainable weights in float32; the frozen U-Net in its own dtype
     trainer = AdapterTrainer(adapter, pipe.unet, pipe.scheduler, snr_gamma=args.snr_gamma)
