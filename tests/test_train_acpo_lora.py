@@ -155,9 +155,9 @@ def test_a_long_prompt_is_noted_once_not_printed_every_step(tmp_path, capfd):
     huge.write_text("a red apple\n" + "x" * 1_000_000 + "\n", encoding="utf-8")
     run(sd_args(huge, tmp_path / "cache2", tmp_path / "out2", 1), expect=2)
     lines = capfd.readouterr().err.splitlines()
-    assert [line for line in lines if line.startswith("error: ")] == [
-        f"error: prompts file {huge}, line 2: 1000000 characters, more than 10000 (a text encoder reads only its "
-        "first 77 tokens, a few hundred characters); shorten that line (is it really one prompt per line?)"]
+    expected = (f"error: prompts file {huge}, line 2: 1000000 characters, more than 10000 (a text encoder reads only "
+                "its first 77 tokens, a few hundred characters); shorten that line (is it really one prompt per line?)")
+    assert [line for line in lines if line.startswith("error: ")] == [expected]
     assert not (tmp_path / "cache2" / "self_samples").exists()
 
 

@@ -429,10 +429,11 @@ def _damage(path, how):
         torch.save(state, target)
 
 
-@pytest.mark.parametrize("how, match", [("missing", "optimizer.bin .*is missing"),
-                                        ("corrupt", "cannot be read"),
-                                        ("shapes", r"optimizer state 'exp_avg' of parameter 0 \(group 0\) has shape "
-                                                   r"\(32,\), the parameter \(8, 4\)")])
+WRONG_SHAPE = r"optimizer state 'exp_avg' of parameter 0 \(group 0\) has shape \(32,\), the parameter \(8, 4\)"
+
+
+@pytest.mark.parametrize("how, match", [("missing", "optimizer.bin .*is missing"), ("corrupt", "cannot be read"),
+                                        ("shapes", WRONG_SHAPE)])
 def test_a_damaged_checkpoint_is_refused_with_the_way_on(tmp_path, fresh_accelerator, how, match):
     manager = CheckpointManager(tmp_path / "out")
     _train(fresh_accelerator(), manager, 4, save_at=(2, 4))

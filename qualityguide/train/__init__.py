@@ -12,9 +12,9 @@ from .guard import check_finite, check_step_finite, mean_over_processes
 from .latents import LatentCache, cache_latents
 from .log import StepLog, read_log
 from .prompts import PromptEncoder, long_prompts_note
-from .setup import make_accelerator
 from .self_samples import (SelfSampleSettings, generate_self_samples, load_self_samples, open_self_samples,
                            read_prompts)
+from .setup import make_accelerator
 
 __all__ = ["CheckpointManager", "read_marker", "ImageFolderDataset", "UnreadableImagesWarning", "batch_indices",
            "collate", "derive_seed", "load_image_folder", "resize_crop", "resolve_caption_column", "step_generator",
