@@ -3,8 +3,7 @@
 
     accelerate launch recipes/train_acpo_lora.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --prompts prompts.txt --num_self_samples 1000 --scorer pyiqa:topiq_nr --mixed_precision fp16 \
-        --max_train_steps 2000 --validation_prompt "a photo of a lighthouse" --validation_steps 250 \
-        --report_to tensorboard
+        --max_train_steps 2000 --validation_prompt "a photo of a lighthouse" --report_to tensorboard
     python recipes/train_acpo_lora.py --model tiny:sd --prompts prompts.txt --num_self_samples 8 \
         --scorer niqe-embedded@192 --num_inference_steps 4 --max_train_steps 10 --output_dir out/     # offline, CPU
 
@@ -13,6 +12,8 @@ Training data: with ``--prompts`` the base model's own samples (generated once w
 ``--caption_column``); unconditional models (``tiny:ddpm``) take ``--image_dir`` or prompt-less self samples. Latents
 are encoded once. Loss: :class:`qualityguide.finetune.ACPOLoss` (``--w_diff``, ``--w_anchor``, ``--w_quality``, ...);
 a NaN or infinite term stops the run (exit code 1) before the optimizer step, so the last checkpoint stays good.
+``--validation_prompt`` writes validation images at every checkpoint (or every ``--validation_steps``) and at the
+end.
 Checkpoints (``save_state``: LoRA weights, optimizer) every ``--checkpointing_steps``, written atomically; rerun
 with ``--resume_from_checkpoint latest`` to continue exactly as an uninterrupted run would. The result is
 ``OUTPUT_DIR/pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(OUTPUT_DIR)``); for a pixel-space
@@ -34,15 +35,15 @@ from tqdm.auto import tqdm
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError, QualityGuideError, TrainingError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, check_target_modules, lora_parameters, save_lora
-from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_mixed_precision, check_report_to,
-                                            check_scorer, identity_difference, lora_identity,
-                                            make_optimizer, prepare_lora_unet)
+from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_scorer, identity_difference,
+                                            lora_identity, make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, run_validation
 from qualityguide.identity import WeightIdentity
 from qualityguide.pipelines import load_pipeline
 from qualityguide.scorers import DEFAULT_SCORER, load_scorer
-from qualityguide.train import (CheckpointManager, PromptEncoder, batch_indices, check_finite, load_image_folder,
-                                mean_over_processes, read_marker, step_generator)
+from qualityguide.train import (CheckpointManager, PromptEncoder, batch_indices, check_step_finite, load_image_folder,
+                                long_prompts_note, make_accelerator, mean_over_processes, read_marker,
+                                resolve_caption_column, step_generator)
 from qualityguide.train.log import StepLog
 from qualityguide.train.self_samples import (SelfSampleSettings, generate_self_samples, is_conditional,
                                              load_self_samples, native_resolution, open_self_samples, read_prompts)
@@ -57,10 +58,10 @@ def parse_args(argv=None):
     a("--model", required=True, help="hub id, local pipeline folder, tiny:sd, tiny:sdxl, tiny:ddpm")
     a("--scorer", default=DEFAULT_SCORER, help="quality scorer spec, optionally SPEC@SIZE (e.g. niqe-embedded@192)")
     a("--scorer_weights", default=None, help="local weights / parameter file of the scorer")
-    a("--scorer_size", type=int, default=None, help="score after resizing the short side to this many pixels")
     a("--prompts", default=None, help="text file, one prompt per line: train on the base model's own samples")
     a("--image_dir", default=None, help="image folder with metadata.csv: train on these images")
-    a("--caption_column", default="text", help="caption column of --image_dir ('none': empty captions)")
+    a("--caption_column", default=None, help="caption column of --image_dir (default: 'text' if metadata.csv has one, "
+      "else none); 'none': empty captions")
     a("--num_self_samples", type=int, default=64, help="self samples to generate (with --prompts or unconditional)")
     a("--resolution", type=int, default=None, help="image side (default: the model's native size)")
     a("--cache_dir", default=None, help="self-sample and latent cache (default OUTPUT_DIR/cache)")
@@ -89,8 +90,10 @@ def parse_args(argv=None):
     a("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     a("--num_inference_steps", type=int, default=30, help="sampler steps of self samples and validation images")
     a("--guidance_scale", type=float, default=7.5, help="CFG scale of self samples and validation images")
-    a("--validation_steps", type=int, default=None, help="validation images every N steps (default: none)")
-    a("--validation_prompt", default=None)
+    a("--validation_steps", type=int, default=None, help="validation images every N steps (default: at every "
+      "checkpoint, when --validation_prompt is given); also at the end")
+    a("--validation_prompt", default=None, help="prompt of the validation images, made at every checkpoint (or every "
+      "--validation_steps) and at the end")
     a("--num_validation_images", type=int, default=4)
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
@@ -122,15 +125,22 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
     """The image folder, or the base model's own samples (generated in shares by every process), encoded once."""
     main, progress = accelerator.main_process_first, accelerator.is_main_process
     if args.image_dir is not None:
-        caption = None if args.caption_column == "none" or not is_conditional(pipe) else args.caption_column
+        caption, note = resolve_caption_column(args.image_dir, args.caption_column) if is_conditional(pipe) \
+            else (None, None)
         with main():
             dataset = load_image_folder(args.image_dir, resolution, caption_column=caption, progress=progress)
         source, made_by = "image_dir", None
+        for line in (note, long_prompts_note(pipe, dataset.captions, "captions") if caption else None):
+            if line and progress:
+                print(line, file=sys.stderr)
     else:
         if is_conditional(pipe) and args.prompts is None:
             raise InputError(f"{args.model} is a prompted model: pass --prompts FILE (train on its own samples) or "
                              "--image_dir DIR (train on a folder)")
         prompts = read_prompts(args.prompts) if args.prompts is not None else None
+        note = long_prompts_note(pipe, prompts)
+        if note and progress:
+            print(note, file=sys.stderr)
         settings = SelfSampleSettings.for_pipeline(pipe, prompts, args.num_self_samples, resolution,
                                                    args.num_inference_steps, args.guidance_scale, args.seed, args.model)
         with main():
@@ -146,25 +156,19 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
 
 
 def main(argv=None) -> int:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     args = parse_args(argv)
-    report_to = check_report_to(args.report_to)
     config = acpo_config(args)
     out = Path(args.output_dir)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=report_to,
-                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    weight_dtype = check_mixed_precision(args.mixed_precision, accelerator.device)
+    accelerator, weight_dtype = make_accelerator(out, args.mixed_precision, args.report_to)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    scorer = load_scorer(args.scorer, weights=args.scorer_weights, size=args.scorer_size, device=device)
+    scorer = load_scorer(args.scorer, weights=args.scorer_weights, device=device)
     check_scorer(scorer, config)
     pipe = load_pipeline(args.model, dtype=weight_dtype, device=device)
     targets = check_target_modules(pipe.unet, args.lora_target_modules and args.lora_target_modules.split(","))
     resolution = args.resolution or native_resolution(pipe)
     check_scorer(scorer, config, resolution)
-    validation = None
-    if args.validation_steps is not None:
+    validation, validation_every = None, args.validation_steps or args.checkpointing_steps
+    if args.validation_steps is not None or args.validation_prompt is not None:
         validation = ValidationSettings(args.validation_prompt if is_conditional(pipe) else None,
                                         args.num_validation_images, resolution, args.num_inference_steps,
                                         args.guidance_scale, args.seed)
@@ -196,7 +200,7 @@ def main(argv=None) -> int:
     params = lora_parameters(pipe.unet)
     encoder = PromptEncoder(pipe, resolution) if is_conditional(pipe) else None
     start = manager.load(accelerator, resume)[0] if resume is not None else 0
-    if report_to:
+    if accelerator.log_with:
         accelerator.init_trackers("train_acpo_lora", config={k: v for k, v in vars(args).items()
                                                              if isinstance(v, (int, float, str, bool))})
     log = StepLog(out, start) if accelerator.is_main_process else None
@@ -216,8 +220,7 @@ def main(argv=None) -> int:
             sums = {k: sums[k] + terms[k].detach().float() / accum for k in TERMS}
         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
         values = mean_over_processes(sums, accelerator)  # NaN on any process reaches all: they stop together
-        # fp16's GradScaler skips steps with overflowing gradients itself; elsewhere they are a real failure
-        check_finite({**values, **({} if args.mixed_precision == "fp16" else {"grad_norm": grad_norm})}, step)
+        check_step_finite(values, grad_norm, step, args.mixed_precision)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if log is not None:
@@ -226,7 +229,7 @@ def main(argv=None) -> int:
         accelerator.log(values, step=step)
         if (step + 1) % args.checkpointing_steps == 0:
             manager.save(accelerator, step + 1, extra={"identity": identity})
-        if validation is not None and (step + 1) % args.validation_steps == 0:
+        if validation is not None and ((step + 1) % validation_every == 0 or step + 1 == args.max_train_steps):
             if accelerator.is_main_process:
                 with accelerator.autocast():
                     scores = run_validation(pipe, validation, step + 1, out, scorer, accelerator.trackers)

@@ -7,8 +7,9 @@
     python recipes/train_iqa_adapter.py --model tiny:sd --dataset DIR --score_columns niqe-embedded \
         --resolution 64 --max_train_steps 20 --output_dir out/            # offline, CPU
 
-The dataset is an image folder with a ``metadata.csv`` (``file_name``, a caption column ``text`` and the score
-columns) as ``datasets``' imagefolder reads it. Only the adapter trains (AdamW, lr 1e-5, weight decay 1e-2, plain
+The dataset is an image folder with a ``metadata.csv`` (``file_name``, the score columns and, optionally, a caption
+column ``text``: without one, as ``qualityguide label`` writes it, every prompt is empty) as ``datasets``'
+imagefolder reads it. Only the adapter trains (AdamW, lr 1e-5, weight decay 1e-2, plain
 noise-prediction MSE, condition dropout text 5% / quality 1% / both 1%: IQA-Adapter's settings). Latents are
 encoded once into a cache. Checkpoints (``save_state``, adapter weights and optimizer only) every
 ``--checkpointing_steps``; rerun with ``--resume_from_checkpoint latest`` to continue exactly as an uninterrupted
@@ -32,10 +33,12 @@ from tqdm.auto import tqdm
 
 from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter, ScoreQuantiles
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptEncoder, dropout_masks
+from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError, QualityGuideError
 from qualityguide.pipelines import load_pipeline
-from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_finite, load_image_folder,
-                                mean_over_processes, read_marker, step_generator)
+from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_step_finite, load_image_folder,
+                                long_prompts_note, make_accelerator, mean_over_processes, read_marker,
+                                resolve_caption_column, step_generator)
 from qualityguide.train.log import StepLog
 
 DTYPES = {"no": None, "fp16": "fp16", "bf16": "bf16"}
@@ -49,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", default=None, help="train a reference adapter on these features instead "
                    "(brisque, niqe, pyiqa:<metric>)")
     p.add_argument("--reference_weights", default=None, help="local weights of a pyiqa: feature extractor")
-    p.add_argument("--caption_column", default="text", help="caption column ('none': unconditional captions)")
+    p.add_argument("--caption_column", default=None, help="caption column (default: 'text' if metadata.csv has one, "
+                   "else none); 'none': empty prompts")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--num_tokens", type=int, default=4)
     p.add_argument("--projection", default="linear", choices=["linear", "mlp"])
@@ -69,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest', a checkpoint name or path")
-    p.add_argument("--report_to", default=None, help="accelerate tracker (tensorboard, wandb, ...)")
+    p.add_argument("--report_to", default="none", help="accelerate tracker(s), comma-separated: tensorboard, wandb, "
+                   "..., all, none (default); logs go to OUTPUT_DIR/logs")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if (args.score_columns is None) == (args.reference is None):
@@ -96,19 +101,22 @@ def build_adapter(args, pipe, dataset, device):
 
 
 def main(argv=None) -> int:
-    from accelerate import Accelerator
-
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out = Path(args.output_dir)
+    accelerator, _ = make_accelerator(out, args.mixed_precision, args.report_to)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     pipe = load_pipeline(args.model, dtype=DTYPES[args.mixed_precision], device=device)
-    caption_column = None if args.caption_column == "none" else args.caption_column
+    caption_column, note = resolve_caption_column(args.dataset, args.caption_column)
+    if note and accelerator.is_main_process:
+        print(note, file=sys.stderr)
     with accelerator.main_process_first():
         dataset = load_image_folder(args.dataset, args.resolution, caption_column=caption_column,
                                     score_columns=args.score_columns or (), progress=accelerator.is_main_process)
         cache = cache_latents(dataset, pipe.vae, args.cache_dir or out / "latent_cache",
-                              progress=accelerator.is_main_process)
+                              upcast=pipeline_upcasts_vae(pipe), progress=accelerator.is_main_process)
+    note = long_prompts_note(pipe, dataset.captions, "captions") if caption_column else None
+    if note and accelerator.is_main_process:
+        print(note, file=sys.stderr)
     adapter, conditions = build_adapter(args, pipe, dataset, device)
     adapter.attach(pipe, dtype=torch.float32)  # trainable weights in float32; the frozen U-Net in its own dtype
     trainer = AdapterTrainer(adapter, pipe.unet, pipe.scheduler, snr_gamma=args.snr_gamma)
@@ -126,7 +134,7 @@ def main(argv=None) -> int:
             raise InputError(f"{path} was saved for another adapter or dataset (config, score quantiles or image "
                              "count differ); resume with the same --dataset and options, or use a new --output_dir")
         start, _ = manager.load(accelerator, path)
-    if args.report_to:
+    if accelerator.log_with:
         accelerator.init_trackers("train_iqa_adapter", config={k: v for k, v in vars(args).items()
                                                                if isinstance(v, (int, float, str, bool))})
     log = StepLog(out, start) if accelerator.is_main_process else None
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
                 accelerator.backward(loss)
             total = total + loss.detach()
         grad_norm = accelerator.clip_grad_norm_(trainer.parameters(), args.max_grad_norm)
-        check_finite({"loss": total, "grad_norm": grad_norm}, step)
+        check_step_finite({"loss": total}, grad_norm, step, args.mixed_precision)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         values = mean_over_processes({"loss": total}, accelerator)

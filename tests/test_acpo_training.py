@@ -147,6 +147,38 @@ def test_read_prompts(tmp_path):
         read_prompts(tmp_path / "latin.txt")
 
 
+
+def test_read_prompts_refuses_an_absurd_line_by_its_number(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("one\n\n" + "x" * ss.MAX_PROMPT_CHARS + "\n" + "y" * (ss.MAX_PROMPT_CHARS + 1) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(InputError, match=rf"p.txt, line 4: {ss.MAX_PROMPT_CHARS + 1} characters, more than "
+                                         rf"{ss.MAX_PROMPT_CHARS}") as info:
+        read_prompts(path)
+    assert len(str(info.value)) < 500  # the line itself is not repeated
+    path.write_text("one\n" + "x" * ss.MAX_PROMPT_CHARS + "\n", encoding="utf-8")
+    assert [len(p) for p in read_prompts(path)] == [3, ss.MAX_PROMPT_CHARS]
+
+
+def test_long_prompts_are_counted_once_and_diffusers_stops_repeating_them(sd, capfd):
+    from qualityguide.train import long_prompts_note
+
+    long = "a lighthouse on a cliff " * 40  # far over 77 tokens
+    assert long_prompts_note(sd, ["a red apple", "a blue car"]) is None
+    note = long_prompts_note(sd, ["a red apple", long, long])
+    assert note.startswith("note: 1 of 2 distinct prompts are longer than the tokenizer's maximum of 77 tokens")
+    capfd.readouterr()
+    for _ in range(3):
+        PromptEncoder(sd, 32)([long, "a red apple"], "cpu")
+    assert "truncated" not in capfd.readouterr().err
+    import logging
+
+    logger = logging.getLogger(type(sd).__module__)
+    assert sum(type(f).__name__ == "_DropTruncationWarning" for f in logger.filters) == 1  # installed once
+    other = logging.LogRecord(logger.name, logging.WARNING, "", 0, "another warning", None, None)
+    assert logger.filter(other)  # other diffusers warnings still pass
+
+
 # ------------------------------------------------------------------------------------------------ LoRA and data
 def test_prepare_lora_unet_is_seeded_float32_and_checks_targets(sd):
     a, b = copy.deepcopy(sd.unet).to(torch.bfloat16), copy.deepcopy(sd.unet).to(torch.bfloat16)
@@ -268,6 +300,16 @@ def test_settings_that_cannot_work_are_refused_first():
     with pytest.raises(InputError, match="learning_rate"):
         make_optimizer(params, 0.0)
     assert isinstance(make_optimizer(params, 1e-4), torch.optim.AdamW)
+
+
+def test_a_scorer_too_large_for_the_images_suggests_spec_at_size():
+    class Big(Brightness):
+        name, min_side = "niqe-embedded", 192
+
+    with pytest.raises(InputError, match="needs images of at least 192 px.*SPEC@SIZE: --scorer niqe-embedded@192") \
+            as info:
+        check_scorer(Big(), ACPOConfig(), 32)
+    assert "--scorer_size" not in str(info.value)  # removed: @SIZE is the one way to ask for a size
 
 
 def test_report_to_trackers_are_checked():

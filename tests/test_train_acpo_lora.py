@@ -5,6 +5,7 @@ processes complete."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -121,6 +122,43 @@ def test_end_to_end_export_loads_into_a_fresh_pipeline(prompts, cache, tmp_path)
     result = set_peft_model_state_dict(trained.unet, load_file(str(out / "checkpoint-4" / LORA_STATE_NAME)))
     assert not [k for k in result.missing_keys if "lora_" in k]
     assert torch.allclose(images(trained), after, atol=1e-5)
+
+
+def test_validation_prompt_alone_validates_at_every_checkpoint_and_at_the_end(prompts, cache, tmp_path):
+    validate = ["--validation_prompt", "a red apple", "--num_validation_images", "1"]
+    alone = tmp_path / "alone"  # the README's command: no --validation_steps
+    run(sd_args(prompts, cache, alone, 3, validate))  # checkpoints every 2 steps
+    assert sorted(p.name for p in (alone / "validation").iterdir()) == ["step-2", "step-3"]
+    assert json.loads((alone / "validation" / "step-3" / "scores.json").read_text())["prompt"] == "a red apple"
+    period = tmp_path / "period"  # --validation_steps sets the period instead of the checkpoints
+    run(sd_args(prompts, cache, period, 3, [*validate, "--validation_steps", "2", "--checkpointing_steps", "1"]))
+    assert sorted(p.name for p in (period / "validation").iterdir()) == ["step-2", "step-3"]
+    assert sorted(p.name for p in period.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+
+def test_scorer_size_flag_is_gone():
+    with pytest.raises(SystemExit) as info:
+        load_recipe().parse_args(["--model", "tiny:sd", "--max_train_steps", "1", "--scorer_size", "192"])
+    assert info.value.code == 2
+    assert "scorer_size" not in vars(load_recipe().parse_args(["--model", "m", "--max_train_steps", "1"]))
+
+
+def test_a_long_prompt_is_noted_once_not_printed_every_step(tmp_path, capfd):
+    long = tmp_path / "long.txt"
+    long.write_text("a red apple\n" + "a very long prompt about a lighthouse " * 200 + "\n", encoding="utf-8")
+    capfd.readouterr()
+    run(sd_args(long, tmp_path / "cache", tmp_path / "out", 3, ["--checkpointing_steps", "3"]))
+    err = capfd.readouterr().err
+    assert err.count("note: 1 of 2 distinct prompts are longer than the tokenizer's maximum of 77 tokens") == 1
+    assert "lighthouse" not in err and len(err) < 20_000, len(err)  # was ~8 kB of prompt per encoder call
+    huge = tmp_path / "huge.txt"
+    huge.write_text("a red apple\n" + "x" * 1_000_000 + "\n", encoding="utf-8")
+    run(sd_args(huge, tmp_path / "cache2", tmp_path / "out2", 1), expect=2)
+    lines = capfd.readouterr().err.splitlines()
+    expected = (f"error: prompts file {huge}, line 2: 1000000 characters, more than 10000 (a text encoder reads only "
+                "its first 77 tokens, a few hundred characters); shorten that line (is it really one prompt per line?)")
+    assert [line for line in lines if line.startswith("error: ")] == [expected]
+    assert not (tmp_path / "cache2" / "self_samples").exists()
 
 
 def test_unconditional_ddpm_trains_on_an_image_folder(tmp_path):

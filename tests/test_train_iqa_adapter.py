@@ -97,6 +97,21 @@ def test_resume_refuses_another_dataset_or_adapter(dataset, tmp_path):
     reset_accelerate()
 
 
+def test_resume_from_a_damaged_checkpoint_is_refused_naming_it(dataset, tmp_path):
+    from qualityguide.errors import InputError
+
+    out = tmp_path / "run"
+    run(dataset, out, 4)  # checkpoints 2 and 4
+    weights = out / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk
+    with pytest.raises(InputError, match=r"checkpoint-4 is damaged: it cannot be read.*delete .*checkpoint-4 and "
+                                         r"resume from the previous checkpoint \(checkpoint-2\)"):
+        run(dataset, out, 6, ["--resume_from_checkpoint", "latest"])
+    reset_accelerate()
+    shutil.rmtree(out / "checkpoint-4")
+    assert [r["step"] for r in run(dataset, out, 6, ["--resume_from_checkpoint", "latest"])] == list(range(6))
+
+
 def test_bad_input_exits_with_one_line(dataset, tmp_path):
     base = [sys.executable, str(RECIPE), "--model", "tiny:sd", "--dataset", str(dataset), "--resolution", "64",
             "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")]
@@ -105,6 +120,82 @@ def test_bad_input_exits_with_one_line(dataset, tmp_path):
     assert missing.returncode == 2 and "topiq" in missing.stderr and "Traceback" not in missing.stderr
     neither = subprocess.run(base, capture_output=True, text=True, env=env)
     assert neither.returncode == 2 and "--score_columns" in neither.stderr
+
+
+def test_the_readme_flow_label_then_train_runs_verbatim(tmp_path, capfd):
+    """`qualityguide label photos/ --scorer ...` writes no captions; training on its columns runs unconditionally."""
+    from qualityguide.cli import main as qualityguide
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (64, 72, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    assert qualityguide(["label", str(photos), "--scorer", "niqe-embedded@192"]) == 0
+    with open(photos / "metadata.csv", newline="") as handle:
+        assert next(csv.reader(handle)) == ["file_name", "niqe-embedded@192"]  # no caption column
+    capfd.readouterr()
+    out = tmp_path / "iqa-adapter"
+    reset_accelerate()
+    assert load_recipe().main(["--model", "tiny:sd", "--dataset", str(photos), "--score_columns", "niqe-embedded@192",
+                               "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2",
+                               "--output_dir", str(out)]) == 0
+    reset_accelerate()
+    err = capfd.readouterr().err
+    assert err.count("has no 'text' column: training without captions (empty prompt)") == 1
+    assert [r["step"] for r in read_log(out)] == [0, 1]
+    adapter = IQAAdapter.from_pretrained(out)
+    assert adapter.score_names == ["niqe-embedded@192"] and adapter.quantiles.count == 4
+
+
+def test_report_to_tensorboard_logs_the_loss(dataset, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    log = run(dataset, out, 2, ["--report_to", "tensorboard"])
+    assert list((out / "logs" / "train_iqa_adapter").glob("events.out.tfevents.*"))
+    scalars = EventAccumulator(str(out / "logs" / "train_iqa_adapter")).Reload().Scalars("loss")
+    assert [e.step for e in scalars] == [0, 1]
+    assert [e.value for e in scalars] == pytest.approx([r["loss"] for r in log], rel=1e-6)
+
+
+def test_sdxl_latents_are_encoded_with_the_pipelines_vae_upcast(dataset, tmp_path, monkeypatch):
+    from qualityguide.diffusion import pipeline_upcasts_vae
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(dataset, vae, cache_dir, **kwargs):
+        seen.update(kwargs, vae=vae)
+        raise Stop
+
+    recipe = load_recipe()
+    monkeypatch.setattr(recipe, "cache_latents", spy)
+    monkeypatch.setattr(recipe, "load_pipeline", lambda *a, **k: seen.setdefault("pipe", real_load(*a, **k)))
+    from qualityguide.pipelines import load_pipeline as real_load
+
+    reset_accelerate()
+    with pytest.raises(Stop):
+        recipe.main(["--model", "tiny:sdxl", "--dataset", str(dataset), "--score_columns", "sharpness",
+                     "--resolution", "64", "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")])
+    reset_accelerate()
+    assert seen["vae"].config.force_upcast and pipeline_upcasts_vae(seen["pipe"])
+    assert seen["upcast"] is True  # as diffusers' SDXL scripts: an fp16 SDXL VAE encodes in float32
+
+
+def test_fp16_on_a_cpu_is_refused_before_training(dataset, tmp_path):
+    from qualityguide.errors import InputError
+
+    reset_accelerate()
+    with pytest.raises(InputError, match="--mixed_precision fp16 on a CPU.*bf16 or no"):
+        load_recipe().main(["--model", "tiny:sd", "--dataset", str(dataset), "--score_columns", "sharpness",
+                            "--resolution", "64", "--max_train_steps", "1", "--mixed_precision", "fp16",
+                            "--output_dir", str(tmp_path / "o")])
+    reset_accelerate()
+    assert not (tmp_path / "o" / "latent_cache").exists()  # refused before anything was encoded
 
 
 @pytest.mark.slow

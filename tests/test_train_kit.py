@@ -11,7 +11,8 @@ from PIL import Image
 from qualityguide.errors import InputError, TrainingError
 from qualityguide.identity import WeightsMismatchError
 from qualityguide.train import (CheckpointManager, UnreadableImagesWarning, batch_indices, cache_latents,
-                                check_finite, load_image_folder, mean_over_processes, step_generator, steps_per_epoch)
+                                check_finite, check_step_finite, load_image_folder, make_accelerator,
+                                mean_over_processes, resolve_caption_column, step_generator, steps_per_epoch)
 
 SIZES = [(40, 24), (24, 36), (32, 32), (50, 30)]  # (width, height): landscape, portrait, square, landscape
 
@@ -366,6 +367,90 @@ def test_check_finite_names_the_term_and_step(fresh_accelerator):
         check_finite({"x": torch.ones(2)}, 0)
     means = mean_over_processes({"a": torch.tensor(1.5), "b": 2}, fresh_accelerator())
     assert means == {"a": 1.5, "b": 2.0}
+
+
+
+def test_check_step_finite_lets_fp16_skip_overflow_steps_and_nothing_else():
+    finite = {"loss": torch.tensor(0.25)}
+    for precision in ("no", "bf16", "fp16"):
+        check_step_finite(finite, torch.tensor(1.5), 4, precision)
+    check_step_finite(finite, torch.tensor(float("inf")), 4, "fp16")  # the GradScaler skips this step itself
+    for precision in ("no", "bf16"):
+        with pytest.raises(TrainingError, match=r"step 4: loss term 'grad_norm' is inf.*loss=0\.25"):
+            check_step_finite(finite, torch.tensor(float("inf")), 4, precision)
+    for precision in ("no", "bf16", "fp16"):  # a non-finite loss stops every precision
+        with pytest.raises(TrainingError, match="'loss' is nan"):
+            check_step_finite({"loss": torch.tensor(float("nan"))}, torch.tensor(1.0), 7, precision)
+
+
+def test_make_accelerator_gives_trackers_a_logging_dir(tmp_path, fresh_accelerator):
+    from pathlib import Path
+
+    from accelerate.state import AcceleratorState
+
+    fresh_accelerator()  # the fixture resets accelerate's state afterwards
+    AcceleratorState._reset_state(True)
+    accelerator, dtype = make_accelerator(tmp_path / "run", "no", "none")
+    assert dtype is None and accelerator.log_with == []
+    assert Path(accelerator.logging_dir) == tmp_path / "run" / "logs"  # what tensorboard & co. write into
+    AcceleratorState._reset_state(True)
+    with pytest.raises(InputError, match="fp16 on a CPU"):
+        make_accelerator(tmp_path / "run", "fp16", "none")
+    AcceleratorState._reset_state(True)
+    with pytest.raises(InputError, match="'tensorbord' is not an accelerate tracker.*'tensorboard'"):
+        make_accelerator(tmp_path / "run", "no", "tensorbord")
+
+
+def test_caption_column_defaults_to_text_when_present_else_none(tmp_path):
+    _write_folder(tmp_path / "captioned")
+    _write_folder(tmp_path / "labelled", rows=["img0.png,1,2"], header="file_name,q,sharp")
+    assert resolve_caption_column(tmp_path / "captioned", None) == ("text", None)
+    column, note = resolve_caption_column(tmp_path / "labelled", None)
+    assert column is None and "no 'text' column" in note and "--caption_column" in note
+    assert resolve_caption_column(tmp_path / "labelled", "none") == (None, None)
+    assert resolve_caption_column(tmp_path / "labelled", "title") == ("title", None)  # refused when loading
+    with pytest.raises(InputError, match=r"missing column\(s\) \['title'\].*--caption_column"):
+        load_image_folder(tmp_path / "labelled", 8, caption_column="title", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------------ damaged
+def _damage(path, how):
+    """Break ``path/optimizer.bin`` as a crash, a bad disk or a copied folder would."""
+    target = path / "optimizer.bin"
+    if how == "missing":
+        target.unlink()
+    elif how == "corrupt":
+        target.write_bytes(target.read_bytes()[:40] + b"\x00garbage")
+    else:  # wrong shapes: the state of another model with as many parameters
+        state = torch.load(target, weights_only=True)
+        for entry in state["state"].values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                entry[key] = entry[key].reshape(-1)
+        torch.save(state, target)
+
+
+WRONG_SHAPE = r"optimizer state 'exp_avg' of parameter 0 \(group 0\) has shape \(32,\), the parameter \(8, 4\)"
+
+
+@pytest.mark.parametrize("how, match", [("missing", "optimizer.bin .*is missing"), ("corrupt", "cannot be read"),
+                                        ("shapes", WRONG_SHAPE)])
+def test_a_damaged_checkpoint_is_refused_with_the_way_on(tmp_path, fresh_accelerator, how, match):
+    manager = CheckpointManager(tmp_path / "out")
+    _train(fresh_accelerator(), manager, 4, save_at=(2, 4))
+    _damage(tmp_path / "out" / "checkpoint-4", how)
+    with pytest.raises(InputError, match=match) as info:
+        _train(fresh_accelerator(), manager, 6, resume="latest")
+    message = str(info.value)
+    assert "checkpoint-4 is damaged" in message and "delete" in message and "checkpoint-2" in message
+    assert "start fresh" in message
+    shutil_rmtree(tmp_path / "out" / "checkpoint-4")  # the fix the message gives works
+    assert list(_train(fresh_accelerator(), manager, 6, resume="latest")) == [3, 4, 5, 6]
+
+
+def shutil_rmtree(path):
+    import shutil
+
+    shutil.rmtree(path)
 
 
 WORKER = '''

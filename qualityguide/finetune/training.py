@@ -43,8 +43,8 @@ def check_scorer(scorer: nn.Module | None, config: ACPOConfig, resolution: int |
     if scorer is not None and resolution is not None and resolution < min_side:
         name = getattr(scorer, "name", type(scorer).__name__)
         raise InputError(f"scorer {name!r} needs images of at least {min_side} px, the training images are "
-                         f"{resolution} px; score them resized: --scorer {name}@{min_side} (or --scorer_size "
-                         f"{min_side}), or train at --resolution {min_side} or more")
+                         f"{resolution} px; score them resized with SPEC@SIZE: --scorer {name}@{min_side}, or train at "
+                         f"--resolution {min_side} or more")
     check_quality_scorer(scorer, config)
 
 

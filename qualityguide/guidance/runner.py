@@ -19,11 +19,24 @@ from ..errors import InputError
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per line; blank lines and ``#`` comments skipped."""
+    """One prompt per line of a UTF-8 text file; blank lines and ``#`` comments skipped.
+
+    Raises:
+        InputError: the file is missing, not UTF-8 text (a binary file) or holds no prompt.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"prompt file {path} is not UTF-8 text (byte {exc.start} cannot be decoded; is it a binary "
+                         "file?); pass a UTF-8 text file with one prompt per line (re-save it as UTF-8, e.g. iconv -f "
+                         "latin1 -t utf-8)") from None
+    if "\x00" in text:
+        raise InputError(f"prompt file {path} holds NUL bytes, so it is a binary file (or UTF-16), not UTF-8 text; "
+                         "pass a UTF-8 text file with one prompt per line")
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise InputError(f"prompt file {path} holds no prompts (one per line; # starts a comment)")

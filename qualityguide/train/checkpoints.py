@@ -20,17 +20,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import warnings
 from pathlib import Path
 
-from ..errors import InputError
+import torch
+
+from ..errors import InputError, QualityGuideError
 
 MARKER = "qualityguide_checkpoint.json"
 FORMAT = "qualityguide.checkpoint/1"
 PREFIX = "checkpoint-"
 COMPLETE = re.compile(r"^checkpoint-(\d+)$")
+# optimizer state kept per parameter with the parameter's shape (torch's Adam/AdamW/SGD, bitsandbytes' 8-bit Adam);
+# other entries (step counters, 8-bit block maxima and quantile maps) have shapes of their own
+PARAMETER_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "state1", "state2")
 logger = logging.getLogger(__name__)
 
 
@@ -219,6 +225,11 @@ class CheckpointManager:
 
         Returns:
             (step, extra) as given to :meth:`save`: continue with optimizer step ``step``.
+
+        Raises:
+            InputError: not a complete checkpoint, pickled custom objects, or a damaged checkpoint (an optimizer state
+                file missing or unreadable, optimizer state whose shapes are not the parameters'); the message names
+                the checkpoint and how to go on (delete it to resume from the previous one, or start fresh).
         """
         path = Path(path)
         marker = read_marker(path)
@@ -235,5 +246,49 @@ class CheckpointManager:
             warnings.warn(f"{path} was saved by {marker.get('num_processes')} process(es), this run has "
                           f"{accelerator.num_processes}: the global batch and the per-process data order change from "
                           "here on", stacklevel=2)
-        accelerator.load_state(str(path))
+        from safetensors import SafetensorError
+
+        damaged = self._damaged(path)
+        self._check_files(accelerator, path, damaged)
+        try:
+            accelerator.load_state(str(path))
+        except QualityGuideError:
+            raise  # a load hook's own explanation (e.g. a LoRA of another rank)
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise damaged(f"it cannot be read ({type(exc).__name__}: {first})") from None
+        self._check_optimizer_shapes(accelerator, damaged)
         return marker["step"], marker.get("extra") or {}
+
+    def _damaged(self, path: Path):
+        """An ``InputError`` factory for a damaged checkpoint: names it and how to go on without it."""
+        older = [p.name for _, p in self.checkpoints() if p != path]
+
+        def error(why: str) -> InputError:
+            previous = (f"resume from the previous checkpoint ({older[-1]}) with --resume_from_checkpoint latest"
+                        if older else "start fresh (there is no older checkpoint)")
+            return InputError(f"checkpoint {path} is damaged: {why}. Fix: delete {path} and {previous}, or start "
+                              "fresh without --resume_from_checkpoint")
+        return error
+
+    @staticmethod
+    def _check_files(accelerator, path: Path, damaged) -> None:
+        """Every optimizer state file accelerate will read exists (it would stop with a bare FileNotFoundError)."""
+        for i in range(len(getattr(accelerator, "_optimizers", []))):
+            name = "optimizer.bin" if i == 0 else f"optimizer_{i}.bin"
+            if not (path / name).is_file():
+                raise damaged(f"{name} (the optimizer state) is missing")
+
+    @staticmethod
+    def _check_optimizer_shapes(accelerator, damaged) -> None:
+        """Refuse optimizer state whose tensors do not have their parameters' shapes: torch loads it without a word
+        and the first ``step()`` fails (or, with broadcasting, trains on garbage)."""
+        for optimizer in getattr(accelerator, "_optimizers", []):
+            optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's optimizer
+            for g, group in enumerate(optimizer.param_groups):
+                for k, param in enumerate(group["params"]):
+                    for key, value in optimizer.state.get(param, {}).items():
+                        if key in PARAMETER_SHAPED and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                            raise damaged(f"its optimizer state {key!r} of parameter {k} (group {g}) has shape "
+                                          f"{tuple(value.shape)}, the parameter {tuple(param.shape)}: it was saved "
+                                          "for another model")

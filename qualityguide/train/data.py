@@ -35,6 +35,7 @@ from ..images import load_image
 
 METADATA = "metadata.csv"
 FILE_COLUMN = "file_name"
+CAPTION_COLUMN = "text"  # what datasets' imagefolder and diffusers' training scripts call the caption
 SHOWN = 5  # bad files named in one warning
 
 
@@ -216,6 +217,30 @@ def _readable(path: Path) -> str | None:
     return None
 
 
+def resolve_caption_column(folder: str | os.PathLike, requested: str | None) -> tuple[str | None, str | None]:
+    """The caption column a recipe's ``--caption_column`` means for ``folder``, and a note to print if any.
+
+    ``qualityguide label`` writes score columns only, so a labelled folder often has no captions; the documented
+    flow (label, then train) must still run. Not given (None): ``text`` when ``metadata.csv`` has it, else no
+    captions (every prompt empty, unconditional training) with a one-line note saying so. ``"none"``: no captions.
+    Any other name is used as given (a missing one is refused by :func:`load_image_folder`).
+
+    Args:
+        folder: the image folder.
+        requested: the flag's value (None when not given).
+
+    Returns:
+        (column or None, a note for stderr or None).
+    """
+    if requested is not None:
+        return (None if requested.strip().lower() == "none" else requested), None
+    metadata = Path(folder) / METADATA
+    if not metadata.is_file() or CAPTION_COLUMN in _header(metadata):
+        return CAPTION_COLUMN, None  # a missing file is explained by load_image_folder
+    return None, (f"note: {metadata} has no {CAPTION_COLUMN!r} column: training without captions (empty prompt); "
+                  "pass --caption_column NAME to use one")
+
+
 def load_image_folder(folder: str | os.PathLike, resolution: int, caption_column: str | None = "text",
                       score_columns: Sequence[str] = (), center_crop: bool = True, random_flip: bool = False,
                       progress: bool = True) -> ImageFolderDataset:
@@ -266,8 +291,9 @@ def load_image_folder(folder: str | os.PathLike, resolution: int, caption_column
     wanted = [FILE_COLUMN] + ([caption_column] if caption_column is not None else []) + list(score_columns)
     missing = [c for c in wanted if c not in columns]
     if missing:
-        raise InputError(f"{metadata}: missing column(s) {missing}; found {columns}. Fix: pass the right "
-                         "caption_column / score_columns (caption_column=None for no captions), or add the columns")
+        raise InputError(f"{metadata}: missing column(s) {missing}; found {columns}. Fix: pass the right caption and "
+                         "score columns (recipes: --caption_column NAME, or none for no captions, --score_columns "
+                         "NAME...; Python: caption_column=None for no captions), or add the columns")
     features = Features({"image": ImageFeature(decode=False),
                          **{c: Value("string") for c in columns if c != FILE_COLUMN}})
     rows = load_dataset("imagefolder", data_dir=str(folder), split="train", features=features)

@@ -41,6 +41,24 @@ def check_finite(losses: Mapping[str, torch.Tensor | float], step: int) -> None:
                             "fp16, and resume with --resume_from_checkpoint latest")
 
 
+def check_step_finite(values: Mapping[str, torch.Tensor | float], grad_norm: torch.Tensor | float, step: int,
+                      mixed_precision: str) -> None:
+    """:func:`check_finite` on a step's loss terms and gradient norm, as both recipes call it before
+    ``optimizer.step()``.
+
+    Under fp16 the gradient norm is left out: the GradScaler makes it infinite on purpose when the scale overflows
+    and then skips that optimizer step itself (and lowers the scale), so an infinite norm there is not a failure.
+    Elsewhere a non-finite norm of a finite loss is one.
+
+    Args:
+        values: term name -> scalar (already averaged over processes, so all processes stop together).
+        grad_norm: ``accelerator.clip_grad_norm_(...)``.
+        step: the optimizer step, for the message.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``.
+    """
+    check_finite({**values, **({} if mixed_precision == "fp16" else {"grad_norm": grad_norm})}, step)
+
+
 def mean_over_processes(losses: Mapping[str, torch.Tensor | float], accelerator) -> dict[str, float]:
     """Each term averaged over all processes (one collective for all terms), as floats for logging.
 

@@ -2,7 +2,55 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 import torch
+
+# diffusers' encode_prompt logs this, followed by the whole cut-off text, at every call with a long prompt
+TRUNCATION_WARNING = "The following part of your input was truncated"
+
+
+class _DropTruncationWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(TRUNCATION_WARNING)
+
+
+def quiet_truncation_warnings(pipe) -> None:
+    """Drop diffusers' truncation warning for ``pipe``'s class (once per logger; other warnings stay).
+
+    It repeats the cut-off text at every encoder call: a training loop re-encodes its captions every step, so one
+    long prompt fills megabytes of stderr. :func:`long_prompts_note` says it once instead.
+    """
+    for cls in type(pipe).__mro__:
+        if cls.__module__.startswith("diffusers."):
+            logger = logging.getLogger(cls.__module__)
+            if not any(isinstance(f, _DropTruncationWarning) for f in logger.filters):
+                logger.addFilter(_DropTruncationWarning())
+
+
+def long_prompts_note(pipe, prompts: Sequence[str] | None, what: str = "prompts") -> str | None:
+    """Silence the per-call truncation warning of ``pipe`` and say once how many ``prompts`` its tokenizer cuts.
+
+    Args:
+        pipe: a prompted pipeline (one without a tokenizer gets no note).
+        prompts: the prompts or captions training will encode.
+        what: how the note names them (``"prompts"``, ``"captions"``).
+
+    Returns:
+        One line for stderr, or None when every prompt fits.
+    """
+    quiet_truncation_warnings(pipe)
+    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    if tokenizer is None or not prompts:
+        return None
+    limit = int(tokenizer.model_max_length)
+    unique = set(prompts)
+    cut = sum(len(tokenizer(p, truncation=False, verbose=False).input_ids) > limit for p in unique)
+    if not cut:
+        return None
+    return (f"note: {cut} of {len(unique)} distinct {what} are longer than the tokenizer's maximum of {limit} "
+            "tokens and are truncated to it (diffusers' per-step truncation warning is silenced)")
 
 
 class PromptEncoder:
@@ -18,6 +66,7 @@ class PromptEncoder:
         self.resolution = resolution
         self.xl = hasattr(pipe, "text_encoder_2")
         self._uncond = None
+        quiet_truncation_warnings(pipe)  # encoded every step: one long caption would repeat its text every step
 
     @torch.no_grad()
     def _encode(self, captions: list[str], device) -> tuple[torch.Tensor, dict]:

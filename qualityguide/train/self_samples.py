@@ -39,13 +39,14 @@ FORMAT = "qualityguide.self_samples/1"
 MANIFEST = "self_samples.json"
 IDENTITY_FILE = "base_identity.safetensors"
 CAPTION_COLUMN = "text"
+MAX_PROMPT_CHARS = 10_000  # far beyond any text encoder's window; a longer line is a wrong file, not a prompt
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a UTF-8 text file, one per line (surrounding spaces stripped, empty lines skipped).
 
     Raises:
-        InputError: the file is missing, not UTF-8 or holds no prompt.
+        InputError: the file is missing, not UTF-8, holds no prompt or a line longer than ``MAX_PROMPT_CHARS``.
     """
     path = Path(path)
     if not path.is_file():
@@ -54,6 +55,11 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise InputError(f"prompts file {path} is not UTF-8; re-save it as UTF-8 (iconv -f latin1 -t utf-8)") from None
+    for number, line in enumerate(lines, 1):
+        if len(line) > MAX_PROMPT_CHARS:
+            raise InputError(f"prompts file {path}, line {number}: {len(line)} characters, more than "
+                             f"{MAX_PROMPT_CHARS} (a text encoder reads only its first 77 tokens, a few hundred "
+                             "characters); shorten that line (is it really one prompt per line?)")
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise InputError(f"prompts file {path} holds no prompt; write one prompt per line")

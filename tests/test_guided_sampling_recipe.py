@@ -1,0 +1,38 @@
+"""recipes/guided_sampling.py's prompt file: a binary or non-UTF-8 file is refused in one line naming it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qualityguide.errors import InputError
+from qualityguide.guidance.runner import read_prompts
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "guided_sampling.py"
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01"
+
+
+def test_read_prompts_names_a_binary_file_and_the_encoding(tmp_path):
+    (tmp_path / "ok.txt").write_text("# comment\n a fox \n\ncafé\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "ok.txt") == ["a fox", "café"]
+    (tmp_path / "image.png").write_bytes(PNG)
+    with pytest.raises(InputError, match=r"prompt file .*image\.png is not UTF-8 text \(byte 0 .*binary"):
+        read_prompts(tmp_path / "image.png")
+    (tmp_path / "utf16.txt").write_text("a fox\n", encoding="utf-16-le")  # valid UTF-8 bytes, with NULs
+    with pytest.raises(InputError, match=r"utf16\.txt holds NUL bytes.*UTF-8 text"):
+        read_prompts(tmp_path / "utf16.txt")
+
+
+def test_the_recipe_exits_2_with_one_line_for_a_binary_prompts_file(tmp_path):
+    (tmp_path / "prompts.png").write_bytes(PNG)
+    result = subprocess.run([sys.executable, str(RECIPE), "--model", "tiny:sd", "--prompts",
+                             str(tmp_path / "prompts.png"), "--scorer", "niqe-embedded@192", "--scale", "0.1",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, check=False,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "prompts.png is not UTF-8 text" in lines[0] and "one prompt per line" in lines[0]
