@@ -253,6 +253,29 @@ def test_latent_cache_refuses_other_weights_files_and_folders(tmp_path, vae):
         cache_latents(ds, vae, tmp_path / "busy", progress=False)
 
 
+
+def test_latent_cache_refuses_latents_encoded_at_another_precision(tmp_path, vae):
+    """An fp16 encoder run without the float32 upcast gives other latents (NaN for SDXL's VAE): such a cache is
+    not reused by an upcast run, nor is a cache whose precision an older qualityguide did not record."""
+    import copy
+    import json
+
+    folder = _write_folder(tmp_path / "data")
+    ds = load_image_folder(folder, 16, progress=False)
+    half = copy.deepcopy(vae).to(torch.float16)
+    cache_latents(ds, half, tmp_path / "half", progress=False)
+    assert json.loads((tmp_path / "half" / "cache.json").read_text())["encoder_dtype"] == "float16"
+    with pytest.raises(InputError, match="encoder_dtype='float16', this run has encoder_dtype='float32'"):
+        cache_latents(ds, half, tmp_path / "half", upcast=True, progress=False)
+    # float32 weights compute in float32 with or without upcast: the same cache serves both
+    cache_latents(ds, vae, tmp_path / "full", progress=False)
+    cache_latents(ds, vae, tmp_path / "full", upcast=True, progress=False)
+    key = json.loads((tmp_path / "full" / "cache.json").read_text())
+    del key["encoder_dtype"]
+    (tmp_path / "full" / "cache.json").write_text(json.dumps(key))
+    with pytest.raises(InputError, match="no encoder_dtype recorded"):
+        cache_latents(ds, vae, tmp_path / "full", progress=False)
+
 # ------------------------------------------------------------------------------------------------------ checkpoints
 @pytest.fixture
 def fresh_accelerator():

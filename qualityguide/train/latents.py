@@ -2,13 +2,15 @@
 
 The cache is a folder it owns::
 
-    cache.json                   format, the dataset's files (name and byte size), resolution, crop, VAE scaling
+    cache.json                   format, the dataset's files (name and byte size), resolution, crop, VAE scaling,
+                                 the precision the encoder ran at
     vae_identity.safetensors     the VAE's WeightIdentity (qualityguide.identity)
     shard-00000.safetensors ...  "mean" (and "std") [n,C,h,w] float32 for items start..start+n
 
 Shards are written to a temporary name and renamed, so a killed run leaves only whole shards and the next call
 encodes just the missing ones. A cache made for other VAE weights, another VAE scaling, other files, another
-resolution or shard layout is **refused** (never silently rebuilt or deleted: the folder may belong to another
+resolution, shard layout or encoder precision (an fp16 VAE run without the float32 upcast gives other latents, or NaN
+for SDXL's VAE) is **refused** (never silently rebuilt or deleted: the folder may belong to another
 run); the error says which field differs. Files are identified by relative name and byte size: replacing an image
 by another of exactly the same size is not noticed.
 
@@ -75,11 +77,18 @@ class LatentCache:
         return mean + self.std[index] * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
 
 
-def _key(dataset: ImageFolderDataset, vae, shard_size: int, store_std: bool) -> dict:
+def _encoder_dtype(vae, upcast: bool) -> str:
+    """The dtype the encoder computes in: float32 when upcast (see :mod:`qualityguide.diffusion.vae`), else the VAE's."""
+    dtype = next(vae.parameters()).dtype
+    return str(torch.float32 if upcast and dtype == torch.float16 else dtype).removeprefix("torch.")
+
+
+def _key(dataset: ImageFolderDataset, vae, shard_size: int, store_std: bool, upcast: bool) -> dict:
     config = vae.config
     scaling = {name: config.get(name) for name in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")}
     return {"format": FORMAT, "resolution": dataset.resolution, "center_crop": dataset.center_crop,
             "shard_size": shard_size, "store_std": store_std, "vae_scaling": scaling,
+            "encoder_dtype": _encoder_dtype(vae, upcast),
             "files": [[f, s] for f, s in zip(dataset.files, dataset.sizes)]}
 
 
@@ -108,10 +117,12 @@ def _open_cache(folder: Path, key: dict, vae) -> None:
             raise InputError(f"latent cache {key_file} cannot be read ({exc}); {fix}") from None
         if stored.get("format") != FORMAT:
             raise InputError(f"{folder} holds a {stored.get('format')!r} cache, not {FORMAT!r}; {fix}")
-        for field in ("resolution", "center_crop", "shard_size", "store_std", "vae_scaling"):
+        for field in ("resolution", "center_crop", "shard_size", "store_std", "vae_scaling", "encoder_dtype"):
             if stored.get(field) != key[field]:
-                raise InputError(f"latent cache {folder} was made with {field}={stored.get(field)!r}, this run has "
-                                 f"{key[field]!r}; {fix}")
+                made = (f"{field}={stored[field]!r}" if field in stored else
+                        f"no {field} recorded (an older qualityguide)")
+                raise InputError(f"latent cache {folder} was made with {made}, this run has {field}={key[field]!r}; "
+                                 f"{fix}")
         if stored.get("files") != key["files"]:
             raise InputError(f"latent cache {folder} was made for other files ("
                              f"{_files_difference(stored.get('files') or [], key['files'])}); {fix}")
@@ -177,7 +188,7 @@ def cache_latents(dataset: ImageFolderDataset, vae, cache_dir: str | os.PathLike
                          f"{dataset.center_crop}, random_flip={dataset.random_flip}): the cache would freeze one "
                          "random draw. Load it with center_crop=True, random_flip=False, or encode every step")
     folder = Path(cache_dir)
-    _open_cache(folder, _key(dataset, vae, shard_size, store_std), vae)
+    _open_cache(folder, _key(dataset, vae, shard_size, store_std, upcast), vae)
     total = len(dataset)
     shards = [(s, s * shard_size, min(shard_size, total - s * shard_size)) for s in range(math.ceil(total / shard_size))]
     todo = [sh for sh in shards if not _shard_path(folder, sh[0]).is_file()]
