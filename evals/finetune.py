@@ -1,4 +1,4 @@
-"""Base versus LoRA fine-tuned model (ACPO, DESIGN.md section 5) on held-out prompts and seeds.
+"""Base versus LoRA fine-tuned model (ACPO, docs/design.md section 7) on held-out prompts and seeds.
 
 For the same prompts, seeds, steps and CFG, images are generated with the LoRA switched off (the base) and on, then:
 

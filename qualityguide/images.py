@@ -1,6 +1,6 @@
 """One way in for images: paths, PIL images, numpy arrays and tensors -> float32 ``[B,3,H,W]`` in [0,1], RGB.
 
-Conventions (DESIGN.md): every scorer, sampler and loss takes this layout. Transparent images
+Conventions (docs/design.md section 2): every scorer, sampler and loss takes this layout. Transparent images
 (RGBA, LA, palette with transparency) are composited on **white**, the background most viewers
 show. 16-bit images are scaled by 1/65535, 8-bit by 1/255. EXIF orientation is applied. Animated
 GIFs and multi-page TIFFs give their first frame (with a :class:`MultiFrameWarning`, or a note in

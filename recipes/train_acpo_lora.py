@@ -1,5 +1,5 @@
 """Fine-tune a LoRA with ACPO: raise a no-reference quality score while an anchor keeps the model near its base
-(DESIGN.md section 5).
+(docs/design.md section 7).
 
     accelerate launch recipes/train_acpo_lora.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --prompts prompts.txt --num_self_samples 1000 --scorer pyiqa:topiq_nr --mixed_precision fp16 \

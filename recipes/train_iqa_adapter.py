@@ -1,4 +1,4 @@
-"""Train an IQA-Adapter: generation conditioned on target quality (DESIGN.md section 4).
+"""Train an IQA-Adapter: generation conditioned on target quality (docs/design.md section 6).
 
     qualityguide label photos/ --scorer pyiqa:topiq_nr --scorer pyiqa:laion_aes   # score columns in metadata.csv
     accelerate launch recipes/train_iqa_adapter.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \

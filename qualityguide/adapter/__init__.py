@@ -1,7 +1,7 @@
 """IQA-Adapter: condition generation on target quality (scores, percentiles, or a reference image's features).
 
-Decoupled cross-attention as in IP-Adapter, wired through diffusers' own IP-Adapter path (DESIGN.md
-section 4; Abud et al., ICCV 2025, arXiv 2412.01794).
+Decoupled cross-attention as in IP-Adapter, wired through diffusers' own IP-Adapter path (docs/design.md
+section 6; Abud et al., ICCV 2025, arXiv 2412.01794).
 """
 
 from .conditions import ScoreQuantiles

@@ -1,6 +1,6 @@
 """Perceptual feature extractors psi(x): images ``[B,3,H,W]`` in [0,1] -> ``[B,D]``.
 
-Used by LGDM's perceptual-consistency term G2 (DESIGN.md section 2) and available to the adapter:
+Used by LGDM's perceptual-consistency term G2 (docs/design.md section 4) and available to the adapter:
 NSS vectors (``"brisque"``, ``"niqe"``) or a pyiqa network's penultimate activations
 (``"pyiqa:<metric>"``). LGDM's ``psi="sd"`` (the U-Net's own pooled decoder features of a clean
 latent) lives with the U-Net in :mod:`qualityguide.lgdm`.

@@ -1,4 +1,4 @@
-"""Anchor-constrained perceptual LoRA fine-tuning (ACPO, DESIGN.md section 5).
+"""Anchor-constrained perceptual LoRA fine-tuning (ACPO, docs/design.md section 7).
 
 - :mod:`.config`: :class:`ACPOConfig`, the term weights and the quality input (one-step or K-step DDIM).
 - :mod:`.loss`: :class:`ACPOLoss`, diffusion + anchor to the adapter-free base - quality, one dict per batch.

@@ -26,7 +26,7 @@ def _integer(name: str, value: object, low: int, fix: str) -> int:
 
 @dataclass
 class ACPOConfig:
-    """Anchor-constrained perceptual LoRA fine-tuning (ACPO, Yang et al. 2026), DESIGN.md section 5.
+    """Anchor-constrained perceptual LoRA fine-tuning (ACPO, Yang et al. 2026), docs/design.md section 7.
 
     ``L = w_diff * ||F_theta - target||^2 + w_anchor * ||F_theta - stopgrad(F_base)||^2 - w_quality * mean Q(D(x))``
     where ``F`` is the U-Net's output (epsilon, or v for v-prediction models, whose diffusion term regresses the v

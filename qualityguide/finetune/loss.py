@@ -1,4 +1,4 @@
-"""The ACPO loss (DESIGN.md section 5): diffusion + anchor to the adapter-free base - perceptual quality.
+"""The ACPO loss (docs/design.md section 7): diffusion + anchor to the adapter-free base - perceptual quality.
 
 One U-Net forward with gradients per step serves all three terms; the base prediction is the same U-Net with its
 LoRA adapters switched off, run without gradients (no second copy of the U-Net).

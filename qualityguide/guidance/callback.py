@@ -1,4 +1,4 @@
-"""Quality-guided sampling as a diffusers ``PipelineCallback`` (DESIGN.md section 3).
+"""Quality-guided sampling as a diffusers ``PipelineCallback`` (docs/design.md section 5).
 
 Diffusers calls ``callback_on_step_end`` after ``scheduler.step``, under ``no_grad``, without the
 noise prediction. So a forward hook records the U-Net's input, timestep and output; the callback

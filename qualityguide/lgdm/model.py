@@ -1,6 +1,6 @@
 """LGDM feature extraction: DDIM near t=0 under Perceptual Manifold Guidance, hyperfeatures read per step.
 
-Saini et al. 2025 (arXiv 2506.00327), Algorithm 1, with the gaps filled as in DESIGN.md section 2.
+Saini et al. 2025 (arXiv 2506.00327), Algorithm 1, with the gaps filled as in docs/design.md section 4.
 """
 
 from __future__ import annotations
@@ -318,7 +318,7 @@ class LGDM(nn.Module):
                           skipped=torch.cat([p.skipped for p in parts]))
 
     def _psi_reference(self, x: torch.Tensor, z0: torch.Tensor, cond: _Condition) -> torch.Tensor | None:
-        """psi(x), once per image (DESIGN.md: not once per step as a literal Algorithm 1 would)."""
+        """psi(x), once per image (docs/design.md section 4: not once per step as a literal Algorithm 1 would)."""
         if self.config.zeta2 == 0 or self.config.psi == "none":
             return None
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """The base model's own samples as training data ("self samples"), generated once and cached as an image folder.
 
-ACPO fine-tunes a model on its own distribution (DESIGN.md section 5): with prompts and no images, the training
+ACPO fine-tunes a model on its own distribution (docs/design.md section 7): with prompts and no images, the training
 images are samples of the frozen base pipeline, one per index ``i`` with prompt ``prompts[i % len(prompts)]`` and a
 seed derived from ``(seed, i)`` alone, so they do not depend on batching, processes or restarts.
 
