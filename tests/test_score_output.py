@@ -279,6 +279,75 @@ def test_partial_last_row_with_quoted_newline_is_repaired(tmp_path):
         io.StringIO(full.decode(), newline="")))
 
 
+def _three_rows(tmp_path):
+    folder = _folder(tmp_path / "imgs", n=3)[0].parent
+    out = tmp_path / "out.csv"
+    assert _score(folder, "--output", out) == 0
+    return folder, out, out.read_bytes()
+
+
+def test_stray_quote_inside_a_cell_keeps_every_row(tmp_path, capsys):
+    folder, out, full = _three_rows(tmp_path)
+    lines = full.split(b"\r\n")
+    lines[1] = lines[1].replace(b"/img0", b'/im"g0', 1)  # a quote typed inside the first row's path cell
+    edited = b"\r\n".join(lines)
+    out.write_bytes(edited)
+    capsys.readouterr()
+    assert _score(folder, "--output", out) == 0
+    assert "1 scored, 0 failed, 2 already" in capsys.readouterr().err  # only the renamed row's file is new
+    rows = _rows(out)
+    assert len(rows) == 4 and out.read_bytes().startswith(edited)
+    # the same file under other settings is refused with every row still there (no repair before the check)
+    before = out.read_bytes()
+    assert _score(folder, "--scorer", "niqe-embedded@200", "--output", out) == 2
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("edit,line", [
+    (lambda cell: b'"' + cell, 2),                  # a quote opened at the start of a cell, never closed
+    (lambda cell: b'"' + cell + b'"x', 3),          # text after a closing quote: not CSV
+])
+def test_malformed_scores_csv_refused_unchanged_naming_the_line(tmp_path, capsys, edit, line):
+    folder, out, full = _three_rows(tmp_path)
+    lines = full.split(b"\r\n")
+    cells = lines[line - 1].split(b",")
+    cells[1] = edit(cells[1])
+    lines[line - 1] = b",".join(cells)
+    edited = b"\r\n".join(lines)
+    out.write_bytes(edited)
+    capsys.readouterr()
+    assert _score(folder, "--output", out) == 2
+    assert out.read_bytes() == edited
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"line {line}" in err and "Traceback" not in err
+
+
+def test_complete_last_row_without_line_end_is_kept(tmp_path, capsys):
+    folder, out, full = _three_rows(tmp_path)
+    out.write_bytes(full[:-2])  # the final \r\n removed, e.g. by an editor
+    _image(folder / "new.png", seed=9)
+    capsys.readouterr()
+    assert _score(folder, "--output", out) == 0
+    assert "1 scored, 0 failed, 3 already" in capsys.readouterr().err
+    data = out.read_bytes()
+    assert data.startswith(full) and data.count(b"\r\n") == 5 and len(_rows(out)) == 4
+
+
+@pytest.mark.parametrize("keep", [
+    lambda row: row[:10],                           # cut inside the path cell
+    lambda row: row[:row.rindex(b",") + 1],         # cut before the settings cell
+    lambda row: row[:-3],                           # cut inside the settings cell
+])
+def test_cut_last_row_is_dropped_and_rescored(tmp_path, capsys, keep):
+    folder, out, full = _three_rows(tmp_path)
+    head, last = full[:-2].rsplit(b"\r\n", 1)
+    out.write_bytes(head + b"\r\n" + keep(last))
+    capsys.readouterr()
+    assert _score(folder, "--output", out) == 0
+    assert "1 scored, 0 failed, 2 already" in capsys.readouterr().err
+    assert out.read_bytes() == full
+
+
 # 7. a decompression bomb is that file's error, and the run goes on
 
 def _png_header_only(path, width, height):
