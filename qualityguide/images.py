@@ -240,7 +240,11 @@ def load_image(source: ImageInput, name: str | None = None) -> torch.Tensor:
 
 
 def _check_has_values(tensor: torch.Tensor, name: str) -> None:
-    """Refuse tensors without values to check or score: on the meta device, or with no image or no pixel."""
+    """Refuse tensors without values to check or score: on the meta device, or with no image or no pixel; and
+    tensors whose values are not laid out densely (sparse), which the checks and the metrics cannot read."""
+    if tensor.layout != torch.strided:
+        raise InputError(f"{name}: the tensor has layout {tensor.layout} (not dense), which the scorers cannot read; "
+                         "convert it with .to_dense() first")
     if tensor.is_meta:
         raise InputError(f"{name}: the tensor is on the meta device, which holds shapes but no values, so there is "
                          "nothing to score; create or load the images on a real device (cpu, cuda), e.g. with "

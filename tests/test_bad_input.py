@@ -100,6 +100,35 @@ def test_meta_tensor_and_empty_batch_are_input_errors(spec):
         to_batch(torch.rand(0, 3, 8, 8))
 
 
+@pytest.mark.parametrize("spec", ["niqe-embedded", "niqe-embedded@256", "pyiqa:piqe"])
+def test_native_checks_its_input_like_forward(spec):
+    """``scorer.native(x)`` (shown in the README) refuses what ``scorer(x)`` refuses, with the same message."""
+    scorer = load_scorer(spec)
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    for bad in [x * 255, x[:, :1], torch.full_like(x, float("nan"))]:
+        with pytest.raises(InputError) as by_forward:
+            scorer(bad)
+        with pytest.raises(InputError) as by_native:
+            scorer.native(bad)
+        assert str(by_native.value) == str(by_forward.value)
+    with pytest.raises(InputError, match="divide by 255"):
+        scorer.native(x * 255)
+    assert torch.equal(scorer.native(x), scorer.score_with_native(x)[1])
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr])
+def test_sparse_tensor_is_an_input_error(layout):
+    """A sparse tensor gave a NotImplementedError traceback; it is refused naming the layout and the fix."""
+    x = torch.rand(1, 3, 200, 200, generator=torch.Generator().manual_seed(0))
+    sparse = x.to_sparse(layout=layout)
+    scorer = load_scorer("niqe-embedded")
+    for call in (scorer, scorer.native, to_batch):
+        with pytest.raises(InputError, match=r"layout torch\.sparse_\w+ \(not dense\).*\.to_dense\(\)"):
+            call(sparse)
+    assert torch.equal(scorer(sparse.to_dense()), scorer(x))
+
+
 # ----------------------------------------------------------------------------- flat images, worded for the reader
 
 

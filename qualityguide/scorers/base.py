@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +36,22 @@ class QualityScorer(nn.Module):
     native_range: tuple[float, float] = (-math.inf, math.inf)
     min_side: int = 1
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Wrap a subclass's own :meth:`native` so that it checks its input exactly as ``forward`` does: ``native``
+        is public (reports and the README call it), and an unchecked ``x * 255`` would return a number."""
+        super().__init_subclass__(**kwargs)
+        metric = cls.__dict__.get("native")
+        if metric is not None and not getattr(metric, "checks_input", False):
+            cls.native = _checking(metric)
+
     def native(self, images: torch.Tensor) -> torch.Tensor:
-        """Scores ``[B]`` in the metric's own units and direction (input as for ``forward``)."""
+        """Scores ``[B]`` in the metric's own units and direction (input as for ``forward``, checked the same way)."""
         raise NotImplementedError
+
+    def check_input(self, images: torch.Tensor) -> None:
+        """The contract's input check (:func:`~qualityguide.images.check_batch`) with this scorer's name and
+        ``min_side``."""
+        check_batch(images, f"{self.name} input", self.min_side)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Scores ``[B]``, higher is better.
@@ -48,8 +63,7 @@ class QualityScorer(nn.Module):
 
     def score_with_native(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated ``(scores, native)`` from one metric evaluation (reports need both)."""
-        check_batch(images, f"{self.name} input", self.min_side)
-        native = self.native(images)
+        native = self.native(images)  # checks the input (__init_subclass__)
         return self.to_higher_better(native), native
 
     def scored_size(self, height: int, width: int, name: str = "images") -> tuple[int, int]:
@@ -69,6 +83,18 @@ class QualityScorer(nn.Module):
         direction = "lower" if self.native_lower_better else "higher"
         return (f"name={self.name!r}, differentiable={self.differentiable}, "
                 f"native_range={self.native_range}, native {direction} is better, min_side={self.min_side}")
+
+
+def _checking(metric: Callable[[QualityScorer, torch.Tensor], torch.Tensor]) -> Callable:
+    """``metric`` (a subclass's ``native``) behind :meth:`QualityScorer.check_input`."""
+
+    @functools.wraps(metric)
+    def native(self: QualityScorer, images: torch.Tensor) -> torch.Tensor:
+        self.check_input(images)
+        return metric(self, images)
+
+    native.checks_input = True  # type: ignore[attr-defined]
+    return native
 
 
 # A spec's size suffix: "niqe-embedded@192" is niqe-embedded on images whose short side is resized to 192 px.
