@@ -33,7 +33,7 @@ from .imagefolder import (
     read_metadata,
     write_atomic,
 )
-from .images import IMAGE_EXTENSIONS, collect_multi_frame, scan_images
+from .images import collect_multi_frame, image_extensions, scan_images
 from .scorefile import ScoreFile, scorer_settings
 from .scorers.base import QualityScorer
 from .scoring import _score_chunk
@@ -200,7 +200,8 @@ def label_folder(folder: str | os.PathLike, scorers: dict[str, QualityScorer], b
     read_metadata(folder / METADATA)  # a broken file is refused before any scoring
     names, keys, notes = _scan(folder, recursive)
     if not names:
-        raise InputError(f"no image files found in {printable(str(folder))} (extensions {', '.join(IMAGE_EXTENSIONS)})"
+        raise InputError(f"no image files found in {printable(str(folder))} (extensions "
+                         f"{', '.join(image_extensions())}){''.join(f'; {note}' for note in notes)}"
                          f"{'' if recursive else '; use --recursive for images in sub-folders'}")
     summary = LabelSummary(folder / METADATA, list(scorers), images=len(names), notes=notes)
     owned = _Owned(folder)
@@ -236,7 +237,7 @@ def _scan(folder: Path, recursive: bool) -> tuple[list[str], dict[str, str], lis
     as datasets leaves them out of a folder's data files.
     """
     listing = scan_images([folder], recursive=recursive)
-    notes = [note for note in [listing.skipped_note()] if note]
+    notes = listing.notes()
     names, keys, hidden, unnamable = [], {}, 0, []
     for path, key in zip(listing.files, listing.keys):
         name = path.relative_to(folder).as_posix()
@@ -326,8 +327,8 @@ def _why_not(folder: Path, name: str, recursive: bool) -> str:
     path = folder / name
     if path.is_dir():
         return "a folder, not an image file"
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return f"not an image file name (extensions {', '.join(IMAGE_EXTENSIONS)})"
+    if path.suffix.lower() not in image_extensions():
+        return f"not an image file name (extensions {', '.join(image_extensions())})"
     if "/" in name and not recursive:
         return "in a sub-folder: pass --recursive to label it"
     return "not found as an image by the folder scan (a link that cannot be followed?)"

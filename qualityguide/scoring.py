@@ -31,7 +31,7 @@ class ScoreSummary:
     failed: int = 0
     skipped: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path cell, error) for requested files
-    notes: list[str] = field(default_factory=list)  # one line each: links skipped, multi-frame files
+    notes: list[str] = field(default_factory=list)  # one line each: links or formats skipped, multi-frame files
 
     @property
     def ok(self) -> bool:
@@ -160,10 +160,11 @@ def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, outpu
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     listing = scan_images(paths, recursive=recursive)
     if not listing.files:
-        raise InputError(f"no image files found in {[printable(str(p)) for p in paths]}; pass image files or "
-                         "folders (use --recursive for nested folders)")
+        raise InputError(f"no image files found in {[printable(str(p)) for p in paths]}; "
+                         f"{''.join(f'{note}; ' for note in listing.notes())}pass image files or folders (use "
+                         "--recursive for nested folders)")
     keys = [encode_path(key) for key in listing.keys]
-    summary = ScoreSummary(notes=[note for note in [listing.skipped_note()] if note])
+    summary = ScoreSummary(notes=listing.notes())
     device = torch.device(device)
     with ScoreFile.open(output, settings or scorer_settings(scorer)) as table:
         if retry_failed:

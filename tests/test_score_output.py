@@ -411,3 +411,30 @@ def test_multi_frame_files_noted_once(tmp_path, capsys):
     assert len(notes) == 1 and "2 file(s)" in notes[0]
     rows = {os.path.basename(r["path"]): r for r in _rows(out)}
     assert len(rows) == 3 and rows["anim.gif"]["score"] and rows["pages.tif"]["score"]
+
+
+# 11. AVIF inside folders is scored; formats Pillow cannot open here are counted in one note
+
+def test_avif_scored_and_unopenable_formats_counted_once(tmp_path, capsys):
+    pytest.importorskip("PIL.AvifImagePlugin")
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(folder / "photo.avif", quality=90)
+    heic = [folder / "phone1.heic", folder / "phone2.HEIC", folder / "phone3.heif"]
+    for path in heic:
+        path.write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 64)
+    out = tmp_path / "out.csv"
+    assert _score(folder, "--output", out) == 0
+    err = capsys.readouterr().err
+    rows = {os.path.basename(r["path"]): r for r in _rows(out)}
+    assert sorted(rows) == ["img0.png", "photo.avif"] and rows["photo.avif"]["score"]
+    notes = [line for line in err.splitlines() if "Pillow cannot open" in line]
+    assert len(notes) == 1 and "skipped 3 file(s)" in notes[0] and ".heic, .heif" in notes[0], err
+    # a folder of nothing but such files says why it found no images
+    for path in heic[1:]:
+        path.rename(tmp_path / path.name)
+    only = tmp_path / "only"
+    only.mkdir()
+    heic[0].rename(only / heic[0].name)
+    assert _score(only, "--output", tmp_path / "other.csv") == 2
+    assert "skipped 1 file(s)" in capsys.readouterr().err
