@@ -16,6 +16,7 @@ import contextvars
 import errno
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,22 @@ def link_problem(path: Path) -> str | None:
     return None
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is if it exists and is neither a regular file nor a folder ("a FIFO (named pipe)", "a
+    character device", ...), else None. Only ``stat`` is called: opening a FIFO would block until a writer came."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "a special file")
+
+
 def _bomb_error(source: str, exc: Exception) -> ImageError:
     match = re.search(r"\((\d+) pixels\)", str(exc))
     pixels = int(match.group(1)) if match else None
@@ -215,6 +232,10 @@ def _open(path: Path) -> Image.Image:
         raise ImageError(source, "file not found", "check the path")
     if path.is_dir():
         raise ImageError(source, "is a directory, not an image file", "pass files, or use --recursive for folders")
+    kind = special_kind(path)
+    if kind:
+        raise ImageError(source, f"is {kind}, not a regular file, so it holds no image to read",
+                         "pass image files (copy the data into a file first)")
     if path.stat().st_size == 0:
         raise ImageError(source, "file is empty (0 bytes)", "re-export or re-download it")
     try:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, QualityGuideError, printable
+from .images import special_kind
 
 try:
     import fcntl
@@ -179,9 +180,9 @@ def check_output(output: str | os.PathLike) -> Path:
     if folder:
         raise InputError(f"--output {printable(text)} is a folder, not a file: the scores go into one CSV file; pass a "
                          f"file name, e.g. --output {printable(str(path / 'scores.csv'))}")
-    if path.exists() and not path.is_file():
-        raise InputError(f"--output {printable(text)} exists and is not a regular file (a device, socket or pipe); "
-                         "pass a CSV file name")
+    kind = special_kind(path)
+    if kind:
+        raise InputError(f"--output {printable(text)} exists and is {kind}, not a regular file; pass a CSV file name")
     return path
 
 

@@ -438,3 +438,11 @@ def test_avif_scored_and_unopenable_formats_counted_once(tmp_path, capsys):
     heic[0].rename(only / heic[0].name)
     assert _score(only, "--output", tmp_path / "other.csv") == 2
     assert "skipped 1 file(s)" in capsys.readouterr().err
+
+
+def test_fifo_as_output_is_named(tmp_path, capsys):
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    os.mkfifo(tmp_path / "out.csv")
+    assert _score(folder, "--output", tmp_path / "out.csv") == 2
+    err = capsys.readouterr().err
+    assert "is a FIFO (named pipe), not a regular file" in err and len(err.strip().splitlines()) == 1
