@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, QualityGuideError, printable
-from .images import special_kind
+from .images import LOOP, link_problem, special_kind
 
 try:
     import fcntl
@@ -186,14 +186,33 @@ def check_output(output: str | os.PathLike) -> Path:
     return path
 
 
+def _through_link(output: Path) -> Path:
+    """The file to read and replace for ``output``: itself, or the target when it is a symlink, so that a rewrite
+    replaces the target and the link stays. A link whose target is missing is written through (the target is
+    created) when the target's folder exists, as for any link; when that folder is missing too (often an
+    unmounted drive), nothing is created there: an :class:`InputError` names the target."""
+    problem = link_problem(output)
+    if not output.is_symlink():
+        return output
+    target = Path(os.path.realpath(output))
+    if problem and problem.startswith(LOOP):
+        raise InputError(f"--output {printable(str(output))}: {problem}; fix the link or pass another --output")
+    if not target.parent.is_dir():
+        raise InputError(f"--output {printable(str(output))} is a symlink to {printable(os.readlink(output))}, whose "
+                         f"folder {printable(str(target.parent))} does not exist (an unmounted drive?); nothing was "
+                         "created there: fix the link, create that folder, or pass another --output")
+    return target
+
+
 class ScoreFile:
     """A scores CSV opened for resuming: locked, checked to be ours, repaired, read.
 
     Use :meth:`open` as a context manager. ``rows`` maps each ``path`` cell to its row (a dict).
     """
 
-    def __init__(self, output: Path, settings: str, lock_fd: int):
+    def __init__(self, output: Path, settings: str, lock_fd: int, path: Path | None = None):
         self.output, self.settings = output, settings
+        self.path = path or output  # the file itself: the target when --output is a symlink
         self._fds = [lock_fd]
         self._write_fd = -1
         self.rows: dict[str, dict] = {}
@@ -202,9 +221,10 @@ class ScoreFile:
     def open(cls, output: str | os.PathLike, settings: str) -> "ScoreFile":
         """Lock ``output`` (creating it if absent), check it is ours and was made with ``settings``, and read it."""
         output = check_output(output)
+        path = _through_link(output)
         try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            table = cls(output, settings, _open_locked(output))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            table = cls(output, settings, _open_locked(path), path)
         except OSError as exc:
             raise InputError(f"--output {output}: cannot open it ({exc.strerror}); pass a path you can write to "
                              "with --output") from None
@@ -309,7 +329,7 @@ class ScoreFile:
         if not drop:
             return 0
         keep = [row for key, row in self.rows.items() if key not in drop]
-        fd, tmp = tempfile.mkstemp(dir=self.output.parent, prefix=f".{self.output.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fresh inode: locked before anyone can see it
@@ -317,16 +337,16 @@ class ScoreFile:
                 os.fchmod(fd, stat.S_IMODE(os.fstat(self._write_fd).st_mode))
             _write_all(fd, _encode_rows(keep, header=True))
             os.fsync(fd)
-            os.replace(tmp, self.output)
+            os.replace(tmp, self.path)  # the target: a symlink given as --output stays a symlink
         except BaseException:
             os.close(fd)
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        _fsync_dir(self.output.parent)
+        _fsync_dir(self.path.parent)
         self._fds.append(fd)  # the old inode stays locked too, for anyone who opened it before the replace
         os.close(self._write_fd)
-        self._write_fd = os.open(self.output, os.O_WRONLY | os.O_APPEND | _BINARY)
+        self._write_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _BINARY)
         self.rows = {row["path"]: row for row in keep}
         return len(drop)
 

@@ -446,3 +446,37 @@ def test_fifo_as_output_is_named(tmp_path, capsys):
     assert _score(folder, "--output", tmp_path / "out.csv") == 2
     err = capsys.readouterr().err
     assert "is a FIFO (named pipe), not a regular file" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_symlink_output_is_written_through_and_stays_a_link(tmp_path, capsys, dangling):
+    """--retry-failed replaced a symlinked --output by a plain file; the rewrite now replaces the target. A link
+    whose target is missing (in a folder that exists) is written through the same way: the target is created."""
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    (folder / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "scores.csv", tmp_path / "link.csv"
+    link.symlink_to(target)
+    assert _score(folder, "--output", link if dangling else target) == 1
+    assert link.is_symlink() and target.is_file() and len(_rows(target)) == 2
+    _image(folder / "bad.png", seed=4)
+    assert _score(folder, "--output", link, "--retry-failed") == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    rows = {os.path.basename(r["path"]): r for r in _rows(target)}
+    assert rows["bad.png"]["score"] and not rows["bad.png"]["error"] and len(rows) == 2
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["scores.csv"]  # no temporary file left
+
+
+def test_symlink_output_to_a_missing_folder_or_a_loop_is_refused(tmp_path, capsys):
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    link = tmp_path / "link.csv"
+    link.symlink_to(tmp_path / "unmounted" / "scores.csv")
+    assert _score(folder, "--output", link) == 2
+    err = capsys.readouterr().err
+    assert "is a symlink to" in err and "unmounted" in err and "does not exist" in err
+    assert "keeps being replaced" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "unmounted").exists() and link.is_symlink()
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop)
+    assert _score(folder, "--output", loop) == 2
+    assert "symlink loop" in capsys.readouterr().err
