@@ -277,7 +277,6 @@ def _label_column(owned: _Owned, column: str, scorer: QualityScorer, names: list
                     if row["score"] and not math.isfinite(float(row["score"])):
                         row["error"] = f"{folder / row['path']}: {column} gave a non-finite score ({row['score']})"
                         row["score"] = row["native_score"] = ""
-                    row["error"] = printable(row["error"])
                 table.append(rows)
                 bar.update(len(chunk))
         summary.scored[column] = len(todo)

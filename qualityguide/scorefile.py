@@ -155,6 +155,18 @@ def _read_records(output: Path, data: bytes) -> tuple[list[tuple[int, list[str]]
     return records[1:], end, None
 
 
+# A cell starting with one of these is run as a formula by spreadsheets (Excel, LibreOffice, Google Sheets).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def error_cell(message: str) -> str:
+    """``message`` on one line (:func:`~qualityguide.errors.printable`), starting with a plain word when it would
+    start like a formula: an error names its file first, and a file may be called ``=HYPERLINK(...).png``. Path
+    cells are never changed (they are identity); error cells are only read by people."""
+    text = printable(message)
+    return f"file {text}" if text.startswith(_FORMULA_START) else text
+
+
 def _foreign(output: Path, data: bytes) -> InputError:
     first = data.split(b"\n", 1)[0].rstrip(b"\r")
     fix = ("it was left unchanged. Pass --output with a new file name (or a scores CSV this command "
@@ -316,9 +328,11 @@ class ScoreFile:
         return True
 
     def append(self, rows: list[dict]) -> None:
-        """Append rows (``path`` cells already encoded) and flush them to disk."""
+        """Append rows (``path`` cells already encoded) and flush them to disk; ``error`` cells become
+        :func:`error_cell` text (in ``rows`` too, so what is printed is what is stored)."""
         for row in rows:
             row["settings"] = self.settings
+            row["error"] = error_cell(row["error"])
         self._write(_encode_rows(rows))
         for row in rows:
             self.rows[row["path"]] = row

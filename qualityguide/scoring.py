@@ -177,9 +177,7 @@ def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, outpu
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
                 rows = _score_chunk(scorer, chunk, device)
-                for row in rows:
-                    row["error"] = printable(row["error"])  # one line, UTF-8, whatever the file name holds
-                table.append(rows)
+                table.append(rows)  # error cells: one line, UTF-8, never a formula, whatever the file name holds
                 for row in rows:
                     if row["error"]:
                         summary.failed += 1

@@ -480,3 +480,21 @@ def test_symlink_output_to_a_missing_folder_or_a_loop_is_refused(tmp_path, capsy
     loop.symlink_to(loop)
     assert _score(folder, "--output", loop) == 2
     assert "symlink loop" in capsys.readouterr().err
+
+
+def test_error_cells_never_start_like_a_formula(tmp_path, monkeypatch, capsys):
+    """An error names its file first; a file named =HYPERLINK(...) given by a relative path made the cell a formula."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = ['=HYPERLINK("evil.example","click").png', "+1.png", "-2.png", "@SUM(1).png"]
+    for name in names:
+        (folder / name).write_bytes(b"not an image")
+    monkeypatch.chdir(folder)
+    out = tmp_path / "out.csv"
+    assert main(["score", "--output", str(out), "--quiet", "--", *names]) == 1
+    rows = _rows(out)
+    assert sorted(r["path"] for r in rows) == sorted(str(folder / name) for name in names)  # paths stay exact
+    for row in rows:
+        assert row["error"] and row["error"][0] not in "=+-@\t\r", row["error"]
+        assert row["error"].startswith("file " + os.path.basename(row["path"]) + ": not an image")
+    assert "error: file =HYPERLINK" in capsys.readouterr().err  # what is printed is what is stored
