@@ -303,15 +303,16 @@ def test_stray_quote_inside_a_cell_keeps_every_row(tmp_path, capsys):
     assert out.read_bytes() == before
 
 
-@pytest.mark.parametrize("edit,line", [
-    (lambda cell: b'"' + cell, 2),                  # a quote opened at the start of a cell, never closed
-    (lambda cell: b'"' + cell + b'"x', 3),          # text after a closing quote: not CSV
+@pytest.mark.parametrize("edit,line,cell", [
+    (lambda cell: b'"' + cell, 2, 1),               # a quote opened at the start of a cell, never closed
+    (lambda cell: b'"' + cell, 3, 0),               # the same in a path cell (which may hold line breaks)
+    (lambda cell: b'"' + cell + b'"x', 3, 1),       # text after a closing quote: not CSV
 ])
-def test_malformed_scores_csv_refused_unchanged_naming_the_line(tmp_path, capsys, edit, line):
+def test_malformed_scores_csv_refused_unchanged_naming_the_line(tmp_path, capsys, edit, line, cell):
     folder, out, full = _three_rows(tmp_path)
     lines = full.split(b"\r\n")
     cells = lines[line - 1].split(b",")
-    cells[1] = edit(cells[1])
+    cells[cell] = edit(cells[cell])
     lines[line - 1] = b",".join(cells)
     edited = b"\r\n".join(lines)
     out.write_bytes(edited)
