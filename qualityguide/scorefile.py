@@ -27,6 +27,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Iterable
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -122,11 +123,19 @@ class _Lines:
                              "--output") from None
 
 
-def _read_records(output: Path, data: bytes) -> tuple[list[tuple[int, list[str]]], int, tuple[int, list[str]] | None]:
+class _Tail(NamedTuple):
+    """What follows the last line end: the line it starts on, its cells, whether it ends inside a quoted cell."""
+
+    line: int
+    cells: list[str]
+    open_quote: bool
+
+
+def _read_records(output: Path, data: bytes) -> tuple[list[tuple[int, list[str]]], int, _Tail | None]:
     """Parse ``data`` (header first) strictly: ``(records, end, tail)``.
 
     ``records`` are ``(line, cells)`` of the records ended by a line end, ``end`` the byte offset after the
-    last of them, ``tail`` ``(line, cells)`` of what follows without a line end (None if nothing does):
+    last of them, ``tail`` what follows without a line end (None if nothing does):
     the last row of a write cut short by a kill or a full disk, or a complete row whose final line end
     is missing. A quote opened and never closed makes the tail run to the end of the file, so the tail
     may span lines (a file name with a line break, cut inside its quoted cell).
@@ -147,9 +156,9 @@ def _read_records(output: Path, data: bytes) -> tuple[list[tuple[int, list[str]]
                                  "the file was edited by another program: fix or delete that record, or pass "
                                  "another --output") from None
             text = data[end:].decode("utf-8", "ignore")  # a quote never closed: the tail, read leniently
-            return records[1:], end, (line, next(csv.reader(io.StringIO(text, newline=""))))
+            return records[1:], end, _Tail(line, next(csv.reader(io.StringIO(text, newline=""))), True)
         if lines.ends[-1] == len(data) and not data.endswith(b"\n"):
-            return records[1:], end, (line, cells)
+            return records[1:], end, _Tail(line, cells, False)
         records.append((line, cells))
         end = lines.ends[-1]
     return records[1:], end, None
@@ -291,8 +300,8 @@ class ScoreFile:
         found = {cells[-1]: None for _, cells in records}  # the settings seen, in order
         keep, line_end = end, False
         if tail is not None and self._complete_tail(tail, [*found, self.settings]):
-            records.append(tail)
-            found[tail[1][-1]] = None
+            records.append((tail.line, tail.cells))
+            found[tail.cells[-1]] = None
             keep, line_end = len(data.rstrip(b"\r")), True
         others = [s for s in found if s != self.settings]
         if others:
@@ -309,20 +318,23 @@ class ScoreFile:
                              f"not {len(FIELDS)} ({printable(str(cells)[:120])}); the file was edited or mixed with "
                              "another one: fix or delete that record, or pass another --output")
 
-    def _complete_tail(self, tail: tuple[int, list[str]], settings: list[str]) -> bool:
+    def _complete_tail(self, tail: _Tail, settings: list[str]) -> bool:
         """Whether the record after the last line end is a complete row (kept) rather than a cut write (dropped).
 
-        A cut row has fewer cells, or a settings cell cut short (a prefix of known settings). Only the path
-        cell can hold line breaks, and a row's text never does, so a tail that would hold a line break
-        elsewhere, or rows inside its path cell, is a quote opened by hand: refused, not dropped.
+        A cut row has fewer cells, ends inside a quoted cell, or has a settings cell cut short (a prefix of known
+        settings). Only the path cell can hold line breaks, and a row's text never does, so a tail that would hold
+        a line break elsewhere, or rows inside its path cell, is a quote opened by hand: refused, not dropped.
         """
-        line, cells = tail
-        if len(cells) > len(FIELDS) or any("\n" in cell or "\r" in cell for cell in cells[1:]) \
-                or _holds_rows(cells[0], settings):
+        line, cells, open_quote = tail
+        if any("\n" in cell or "\r" in cell for cell in cells[1:]) or _holds_rows(cells[0], settings):
+            why = "a quote opened in it is never closed" if open_quote else "rows or line breaks are inside one cell"
             raise InputError(f"--output {self.output}: the record starting on line {line} runs to the end of the "
-                             f"file ({printable(str(cells)[:120])}): a quote opened in it is never closed, so the "
-                             "file was edited; close or remove that quote, or pass another --output")
-        if len(cells) < len(FIELDS) or cells[-1] not in settings and any(s.startswith(cells[-1]) for s in settings):
+                             f"file ({printable(str(cells)[:120])}): {why}, so the file was edited; fix that "
+                             "record (close or remove the quote), or pass another --output")
+        if len(cells) > len(FIELDS):
+            self._check_record(line, cells)
+        if open_quote or len(cells) < len(FIELDS) or cells[-1] not in settings and any(
+                s.startswith(cells[-1]) for s in settings):
             return False
         self._check_record(line, cells)
         return True

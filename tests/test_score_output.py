@@ -499,3 +499,19 @@ def test_error_cells_never_start_like_a_formula(tmp_path, monkeypatch, capsys):
         assert row["error"] and row["error"][0] not in "=+-@\t\r", row["error"]
         assert row["error"].startswith("file " + os.path.basename(row["path"]) + ": not an image")
     assert "error: file =HYPERLINK" in capsys.readouterr().err  # what is printed is what is stored
+
+
+def test_cut_inside_a_quoted_settings_cell_is_dropped(tmp_path):
+    """Settings holding a comma are quoted; a write cut before the closing quote is a cut write, not a whole row."""
+    from qualityguide.scorefile import ScoreFile
+
+    out = tmp_path / "out.csv"
+    settings = "scorer=lgdm:/runs/a,b/head"
+    with ScoreFile.open(out, settings) as table:
+        table.append([{"path": f"/x/{i}.png", "score": "1", "error": "", "native_score": "-1"} for i in range(2)])
+    full = out.read_bytes()
+    assert full.endswith(b',"scorer=lgdm:/runs/a,b/head"\r\n')
+    out.write_bytes(full[:-3])  # cut before the closing quote
+    with ScoreFile.open(out, settings) as table:
+        assert sorted(table.rows) == ["/x/0.png"]
+    assert out.read_bytes() == full[:full.index(b"/x/1.png")]
