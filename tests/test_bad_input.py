@@ -326,3 +326,18 @@ def test_scorers_status_checks_the_weights_file(tmp_path, capsys, monkeypatch, c
     assert "offline: no" in lines["brisque"] and "[5, 5]" in lines["brisque"]
     assert "offline: yes" in lines["pyiqa:cnniqa"]
 
+
+
+def test_input_is_checked_once_per_call_and_also_for_a_native_set_on_the_instance(monkeypatch):
+    from qualityguide.scorers import base
+
+    calls = []
+    original = base.check_batch
+    monkeypatch.setattr(base, "check_batch", lambda *args: calls.append(args[1]) or original(*args))
+    scorer = load_scorer("niqe-embedded")
+    x = torch.rand(2, 3, 200, 200, generator=torch.Generator().manual_seed(1))
+    scorer(x)
+    assert calls == ["niqe-embedded input"]
+    scorer.native = lambda images: images.mean((1, 2, 3))  # how evals swap in a reference implementation
+    with pytest.raises(InputError, match="divide by 255"):
+        scorer(x * 255)

@@ -63,7 +63,10 @@ class QualityScorer(nn.Module):
 
     def score_with_native(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated ``(scores, native)`` from one metric evaluation (reports need both)."""
-        native = self.native(images)  # checks the input (__init_subclass__)
+        metric = self.native
+        if not getattr(metric, "checks_input", False):  # e.g. a function set on the instance, not wrapped
+            self.check_input(images)
+        native = metric(images)
         return self.to_higher_better(native), native
 
     def scored_size(self, height: int, width: int, name: str = "images") -> tuple[int, int]:
