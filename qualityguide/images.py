@@ -235,7 +235,7 @@ def _open(path: Path) -> Image.Image:
     kind = special_kind(path)
     if kind:
         raise ImageError(source, f"is {kind}, not a regular file, so it holds no image to read",
-                         "pass image files (copy the data into a file first)")
+                         "pass image files; copy its data into a file first")
     if path.stat().st_size == 0:
         raise ImageError(source, "file is empty (0 bytes)", "re-export or re-download it")
     try:

@@ -182,7 +182,7 @@ class Resized(QualityScorer):
             raise ImageError(name, f"resizing its {width}x{height} px to a short side of {self.size} px would give "
                              f"{target[1]}x{target[0]} = {target[0] * target[1]:,} px, over the limit of "
                              f"{MAX_RESIZED_PIXELS:,} px for a resized image", "crop it to a less extreme aspect "
-                             f"ratio, or use a smaller size than {self.name}")
+                             f"ratio, or score it with a smaller @SIZE than {self.size}")
         return target
 
     def native(self, images: torch.Tensor) -> torch.Tensor:
