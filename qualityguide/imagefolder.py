@@ -27,6 +27,16 @@ METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 _BOM = "\ufeff"
 
 
+def loaded_extensions() -> frozenset[str] | None:
+    """The image file extensions datasets' imagefolder loads (``ImageFolder.EXTENSIONS``; lower case), or None
+    when datasets cannot be imported. Pillow may open more (AVIF): such files are no examples of the folder."""
+    try:
+        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+    except ImportError:
+        return None
+    return frozenset(ext.lower() for ext in ImageFolder.EXTENSIONS)
+
+
 def normalise_name(file_name: str) -> str:
     """A ``file_name`` cell as datasets resolves it against the metadata's folder: normalised, ``/``-separated."""
     return os.path.normpath(file_name).replace("\\", "/")

@@ -28,6 +28,7 @@ from .imagefolder import (
     FILE_NAME,
     METADATA,
     MetadataTable,
+    loaded_extensions,
     normalise_name,
     other_metadata,
     read_metadata,
@@ -238,11 +239,15 @@ def _scan(folder: Path, recursive: bool) -> tuple[list[str], dict[str, str], lis
     """
     listing = scan_images([folder], recursive=recursive)
     notes = listing.notes()
-    names, keys, hidden, unnamable = [], {}, 0, []
+    loaded = loaded_extensions()
+    names, keys, hidden, unnamable, unloaded = [], {}, 0, [], []
     for path, key in zip(listing.files, listing.keys):
         name = path.relative_to(folder).as_posix()
         if any(part.startswith(".") for part in name.split("/")):
             hidden += 1
+            continue
+        if loaded is not None and path.suffix.lower() not in loaded:
+            unloaded.append(name)
             continue
         try:
             name.encode("utf-8")
@@ -254,6 +259,11 @@ def _scan(folder: Path, recursive: bool) -> tuple[list[str], dict[str, str], lis
     if hidden:
         notes.append(f"{hidden} hidden image file(s) (a name or folder starting with '.') were not labelled; datasets "
                      "leaves them out too")
+    if unloaded:
+        kinds = ", ".join(sorted({Path(name).suffix.lower() for name in unloaded}))
+        notes.append(f"{len(unloaded)} image(s) in a format datasets' imagefolder does not load ({kinds}) were not "
+                     f"labelled, as they would be no examples; convert them (e.g. to PNG), e.g. "
+                     f"{printable(unloaded[0])}")
     if unnamable:
         notes.append(f"{len(unnamable)} image(s) have names that are not valid UTF-8, which metadata.csv cannot hold, "
                      f"and were not labelled; rename them, e.g. {printable(unnamable[0])}")

@@ -307,3 +307,17 @@ def test_cli_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["label", str(folder)])  # --scorer is required
     assert exc.value.code == 2
+
+
+def test_avif_is_not_labelled_where_datasets_would_not_load_it(tmp_path):
+    """Folders now take AVIF (Pillow opens it); datasets' imagefolder does not, so `label` leaves it out, noted."""
+    from qualityguide.imagefolder import loaded_extensions
+
+    pytest.importorskip("PIL.AvifImagePlugin")
+    if ".avif" in (loaded_extensions() or {".avif"}):
+        pytest.skip("this datasets loads AVIF")
+    folder = _images(tmp_path / "d", ["a.png", "b.avif"])
+    summary = label_folder(folder, {"mean": Mean()}, progress=False)
+    assert [row[0] for row in _table(folder / "metadata.csv")[1:]] == ["a.png"]
+    notes = [note for note in summary.notes if "datasets' imagefolder does not load (.avif)" in note]
+    assert len(notes) == 1 and "b.avif" in notes[0]
