@@ -27,6 +27,16 @@ METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 _BOM = "\ufeff"
 
 
+def loaded_extensions() -> frozenset[str] | None:
+    """The image file extensions datasets' imagefolder loads (``ImageFolder.EXTENSIONS``; lower case), or None
+    when datasets cannot be imported. Pillow may open more (AVIF): such files are no examples of the folder."""
+    try:
+        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+    except ImportError:
+        return None
+    return frozenset(ext.lower() for ext in ImageFolder.EXTENSIONS)
+
+
 def normalise_name(file_name: str) -> str:
     """A ``file_name`` cell as datasets resolves it against the metadata's folder: normalised, ``/``-separated."""
     return os.path.normpath(file_name).replace("\\", "/")
@@ -85,10 +95,7 @@ def read_metadata(path: str | os.PathLike) -> MetadataTable | None:
     text = text[len(_BOM):] if bom else text
     first = text.split("\n", 1)[0]
     newline = "\r\n" if first.endswith("\r") else "\n"
-    try:
-        records = [record for record in csv.reader(io.StringIO(text, newline="")) if record]  # pandas skips blank lines
-    except csv.Error as exc:
-        raise InputError(f"{printable(str(path))}: not a readable CSV ({exc}); {fix}") from None
+    records = _strict_records(path, text, fix)
     if not records or FILE_NAME not in records[0]:
         columns = printable(str(records[0][:8])) if records else "none (the file is empty)"
         raise InputError(f"{printable(str(path))} has no {FILE_NAME!r} column (its columns: {columns}), so datasets "
@@ -100,6 +107,26 @@ def read_metadata(path: str | os.PathLike) -> MetadataTable | None:
                              f"{len(header)} columns ({printable(str(row)[:120])}); datasets cannot read it: {fix}")
         row.extend([""] * (len(header) - len(row)))
     return MetadataTable(path, header, rows, bom, newline)
+
+
+def _strict_records(path: Path, text: str, fix: str) -> list[list[str]]:
+    """The non-blank records of ``text`` (pandas skips blank lines), parsed strictly: a quote that is never closed
+    would fold every following row into one cell, and the file would be rewritten that way, so it is refused
+    naming the line its record starts on."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records = []
+    while True:
+        line = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            return records
+        except csv.Error as exc:
+            why = "a quote opened there is never closed" if str(exc) == "unexpected end of data" else str(exc)
+            raise InputError(f"{printable(str(path))}: the record starting on line {line} is not valid CSV ({why}); "
+                             f"it was left unchanged: {fix}") from None
+        if record:
+            records.append(record)
 
 
 def other_metadata(folder: Path, recursive: bool) -> list[Path]:

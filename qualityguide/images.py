@@ -16,6 +16,7 @@ import contextvars
 import errno
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,31 @@ from .errors import ImageError, InputError, printable
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm")
+_ALWAYS_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm")
+# Photo formats Pillow opens only when built with them (AVIF: Pillow >= 11.3 wheels) or with a plugin registered
+# (pillow-heif for HEIC/HEIF, pillow-jxl for JPEG XL); in folders they are taken when it can, else counted in a note.
+OPTIONAL_EXTENSIONS = (".avif", ".heic", ".heif", ".jxl")
+
+
+def _register_plugins() -> None:
+    """Register pillow-heif's HEIC/HEIF opener when that plugin is installed (a CLI user cannot register it)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return
+    pillow_heif.register_heif_opener()
+
+
+def image_extensions() -> tuple[str, ...]:
+    """The file extensions taken as images inside folders: the common ones, and those of
+    :data:`OPTIONAL_EXTENSIONS` that Pillow (with any plugin) opens on this machine now."""
+    Image.init()
+    registered = Image.registered_extensions()
+    return _ALWAYS_EXTENSIONS + tuple(ext for ext in OPTIONAL_EXTENSIONS if registered.get(ext) in Image.OPEN)
+
+
+_register_plugins()
+IMAGE_EXTENSIONS = image_extensions()  # at import; image_extensions() sees plugins registered later
 
 # Float inputs may overshoot [0,1] by rounding (e.g. after a VAE decode and a cast); beyond this it is an error.
 RANGE_TOLERANCE = 1e-3
@@ -171,6 +196,22 @@ def link_problem(path: Path) -> str | None:
     return None
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is if it exists and is neither a regular file nor a folder ("a FIFO (named pipe)", "a
+    character device", ...), else None. Only ``stat`` is called: opening a FIFO would block until a writer came."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "a special file")
+
+
 def _bomb_error(source: str, exc: Exception) -> ImageError:
     match = re.search(r"\((\d+) pixels\)", str(exc))
     pixels = int(match.group(1)) if match else None
@@ -191,6 +232,10 @@ def _open(path: Path) -> Image.Image:
         raise ImageError(source, "file not found", "check the path")
     if path.is_dir():
         raise ImageError(source, "is a directory, not an image file", "pass files, or use --recursive for folders")
+    kind = special_kind(path)
+    if kind:
+        raise ImageError(source, f"is {kind}, not a regular file, so it holds no image to read",
+                         "pass image files; copy its data into a file first")
     if path.stat().st_size == 0:
         raise ImageError(source, "file is empty (0 bytes)", "re-export or re-download it")
     try:
@@ -200,7 +245,7 @@ def _open(path: Path) -> Image.Image:
         raise _bomb_error(source, exc) from None
     except UnidentifiedImageError:
         raise ImageError(source, "not an image: its bytes match no format Pillow can read",
-                         f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}") from None
+                         f"supported extensions: {', '.join(image_extensions())}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(source, f"truncated or corrupt image data ({exc})", "re-export or re-download it") from None
     _note_frames(image, source)
@@ -240,7 +285,11 @@ def load_image(source: ImageInput, name: str | None = None) -> torch.Tensor:
 
 
 def _check_has_values(tensor: torch.Tensor, name: str) -> None:
-    """Refuse tensors without values to check or score: on the meta device, or with no image or no pixel."""
+    """Refuse tensors without values to check or score: on the meta device, or with no image or no pixel; and
+    tensors whose values are not laid out densely (sparse), which the checks and the metrics cannot read."""
+    if tensor.layout != torch.strided:
+        raise InputError(f"{name}: the tensor has layout {tensor.layout} (not dense), which the scorers cannot read; "
+                         "convert it with .to_dense() first")
     if tensor.is_meta:
         raise InputError(f"{name}: the tensor is on the meta device, which holds shapes but no values, so there is "
                          "nothing to score; create or load the images on a real device (cpu, cuda), e.g. with "
@@ -347,6 +396,7 @@ class ImageListing:
     files: list[Path] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
 
     def skipped_note(self, shown: int = 3) -> str | None:
         """One line summarising :attr:`skipped`, or None."""
@@ -355,6 +405,21 @@ class ImageListing:
         names = "; ".join(printable(f"{path} ({why})") for path, why in self.skipped[:shown])
         more = f"; and {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
         return f"skipped {len(self.skipped)} link(s) inside folders that cannot be followed: {names}{more}"
+
+    def unreadable_note(self, shown: int = 3) -> str | None:
+        """One line summarising :attr:`unreadable`, or None."""
+        if not self.unreadable:
+            return None
+        kinds = sorted({Path(path).suffix.lower() for path in self.unreadable})
+        names = "; ".join(printable(path) for path in self.unreadable[:shown])
+        more = f"; and {len(self.unreadable) - shown} more" if len(self.unreadable) > shown else ""
+        return (f"skipped {len(self.unreadable)} file(s) inside folders in a format Pillow cannot open on this machine "
+                f"({', '.join(kinds)}; HEIC/HEIF need the pillow-heif plugin installed): {names}{more}; convert them "
+                "(e.g. to PNG) or install the plugin, and rerun")
+
+    def notes(self) -> list[str]:
+        """The lines to tell the user about files found but not listed (at most one per kind)."""
+        return [note for note in (self.skipped_note(), self.unreadable_note()) if note]
 
 
 def _key(path: Path) -> str:
@@ -368,20 +433,24 @@ def scan_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> 
     """Expand files and folders into image files, noting links inside folders that cannot be followed.
 
     Files given explicitly are kept whatever their extension or state (so that bad files are reported
-    per file, not skipped); files inside folders are kept when their extension is an image extension.
+    per file, not skipped); files inside folders are kept when their extension is an image extension
+    (:func:`image_extensions`); those with an extension of :data:`OPTIONAL_EXTENSIONS` that Pillow cannot
+    open here are listed in ``unreadable``.
     """
-    listing, seen = ImageListing(), set()
+    listing, seen, extensions = ImageListing(), set(), image_extensions()
     for entry in paths:
         path = Path(entry)
         if path.is_dir():
             walker = path.rglob("*") if recursive else path.iterdir()
             children = []
             for child in sorted(walker):
-                if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file():
+                suffix = child.suffix.lower()
+                if suffix in extensions and child.is_file():
                     children.append(child)
-                elif (problem := link_problem(child)) and (problem.startswith(LOOP)
-                                                           or child.suffix.lower() in IMAGE_EXTENSIONS):
+                elif (problem := link_problem(child)) and (problem.startswith(LOOP) or suffix in extensions):
                     listing.skipped.append((str(child), problem.split(":")[0]))
+                elif suffix in OPTIONAL_EXTENSIONS and child.is_file():
+                    listing.unreadable.append(str(child))
         else:
             children = [path]
         for child in children:
@@ -396,10 +465,10 @@ def scan_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> 
 def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
     """Expand files and folders into a sorted, de-duplicated list of image files (see :func:`scan_images`).
 
-    Links inside folders that cannot be followed are skipped with one warning.
+    Links inside folders that cannot be followed, and files in a format Pillow cannot open here, are skipped
+    with one warning each.
     """
     listing = scan_images(paths, recursive=recursive)
-    note = listing.skipped_note()
-    if note:
+    for note in listing.notes():
         warnings.warn(note, stacklevel=2)
     return listing.files

@@ -28,12 +28,13 @@ from .imagefolder import (
     FILE_NAME,
     METADATA,
     MetadataTable,
+    loaded_extensions,
     normalise_name,
     other_metadata,
     read_metadata,
     write_atomic,
 )
-from .images import IMAGE_EXTENSIONS, collect_multi_frame, scan_images
+from .images import collect_multi_frame, image_extensions, scan_images
 from .scorefile import ScoreFile, scorer_settings
 from .scorers.base import QualityScorer
 from .scoring import _score_chunk
@@ -200,7 +201,8 @@ def label_folder(folder: str | os.PathLike, scorers: dict[str, QualityScorer], b
     read_metadata(folder / METADATA)  # a broken file is refused before any scoring
     names, keys, notes = _scan(folder, recursive)
     if not names:
-        raise InputError(f"no image files found in {printable(str(folder))} (extensions {', '.join(IMAGE_EXTENSIONS)})"
+        raise InputError(f"no image files found in {printable(str(folder))} (extensions "
+                         f"{', '.join(image_extensions())}){''.join(f'; {note}' for note in notes)}"
                          f"{'' if recursive else '; use --recursive for images in sub-folders'}")
     summary = LabelSummary(folder / METADATA, list(scorers), images=len(names), notes=notes)
     owned = _Owned(folder)
@@ -236,12 +238,16 @@ def _scan(folder: Path, recursive: bool) -> tuple[list[str], dict[str, str], lis
     as datasets leaves them out of a folder's data files.
     """
     listing = scan_images([folder], recursive=recursive)
-    notes = [note for note in [listing.skipped_note()] if note]
-    names, keys, hidden, unnamable = [], {}, 0, []
+    notes = listing.notes()
+    loaded = loaded_extensions()
+    names, keys, hidden, unnamable, unloaded = [], {}, 0, [], []
     for path, key in zip(listing.files, listing.keys):
         name = path.relative_to(folder).as_posix()
         if any(part.startswith(".") for part in name.split("/")):
             hidden += 1
+            continue
+        if loaded is not None and path.suffix.lower() not in loaded:
+            unloaded.append(name)
             continue
         try:
             name.encode("utf-8")
@@ -253,6 +259,11 @@ def _scan(folder: Path, recursive: bool) -> tuple[list[str], dict[str, str], lis
     if hidden:
         notes.append(f"{hidden} hidden image file(s) (a name or folder starting with '.') were not labelled; datasets "
                      "leaves them out too")
+    if unloaded:
+        kinds = ", ".join(sorted({Path(name).suffix.lower() for name in unloaded}))
+        notes.append(f"{len(unloaded)} image(s) in a format datasets' imagefolder does not load ({kinds}) were not "
+                     f"labelled, as they would be no examples; convert them (e.g. to PNG), e.g. "
+                     f"{printable(unloaded[0])}")
     if unnamable:
         notes.append(f"{len(unnamable)} image(s) have names that are not valid UTF-8, which metadata.csv cannot hold, "
                      f"and were not labelled; rename them, e.g. {printable(unnamable[0])}")
@@ -276,7 +287,6 @@ def _label_column(owned: _Owned, column: str, scorer: QualityScorer, names: list
                     if row["score"] and not math.isfinite(float(row["score"])):
                         row["error"] = f"{folder / row['path']}: {column} gave a non-finite score ({row['score']})"
                         row["score"] = row["native_score"] = ""
-                    row["error"] = printable(row["error"])
                 table.append(rows)
                 bar.update(len(chunk))
         summary.scored[column] = len(todo)
@@ -326,8 +336,8 @@ def _why_not(folder: Path, name: str, recursive: bool) -> str:
     path = folder / name
     if path.is_dir():
         return "a folder, not an image file"
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return f"not an image file name (extensions {', '.join(IMAGE_EXTENSIONS)})"
+    if path.suffix.lower() not in image_extensions():
+        return f"not an image file name (extensions {', '.join(image_extensions())})"
     if "/" in name and not recursive:
         return "in a sub-folder: pass --recursive to label it"
     return "not found as an image by the folder scan (a link that cannot be followed?)"

@@ -31,7 +31,7 @@ class ScoreSummary:
     failed: int = 0
     skipped: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path cell, error) for requested files
-    notes: list[str] = field(default_factory=list)  # one line each: links skipped, multi-frame files
+    notes: list[str] = field(default_factory=list)  # one line each: links or formats skipped, multi-frame files
 
     @property
     def ok(self) -> bool:
@@ -48,38 +48,81 @@ def _fmt(value: float) -> str:
 BATCH_PIXELS = 16 * 2**20
 
 
-def batches_by_pixels(shapes: Sequence[tuple[int, ...]], max_pixels: int | None = None) -> list[list[int]]:
+def batches_by_pixels(shapes: Sequence[tuple[int, ...]], max_pixels: int | None = None,
+                      pixels: Sequence[int] | None = None) -> list[list[int]]:
     """Indices of same-size images grouped into batches of at most ``max_pixels`` pixels (default
-    :data:`BATCH_PIXELS`; at least one image)."""
+    :data:`BATCH_PIXELS`; at least one image).
+
+    Args:
+        shapes: each image's shape (``[..., H, W]``); only same shapes share a batch.
+        pixels: what each image costs against the budget (default ``H * W``; a resizing scorer costs
+            what it computes on, :func:`image_cost`).
+    """
     max_pixels = BATCH_PIXELS if max_pixels is None else max_pixels
     groups: dict[tuple, list[int]] = {}
     for i, shape in enumerate(shapes):
         groups.setdefault(tuple(shape), []).append(i)
     batches = []
     for shape, indices in groups.items():
-        per_batch = max(1, max_pixels // (shape[-2] * shape[-1]))
+        cost = shape[-2] * shape[-1] if pixels is None else pixels[indices[0]]
+        per_batch = max(1, max_pixels // max(1, cost))
         batches.extend(indices[start:start + per_batch] for start in range(0, len(indices), per_batch))
     return batches
+
+
+def image_cost(scorer: QualityScorer, height: int, width: int, name: str = "images") -> int:
+    """Pixels an image costs in a batch: its own or those the scorer computes on (``@SIZE`` may enlarge it),
+    whichever is more; the scorer's :class:`ImageError` if it would compute on too many."""
+    scored = scorer.scored_size(height, width, name)
+    return max(height * width, scored[0] * scored[1])
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (CPU: MemoryError, or torch's RuntimeError "not enough memory" /
+    "can't allocate memory"; CUDA: torch.OutOfMemoryError), which is one image's problem, not the run's."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    messages = ("not enough memory", "can't allocate memory", "out of memory")  # torch's CPU allocator, CUDA
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in messages)
 
 
 def score_tensors(scorer: QualityScorer, images: list[torch.Tensor], device: torch.device,
                   max_pixels: int | None = None) -> list[tuple[float, float] | Exception]:
     """Score images of possibly different sizes in batches of same-size images of at most ``max_pixels``
-    pixels (:func:`batches_by_pixels`); a failing batch is retried one by one."""
+    pixels as the scorer computes on them (:func:`batches_by_pixels`, :func:`image_cost`); a failing batch
+    is retried one by one, so an image that is refused or does not fit in memory fails alone."""
     results: list[tuple[float, float] | Exception] = [None] * len(images)  # type: ignore[list-item]
-    for indices in batches_by_pixels([image.shape for image in images], max_pixels):
+    costs: dict[int, int] = {}
+    for i, image in enumerate(images):
         try:
-            _score_group(scorer, images, indices, device, results)
+            costs[i] = image_cost(scorer, image.shape[-2], image.shape[-1], f"{scorer.name} input")
         except QualityGuideError as exc:
-            if len(indices) == 1:
-                results[indices[0]] = exc
-                continue
-            for i in indices:
-                try:
-                    _score_group(scorer, images, [i], device, results)
-                except QualityGuideError as exc:
-                    results[i] = exc
+            results[i] = exc
+    order = list(costs)
+    for batch in batches_by_pixels([images[i].shape for i in order], max_pixels, [costs[i] for i in order]):
+        indices = [order[j] for j in batch]
+        if _try_group(scorer, images, indices, device, results) or len(indices) == 1:
+            continue
+        for i in indices:
+            _try_group(scorer, images, [i], device, results)
     return results
+
+
+def _try_group(scorer, images, indices, device, results) -> bool:
+    """Score one batch into ``results``; False if it failed (recorded for a single image)."""
+    try:
+        _score_group(scorer, images, indices, device, results)
+        return True
+    except (QualityGuideError, MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, QualityGuideError) and not _out_of_memory(exc):
+            raise
+        if not isinstance(exc, QualityGuideError):
+            exc = _memory_error(images[indices[0]], device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # give the failed batch's blocks back before the next one
+        if len(indices) == 1:
+            results[indices[0]] = exc
+        return False
 
 
 def _score_group(scorer, images, indices, device, results) -> None:
@@ -91,6 +134,12 @@ def _score_group(scorer, images, indices, device, results) -> None:
         scores, native = scorer.score_with_native(batch)
     for j, i in enumerate(indices):
         results[i] = (float(scores[j]), float(native[j]))
+
+
+def _memory_error(image: torch.Tensor, device: torch.device) -> QualityGuideError:
+    height, width = image.shape[-2:]
+    return QualityGuideError(f"not enough memory on {device} to score this {width}x{height} px image; free memory, "
+                             "score it on another device, or with a smaller @SIZE")
 
 
 def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, output: str | os.PathLike,
@@ -111,10 +160,11 @@ def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, outpu
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     listing = scan_images(paths, recursive=recursive)
     if not listing.files:
-        raise InputError(f"no image files found in {[printable(str(p)) for p in paths]}; pass image files or "
-                         "folders (use --recursive for nested folders)")
+        raise InputError(f"no image files found in {[printable(str(p)) for p in paths]}; "
+                         f"{''.join(f'{note}; ' for note in listing.notes())}pass image files or folders (use "
+                         "--recursive for nested folders)")
     keys = [encode_path(key) for key in listing.keys]
-    summary = ScoreSummary(notes=[note for note in [listing.skipped_note()] if note])
+    summary = ScoreSummary(notes=listing.notes())
     device = torch.device(device)
     with ScoreFile.open(output, settings or scorer_settings(scorer)) as table:
         if retry_failed:
@@ -127,9 +177,7 @@ def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, outpu
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
                 rows = _score_chunk(scorer, chunk, device)
-                for row in rows:
-                    row["error"] = printable(row["error"])  # one line, UTF-8, whatever the file name holds
-                table.append(rows)
+                table.append(rows)  # error cells: one line, UTF-8, never a formula, whatever the file name holds
                 for row in rows:
                     if row["error"]:
                         summary.failed += 1
@@ -151,11 +199,11 @@ def _score_chunk(scorer: QualityScorer, chunk: list[tuple[str, Path]], device: t
     then scored and released."""
     max_pixels = BATCH_PIXELS if max_pixels is None else max_pixels
     rows: list[dict] = [{"path": key, "score": "", "error": "", "native_score": ""} for key, _ in chunk]
-    pending: list[tuple[int, torch.Tensor]] = []
+    pending: list[tuple[int, torch.Tensor, int]] = []  # (row, image, cost in pixels)
 
     def flush() -> None:
-        results = score_tensors(scorer, [image for _, image in pending], device, max_pixels)
-        for (i, _), result in zip(pending, results):
+        results = score_tensors(scorer, [image for _, image, _ in pending], device, max_pixels)
+        for (i, _, _), result in zip(pending, results):
             if isinstance(result, Exception):
                 rows[i]["error"] = f"{chunk[i][1]}: {result}"
             else:
@@ -166,12 +214,13 @@ def _score_chunk(scorer: QualityScorer, chunk: list[tuple[str, Path]], device: t
         try:
             image = load_image(path)
             check_size(image.shape[-2], image.shape[-1], scorer.min_side, str(path))
+            cost = image_cost(scorer, image.shape[-2], image.shape[-1], str(path))
         except ImageError as exc:
             rows[i]["error"] = str(exc)
             continue
-        if pending and _pixels(pending) + image.shape[-2] * image.shape[-1] > max_pixels:
+        if pending and _pixels(pending) + cost > max_pixels:
             flush()
-        pending.append((i, image))
+        pending.append((i, image, cost))
         del image
         if _pixels(pending) >= max_pixels:  # full: score it before loading more (a huge photo alone)
             flush()
@@ -180,5 +229,5 @@ def _score_chunk(scorer: QualityScorer, chunk: list[tuple[str, Path]], device: t
     return rows
 
 
-def _pixels(pending: list[tuple[int, torch.Tensor]]) -> int:
-    return sum(image.shape[-2] * image.shape[-1] for _, image in pending)
+def _pixels(pending: list[tuple[int, torch.Tensor, int]]) -> int:
+    return sum(cost for _, _, cost in pending)

@@ -100,6 +100,35 @@ def test_meta_tensor_and_empty_batch_are_input_errors(spec):
         to_batch(torch.rand(0, 3, 8, 8))
 
 
+@pytest.mark.parametrize("spec", ["niqe-embedded", "niqe-embedded@256", "pyiqa:piqe"])
+def test_native_checks_its_input_like_forward(spec):
+    """``scorer.native(x)`` (shown in the README) refuses what ``scorer(x)`` refuses, with the same message."""
+    scorer = load_scorer(spec)
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    for bad in [x * 255, x[:, :1], torch.full_like(x, float("nan"))]:
+        with pytest.raises(InputError) as by_forward:
+            scorer(bad)
+        with pytest.raises(InputError) as by_native:
+            scorer.native(bad)
+        assert str(by_native.value) == str(by_forward.value)
+    with pytest.raises(InputError, match="divide by 255"):
+        scorer.native(x * 255)
+    assert torch.equal(scorer.native(x), scorer.score_with_native(x)[1])
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr])
+def test_sparse_tensor_is_an_input_error(layout):
+    """A sparse tensor gave a NotImplementedError traceback; it is refused naming the layout and the fix."""
+    x = torch.rand(1, 3, 200, 200, generator=torch.Generator().manual_seed(0))
+    sparse = x.to_sparse(layout=layout)
+    scorer = load_scorer("niqe-embedded")
+    for call in (scorer, scorer.native, to_batch):
+        with pytest.raises(InputError, match=r"layout torch\.sparse_\w+ \(not dense\).*\.to_dense\(\)"):
+            call(sparse)
+    assert torch.equal(scorer(sparse.to_dense()), scorer(x))
+
+
 # ----------------------------------------------------------------------------- flat images, worded for the reader
 
 
@@ -297,3 +326,18 @@ def test_scorers_status_checks_the_weights_file(tmp_path, capsys, monkeypatch, c
     assert "offline: no" in lines["brisque"] and "[5, 5]" in lines["brisque"]
     assert "offline: yes" in lines["pyiqa:cnniqa"]
 
+
+
+def test_input_is_checked_once_per_call_and_also_for_a_native_set_on_the_instance(monkeypatch):
+    from qualityguide.scorers import base
+
+    calls = []
+    original = base.check_batch
+    monkeypatch.setattr(base, "check_batch", lambda *args: calls.append(args[1]) or original(*args))
+    scorer = load_scorer("niqe-embedded")
+    x = torch.rand(2, 3, 200, 200, generator=torch.Generator().manual_seed(1))
+    scorer(x)
+    assert calls == ["niqe-embedded input"]
+    scorer.native = lambda images: images.mean((1, 2, 3))  # how evals swap in a reference implementation
+    with pytest.raises(InputError, match="divide by 255"):
+        scorer(x * 255)

@@ -108,3 +108,47 @@ def test_a_single_image_batch_is_not_copied():
     image = torch.rand(3, 16, 16)
     score_tensors(Spy(), [image], torch.device("cpu"))
     assert seen == [image.untyped_storage().data_ptr()]
+
+
+def test_batches_are_counted_by_the_pixels_the_scorer_computes_on():
+    """16x16 images under @64 are 64x64 for the metric: a 10000 px budget holds two, not all six."""
+    from qualityguide.scorers.base import Resized
+
+    inner = Recorder()
+    images = [torch.full((3, 16, 16), 0.1 * (i + 1)) for i in range(6)]
+    results = score_tensors(Resized(inner, 64), images, torch.device("cpu"), max_pixels=10000)
+    assert inner.batches == [(2, 3, 64, 64)] * 3
+    assert [r[1] for r in results] == pytest.approx([0.1 * (i + 1) for i in range(6)], abs=1e-6)
+
+
+@pytest.mark.parametrize("failure", [
+    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: not enough memory: you tried to "
+                         "allocate 8847360000 bytes."),
+    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 8847360000 bytes. Error code 12 (Cannot allocate memory)"),
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.24 GiB"),
+    lambda: MemoryError(),
+])
+def test_an_allocation_failure_is_one_images_error(failure):
+    """The big image fails alone (its batch-mates are retried and scored); the run is not killed."""
+
+    class Hungry(Recorder):
+        def native(self, images):
+            if images.shape[0] > 1 or images[0, 0, 0, 0] == 1:  # a batch, or the "big" image, does not fit
+                raise failure()
+            return super().native(images)
+
+    images = [torch.full((3, 8, 8), 0.5) for _ in range(3)]
+    images[1][:, 0, 0] = 1.0
+    results = score_tensors(Hungry(), images, torch.device("cpu"), max_pixels=1 << 20)
+    assert "not enough memory on cpu to score this 8x8 px image" in str(results[1])
+    assert results[0][1] == pytest.approx(0.5) and results[2][1] == pytest.approx(0.5)
+
+
+def test_other_runtime_errors_still_propagate():
+    class Broken(Recorder):
+        def native(self, images):
+            raise RuntimeError("a bug, not a memory shortage")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        score_tensors(Broken(), [torch.rand(3, 8, 8)], torch.device("cpu"))

@@ -233,3 +233,30 @@ def test_scorer_size_in_the_spec(tmp_path, capsys):
     assert main(["score", str(folder), "--scorer", "niqe-embedded@12x", "--output", str(tmp_path / "x.csv")]) == 2
     err = capsys.readouterr().err
     assert "niqe-embedded@12x" in err and "positive whole number" in err and len(err.strip().splitlines()) == 1
+
+
+def test_scorer_size_suffix_is_bounded(tmp_path, capsys):
+    """An absurd @SIZE is refused at parse time (it asked for 120 GB, or raised OverflowError), one line."""
+    folder = _photos(tmp_path / "imgs", n=1)
+    for spec in ["niqe-embedded@100000", "niqe-embedded@" + "9" * 20, "niqe-embedded@\u00b2"]:
+        assert main(["score", str(folder), "--scorer", spec, "--output", str(tmp_path / "x.csv")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and spec in err
+    assert main(["score", str(folder), "--scorer", "niqe-embedded@100000", "--output", str(tmp_path / "x.csv")]) == 2
+    assert "at most 8192 px" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at most 8192"):
+        load_scorer("niqe-embedded", size=10**20)
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_a_strip_that_would_resize_past_the_cap_fails_alone(tmp_path, capsys):
+    """A 1x20000 px PNG under @192 would be 192x3840000 px (8.8 GB): its own error row; the others are scored."""
+    folder = _photos(tmp_path / "imgs", n=2)
+    Image.fromarray(np.full((1, 20000, 3), 128, np.uint8)).save(folder / "a_strip.png")  # sorts first
+    out = tmp_path / "out.csv"
+    assert main(["score", str(folder), "--scorer", "niqe-embedded@192", "--output", str(out), "--quiet"]) == 1
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in _rows(out)}
+    assert rows["img0.png"]["score"] and rows["img1.png"]["score"]
+    error = rows["a_strip.png"]["error"]
+    assert "3840000x192" in error and "67,108,864 px" in error and not rows["a_strip.png"]["score"]
+    assert "Traceback" not in capsys.readouterr().err

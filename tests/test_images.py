@@ -1,4 +1,6 @@
 import io
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -93,6 +95,22 @@ def test_empty_file(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(ImageError, match="empty"):
         load_image(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_fifo_and_device_are_named_not_called_empty(tmp_path):
+    """A FIFO or a device given by name was "file is empty (0 bytes)"; opening a FIFO must not wait for a writer."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("opening the FIFO blocked"))
+    signal.alarm(10)
+    try:
+        with pytest.raises(ImageError, match=r"pipe.png: is a FIFO \(named pipe\), not a regular file"):
+            load_image(fifo)
+    finally:
+        signal.alarm(0)
+    with pytest.raises(ImageError, match="/dev/null: is a character device, not a regular file"):
+        load_image("/dev/null")
 
 
 def test_truncated_file(tmp_path):

@@ -221,6 +221,21 @@ def test_metadata_without_file_name_refused(tmp_path, capsys):
         label_folder(folder, {"mean": Mean()}, progress=False)
 
 
+@pytest.mark.parametrize("bad_line,line", [
+    ('b.png,"a caption whose quote is never closed\r\n', 3),   # would fold the rows below into one caption
+    ('b.png,"closed" then text\r\n', 3),                      # text after a closing quote
+])
+def test_malformed_metadata_csv_refused_unchanged_naming_the_line(tmp_path, capsys, bad_line, line):
+    folder = _images(tmp_path / "d", ["a.png", "b.png", "c.png", "d.png"])
+    original = ("file_name,text\r\na.png,first\r\n" + bad_line + "c.png,third\r\nd.png,fourth\r\n").encode()
+    (folder / "metadata.csv").write_bytes(original)
+    assert main(["label", str(folder), "--scorer", "niqe-embedded", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"starting on line {line} is not valid CSV" in err and "unchanged" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert (folder / "metadata.csv").read_bytes() == original
+
+
 def test_other_metadata_files_hidden_files_and_lock(tmp_path):
     folder = _images(tmp_path / "d", ["a.png", ".hidden.png"])
     (folder / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
@@ -292,3 +307,17 @@ def test_cli_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["label", str(folder)])  # --scorer is required
     assert exc.value.code == 2
+
+
+def test_avif_is_not_labelled_where_datasets_would_not_load_it(tmp_path):
+    """Folders now take AVIF (Pillow opens it); datasets' imagefolder does not, so `label` leaves it out, noted."""
+    from qualityguide.imagefolder import loaded_extensions
+
+    pytest.importorskip("PIL.AvifImagePlugin")
+    if ".avif" in (loaded_extensions() or {".avif"}):
+        pytest.skip("this datasets loads AVIF")
+    folder = _images(tmp_path / "d", ["a.png", "b.avif"])
+    summary = label_folder(folder, {"mean": Mean()}, progress=False)
+    assert [row[0] for row in _table(folder / "metadata.csv")[1:]] == ["a.png"]
+    notes = [note for note in summary.notes if "datasets' imagefolder does not load (.avif)" in note]
+    assert len(notes) == 1 and "b.avif" in notes[0]

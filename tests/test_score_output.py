@@ -279,6 +279,76 @@ def test_partial_last_row_with_quoted_newline_is_repaired(tmp_path):
         io.StringIO(full.decode(), newline="")))
 
 
+def _three_rows(tmp_path):
+    folder = _folder(tmp_path / "imgs", n=3)[0].parent
+    out = tmp_path / "out.csv"
+    assert _score(folder, "--output", out) == 0
+    return folder, out, out.read_bytes()
+
+
+def test_stray_quote_inside_a_cell_keeps_every_row(tmp_path, capsys):
+    folder, out, full = _three_rows(tmp_path)
+    lines = full.split(b"\r\n")
+    lines[1] = lines[1].replace(b"/img0", b'/im"g0', 1)  # a quote typed inside the first row's path cell
+    edited = b"\r\n".join(lines)
+    out.write_bytes(edited)
+    capsys.readouterr()
+    assert _score(folder, "--output", out) == 0
+    assert "1 scored, 0 failed, 2 already" in capsys.readouterr().err  # only the renamed row's file is new
+    rows = _rows(out)
+    assert len(rows) == 4 and out.read_bytes().startswith(edited)
+    # the same file under other settings is refused with every row still there (no repair before the check)
+    before = out.read_bytes()
+    assert _score(folder, "--scorer", "niqe-embedded@200", "--output", out) == 2
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("edit,line,cell", [
+    (lambda cell: b'"' + cell, 2, 1),               # a quote opened at the start of a cell, never closed
+    (lambda cell: b'"' + cell, 3, 0),               # the same in a path cell (which may hold line breaks)
+    (lambda cell: b'"' + cell + b'"x', 3, 1),       # text after a closing quote: not CSV
+])
+def test_malformed_scores_csv_refused_unchanged_naming_the_line(tmp_path, capsys, edit, line, cell):
+    folder, out, full = _three_rows(tmp_path)
+    lines = full.split(b"\r\n")
+    cells = lines[line - 1].split(b",")
+    cells[cell] = edit(cells[cell])
+    lines[line - 1] = b",".join(cells)
+    edited = b"\r\n".join(lines)
+    out.write_bytes(edited)
+    capsys.readouterr()
+    assert _score(folder, "--output", out) == 2
+    assert out.read_bytes() == edited
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"line {line}" in err and "Traceback" not in err
+
+
+def test_complete_last_row_without_line_end_is_kept(tmp_path, capsys):
+    folder, out, full = _three_rows(tmp_path)
+    out.write_bytes(full[:-2])  # the final \r\n removed, e.g. by an editor
+    _image(folder / "new.png", seed=9)
+    capsys.readouterr()
+    assert _score(folder, "--output", out) == 0
+    assert "1 scored, 0 failed, 3 already" in capsys.readouterr().err
+    data = out.read_bytes()
+    assert data.startswith(full) and data.count(b"\r\n") == 5 and len(_rows(out)) == 4
+
+
+@pytest.mark.parametrize("keep", [
+    lambda row: row[:10],                           # cut inside the path cell
+    lambda row: row[:row.rindex(b",") + 1],         # cut before the settings cell
+    lambda row: row[:-3],                           # cut inside the settings cell
+])
+def test_cut_last_row_is_dropped_and_rescored(tmp_path, capsys, keep):
+    folder, out, full = _three_rows(tmp_path)
+    head, last = full[:-2].rsplit(b"\r\n", 1)
+    out.write_bytes(head + b"\r\n" + keep(last))
+    capsys.readouterr()
+    assert _score(folder, "--output", out) == 0
+    assert "1 scored, 0 failed, 2 already" in capsys.readouterr().err
+    assert out.read_bytes() == full
+
+
 # 7. a decompression bomb is that file's error, and the run goes on
 
 def _png_header_only(path, width, height):
@@ -342,3 +412,106 @@ def test_multi_frame_files_noted_once(tmp_path, capsys):
     assert len(notes) == 1 and "2 file(s)" in notes[0]
     rows = {os.path.basename(r["path"]): r for r in _rows(out)}
     assert len(rows) == 3 and rows["anim.gif"]["score"] and rows["pages.tif"]["score"]
+
+
+# 11. AVIF inside folders is scored; formats Pillow cannot open here are counted in one note
+
+def test_avif_scored_and_unopenable_formats_counted_once(tmp_path, capsys):
+    pytest.importorskip("PIL.AvifImagePlugin")
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(folder / "photo.avif", quality=90)
+    heic = [folder / "phone1.heic", folder / "phone2.HEIC", folder / "phone3.heif"]
+    for path in heic:
+        path.write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 64)
+    out = tmp_path / "out.csv"
+    assert _score(folder, "--output", out) == 0
+    err = capsys.readouterr().err
+    rows = {os.path.basename(r["path"]): r for r in _rows(out)}
+    assert sorted(rows) == ["img0.png", "photo.avif"] and rows["photo.avif"]["score"]
+    notes = [line for line in err.splitlines() if "Pillow cannot open" in line]
+    assert len(notes) == 1 and "skipped 3 file(s)" in notes[0] and ".heic, .heif" in notes[0], err
+    # a folder of nothing but such files says why it found no images
+    for path in heic[1:]:
+        path.rename(tmp_path / path.name)
+    only = tmp_path / "only"
+    only.mkdir()
+    heic[0].rename(only / heic[0].name)
+    assert _score(only, "--output", tmp_path / "other.csv") == 2
+    assert "skipped 1 file(s)" in capsys.readouterr().err
+
+
+def test_fifo_as_output_is_named(tmp_path, capsys):
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    os.mkfifo(tmp_path / "out.csv")
+    assert _score(folder, "--output", tmp_path / "out.csv") == 2
+    err = capsys.readouterr().err
+    assert "is a FIFO (named pipe), not a regular file" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_symlink_output_is_written_through_and_stays_a_link(tmp_path, capsys, dangling):
+    """--retry-failed replaced a symlinked --output by a plain file; the rewrite now replaces the target. A link
+    whose target is missing (in a folder that exists) is written through the same way: the target is created."""
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    (folder / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "scores.csv", tmp_path / "link.csv"
+    link.symlink_to(target)
+    assert _score(folder, "--output", link if dangling else target) == 1
+    assert link.is_symlink() and target.is_file() and len(_rows(target)) == 2
+    _image(folder / "bad.png", seed=4)
+    assert _score(folder, "--output", link, "--retry-failed") == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    rows = {os.path.basename(r["path"]): r for r in _rows(target)}
+    assert rows["bad.png"]["score"] and not rows["bad.png"]["error"] and len(rows) == 2
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["scores.csv"]  # no temporary file left
+
+
+def test_symlink_output_to_a_missing_folder_or_a_loop_is_refused(tmp_path, capsys):
+    folder = _folder(tmp_path / "imgs", n=1)[0].parent
+    link = tmp_path / "link.csv"
+    link.symlink_to(tmp_path / "unmounted" / "scores.csv")
+    assert _score(folder, "--output", link) == 2
+    err = capsys.readouterr().err
+    assert "is a symlink to" in err and "unmounted" in err and "does not exist" in err
+    assert "keeps being replaced" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "unmounted").exists() and link.is_symlink()
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop)
+    assert _score(folder, "--output", loop) == 2
+    assert "symlink loop" in capsys.readouterr().err
+
+
+def test_error_cells_never_start_like_a_formula(tmp_path, monkeypatch, capsys):
+    """An error names its file first; a file named =HYPERLINK(...) given by a relative path made the cell a formula."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = ['=HYPERLINK("evil.example","click").png', "+1.png", "-2.png", "@SUM(1).png"]
+    for name in names:
+        (folder / name).write_bytes(b"not an image")
+    monkeypatch.chdir(folder)
+    out = tmp_path / "out.csv"
+    assert main(["score", "--output", str(out), "--quiet", "--", *names]) == 1
+    rows = _rows(out)
+    assert sorted(r["path"] for r in rows) == sorted(str(folder / name) for name in names)  # paths stay exact
+    for row in rows:
+        assert row["error"] and row["error"][0] not in "=+-@\t\r", row["error"]
+        assert row["error"].startswith("file " + os.path.basename(row["path"]) + ": not an image")
+    assert "error: file =HYPERLINK" in capsys.readouterr().err  # what is printed is what is stored
+
+
+def test_cut_inside_a_quoted_settings_cell_is_dropped(tmp_path):
+    """Settings holding a comma are quoted; a write cut before the closing quote is a cut write, not a whole row."""
+    from qualityguide.scorefile import ScoreFile
+
+    out = tmp_path / "out.csv"
+    settings = "scorer=lgdm:/runs/a,b/head"
+    with ScoreFile.open(out, settings) as table:
+        table.append([{"path": f"/x/{i}.png", "score": "1", "error": "", "native_score": "-1"} for i in range(2)])
+    full = out.read_bytes()
+    assert full.endswith(b',"scorer=lgdm:/runs/a,b/head"\r\n')
+    out.write_bytes(full[:-3])  # cut before the closing quote
+    with ScoreFile.open(out, settings) as table:
+        assert sorted(table.rows) == ["/x/0.png"]
+    assert out.read_bytes() == full[:full.index(b"/x/1.png")]
