@@ -53,6 +53,7 @@ import toy_task  # noqa: E402  (the shared task lives next to this script)
 
 from qualityguide.adapter import IQAAdapter, ScoreQuantiles  # noqa: E402
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, dropout_masks  # noqa: E402
+from qualityguide.runtime import quiet_third_party  # noqa: E402
 from qualityguide.train import batch_indices, step_generator  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -262,6 +263,7 @@ def known_attribute_check(args, attribute: str = "brightness") -> dict:
 
 
 def main(argv=None) -> dict:
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="folder holding biq2021/ and params/ (default: shared data)")
     parser.add_argument("--out", default=str(HERE / "results" / "adapter_control"))

@@ -50,6 +50,7 @@ from qualityguide.diffusion import (add_noise, frozen, noise_prediction_loss, on
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, adapters_disabled, add_lora, lora_parameters
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer
 from qualityguide.timing import synchronize
 
@@ -318,6 +319,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main() -> None:
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:sd", help="pipeline spec (tiny:sd, random:sd15, a folder, a hub id)")
     parser.add_argument("--device", default="cpu")

@@ -31,6 +31,7 @@ import torch
 
 from qualityguide.adapter import IQAAdapter
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.timing import synchronize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_adapter"
@@ -130,6 +131,7 @@ def train_step(args) -> dict:
 
 
 def main() -> None:
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:sd")
     parser.add_argument("--device", default="cpu")

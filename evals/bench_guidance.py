@@ -25,6 +25,7 @@ from qualityguide.guidance import QualityGuidance
 from qualityguide.diffusion.vae import decode_latents, from_vae_range, pipeline_upcasts_vae
 from qualityguide.diffusion.x0 import frozen
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer
 from qualityguide.timing import timed
 
@@ -32,6 +33,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_guidance"
 
 
 def main() -> None:
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:sd")
     parser.add_argument("--device", default="cpu")

@@ -26,6 +26,7 @@ from torch import nn
 
 from qualityguide.identity import SAMPLES_PER_TENSOR, WeightIdentity
 from qualityguide.pipelines import load_pipeline, parse_dtype
+from qualityguide.runtime import quiet_third_party
 from qualityguide.timing import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_identity"
@@ -103,6 +104,7 @@ def detection(pipe, trials: int) -> list[dict]:
 
 
 def main() -> None:
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random:sd15")
     parser.add_argument("--device", default="cpu")

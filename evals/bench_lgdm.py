@@ -27,6 +27,7 @@ import torch
 from qualityguide.diffusion.schedule import alpha_bar, clean_estimate, ddim_update
 from qualityguide.diffusion.vae import from_vae_range, to_vae_range
 from qualityguide.lgdm import LGDM, LGDMConfig
+from qualityguide.runtime import quiet_third_party
 from qualityguide.timing import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_lgdm"
@@ -195,6 +196,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:sd")
     parser.add_argument("--device", default="cpu")

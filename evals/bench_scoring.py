@@ -170,6 +170,9 @@ def _scores(path: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    from qualityguide.runtime import quiet_third_party
+
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.3, 3, 12, 36], help="megapixels")

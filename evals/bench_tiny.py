@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.testing import RANDOM_SPECS, TINY_SPECS
 from qualityguide.timing import timed
 
@@ -20,6 +21,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_tiny"
 
 
 def main() -> None:
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--with-random", action="store_true", help=f"also time {', '.join(RANDOM_SPECS)} (slow)")

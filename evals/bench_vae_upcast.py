@@ -26,12 +26,14 @@ import torch
 
 from qualityguide.diffusion.vae import decode_latents
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.timing import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_vae_upcast"
 
 
 def main() -> None:
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random:sd15")
     parser.add_argument("--device", default="cpu")

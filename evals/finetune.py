@@ -45,6 +45,7 @@ from qualityguide.finetune.lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, 
 from qualityguide.guidance.runner import read_prompts
 from qualityguide.pipelines import load_pipeline
 from qualityguide.protocol import bootstrap_ci
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer, split_size
 from qualityguide.scorers.nss import pyiqa_cache_dir
 from qualityguide.train.prompts import PromptEncoder
@@ -374,6 +375,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    quiet_third_party()
     args = parse_args(argv)
     try:
         result = evaluate(args)

@@ -23,11 +23,13 @@ from scipy import stats
 from tqdm import tqdm
 
 from qualityguide.images import load_image
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers.nss import EMBEDDED_NIQE_PARAMS, NIQEScorer
 from qualityguide.scorers.niqe_fit import FIT_PHOTOS, bundled_photo, fit_pristine
 
 
 def main() -> None:
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("QUALITYGUIDE_DATA", "../shared/data"))
     parser.add_argument("--official", default=None, help="official NIQE params (default: DATA/params/niqe_pristine.mat)")

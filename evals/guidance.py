@@ -28,6 +28,7 @@ from qualityguide.guidance.runner import (append_record, check_settings, finishe
 from qualityguide.images import load_image
 from qualityguide.pipelines import load_pipeline
 from qualityguide.protocol import bootstrap_ci
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer, split_size
 
 HERE = Path(__file__).resolve().parent
@@ -101,6 +102,7 @@ def grid(keys, unguided, guided, out_u: Path, out_g: Path, path: Path, n: int = 
 
 
 def main() -> None:
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:sd")
     parser.add_argument("--prompts", default=str(HERE / "prompts.txt"))

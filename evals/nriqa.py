@@ -35,6 +35,7 @@ import torch
 
 from qualityguide.data import load_iqa_dataset
 from qualityguide.protocol import bootstrap_ci, correlations, fit_logistic, logistic4, plcc, srcc
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer
 from qualityguide.scoring import score_paths
 
@@ -208,6 +209,7 @@ def _scatter(pred: np.ndarray, mos: np.ndarray, spec: str, path: Path, stats: di
 
 
 def main() -> None:
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="folder with images and mos.csv")
     parser.add_argument("--csv", default=None, help="CSV file (default DATASET/mos.csv)")

@@ -48,6 +48,7 @@ from qualityguide.data import DATA_ENV, shared_data_dir
 from qualityguide.diffusion import add_noise, noise_prediction_loss, sample_timesteps, training_target
 from qualityguide.errors import InputError, QualityGuideError
 from qualityguide.images import IMAGE_EXTENSIONS
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer, split_size
 from qualityguide.train import batch_indices, check_finite, derive_seed, step_generator
 
@@ -711,6 +712,7 @@ def crop_examples(crops: Crops, per_condition: int = 8) -> torch.Tensor:
 
 
 def main(argv=None) -> dict:
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = BaseConfig()
     parser.add_argument("--data", default=None, help="folder holding biq2021/ and params/ (default: shared data)")

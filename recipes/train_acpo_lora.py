@@ -40,6 +40,7 @@ from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, 
 from qualityguide.finetune.validation import ValidationSettings, run_validation
 from qualityguide.identity import WeightIdentity
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import DEFAULT_SCORER, load_scorer
 from qualityguide.train import (CheckpointManager, PromptEncoder, batch_indices, check_finite, load_image_folder,
                                 mean_over_processes, read_marker, step_generator)
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    quiet_third_party()
     args = parse_args(argv)
     report_to = check_report_to(args.report_to)
     config = acpo_config(args)

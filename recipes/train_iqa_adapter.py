@@ -34,6 +34,7 @@ from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter, ScoreQuantiles
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptEncoder, dropout_masks
 from qualityguide.errors import InputError, QualityGuideError
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_finite, load_image_folder,
                                 mean_over_processes, read_marker, step_generator)
 from qualityguide.train.log import StepLog
@@ -98,6 +99,7 @@ def build_adapter(args, pipe, dataset, device):
 def main(argv=None) -> int:
     from accelerate import Accelerator
 
+    quiet_third_party()
     args = parse_args(argv)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
