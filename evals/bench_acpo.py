@@ -318,8 +318,8 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    quiet_third_party()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:sd", help="pipeline spec (tiny:sd, random:sd15, a folder, a hub id)")
     parser.add_argument("--device", default="cpu")
@@ -330,7 +330,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
     parser.add_argument("--scorer", default="niqe-embedded", help="differentiable quality scorer spec")
     parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
+    args = parse_args(argv)
     for name in ("batch_size", "repeats", "rank"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")

@@ -195,8 +195,8 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    quiet_third_party()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:sd")
     parser.add_argument("--device", default="cpu")
@@ -209,7 +209,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-literal", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
+    args = parse_args(argv)
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
