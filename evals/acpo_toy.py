@@ -42,6 +42,7 @@ import toy_task  # noqa: E402  (the shared task lives next to this script)
 from qualityguide.errors import InputError  # noqa: E402
 from qualityguide.finetune import ACPOConfig, ACPOLoss, add_lora, lora_parameters  # noqa: E402
 from qualityguide.protocol import bootstrap_ci  # noqa: E402
+from qualityguide.runtime import quiet_third_party  # noqa: E402
 from qualityguide.train import batch_indices, step_generator  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -284,6 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    quiet_third_party()
     args = parse_args(argv)
     try:
         summary = run(args)

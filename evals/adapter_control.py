@@ -53,6 +53,8 @@ import toy_task  # noqa: E402  (the shared task lives next to this script)
 
 from qualityguide.adapter import IQAAdapter, ScoreQuantiles  # noqa: E402
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, dropout_masks  # noqa: E402
+from qualityguide.errors import InputError  # noqa: E402
+from qualityguide.runtime import quiet_third_party  # noqa: E402
 from qualityguide.train import batch_indices, step_generator  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -96,7 +98,7 @@ def train_adapter(unet, scheduler, images, labels, name, args, shuffle: bool):
     dropout = DropoutConfig(p_text=0.0, p_quality=args.p_quality, p_both=0.0)
     losses = []
     for step in tqdm(range(args.adapter_steps), desc=f"adapter ({'shuffled' if shuffle else 'true'} labels)"):
-        index = batch_indices(len(images), args.batch_size, step, args.seed)
+        index = batch_indices(len(images), min(args.batch_size, len(images)), step, args.seed)  # as toy_task
         generator = step_generator(args.seed, step)
         _, drop_quality = dropout_masks(len(index), dropout, generator)
         x0 = images[index] * 2 - 1
@@ -261,7 +263,9 @@ def known_attribute_check(args, attribute: str = "brightness") -> dict:
             "results": results, "versus_shuffled": versus}
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked before anything is built or trained (a bad value fails in a second, not after
+    the known-attribute checks' minutes)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="folder holding biq2021/ and params/ (default: shared data)")
     parser.add_argument("--out", default=str(HERE / "results" / "adapter_control"))
@@ -294,7 +298,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
+    for name in ("n_images", "base_steps", "adapter_steps", "batch_size", "num_tokens", "samples", "sample_steps",
+                 "check_steps", "check_base_steps", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    if len(set(args.targets)) != len(args.targets) or len(args.targets) < 2 or not all(
+            0 <= t <= 1 for t in args.targets):
+        parser.error(f"--targets {args.targets}: two or more distinct percentiles in [0, 1], e.g. 0.05 0.5 0.95")
+    if not 0 <= args.p_quality < 1 or args.lr <= 0:
+        parser.error(f"--p-quality {args.p_quality} must be in [0, 1) and --lr {args.lr} positive")
+    try:
+        base_config(args)  # its checks, now rather than after the crops are built and labelled
+    except InputError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def base_config(args: argparse.Namespace) -> toy_task.BaseConfig:
+    """The quality base's :class:`toy_task.BaseConfig` from the command line (raises :class:`InputError`)."""
+    return toy_task.BaseConfig(crop=args.crop, steps=args.base_steps, seed=args.seed,
+                               prediction_type=args.prediction_type)
+
+
+def main(argv=None) -> dict:
+    quiet_third_party()
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,9 +336,8 @@ def main(argv=None) -> dict:
     labels = toy_task.score_images(scorer, crops.images, desc="labelling crops")
     keep = torch.isfinite(labels)
     images, labels = crops.images[keep], labels[keep].double()
-    base_config = toy_task.BaseConfig(crop=args.crop, steps=args.base_steps, seed=args.seed,
-                                      prediction_type=args.prediction_type)
-    unet, scheduler, base_info = toy_task.load_or_train_base(crops, base_config, args.cache)
+    base = base_config(args)
+    unet, scheduler, base_info = toy_task.load_or_train_base(crops, base, args.cache)
     unet.requires_grad_(False)
 
     checks = {} if args.no_check else {a: known_attribute_check(args, a) for a in args.checks}
@@ -326,7 +354,7 @@ def main(argv=None) -> dict:
         joint.set_quantiles(ScoreQuantiles.fit({name: labels}))
         kept = toy_task.Crops(images, [d for d, k in zip(crops.distortion, keep) if k], crops.level[keep],
                               [p for p, k in zip(crops.source, keep) if k])
-        joint_unet, _, joint_losses = toy_task.train_base(kept, base_config, adapter=joint, labels=labels,
+        joint_unet, _, joint_losses = toy_task.train_base(kept, base, adapter=joint, labels=labels,
                                                           p_quality=args.p_quality)
         joint_loss = float(np.mean(joint_losses[-50:]))
         for label, cfg in (("joint model (upper bound)", 1.0), (f"joint model, quality CFG {args.cfg:g}", args.cfg)):
@@ -343,7 +371,7 @@ def main(argv=None) -> dict:
     quantile_scores = adapter.quantiles.score_at(name, args.targets).tolist()
     summary = {"scorer": name, "crops": int(keep.sum()), "crop_px": args.crop, "targets": args.targets,
                "training_set_score_at_target": quantile_scores, "samples_per_target": args.samples,
-               "adapter_steps": args.adapter_steps, "batch_size": args.batch_size, "lr": args.lr,
+               "adapter_steps": args.adapter_steps, "batch_size": min(args.batch_size, len(images)), "lr": args.lr,
                "p_quality": args.p_quality, "final_loss": float(np.mean(losses[-20:])),
                "final_loss_shuffled": float(np.mean(control_losses[-20:])), "final_loss_joint": joint_loss,
                "prediction_type": args.prediction_type,

@@ -50,6 +50,7 @@ from qualityguide.diffusion import (add_noise, frozen, noise_prediction_loss, on
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, adapters_disabled, add_lora, lora_parameters
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer
 from qualityguide.timing import synchronize
 
@@ -317,7 +318,8 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:sd", help="pipeline spec (tiny:sd, random:sd15, a folder, a hub id)")
     parser.add_argument("--device", default="cpu")
@@ -328,7 +330,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
     parser.add_argument("--scorer", default="niqe-embedded", help="differentiable quality scorer spec")
     parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
+    args = parse_args(argv)
     for name in ("batch_size", "repeats", "rank"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")

@@ -31,6 +31,7 @@ import torch
 
 from qualityguide.adapter import IQAAdapter
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.timing import synchronize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_adapter"
@@ -129,7 +130,8 @@ def train_step(args) -> dict:
             "trainable_params": sum(p.numel() for p in params)}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:sd")
     parser.add_argument("--device", default="cpu")
@@ -141,7 +143,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant", choices=["adapter", "lora"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
+    args = parse_args(argv)
     if args.variant:  # child process: one training variant
         print(json.dumps(train_step(args)))
         return

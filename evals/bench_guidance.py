@@ -25,13 +25,15 @@ from qualityguide.guidance import QualityGuidance
 from qualityguide.diffusion.vae import decode_latents, from_vae_range, pipeline_upcasts_vae
 from qualityguide.diffusion.x0 import frozen
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer
 from qualityguide.timing import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_guidance"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:sd")
     parser.add_argument("--device", default="cpu")
@@ -45,7 +47,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--unet-mode", action="store_true", help="also time mode='unet' (backprop through U-Net)")
     parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
+    args = parse_args(argv)
     device = torch.device(args.device)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=device)
     scorer = load_scorer(args.scorer, device=device)

@@ -26,6 +26,7 @@ from torch import nn
 
 from qualityguide.identity import SAMPLES_PER_TENSOR, WeightIdentity
 from qualityguide.pipelines import load_pipeline, parse_dtype
+from qualityguide.runtime import quiet_third_party
 from qualityguide.timing import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_identity"
@@ -102,14 +103,20 @@ def detection(pipe, trials: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random:sd15")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="fp32 (default), fp16, bf16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trials", type=int, default=10, help="random changes per level in the detection table")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
+    args = parse_args(argv)
     device = torch.device(args.device)
     start = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=args.dtype, device=device)

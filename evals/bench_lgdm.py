@@ -27,6 +27,7 @@ import torch
 from qualityguide.diffusion.schedule import alpha_bar, clean_estimate, ddim_update
 from qualityguide.diffusion.vae import from_vae_range, to_vae_range
 from qualityguide.lgdm import LGDM, LGDMConfig
+from qualityguide.runtime import quiet_third_party
 from qualityguide.timing import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_lgdm"
@@ -194,7 +195,8 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:sd")
     parser.add_argument("--device", default="cpu")
@@ -207,7 +209,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-literal", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
+    args = parse_args(argv)
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

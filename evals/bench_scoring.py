@@ -169,7 +169,8 @@ def _scores(path: Path) -> dict[str, float]:
         return {row["path"]: float(row["native_score"]) for row in csv.DictReader(handle) if row["native_score"]}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.3, 3, 12, 36], help="megapixels")
@@ -184,7 +185,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads of each case (default: torch's); 1 steadies timings on a busy machine")
     parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from qualityguide.runtime import quiet_third_party
+
+    quiet_third_party()
+    args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return

@@ -13,17 +13,24 @@ import time
 from pathlib import Path
 
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.testing import RANDOM_SPECS, TINY_SPECS
 from qualityguide.timing import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_tiny"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--with-random", action="store_true", help=f"also time {', '.join(RANDOM_SPECS)} (slow)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
+    args = parse_args(argv)
     start = time.perf_counter()
     load_pipeline("tiny:sd")  # first build pays the lazy imports; reported separately
     first = time.perf_counter() - start

@@ -17,8 +17,10 @@ The LoRA folder is what ``qualityguide.finetune.save_lora`` (and ``recipes/train
 ``adapter_model.safetensors`` for a pixel-space ``UNet2DModel`` (``tiny:ddpm``; loaded with
 ``qualityguide.finetune.load_lora``; unconditional, so there are no prompts and no CLIP score).
 
+    python recipes/train_acpo_lora.py --model tiny:sd --prompts evals/prompts.txt --num_self_samples 8 \
+        --scorer niqe-embedded@192 --num_inference_steps 4 --max_train_steps 10 --output_dir out/lora
     python evals/finetune.py --model tiny:sd --lora out/lora --scorer niqe-embedded@192 \
-        --held-out-scorer niqe@192 --limit 4 --seeds 0 1 --steps 10
+        --held-out-scorer pyiqa:piqe@192 --limit 4 --seeds 0 1 --steps 10
     python evals/finetune.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16 \
         --lora out/acpo --scorer pyiqa:topiq_nr --held-out-scorer pyiqa:musiq --clip-weights open_clip_b32.bin
 
@@ -39,12 +41,13 @@ import torch
 from tqdm.auto import tqdm
 
 from qualityguide.diffusion import decode_latents, from_vae_range, pipeline_upcasts_vae
-from qualityguide.errors import InputError
+from qualityguide.errors import InputError, QualityGuideError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, adapters_disabled, load_lora
 from qualityguide.finetune.lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME
 from qualityguide.guidance.runner import read_prompts
 from qualityguide.pipelines import load_pipeline
 from qualityguide.protocol import bootstrap_ci
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer, split_size
 from qualityguide.scorers.nss import pyiqa_cache_dir
 from qualityguide.train.prompts import PromptEncoder
@@ -239,18 +242,25 @@ class Diversity:
         return float(np.mean(values))
 
 
+def load_scorers(args: argparse.Namespace, device: torch.device) -> dict:
+    """The guiding and held-out scorers, by role. A scorer whose weights are not available (``niqe`` or
+    ``brisque`` offline without ``--weights``) raises :class:`WeightsNotFoundError` naming the file, where it
+    was looked for and how to get it (or which scorer works offline)."""
+    weights = dict(item.split("=", 1) for item in args.weights)
+    return {role: load_scorer(spec, weights=weights.get(split_size(spec)[0]), device=device)
+            for role, spec in (("guiding", args.scorer), ("held_out", args.held_out_scorer))}
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     """Generate, score and compare; write results.json, results.md and grid.png under ``args.out``."""
     device = torch.device(args.device)
     out = Path(args.out)
+    scorers = load_scorers(args, device)  # before the pipeline: missing scorer weights fail in seconds
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_with_lora(args.model, args.lora, device, args.dtype)
     pixel = is_pixel(pipe)
     size = args.height or pipe.unet.config.sample_size * (1 if pixel else pipe.vae_scale_factor)
     prompts = [UNCONDITIONAL] if pixel else read_prompts(args.prompts)[: args.limit]
-    weights = dict(item.split("=", 1) for item in args.weights)
-    scorers = {role: load_scorer(spec, weights=weights.get(split_size(spec)[0]), device=device)
-               for role, spec in (("guiding", args.scorer), ("held_out", args.held_out_scorer))}
     clip, clip_note = (None, "skipped: unconditional model (no prompts)") if pixel else ClipScore.load(
         args.clip_model, args.clip_weights, device)
     diversity = Diversity(device)
@@ -374,10 +384,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    quiet_third_party()
     args = parse_args(argv)
     try:
         result = evaluate(args)
-    except InputError as exc:
+    except QualityGuideError as exc:  # bad input, or scorer weights not available (WeightsNotFoundError)
         raise SystemExit(f"finetune: {exc}") from None
     print(json.dumps(result, indent=2))
     return result

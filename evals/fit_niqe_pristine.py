@@ -23,18 +23,25 @@ from scipy import stats
 from tqdm import tqdm
 
 from qualityguide.images import load_image
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers.nss import EMBEDDED_NIQE_PARAMS, NIQEScorer
 from qualityguide.scorers.niqe_fit import FIT_PHOTOS, bundled_photo, fit_pristine
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("QUALITYGUIDE_DATA", "../shared/data"))
     parser.add_argument("--official", default=None, help="official NIQE params (default: DATA/params/niqe_pristine.mat)")
     parser.add_argument("--biq-limit", type=int, default=300, help="BIQ2021 images to compare on (0 = all)")
     parser.add_argument("--out", default="evals/results/niqe_fit")
     parser.add_argument("--write", action="store_true", help="overwrite the embedded parameter file")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
+    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

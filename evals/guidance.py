@@ -22,15 +22,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from qualityguide.errors import InputError, QualityGuideError
 from qualityguide.guidance import QualityGuidance
 from qualityguide.guidance.runner import (append_record, check_settings, finished, make_jobs, read_prompts,
                                           save_image, timed_generate)
 from qualityguide.images import load_image
 from qualityguide.pipelines import load_pipeline
 from qualityguide.protocol import bootstrap_ci
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer, split_size
 
 HERE = Path(__file__).resolve().parent
+MIN_PROMPTS = 3  # the paired bootstrap intervals of the gains need three (guided, unguided) pairs
 
 
 def run_arm(pipe, jobs, out: Path, guidance, steps: int, cfg: float, label: str, settings: dict) -> dict[str, dict]:
@@ -100,7 +103,8 @@ def grid(keys, unguided, guided, out_u: Path, out_g: Path, path: Path, n: int = 
     canvas.save(path)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before any model is loaded or image generated."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:sd")
     parser.add_argument("--prompts", default=str(HERE / "prompts.txt"))
@@ -115,16 +119,44 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--out", default=str(HERE / "results" / "guidance"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < MIN_PROMPTS:
+        parser.error(f"--limit={args.limit}: the gains' bootstrap intervals need at least {MIN_PROMPTS} prompts")
+    if args.steps < 1:
+        parser.error(f"--steps={args.steps}: must be >= 1")
+    bad = [w for w in args.weights if "=" not in w]
+    if bad:
+        parser.error(f"--weights {bad[0]!r}: use SPEC=FILE, e.g. brisque=/path/brisque_svm_weights.pth")
+    return args
+
+
+def read_eval_prompts(path: str, limit: int | None) -> list[str]:
+    """The first ``limit`` prompts of ``path``, refused when fewer than the statistics need."""
+    prompts = read_prompts(path)[:limit]
+    if len(prompts) < MIN_PROMPTS:
+        raise InputError(f"{path} holds {len(prompts)} prompt(s); the gains' bootstrap intervals need at least "
+                         f"{MIN_PROMPTS}: add prompts or raise --limit")
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
+    args = parse_args(argv)
+    try:
+        run(args)
+    except QualityGuideError as exc:
+        raise SystemExit(f"guidance: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check the prompts and load the scorers (cheap, and where a bad input shows), then generate and score."""
     weights = dict(item.split("=", 1) for item in args.weights)
     device = torch.device(args.device)
     out = Path(args.out)
-    prompts = read_prompts(args.prompts)[: args.limit]
-    jobs = make_jobs(prompts)
-    pipe = load_pipeline(args.model, dtype=args.dtype, device=device)
-
+    jobs = make_jobs(read_eval_prompts(args.prompts, args.limit))
     guiding, held_out = (load_scorer(spec, weights=weights.get(split_size(spec)[0]), device=device)
                          for spec in (args.scorer, args.held_out))
+    pipe = load_pipeline(args.model, dtype=args.dtype, device=device)
     common = {"model": args.model, "steps": args.steps, "cfg": args.cfg, "dtype": args.dtype}
     unguided = run_arm(pipe, jobs, out / "unguided", None, args.steps, args.cfg, "unguided", common)
     with QualityGuidance(guiding, scale=args.scale).attach(pipe) as guidance:

@@ -35,6 +35,7 @@ import torch
 
 from qualityguide.data import load_iqa_dataset
 from qualityguide.protocol import bootstrap_ci, correlations, fit_logistic, logistic4, plcc, srcc
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer
 from qualityguide.scoring import score_paths
 
@@ -207,7 +208,9 @@ def _scatter(pred: np.ndarray, mos: np.ndarray, spec: str, path: Path, stats: di
     plt.close(fig)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed and checked before anything is loaded (the tests run the docstring examples
+    through it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="folder with images and mos.csv")
     parser.add_argument("--csv", default=None, help="CSV file (default DATASET/mos.csv)")
@@ -226,17 +229,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="first N images only (quick runs)")
     parser.add_argument("--n-boot", type=int, default=1000)
-    args = parser.parse_args()
-    weights = {}
-    for item in args.weights:
-        spec, sep, file = item.partition("=")
-        if not sep:
-            parser.error(f"--weights {item!r}: expected SPEC=FILE, e.g. brisque=brisque_svm_weights.pth")
-        weights[spec] = file
+    args = parser.parse_args(argv)
+    bad = [item for item in args.weights if "=" not in item]
+    if bad:
+        parser.error(f"--weights {bad[0]!r}: expected SPEC=FILE, e.g. brisque=brisque_svm_weights.pth")
+    if not args.scorer and not args.lgdm_psi and not args.nss_baseline:
+        parser.error("nothing to evaluate: pass --scorer SPEC and/or --lgdm-psi PSI / --nss-baseline")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
+    args = parse_args(argv)
+    weights = dict(item.split("=", 1) for item in args.weights)
     out = Path(args.out or f"evals/results/nriqa/{Path(args.dataset).resolve().name}")
     variants = [f"lgdm:psi={psi}" for psi in args.lgdm_psi] + (["nss:brisque"] if args.nss_baseline else [])
-    if not args.scorer and not variants:
-        parser.error("nothing to evaluate: pass --scorer SPEC and/or --lgdm-psi PSI / --nss-baseline")
     if args.scorer:
         results = evaluate(args.dataset, args.scorer, weights, out, device=args.device, batch_size=args.batch_size,
                            limit=args.limit, n_boot=args.n_boot, csv_file=args.csv)

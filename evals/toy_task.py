@@ -48,6 +48,7 @@ from qualityguide.data import DATA_ENV, shared_data_dir
 from qualityguide.diffusion import add_noise, noise_prediction_loss, sample_timesteps, training_target
 from qualityguide.errors import InputError, QualityGuideError
 from qualityguide.images import IMAGE_EXTENSIONS
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer, split_size
 from qualityguide.train import batch_indices, check_finite, derive_seed, step_generator
 
@@ -710,7 +711,9 @@ def crop_examples(crops: Crops, per_condition: int = 8) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed and checked before anything is loaded (the tests run the docstring examples
+    through it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = BaseConfig()
     parser.add_argument("--data", default=None, help="folder holding biq2021/ and params/ (default: shared data)")
@@ -728,6 +731,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--held-out", default=HELD_OUT_SCORER, help="second scorer reported next to TOY_SCORER")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)")
     args = parser.parse_args(argv)
+    try:
+        base_config(args)  # its checks, now rather than after the crops are built and labelled
+    except InputError as exc:
+        parser.error(str(exc))
+    for name in ("n_images", "samples", "sample_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    return args
+
+
+def base_config(args: argparse.Namespace) -> BaseConfig:
+    """The base model's :class:`BaseConfig` from the command line (raises :class:`InputError` on a bad value)."""
+    return BaseConfig(crop=args.crop, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      kind=args.kind)
+
+
+def main(argv=None) -> dict:
+    quiet_third_party()
+    args = parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     started = time.perf_counter()
     data = resolve_data_dir(args.data)
@@ -739,8 +761,7 @@ def main(argv=None) -> dict:
                                                                                                     args.held_out])}
     labels = {spec: score_images(scorer, crops.images, desc=f"labelling with {spec}")
               for spec, scorer in scorers.items()}
-    config = BaseConfig(crop=args.crop, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                        kind=args.kind)
+    config = base_config(args)
     unet, scheduler, info = load_or_train_base(crops, config, args.cache)
     samples = sample(unet, scheduler, args.samples, seed=10_000, steps=args.sample_steps)
     sample_scores = {spec: score_images(scorer, samples, progress=False) for spec, scorer in scorers.items()}

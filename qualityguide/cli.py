@@ -8,13 +8,11 @@ stderr, no traceback).
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-import warnings
 
 from . import __version__
 from .errors import InputError, QualityGuideError
+from .runtime import quiet_third_party
 
 
 class _Parser(argparse.ArgumentParser):
@@ -201,40 +199,13 @@ def _cmd_lgdm(args) -> int:
     return run(args)
 
 
-# Packages whose warnings a CLI user cannot act on; library users (import qualityguide) keep them all.
-_THIRD_PARTY = ("bitsandbytes", "diffusers", "transformers", "huggingface_hub")
-
-
-def _quiet_third_party(quiet: bool) -> None:
-    """Keep stderr for qualityguide's own lines: third-party warnings off (their errors still print).
-
-    Seen here: bitsandbytes, which diffusers and peft import, logs "Failed to load CPU gemm_4bit_forward
-    from kernels-community ..." at import; diffusers logs hub-connection notices for cached hub ids when
-    offline. The Hugging Face libraries read their verbosity from the environment when first used (a
-    value the user set wins); bitsandbytes logs through plain ``logging``. With ``--quiet`` their
-    progress bars (diffusers' "Loading pipeline components", transformers' "Loading weights") go too.
-    """
-    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):
-        os.environ.setdefault(variable, "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=rf"({'|'.join(_THIRD_PARTY)})(\.|$)")
-    if quiet:
-        from diffusers.utils import logging as diffusers_logging
-        from huggingface_hub.utils import disable_progress_bars
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-        disable_progress_bars()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    _quiet_third_party(quiet=getattr(args, "quiet", False))
+    quiet_third_party(quiet=getattr(args, "quiet", False))
     handlers = {"score": _cmd_score, "label": _cmd_label, "demo": _cmd_demo, "scorers": _cmd_scorers, "lgdm": _cmd_lgdm}
     try:
         return handlers[args.command](args)

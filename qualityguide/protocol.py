@@ -1,7 +1,8 @@
 """IQA evaluation statistics and split protocol.
 
 SRCC/PLCC/KRCC as in the IQA literature (VQEG, 2000/2003): PLCC is reported raw and after the
-standard four-parameter logistic mapping of predictions to MOS. Splits are content-disjoint:
+standard four-parameter logistic mapping of predictions to MOS, signed by the mapping's direction (a
+falling mapping, an anti-correlated predictor, gives a negative PLCC, as its SRCC is). Splits are content-disjoint:
 images that share a ``content`` (a source/reference image) never straddle train and test.
 
 Ranks and correlations are ``scipy.stats`` (``spearmanr``, ``kendalltau`` tau-b, ``pearsonr``). A
@@ -79,18 +80,25 @@ def fit_logistic(pred: Sequence[float], mos: Sequence[float]) -> np.ndarray:
 
 
 def plcc(pred: Sequence[float], mos: Sequence[float], fit: str = "logistic") -> float:
-    """Pearson linear correlation, raw (``fit="none"``) or after the 4-parameter logistic (``"logistic"``)."""
+    """Pearson linear correlation, raw (``fit="none"``) or after the 4-parameter logistic (``"logistic"``).
+
+    The logistic may fall or rise (whichever fits), but its correlation carries the mapping's direction:
+    predictions are higher-is-better, so a predictor whose fitted mapping falls reports ``-r``, with the sign of
+    its SRCC, instead of the ``+r`` a free-direction fit alone would give.
+    """
     x, y = _pair(pred, mos)
     if fit == "none":
         return _pearson(x, y)
     if fit != "logistic":
         raise InputError(f"fit must be 'none' or 'logistic', got {fit!r}")
-    mapped = logistic4(x, *fit_logistic(x, y))
+    params = fit_logistic(x, y)
+    mapped = logistic4(x, *params)
     if not np.all(np.isfinite(mapped)) or np.std(mapped) <= 1e-12 * (np.abs(mapped).max() + 1.0):
         # A degenerate (flat) fit: no monotone relation for the logistic to find; the linear map is the
         # best member of the family left, so report the raw correlation instead of NaN.
         return _pearson(x, y)
-    return _pearson(mapped, y)
+    direction = 1.0 if params[0] >= params[1] else -1.0  # logistic4 rises in x exactly when b1 > b2
+    return direction * _pearson(mapped, y)
 
 
 def correlations(pred: Sequence[float], mos: Sequence[float]) -> dict[str, float]:

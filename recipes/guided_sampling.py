@@ -26,6 +26,7 @@ from qualityguide.guidance.runner import (append_record, check_settings, finishe
                                           save_image, timed_generate)
 from qualityguide.distributed import process_state, split_for_process
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer
 
 
@@ -53,6 +54,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    quiet_third_party()
     args = parse_args(argv)
     state = process_state(cpu=args.device == "cpu")
     device = state.device if args.device == "auto" else torch.device(args.device)

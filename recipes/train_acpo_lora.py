@@ -40,6 +40,7 @@ from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, 
 from qualityguide.finetune.validation import ValidationSettings, run_validation
 from qualityguide.identity import WeightIdentity
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import DEFAULT_SCORER, load_scorer
 from qualityguide.train import (CheckpointManager, PromptEncoder, batch_indices, check_step_finite, load_image_folder,
                                 long_prompts_note, make_accelerator, mean_over_processes, read_marker,
@@ -156,6 +157,7 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
 
 
 def main(argv=None) -> int:
+    quiet_third_party()
     args = parse_args(argv)
     config = acpo_config(args)
     out = Path(args.output_dir)

@@ -36,6 +36,7 @@ from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptE
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError, QualityGuideError
 from qualityguide.pipelines import load_pipeline
+from qualityguide.runtime import quiet_third_party
 from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_step_finite, load_image_folder,
                                 long_prompts_note, make_accelerator, mean_over_processes, read_marker,
                                 resolve_caption_column, step_generator)
@@ -101,6 +102,7 @@ def build_adapter(args, pipe, dataset, device):
 
 
 def main(argv=None) -> int:
+    quiet_third_party()
     args = parse_args(argv)
     out = Path(args.output_dir)
     accelerator, _ = make_accelerator(out, args.mixed_precision, args.report_to)

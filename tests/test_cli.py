@@ -184,19 +184,50 @@ def test_score_stderr_holds_only_our_lines(tmp_path):
         assert len(lines) == 2 and all(ours.match(line) for line in lines), run.stderr
 
 
+# Run as `python -c`: the CLI, with the lines bitsandbytes and the `kernels` package print on CPUs with AVX512-BF16
+# (and diffusers' logger, and a third-party Python warning) emitted during the command, whatever this CPU is.
+_NOISY_CLI = """
+import logging, sys, warnings
+from qualityguide import cli
+score = cli._cmd_score
+def noisy_score(args):
+    for name in ("kernels._internals.hf_hub", "bitsandbytes.backends.cpu.ops", "diffusers.pipelines"):
+        logging.getLogger(name).warning("third-party noise from %s", name)
+    warnings.warn_explicit("third-party warning", UserWarning, "ops.py", 1, module="kernels.layer")
+    return score(args)
+cli._cmd_score = noisy_score
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_score_stderr_drops_kernels_and_bitsandbytes_lines_on_any_cpu(tmp_path):
+    import os
+    import re
+
+    folder = _photos(tmp_path / "imgs", n=1)
+    (folder / "broken.png").write_text("not an image")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")}  # no quieting inherited
+    run = subprocess.run([sys.executable, "-c", _NOISY_CLI, "score", str(folder), "--scorer", "niqe-embedded",
+                          "-o", str(tmp_path / "scores.csv"), "--quiet"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 1, run.stderr
+    lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and "broken.png: not an image" in lines[0] and "1 scored, 1 failed" in lines[1], run.stderr
+
+
 def test_third_party_quieting_keeps_our_warnings(monkeypatch):
     import logging
     import os
     import warnings
 
-    from qualityguide.cli import _quiet_third_party
+    from qualityguide.runtime import quiet_third_party
 
     monkeypatch.setattr(os, "environ", {**os.environ, "TRANSFORMERS_VERBOSITY": "info"})
     monkeypatch.delitem(os.environ, "DIFFUSERS_VERBOSITY", raising=False)
     level = logging.getLogger("bitsandbytes").level
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _quiet_third_party(quiet=False)
+        quiet_third_party(quiet=False)
         for module in ("qualityguide.lgdm.cache", "diffusers.pipelines.pipeline_utils", "transformers", "peft.tuners"):
             warnings.warn_explicit(f"from {module}", RuntimeWarning, "x.py", 1, module=module)
     logging.getLogger("bitsandbytes").setLevel(level)

@@ -410,7 +410,7 @@ def test_adapter_control_smoke(shared_data, params, tmp_path):
     control = _load("adapter_control")
     out = tmp_path / "out"
     summary = control.main(["--data", str(shared_data), "--out", str(out), "--cache", str(tmp_path / "cache"),
-                            "--n-images", "20", "--base-steps", "3", "--adapter-steps", "3", "--batch-size", "4",
+                            "--n-images", "20", "--base-steps", "3", "--adapter-steps", "3", "--batch-size", "32",
                             "--samples", "3", "--sample-steps", "3", "--targets", "0.1", "0.9", "--joint",
                             "--check-steps", "2", "--check-base-steps", "3"])
     results = summary["results"]
@@ -432,6 +432,7 @@ def test_adapter_control_smoke(shared_data, params, tmp_path):
     assert results["adapter"]["paired"]["seeds"] == 3 and np.shape(results["adapter"]["scores"]) == (2, 3)
     assert "within-seed Spearman" in (out / "results.md").read_text()
     assert all(len(r["mean"]) == 2 for r in results.values()) and summary["crops"] <= 20
+    assert summary["batch_size"] == summary["crops"]  # --batch-size 32 > the crops: the batch is all of them
     assert summary["threads"] == 1 and not summary["base_model"]["loaded"]
     assert json.loads((out / "summary.json").read_text())["targets"] == [0.1, 0.9]
     assert "shuffled labels" in (out / "results.md").read_text()
@@ -492,3 +493,78 @@ def test_versus_shuffled_matches_exact_signed_rank_test():
     shuffled[2, 4] = np.nan
     assert control.versus_shuffled(targets, true, shuffled)["seeds"] == seeds - 1
     assert np.isnan(control.versus_shuffled(targets, true, true)["wilcoxon_p"])  # no gap at all: no test
+
+
+def _docstring_examples(path: Path) -> list[list[str]]:
+    """The ``python evals/<name>.py ...`` command lines of an eval's module docstring, as argument lists:
+    continuation lines joined, ``# comments`` dropped, optional ``[--flag VALUE]`` parts included."""
+    import ast
+    import shlex
+
+    text = ast.get_docstring(ast.parse(path.read_text())).replace("\\\n", " ")
+    examples = []
+    for line in text.splitlines():
+        command = line.split("#")[0].strip()
+        if command.startswith(f"python evals/{path.name} ") or command == f"python evals/{path.name}":
+            examples.append(shlex.split(command.replace("[", " ").replace("]", " "))[2:])
+    return examples
+
+
+EVALS = sorted(p.stem for p in (ROOT / "evals").glob("*.py") if "\ndef parse_args(" in p.read_text())
+
+
+def test_every_eval_with_a_main_has_a_parse_args_and_docstring_examples():
+    with_main = sorted(p.stem for p in (ROOT / "evals").glob("*.py") if "\ndef main(" in p.read_text())
+    assert EVALS == with_main and len(EVALS) >= 15
+    assert all(_docstring_examples(ROOT / "evals" / f"{name}.py") for name in EVALS)
+
+
+@pytest.mark.parametrize("name", EVALS)
+def test_docstring_examples_pass_the_eval_argument_checks(name):
+    """Each example command of an eval's docstring parses with its parser and passes the checks that run before
+    anything expensive (here: every check but the data, models and weights an example names)."""
+    module = _load(name)
+    for argv in _docstring_examples(ROOT / "evals" / f"{name}.py"):
+        args = module.parse_args(argv)
+        if name == "guidance":
+            assert len(module.read_eval_prompts(args.prompts, args.limit)) >= module.MIN_PROMPTS
+        if name == "finetune" and args.model.startswith("tiny:"):  # the offline example: its scorers load offline
+            assert set(module.load_scorers(args, torch.device("cpu"))) == {"guiding", "held_out"}
+
+
+def test_guidance_eval_refuses_too_few_prompts_before_generating(tmp_path, capsys):
+    """``--limit 2`` used to generate every image and then fail in the statistics ("at least 3 pairs")."""
+    guidance = _load("guidance")
+    with pytest.raises(SystemExit) as exc:
+        guidance.parse_args(["--limit", "2"])
+    assert exc.value.code == 2 and "--limit=2" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na lighthouse\n")
+    with pytest.raises(InputError, match="2 prompt"):
+        guidance.read_eval_prompts(str(prompts), None)
+    # main stops there, before any model is loaded: a one-line error instead of a traceback
+    with pytest.raises(SystemExit, match="guidance: .*need at least 3"):
+        guidance.main(["--prompts", str(prompts), "--model", "no/such-model", "--out", str(tmp_path / "out")])
+
+
+def test_finetune_eval_names_missing_scorer_weights_before_loading_the_model(tmp_path, monkeypatch):
+    """The old docstring example used ``niqe@192`` as the held-out scorer: offline that is a WeightsNotFoundError,
+    which came as a traceback after the pipeline had loaded. Now it is one line, before the pipeline."""
+    finetune = _load("finetune")
+    monkeypatch.delenv("QUALITYGUIDE_NIQE_WEIGHTS", raising=False)
+    monkeypatch.setattr(finetune, "load_with_lora", lambda *a, **k: pytest.fail("the pipeline loaded first"))
+    from pyiqa.utils import download_util
+
+    monkeypatch.setattr(download_util, "DEFAULT_CACHE_DIR", str(tmp_path))  # an empty pyiqa cache (where pyiqa looks)
+    with pytest.raises(SystemExit, match=r"finetune: .*niqe.*niqe-embedded"):
+        finetune.main(["--model", "tiny:sd", "--lora", str(tmp_path), "--held-out-scorer", "niqe@192",
+                       "--out", str(tmp_path / "out")])
+
+
+def test_adapter_control_checks_its_arguments_first(capsys):
+    control = _load("adapter_control")
+    for argv, message in ((["--targets", "0.5", "0.5"], "--targets"), (["--batch-size", "0"], "--batch-size=0"),
+                          (["--base-steps", "0"], "--base-steps=0"), (["--p-quality", "1"], "--p-quality")):
+        with pytest.raises(SystemExit):
+            control.parse_args(argv)
+        assert message in capsys.readouterr().err

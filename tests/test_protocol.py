@@ -59,7 +59,37 @@ def test_logistic_plcc_recovers_nonlinear_relation():
     assert np.allclose(logistic4(x, *params), y, atol=1e-4)
     assert plcc(x, y, "logistic") == pytest.approx(1.0, abs=1e-6)
     assert plcc(x, y, "none") < 0.99
-    assert plcc(-x, y, "logistic") == pytest.approx(1.0, abs=1e-6)  # decreasing relations fit too
+    # decreasing relations fit too, and report their direction (higher-is-better predictions)
+    assert plcc(-x, y, "logistic") == pytest.approx(-1.0, abs=1e-6)
+
+
+def _increasing_logistic_plcc(x: np.ndarray, y: np.ndarray) -> float:
+    """Reference: a logistic that can only rise (upper = lower + exp(gap), positive width), fitted by
+    scipy's curve_fit on standardised x, then scipy's pearsonr."""
+    from scipy.optimize import curve_fit
+
+    def rising(z, lower, gap, centre, log_width):
+        return lower + np.exp(gap) / (1.0 + np.exp(-(z - centre) / np.exp(log_width)))
+
+    z = (x - x.mean()) / x.std()
+    params, _ = curve_fit(rising, z, y, p0=[y.min(), np.log(np.ptp(y)), 0.0, 0.0], maxfev=20000)
+    return float(stats.pearsonr(rising(z, *params), y)[0])
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_logistic_plcc_carries_the_direction_of_an_anti_correlated_predictor(sign):
+    """Higher is better: a predictor that falls as MOS rises gets a negative PLCC beside its negative SRCC (the
+    free-direction fit alone reported +0.905 next to SRCC -0.879 here). Reference: the rising logistic of
+    ``sign * x``, whose correlation is the predictor's with the sign of its direction."""
+    rng = np.random.default_rng(3)
+    mos = rng.uniform(1, 5, 300)
+    pred = sign * (np.tanh(2 * (mos - 3)) + rng.normal(0, 0.25, 300))
+    ours = plcc(pred, mos, "logistic")
+    reference = sign * _increasing_logistic_plcc(sign * pred, mos)
+    assert np.sign(ours) == np.sign(srcc(pred, mos)) == sign
+    assert ours == pytest.approx(reference, abs=1e-4)
+    assert abs(ours) > abs(plcc(pred, mos, "none"))  # the logistic still straightens the tanh
+    assert correlations(pred, mos)["plcc"] == ours
 
 
 def test_correlations_and_bootstrap(pairs):
