@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qualityguide.diffusion import (add_noise, frozen, noise_prediction_loss, one_step_clean, sample_timesteps,
-                                    training_target)
+from qualityguide.diffusion import (add_noise, frozen, is_sdxl, noise_prediction_loss, one_step_clean,
+                                    sample_timesteps, sdxl_added_conditions, training_target, unet_conditioning)
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, adapters_disabled, add_lora, lora_parameters
 from qualityguide.pipelines import load_pipeline
@@ -140,11 +140,10 @@ class Bench:
             return None
         prompt = ["a photo of a lighthouse on a cliff"] * batch
         with torch.no_grad():
-            if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
+            if is_sdxl(pipe):
                 embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=self.device, do_classifier_free_guidance=False)
-                time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype, device=self.device)
-                return {"encoder_hidden_states": embeds,
-                        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.repeat(batch, 1)}}
+                return unet_conditioning(embeds, sdxl_added_conditions(pipe.unet, pooled, (size, size), (0, 0),
+                                                                       (size, size), pipe.text_encoder_2, embeds.dtype))
             embeds, _ = pipe.encode_prompt(prompt, self.device, 1, False)
         return {"encoder_hidden_states": embeds}
 

@@ -72,7 +72,7 @@ def generation(args) -> dict:
 def train_step(args) -> dict:
     """One variant's step time and peak memory (run in its own process)."""
     from qualityguide.adapter.training import AdapterTrainer
-    from qualityguide.diffusion.training import add_noise, noise_prediction_loss, sample_timesteps, training_target
+    from qualityguide.diffusion.noising import add_noise, noise_prediction_loss, sample_timesteps, training_target
 
     pipe, device, size = build(args)
     unet = pipe.unet

@@ -4,9 +4,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from qualityguide.diffusion import (add_noise, noise_prediction_loss, one_step_clean, sample_timesteps,
-                                    training_target, x0_step)
+from qualityguide.diffusion import (add_noise, alpha_bar, alpha_bar_at, call_unet, is_sdxl, noise_prediction_loss,
+                                    one_step_clean, sample_timesteps, sdxl_added_conditions, sdxl_time_ids,
+                                    training_target, unet_conditioning, x0_step)
 from qualityguide.errors import InputError
+from qualityguide.testing import tiny_ddpm, tiny_sd, tiny_sdxl
 
 
 @pytest.fixture(params=["epsilon", "v_prediction", "sample"])
@@ -82,3 +84,77 @@ def test_x0_step_leaves_skipped_and_zero_gradient_samples_unchanged(dtype, norma
     assert torch.equal(step.x0[1:], x0[1:]) and not bool(step.delta[1:].any())
     assert step.skipped.tolist() == [False, False, True]
     assert float(step.delta[0].float().abs().sum()) > 0
+
+
+def test_alpha_bar_at_is_the_table_entry_per_sample_or_for_the_batch():
+    table = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear").alphas_cumprod
+    like, t = torch.zeros(3, 4, 2, 2), torch.tensor([0, 17, 999])
+    per_sample = alpha_bar_at(table, t, like)
+    assert per_sample.shape == (3, 1, 1, 1) and per_sample.dtype == torch.float32
+    torch.testing.assert_close(per_sample.flatten(), table[t].float(), rtol=0, atol=0)
+    torch.testing.assert_close(alpha_bar_at(table, t), table[t].float(), rtol=0, atol=0)
+    assert alpha_bar_at(table, 17, like).shape == () and float(alpha_bar_at(table, 17, like)) == float(table[17])
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    assert float(alpha_bar(scheduler, 17, like)) == float(scheduler.alphas_cumprod[17])
+    assert float(alpha_bar(scheduler, -1, like)) == 1.0  # the clean end
+    with pytest.raises(InputError, match="999"):
+        alpha_bar_at(table, torch.tensor([0, 1000, 5]), like)
+    with pytest.raises(InputError, match="one per sample"):
+        alpha_bar_at(table, torch.tensor([0, 1]), like)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_sdxl()
+
+
+def test_is_sdxl_reads_the_unet_of_a_pipeline_or_the_unet_itself(sdxl):
+    sd, ddpm = tiny_sd(), tiny_ddpm()
+    assert is_sdxl(sdxl) and is_sdxl(sdxl.unet)
+    assert not any(is_sdxl(x) for x in (sd, sd.unet, ddpm, ddpm.unet, torch.nn.Linear(2, 2)))
+
+
+def test_sdxl_time_ids_equal_the_pipelines_own_per_sample(sdxl):
+    """Per sample, the rows diffusers' ``_get_add_time_ids`` builds, on the text_encoder_2 projection_dim path the
+    SDXL pipeline takes and on the pooled-width path it takes without a second encoder."""
+    original = [(1024, 768), (512, 512), (333, 1200)]
+    crop = [(0, 0), (64, 8), (17, 0)]
+    target = [(1024, 1024), (768, 512), (64, 64)]
+    projection = sdxl.text_encoder_2.config.projection_dim
+    pooled = torch.randn(3, projection, dtype=torch.float16)
+    for encoder in (sdxl.text_encoder_2, None):
+        added = sdxl_added_conditions(sdxl.unet, pooled, original, crop, target, text_encoder_2=encoder)
+        assert added["text_embeds"] is pooled and added["time_ids"].dtype == torch.float16
+        for i in range(3):
+            ref = sdxl._get_add_time_ids(original[i], crop[i], target[i], dtype=torch.float16,
+                                         text_encoder_projection_dim=projection)
+            torch.testing.assert_close(added["time_ids"][i:i + 1], ref, rtol=0, atol=0)
+    ref = sdxl._get_add_time_ids((64, 64), (0, 0), (64, 64), dtype=torch.float32,
+                                 text_encoder_projection_dim=projection)
+    torch.testing.assert_close(sdxl_time_ids((64, 64), (0, 0), (64, 64), batch=2), ref.repeat(2, 1), rtol=0, atol=0)
+
+
+def test_sdxl_added_conditions_refuse_what_the_pipeline_refuses(sdxl):
+    projection = sdxl.text_encoder_2.config.projection_dim
+    with pytest.raises(ValueError, match="added time embedding"):
+        sdxl._get_add_time_ids((64, 64), (0, 0), (64, 64), dtype=torch.float32,
+                               text_encoder_projection_dim=projection + 1)
+    with pytest.raises(InputError, match="width 9"):
+        sdxl_added_conditions(sdxl.unet, torch.zeros(2, 9), (64, 64), (0, 0), (64, 64))
+    with pytest.raises(InputError, match="crop_top_left must be one pair or 2 pairs"):
+        sdxl_added_conditions(sdxl.unet, torch.zeros(2, projection), (64, 64), [(0, 0)] * 3, (64, 64))
+
+
+def test_call_unet_is_the_direct_diffusers_call(sdxl):
+    unet, g = sdxl.unet, torch.Generator().manual_seed(0)
+    sample, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    added = sdxl_added_conditions(unet, torch.randn(2, sdxl.text_encoder_2.config.projection_dim, generator=g),
+                                  (64, 64), (0, 0), (64, 64))
+    with torch.no_grad():
+        ours = call_unet(unet, sample, t, unet_conditioning(hidden, added))
+        direct = unet(sample, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+        cast = call_unet(unet, sample.double(), t, unet_conditioning(hidden.double(), added), dtype=torch.float32)
+    torch.testing.assert_close(ours, direct, rtol=0, atol=0)
+    torch.testing.assert_close(cast, direct, rtol=0, atol=0)
+    assert unet_conditioning(hidden) == {"encoder_hidden_states": hidden}

@@ -2,7 +2,7 @@
 
 Only the adapter trains (its projection and per-layer key/value weights); the U-Net, VAE and text
 encoders stay frozen. The loss is the ordinary noise-prediction MSE of
-:mod:`qualityguide.diffusion.training`; condition dropout (IQA-Adapter: text 5%, quality 1%, both 1%)
+:mod:`qualityguide.diffusion.noising`; condition dropout (IQA-Adapter: text 5%, quality 1%, both 1%)
 teaches the unconditional inputs that classifier-free guidance needs. Every random draw of a step
 comes from the generator it is given, so a resumed run that rebuilds the generator for step ``s``
 (:func:`qualityguide.train.data.step_generator`) repeats an uninterrupted run's losses exactly.
@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..diffusion.training import add_noise, noise_prediction_loss, sample_timesteps, training_target
+from ..diffusion.conditioning import unet_conditioning
+from ..diffusion.denoisers import call_unet
+from ..diffusion.noising import add_noise, noise_prediction_loss, sample_timesteps, training_target
 from ..errors import InputError
 from ..train.prompts import PromptEncoder  # noqa: F401  (re-exported: the recipe's text inputs)
 from .conditions import null_condition
@@ -111,8 +113,7 @@ class AdapterTrainer(nn.Module):
         target = training_target(latents, noise, timesteps, self.alphas_cumprod, self.prediction_type)
         added = {**(added_cond_kwargs or {}), "image_embeds": [condition.unsqueeze(1)]}
         unet_dtype = next(self.unet.parameters()).dtype
-        output = self.unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(unet_dtype),
-                           added_cond_kwargs=added, return_dict=False)[0]
+        output = call_unet(self.unet, noisy, timesteps, unet_conditioning(encoder_hidden_states, added), dtype=unet_dtype)
         loss = noise_prediction_loss(output, target, timesteps, self.alphas_cumprod, self.snr_gamma,
                                      self.prediction_type)
         return {"loss": loss}

@@ -12,16 +12,36 @@ from ..errors import InputError
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def alpha_bar_at(alphas_cumprod: torch.Tensor, timesteps: int | torch.Tensor,
+                 like: torch.Tensor | None = None) -> torch.Tensor:
+    """``alphas_cumprod[t]`` in float32: the one lookup of a noise level in a VP table.
+
+    Args:
+        alphas_cumprod: the scheduler's table.
+        timesteps: one timestep (a scalar result) or one per sample of ``like`` (``[B,1,...]``, to broadcast).
+        like: the batch the levels scale, whose device they take; None: ``[B]`` levels on the table's device.
+    """
+    n = len(alphas_cumprod)
+    t = torch.as_tensor(timesteps, device=alphas_cumprod.device).long()
+    if like is not None and t.dim() > 0:
+        t = t.reshape(-1)
+        if t.numel() != like.shape[0]:
+            raise InputError(f"got {t.numel()} timesteps for a batch of {like.shape[0]}; pass one per sample")
+    if bool(((t < 0) | (t >= n)).any()):
+        raise InputError(f"timesteps must lie in [0, {n - 1}] (the scheduler's {n} training timesteps), got min "
+                         f"{int(t.min())}, max {int(t.max())}")
+    a = alphas_cumprod.to(torch.float32)[t]
+    if like is None:
+        return a
+    return a.to(like.device).view(-1, *([1] * (like.dim() - 1))) if t.dim() > 0 else a.to(like.device)
+
+
 def alpha_bar(scheduler, timestep: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``alphas_cumprod[t]`` as a float32 scalar tensor on ``like``'s device (t < 0 means 1: the clean end)."""
     t = int(timestep)
     if t < 0:
         return torch.ones((), device=like.device, dtype=torch.float32)
-    table = scheduler.alphas_cumprod
-    if t >= len(table):
-        raise InputError(f"timestep {t} is outside the scheduler's {len(table)} training timesteps; "
-                         f"use t_max < {len(table)}")
-    return table[t].to(device=like.device, dtype=torch.float32)
+    return alpha_bar_at(scheduler.alphas_cumprod, t, like)
 
 
 def clean_estimate(model_output: torch.Tensor, sample: torch.Tensor, a_t: torch.Tensor,

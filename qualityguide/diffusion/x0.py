@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 
 import torch
 
@@ -39,18 +39,29 @@ class StepResult:
 
 
 @contextmanager
+def grad_flags_restored(params: Iterable[torch.nn.Parameter]):
+    """Each parameter's ``requires_grad`` is put back on exit, whatever the body (or a library it calls) set.
+
+    Args:
+        params: the parameters whose flags to keep (read once, on entry).
+    """
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextmanager
 def frozen(*modules: torch.nn.Module | None):
     """Parameters need no gradient while guidance differentiates w.r.t. latents or images; each flag is restored
     afterwards (the modules usually belong to a user's pipeline)."""
     params = [p for m in modules if m is not None for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with grad_flags_restored(params):
+        for p in params:
+            p.requires_grad_(False)
         yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
 def per_sample_norm(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..diffusion import grad_flags_restored
 from ..errors import InputError, WeightsNotFoundError, closest
 
 # Attention projections: the same names in both U-Net types' Attention modules (diffusers' LoRA training scripts
@@ -124,16 +125,14 @@ def adapters_disabled(unet: nn.Module) -> Iterator[None]:
         raise InputError("unet has no LoRA adapter, so there is no base model to compare with; add one with "
                          "qualityguide.finetune.add_lora(unet, rank=4)")
     was_disabled = [layer.disable_adapters for layer in layers]
-    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer, disabled in zip(layers, was_disabled):
-            layer.enable_adapters(not disabled)
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    with grad_flags_restored(p for layer in layers for p in layer.parameters()):
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer, disabled in zip(layers, was_disabled):
+                layer.enable_adapters(not disabled)
 
 
 def _peft_config(unet: nn.Module, adapter_name: str):

@@ -11,13 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..diffusion import (PREDICTION_TYPES, add_noise, frozen, noise_prediction_loss, one_step_clean,
-                         pipeline_upcasts_vae, sample_timesteps, training_target)
+from ..diffusion import (PREDICTION_TYPES, Conditioning, add_noise, ddim_to_clean, denoiser_for, frozen,
+                         noise_prediction_loss, one_step_clean, pipeline_upcasts_vae, sample_timesteps, select,
+                         training_target, unwrap)
 from ..errors import InputError
 from .config import ACPOConfig
-from .denoisers import Conditioning, denoiser_for, select, unwrap
 from .lora import adapters_disabled, lora_parameters
-from .sampling import ddim_to_clean
 
 
 def check_quality_scorer(scorer: nn.Module | None, config: ACPOConfig) -> None:

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..diffusion import pipeline_upcasts_vae, to_vae_range
+from ..diffusion import pipeline_upcasts_vae, to_vae_range, unet_conditioning, unwrap
 from ..errors import InputError
 from ..identity import WeightIdentity
 from .config import ACPOConfig
-from .denoisers import unwrap
 from .lora import add_lora, lora_parameters
 from .loss import check_quality_scorer
 
@@ -291,4 +290,4 @@ class TrainingSamples:
         if self.captions is None:
             return None
         embeds, extra = encoder([self.captions[i] for i in indices], device)
-        return {"encoder_hidden_states": embeds, **({"added_cond_kwargs": extra} if extra else {})}
+        return unet_conditioning(embeds, extra)

@@ -14,6 +14,8 @@ from torch import nn
 
 from ..errors import ImageError, InputError
 from ..identity import WeightIdentity
+from ..diffusion.conditioning import is_sdxl, sdxl_added_conditions, unet_conditioning
+from ..diffusion.denoisers import call_unet
 from ..diffusion.schedule import alpha_bar, clean_estimate, ddim_sigma, ddim_update
 from ..diffusion.vae import decode_latents, encode_images, from_vae_range, pipeline_upcasts_vae, to_vae_range
 from ..diffusion.x0 import StepResult, frozen, per_sample_norm, x0_step
@@ -88,7 +90,7 @@ class LGDM(nn.Module):
         if self.config.t_max >= len(scheduler.alphas_cumprod):
             raise InputError(f"t_max={self.config.t_max} exceeds the scheduler's {len(scheduler.alphas_cumprod)} "
                              "training timesteps")
-        self.sdxl = unet.config.get("addition_embed_type") == "text_time"
+        self.sdxl = is_sdxl(unet)
         # An fp16 VAE runs in float32 where diffusers' own pipeline would upcast it (SDXL family, force_upcast).
         self.upcast_vae = bool(upcast_vae if upcast_vae is not None else
                                self.sdxl and vae.config.get("force_upcast", False))
@@ -246,8 +248,8 @@ class LGDM(nn.Module):
         out1 = self.text_encoder(ids(self.tokenizer), output_hidden_states=True)
         out2 = self.text_encoder_2(ids(self.tokenizer_2), output_hidden_states=True)
         hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=hidden.dtype)
-        added = {"text_embeds": out2[0].to(self.unet.dtype), "time_ids": time_ids.to(self.unet.dtype)}
+        added = sdxl_added_conditions(self.unet, out2[0].to(self.unet.dtype), (height, width), (0, 0), (height, width),
+                                      text_encoder_2=self.text_encoder_2)
         return _Condition(hidden.to(self.unet.dtype), added)
 
     # ----------------------------------------------------------------- model calls
@@ -261,9 +263,7 @@ class LGDM(nn.Module):
 
     def _unet(self, latents: torch.Tensor, t: int, cond: _Condition) -> torch.Tensor:
         timestep = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
-        kwargs = {"added_cond_kwargs": cond.added} if cond.added is not None else {}
-        out = self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=cond.hidden, return_dict=False,
-                        **kwargs)[0]
+        out = call_unet(self.unet, latents, timestep, unet_conditioning(cond.hidden, cond.added), dtype=self.unet.dtype)
         return out.float()
 
     def psi_sd(self, latents: torch.Tensor, cond: _Condition) -> torch.Tensor:

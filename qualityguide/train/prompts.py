@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..diffusion.conditioning import is_sdxl, sdxl_added_conditions
+
 # diffusers' encode_prompt logs this, followed by the whole cut-off text, at every call with a long prompt
 TRUNCATION_WARNING = "The following part of your input was truncated"
 
@@ -64,7 +66,7 @@ class PromptEncoder:
     def __init__(self, pipe, resolution: int):
         self.pipe = pipe
         self.resolution = resolution
-        self.xl = hasattr(pipe, "text_encoder_2")
+        self.xl = is_sdxl(pipe)
         self._uncond = None
         quiet_truncation_warnings(pipe)  # encoded every step: one long caption would repeat its text every step
 
@@ -76,14 +78,13 @@ class PromptEncoder:
             return embeds, {}
         embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
-        return embeds, {"text_embeds": pooled, "time_ids": self._time_ids(len(captions), embeds, pooled)}
+        return embeds, self._added(pooled, embeds.dtype)
 
-    def _time_ids(self, batch: int, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        pipe, r = self.pipe, self.resolution
-        projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
-                      else pipe.text_encoder_2.config.projection_dim)
-        ids = pipe._get_add_time_ids((r, r), (0, 0), (r, r), dtype=embeds.dtype, text_encoder_projection_dim=projection)
-        return ids.to(embeds.device).repeat(batch, 1)
+    def _added(self, pooled: torch.Tensor, dtype: torch.dtype) -> dict:
+        """SDXL's ``text_embeds`` and ``time_ids`` for a centre-cropped square of ``resolution`` px, one row each."""
+        r = self.resolution
+        return sdxl_added_conditions(self.pipe.unet, pooled, (r, r), (0, 0), (r, r),
+                                     text_encoder_2=self.pipe.text_encoder_2, dtype=dtype)
 
     @torch.no_grad()
     def uncond(self, batch: int, device) -> tuple[torch.Tensor, dict]:
@@ -99,7 +100,7 @@ class PromptEncoder:
         neg, extra = self._uncond
         out = {k: v.expand(batch, *v.shape[1:]) for k, v in extra.items()}
         if self.xl:
-            out["time_ids"] = self._time_ids(batch, neg, extra["text_embeds"])
+            out = self._added(out["text_embeds"], neg.dtype)
         return neg.expand(batch, *neg.shape[1:]), out
 
     def __call__(self, captions: list[str], device, drop: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:

@@ -1,5 +1,6 @@
-"""How to call each U-Net type and turn its clean samples into images: small strategy objects for the ACPO loss.
+"""How to call each U-Net type and turn its clean samples into images: the call convention and small strategy objects.
 
+- :func:`call_unet`: the one way the library calls a diffusers U-Net (raw output, one timestep per sample).
 - :class:`LatentDenoiser`: ``UNet2DConditionModel`` on VAE latents (SD 1.x/2.x: ``encoder_hidden_states``; SDXL
   also ``added_cond_kwargs`` with ``text_embeds`` and ``time_ids``); the decoder is the VAE.
 - :class:`PixelDenoiser`: ``UNet2DModel`` on pixels in [-1,1] (``DDPMPipeline``), unconditional; the decoder is
@@ -14,15 +15,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..diffusion import decode_latents, encode_images, from_vae_range, to_vae_range
 from ..errors import InputError
+from .conditioning import is_sdxl, unwrap
+from .vae import decode_latents, encode_images, from_vae_range, to_vae_range
 
 Conditioning = Mapping[str, Any]
 
 
-def unwrap(unet: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (``accelerator.prepare``), for reading its type and config."""
-    return unet.module if isinstance(unet, nn.parallel.DistributedDataParallel) else unet
+def call_unet(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The U-Net's raw output (epsilon, v or sample) at ``sample``: diffusers' call convention in one place.
+
+    Args:
+        unet: a ``UNet2DConditionModel`` or ``UNet2DModel``, possibly DDP-wrapped (called through the wrapper, so
+            gradients are synchronised).
+        sample: the noisy model input ``[B,...]``.
+        timesteps: one timestep per sample ``[B]``.
+        conditioning: keyword arguments (:func:`~qualityguide.diffusion.unet_conditioning`); None: unconditional.
+        dtype: cast ``sample`` and ``encoder_hidden_states`` to it first (the U-Net's dtype, for frozen half-precision
+            models called with float32 inputs); None: as given (mixed-precision training casts under autocast).
+    """
+    kwargs = dict(conditioning or {})
+    if dtype is not None:
+        sample = sample.to(dtype)
+        if isinstance(kwargs.get("encoder_hidden_states"), torch.Tensor):
+            kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"].to(dtype)
+    return unet(sample, timesteps, **kwargs, return_dict=False)[0]
 
 
 def select(conditioning: Conditioning, index: torch.Tensor) -> dict[str, Any]:
@@ -50,7 +68,7 @@ class Denoiser:
 
     def predict(self, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """The U-Net's output (epsilon, v or sample) at ``sample``, one timestep per sample."""
-        return self.unet(sample, timesteps, **conditioning).sample
+        return call_unet(self.unet, sample, timesteps, conditioning)
 
     def decode(self, clean: torch.Tensor) -> torch.Tensor:
         """Clean model-space samples -> images ``[B,3,H,W]`` in [0,1] (float32, differentiable)."""
@@ -81,7 +99,7 @@ class LatentDenoiser(Denoiser):
     def __init__(self, unet: nn.Module, vae: nn.Module, upcast_vae: bool = False):
         super().__init__(unet)
         self.vae, self.upcast_vae = vae, upcast_vae
-        self.sdxl = unwrap(unet).config.get("addition_embed_type") == "text_time"
+        self.sdxl = is_sdxl(unet)
 
     def check_conditioning(self, conditioning: Conditioning | None, batch: int) -> dict[str, Any]:
         conditioning = dict(conditioning or {})
@@ -94,8 +112,8 @@ class LatentDenoiser(Denoiser):
                      "pass the prompt embeddings, e.g. pipe.encode_prompt(...)[0]")
         if self.sdxl:
             added = conditioning.get("added_cond_kwargs")
-            fix = ("SDXL needs added_cond_kwargs={'text_embeds': pooled prompt embeddings, 'time_ids': "
-                   "pipe._get_add_time_ids(...)}, one row per sample")
+            fix = ("SDXL needs added_cond_kwargs={'text_embeds': pooled prompt embeddings, 'time_ids': ...}, one "
+                   "row per sample: build it with qualityguide.diffusion.sdxl_added_conditions")
             if not isinstance(added, Mapping):
                 raise InputError(f"conditioning['added_cond_kwargs'] is missing; {fix}")
             for key in ("text_embeds", "time_ids"):

@@ -1,5 +1,5 @@
-"""Training maths for noise-prediction models (VP schedules): timestep sampling, forward noising, the
-regression target, the loss and the one-step clean estimate. Used by the IQA-Adapter and ACPO losses.
+"""Forward noising and the training maths of noise-prediction models (VP schedules): timestep sampling, noising,
+the regression target, the loss and the one-step clean estimate. Used by the IQA-Adapter and ACPO losses.
 
 ``z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps`` with ``a_t = alphas_cumprod[t]`` (Ho et al. 2020, eq. 4).
 """
@@ -11,19 +11,9 @@ from typing import Literal
 import torch
 
 from ..errors import InputError
-from .schedule import PREDICTION_TYPES, clean_estimate
+from .schedule import PREDICTION_TYPES, alpha_bar_at, clean_estimate
 
 Reduction = Literal["none", "mean"]
-
-
-def _per_sample(table: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``table[t]`` for each sample, float32, shaped ``[B,1,...]`` to broadcast against ``like``."""
-    t = torch.as_tensor(timesteps, device=table.device).long().reshape(-1)
-    if t.numel() != like.shape[0]:
-        raise InputError(f"got {t.numel()} timesteps for a batch of {like.shape[0]}; pass one per sample")
-    if bool(((t < 0) | (t >= len(table))).any()):
-        raise InputError(f"timesteps must lie in [0, {len(table) - 1}], got min {int(t.min())}, max {int(t.max())}")
-    return table.to(torch.float32)[t].to(like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
 def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator | None = None,
@@ -46,7 +36,7 @@ def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Gene
 def add_noise(z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
               alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """``z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps`` per sample (what ``DDPMScheduler.add_noise`` computes)."""
-    a = _per_sample(alphas_cumprod, timesteps, z0)
+    a = alpha_bar_at(alphas_cumprod, timesteps, z0)
     return (a.sqrt() * z0.float() + (1 - a).sqrt() * noise.float()).to(z0.dtype)
 
 
@@ -56,7 +46,7 @@ def training_target(z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tens
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
-        a = _per_sample(alphas_cumprod, timesteps, z0)
+        a = alpha_bar_at(alphas_cumprod, timesteps, z0)
         return (a.sqrt() * noise.float() - (1 - a).sqrt() * z0.float()).to(z0.dtype)
     if prediction_type == "sample":
         return z0
@@ -65,7 +55,7 @@ def training_target(z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tens
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio ``a_t / (1 - a_t)`` per timestep ``[B]`` (float32)."""
-    a = alphas_cumprod.to(torch.float32)[torch.as_tensor(timesteps, device=alphas_cumprod.device).long()]
+    a = alpha_bar_at(alphas_cumprod, timesteps)
     return a / (1 - a)
 
 
@@ -106,5 +96,5 @@ def noise_prediction_loss(model_output: torch.Tensor, target: torch.Tensor, time
 def one_step_clean(model_output: torch.Tensor, z_t: torch.Tensor, timesteps: torch.Tensor,
                    alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
     """The clean estimate ``z0|t`` of each sample at its own timestep (float32; differentiable)."""
-    a = _per_sample(alphas_cumprod, timesteps, z_t)
+    a = alpha_bar_at(alphas_cumprod, timesteps, z_t)
     return clean_estimate(model_output.float(), z_t.float(), a, prediction_type)[0]

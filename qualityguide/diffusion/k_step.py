@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..diffusion import clean_estimate, ddim_update
 from ..errors import InputError
+from .schedule import alpha_bar_at, clean_estimate, ddim_update
 
 
 def k_step_timesteps(timesteps: torch.Tensor, k_steps: int) -> list[torch.Tensor]:
@@ -16,12 +16,6 @@ def k_step_timesteps(timesteps: torch.Tensor, k_steps: int) -> list[torch.Tensor
     its own ``t`` towards 0; the step after the last lands on the clean end)."""
     t = torch.as_tensor(timesteps).long()
     return [t * (k_steps - i) // k_steps for i in range(k_steps)]
-
-
-def _level(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``alphas_cumprod[t]`` per sample, float32, shaped to broadcast against ``like``."""
-    a = alphas_cumprod.to(like.device, torch.float32)[timesteps.to(like.device)]
-    return a.view(-1, *([1] * (like.dim() - 1)))
 
 
 def ddim_to_clean(first_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor,
@@ -55,7 +49,7 @@ def ddim_to_clean(first_output: torch.Tensor, sample: torch.Tensor, timesteps: t
         with torch.set_grad_enabled(grad and i >= first_grad):
             if i > 0:
                 output = predict(z.to(sample.dtype), tau.to(sample.device))
-            x0, eps = clean_estimate(output.float(), z, _level(alphas_cumprod, tau, z), prediction_type)
+            x0, eps = clean_estimate(output.float(), z, alpha_bar_at(alphas_cumprod, tau, z), prediction_type)
             if i < k_steps - 1:
-                z = ddim_update(x0, eps, _level(alphas_cumprod, taus[i + 1], z))
+                z = ddim_update(x0, eps, alpha_bar_at(alphas_cumprod, taus[i + 1], z))
     return x0
