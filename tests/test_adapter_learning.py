@@ -76,13 +76,13 @@ def pixel_std(x: torch.Tensor) -> torch.Tensor:
     return x.std(dim=(-2, -1)).mean(-1)
 
 
-def train_adapter(unet, scheduler, images, labels, steps: int = 300) -> IQAAdapter:
+def train_adapter(unet, scheduler, images, labels, steps: int = 300, lr: float = 1e-3) -> IQAAdapter:
     torch.manual_seed(0)
     adapter = IQAAdapter.for_unet(unet, ["attribute"], num_tokens=4)
     adapter.set_quantiles(ScoreQuantiles.fit({"attribute": labels}))
     adapter.attach(unet, dtype=torch.float32)
     trainer = AdapterTrainer(adapter, unet, scheduler)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-3, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=1e-2)
     for step in range(steps):
         generator = torch.Generator().manual_seed(10_000 + step)
         index = torch.randint(0, len(images), (BATCH,), generator=generator)
@@ -145,15 +145,19 @@ def test_adapter_steers_pixel_level_detail_from_the_lowest_levels():
     labels = pixel_std(images).double()
     unet, scheduler = train_base(images, tiny_pixel_unet(size=32, levels=4))
     shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
-    true_adapter = train_adapter(unet, scheduler, images, labels)
-    control = train_adapter(unet, scheduler, images, shuffled)
+    # lr 3e-3: at 1e-3 the learned span was 1.0x to 2.3x the threshold below, depending on the CPU and the base's
+    # initialisation (0.014 / 0.022 / 0.033); at 3e-3, 4.3x to 7x (0.061 to 0.098 over two bases and four
+    # adapter seeds), in the same 300 steps.
+    true_adapter = train_adapter(unet, scheduler, images, labels, lr=3e-3)
+    control = train_adapter(unet, scheduler, images, shuffled, lr=3e-3)
     targets = (0.1, 0.5, 0.9)
     learned = [measure_samples(unet, scheduler, true_adapter, p, pixel_std) for p in targets]
     blind = [measure_samples(unet, scheduler, control, p, pixel_std) for p in targets]
     wanted = [float(v) for v in true_adapter.quantiles.score_at("attribute", targets)]
-    # Ordered by target, over a small part of the requested range after 300 steps (measured: 0.135 / 0.143 /
-    # 0.157 for 0.042 / 0.130 / 0.217; the eval's EMA'd base gets 35%) ...
+    # Ordered by target, over part of the requested range after 300 steps (measured: 0.101 / 0.110 / 0.199 for
+    # 0.042 / 0.130 / 0.217, a span of 56% of the wanted one; the eval's EMA'd base gets 35% at lr 1e-3) ...
     assert learned[0] < learned[1] < learned[2], (learned, wanted)
     assert learned[2] - learned[0] > 0.08 * (wanted[2] - wanted[0]), (learned, wanted)
-    # ... while the shuffled twin stays flat (measured: 0.1435 / 0.1431 / 0.1429, 1/38 of the learned span).
+    # ... while the shuffled twin stays flat (measured: 0.1110 / 0.1109 / 0.1108; three shuffles moved 0.0002 to
+    # 0.0012, at most 1/80 of the learned span).
     assert abs(blind[2] - blind[0]) < 0.25 * (learned[2] - learned[0]), (blind, learned)
