@@ -478,15 +478,20 @@ def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> 
 GridCell = Union[Image.Image, torch.Tensor]
 
 
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A ``[3,H,W]`` tensor in [0,1] as an 8-bit RGB PIL image (clamped, rounded to the nearest level)."""
+    pixels = (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
 def _cell_image(image: GridCell, index: int) -> Image.Image:
-    """One grid cell as an RGB PIL image: a PIL image as it is, a ``[3,H,W]`` tensor in [0,1] rounded to 8 bits."""
+    """One grid cell as an RGB PIL image: a PIL image as it is, a ``[3,H,W]`` tensor through :func:`to_pil`."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise InputError(f"make_grid: image {index} is {shape}; pass PIL images or [3,H,W] tensors in [0,1]")
-    pixels = (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(pixels)
+    return to_pil(image)
 
 
 def _check_labels(labels: Sequence[str] | None, expected: int, what: str) -> None:
@@ -505,7 +510,8 @@ def _text_size(draw, texts: Sequence[str] | None) -> tuple[int, int]:
 
 def make_grid(images: Sequence[GridCell] | torch.Tensor, columns: int, *, captions: Sequence[str] | None = None,
               row_labels: Sequence[str] | None = None, column_labels: Sequence[str] | None = None,
-              padding: int = 0, background: str = "black", ink: str = "black") -> Image.Image:
+              padding: int = 0, border: int | None = None, background: str = "black",
+              ink: str = "black") -> Image.Image:
     """Images in a grid, row-major: the one grid of the library, its demo, its validation and the evals.
 
     Each cell is as large as the largest image (smaller ones sit at its top left); a caption goes under its
@@ -517,7 +523,8 @@ def make_grid(images: Sequence[GridCell] | torch.Tensor, columns: int, *, captio
         columns: cells per row; the rows follow from the number of images.
         captions: one text per image, drawn under it.
         row_labels: one text per row; column_labels: one text per column.
-        padding: pixels between cells and around the grid (as ``torchvision.utils.make_grid``).
+        padding: pixels between cells.
+        border: pixels around the grid; None: ``padding`` (as ``torchvision.utils.make_grid``).
         background: colour of padding, bands and empty cells (PIL colour name).
         ink: colour of the texts.
     """
@@ -525,8 +532,10 @@ def make_grid(images: Sequence[GridCell] | torch.Tensor, columns: int, *, captio
 
     if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
         raise InputError(f"make_grid: columns={columns!r}; pass a whole number >= 1")
-    if padding < 0:
-        raise InputError(f"make_grid: padding={padding}; pass 0 or more pixels")
+    border = padding if border is None else border
+    for name, value in (("padding", padding), ("border", border)):
+        if value < 0:
+            raise InputError(f"make_grid: {name}={value}; pass 0 or more pixels")
     cells = [_cell_image(image, i) for i, image in enumerate(images)]
     if not cells:
         raise InputError("make_grid: no images; pass at least one")
@@ -540,11 +549,11 @@ def make_grid(images: Sequence[GridCell] | torch.Tensor, columns: int, *, captio
     top = _text_size(measure, column_labels)[1] + 4 if column_labels else 0
     cell_w, image_h = max(c.width for c in cells), max(c.height for c in cells)
     cell_h = image_h + caption_h
-    sheet = Image.new("RGB", (left + padding + columns * (cell_w + padding), top + padding + rows * (cell_h + padding)),
-                      background)
+    width = left + 2 * border + columns * cell_w + (columns - 1) * padding
+    sheet = Image.new("RGB", (width, top + 2 * border + rows * cell_h + (rows - 1) * padding), background)
     draw = ImageDraw.Draw(sheet)
-    x_of = [left + padding + c * (cell_w + padding) for c in range(columns)]
-    y_of = [top + padding + r * (cell_h + padding) for r in range(rows)]
+    x_of = [left + border + c * (cell_w + padding) for c in range(columns)]
+    y_of = [top + border + r * (cell_h + padding) for r in range(rows)]
     for i, cell in enumerate(cells):
         r, c = divmod(i, columns)
         sheet.paste(cell, (x_of[c], y_of[r]))

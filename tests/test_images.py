@@ -241,6 +241,8 @@ def test_make_grid_places_each_image_in_its_cell():
     assert (grid[19:24, 13:20] == 255).all() and (grid[:3] == 255).all()  # the empty sixth cell and the border
     pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in images]
     assert np.array_equal(np.asarray(make_grid(pil, columns=2, padding=3, background="white")), grid)
+    tight = np.asarray(make_grid(images, columns=2, padding=3, border=0, background="white"))
+    assert tight.shape == (3 * 5 + 2 * 3, 2 * 7 + 3, 3) and np.array_equal(tight, grid[3:-3, 3:-3])
 
 
 def test_make_grid_labels_add_bands_and_keep_the_cells():
@@ -269,6 +271,7 @@ def test_make_grid_labels_add_bands_and_keep_the_cells():
     ({"columns": 2, "row_labels": ["a"]}, "1 row labels for 2 rows"),
     ({"columns": 2, "column_labels": ["a", "b", "c"]}, "3 column labels for 2 columns"),
     ({"columns": 2, "padding": -1}, "padding=-1"),
+    ({"columns": 2, "border": -2}, "border=-2"),
 ])
 def test_make_grid_refuses_bad_layouts(kwargs, match):
     from qualityguide.images import make_grid
