@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evals.common.figures import pyplot, save_figure
-from evals.common.flags import eval_parser
+from evals.common.flags import add_pipeline_flags, eval_parser
 from evals.common.report import slug, write_report
 from qualityguide.diffusion import (add_noise, frozen, noise_prediction_loss, one_step_clean, sample_timesteps,
                                     training_target)
@@ -319,9 +319,7 @@ def plot(r: dict, path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = eval_parser(__doc__)
-    parser.add_argument("--model", default="tiny:sd", help="pipeline spec (tiny:sd, random:sd15, a folder, a hub id)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="U-Net/VAE dtype (fp16/bf16 train the LoRA under autocast)")
+    add_pipeline_flags(parser, dtype_help="U-Net/VAE dtype (fp16/bf16 train the LoRA under autocast)")
     parser.add_argument("--height", type=int, default=None, help="image side in px (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from evals.common.figures import pyplot, save_figure
-from evals.common.flags import eval_parser
+from evals.common.flags import add_generation_flags, add_pipeline_flags, eval_parser
 from evals.common.process import child_env, module_command
 from evals.common.report import slug, write_report
 from qualityguide.adapter import IQAAdapter
@@ -137,12 +137,8 @@ def train_step(args) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = eval_parser(__doc__)
-    parser.add_argument("--model", default="tiny:sd")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--height", type=int, default=None, help="image side (default: the model's)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--cfg", type=float, default=7.5)
+    add_pipeline_flags(parser)
+    add_generation_flags(parser)
     parser.add_argument("--batch", type=int, default=1, help="training batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant", choices=["adapter", "lora"], default=None, help=argparse.SUPPRESS)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from evals.common.figures import pyplot, save_figure
-from evals.common.flags import eval_parser
+from evals.common.flags import add_generation_flags, add_pipeline_flags, eval_parser
 from evals.common.report import slug, write_report
 from qualityguide.diffusion.vae import decode_latents, from_vae_range, pipeline_upcasts_vae
 from qualityguide.diffusion.x0 import frozen
@@ -38,12 +38,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_guidance"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = eval_parser(__doc__)
-    parser.add_argument("--model", default="tiny:sd")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--height", type=int, default=None, help="image side (default: the model's)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--cfg", type=float, default=7.5)
+    add_pipeline_flags(parser)
+    add_generation_flags(parser)
     parser.add_argument("--scorer", default="niqe-embedded", help="scorer spec; SPEC@SIZE resizes first (tiny models: "
                         "niqe-embedded@192)")
     parser.add_argument("--scale", type=float, default=0.05)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from evals.common.flags import eval_parser
+from evals.common.flags import add_pipeline_flags, eval_parser
 from evals.common.report import slug, write_report
 from qualityguide.identity import SAMPLES_PER_TENSOR, WeightIdentity
 from qualityguide.pipelines import load_pipeline, parse_dtype
@@ -108,9 +108,7 @@ def detection(pipe, trials: int) -> list[dict]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = eval_parser(__doc__)
-    parser.add_argument("--model", default="random:sd15")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="fp32 (default), fp16, bf16")
+    add_pipeline_flags(parser, model="random:sd15")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trials", type=int, default=10, help="random changes per level in the detection table")
     return parser.parse_args(argv)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from evals.common.figures import pyplot, save_figure
-from evals.common.flags import eval_parser
+from evals.common.flags import add_pipeline_flags, eval_parser
 from evals.common.report import slug, write_report
 from qualityguide.diffusion.schedule import alpha_bar, clean_estimate, ddim_update
 from qualityguide.diffusion.vae import from_vae_range, to_vae_range
@@ -196,9 +196,7 @@ def plot(result: dict, path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
     parser = eval_parser(__doc__)
-    parser.add_argument("--model", default="tiny:sd")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="fp16 / bf16 weights (default fp32)")
+    add_pipeline_flags(parser)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--num-steps", type=int, default=10)
     parser.add_argument("--t-max", type=int, default=100)

@@ -38,3 +38,29 @@ def eval_parser(doc: str | None) -> EvalArgumentParser:
         doc: the eval's module docstring, shown by ``--help`` as written.
     """
     return EvalArgumentParser(description=doc, formatter_class=_KebabHelp)
+
+
+def add_pipeline_flags(parser: argparse.ArgumentParser, model: str = "tiny:sd",
+                       dtype_help: str = "fp16 / bf16 weights (default fp32)") -> None:
+    """``--model``, ``--device`` and ``--dtype``: the pipeline an eval loads, named as ``load_pipeline`` takes it.
+
+    Args:
+        parser: the eval's parser.
+        model: the default spec (``tiny:sd`` runs offline in seconds; ``random:sd15`` has real layer sizes).
+        dtype_help: what ``--dtype`` changes in this eval.
+    """
+    parser.add_argument("--model", default=model, help="pipeline spec (tiny:sd, random:sd15, a folder, a hub id)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help=dtype_help)
+
+
+def add_generation_flags(parser: argparse.ArgumentParser, steps: int = 10, cfg: float = 7.5) -> None:
+    """``--height``, ``--steps`` and ``--cfg``: the image side, sampling steps and CFG scale of generated images.
+
+    Args:
+        parser: the eval's parser.
+        steps, cfg: their defaults.
+    """
+    parser.add_argument("--height", type=int, default=None, help="image side in px (default: the model's)")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--cfg", type=float, default=cfg)
