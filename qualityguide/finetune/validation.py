@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,7 +83,9 @@ def run_validation(pipe, settings: ValidationSettings, step: int, output_dir: st
     images = validation_images(pipe, settings)
     folder = Path(output_dir) / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
-    make_grid(images, columns=math.ceil(math.sqrt(len(images)))).save(folder / "grid.png")
+    sheet = make_grid(images, columns=math.ceil(math.sqrt(len(images))))
+    sheet.save(folder / "grid.png")
+    grid = np.asarray(sheet)  # HWC uint8, as trackers take images
     values: dict[str, float] = {}
     record: dict = {"step": step, "prompt": settings.prompt, "seeds": settings.seeds()}
     if scorer is not None:
