@@ -1,14 +1,14 @@
 """Does the ACPO loss do what it claims? Quality gain against drift at several anchor weights, on a CPU in minutes.
 
-1. Crops of real photos (BIQ2021) at graded blur / noise / JPEG levels plus clean (``evals/toy_task.py``).
-2. A tiny pixel-space ``UNet2DModel`` trained briefly on all of them (``toy_task.load_or_train_base``, cached):
+1. Crops of real photos (BIQ2021) at graded blur / noise / JPEG levels plus clean (:mod:`evals.toy`).
+2. A tiny pixel-space ``UNet2DModel`` trained briefly on all of them (``toy.load_or_train_base``, cached):
    ACPO's pixel path, as in the paper's unconditional experiments.
 3. For each anchor weight (0 included), the same rank-``r`` LoRA is fine-tuned from the same initialisation, on the
    same batches, timesteps and noise, with :class:`~qualityguide.finetune.ACPOLoss`: diffusion term on the crops +
-   ``w_anchor`` x anchor to the adapter-free base - ``w_quality`` x the guiding scorer (``toy_task.TOY_SCORER``,
+   ``w_anchor`` x anchor to the adapter-free base - ``w_quality`` x the guiding scorer (``toy.TOY_SCORER``,
    BRISQUE) of the one-step clean estimates with ``t <= t_quality_max``.
 4. Each LoRA and the base sample the same seeds (DDIM). Reported per anchor weight: the guiding-scorer gain and the
-   held-out-scorer gain (``toy_task.HELD_OUT_SCORER``, NIQE; the reward-hacking check), both as mean LoRA minus
+   held-out-scorer gain (``toy.HELD_OUT_SCORER``, NIQE; the reward-hacking check), both as mean LoRA minus
    mean base over paired samples with bootstrap 95% intervals, and the drift: ACPO's anchor figure (noise-prediction
    MSE of the LoRA U-Net to its adapter-free self) on fixed crops noised at fixed timesteps with fixed noise.
 
@@ -16,8 +16,8 @@ The claim under test: the quality term raises the guiding score, and a larger an
 drift. A tiny model trained for minutes: the numbers show whether the loss moves the model as designed, not what a
 real model reaches.
 
-    python evals/acpo_toy.py
-    python evals/acpo_toy.py --anchor-weights 0 1 --steps 20 --n-images 40 --base-steps 30 --samples 8
+    python -m evals.acpo_toy
+    python -m evals.acpo_toy --anchor-weights 0 1 --steps 20 --n-images 40 --base-steps 30 --samples 8
 
 Writes ``evals/results/acpo_toy/{summary.json, results.md, tradeoff.png, grid.png}`` and prints the JSON.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,14 +35,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import toy_task  # noqa: E402  (the shared task lives next to this script)
-
-from qualityguide.errors import InputError  # noqa: E402
-from qualityguide.finetune import ACPOConfig, ACPOLoss, add_lora, lora_parameters  # noqa: E402
-from qualityguide.protocol import bootstrap_ci  # noqa: E402
-from qualityguide.runtime import quiet_third_party  # noqa: E402
-from qualityguide.train import batch_indices, step_generator  # noqa: E402
+from evals import toy
+from evals.common.figures import pyplot, save_figure
+from evals.common.flags import eval_parser
+from evals.common.report import write_report
+from evals.common.stats import paired_gain
+from qualityguide.errors import InputError
+from qualityguide.finetune import ACPOConfig, ACPOLoss, add_lora, lora_parameters
+from qualityguide.runtime import quiet_third_party
+from qualityguide.train import batch_indices, step_generator
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ANCHORS = (0.0, 1.0, 3.0, 10.0, 30.0)
@@ -75,7 +75,7 @@ class RunConfig:
                           t_quality_max=self.t_quality_max, quality_fraction=self.quality_fraction)
 
 
-def finetune(base, scheduler, crops: toy_task.Crops, scorer, w_anchor: float, config: RunConfig,
+def finetune(base, scheduler, crops: toy.Crops, scorer, w_anchor: float, config: RunConfig,
              progress: bool = True) -> tuple[torch.nn.Module, dict]:
     """A copy of ``base`` with a LoRA trained by ACPO at ``w_anchor``; returns ``(unet, log)`` (per-step terms)."""
     unet = copy.deepcopy(base)
@@ -114,19 +114,15 @@ def drift(unet, scheduler, probe: torch.Tensor, timesteps: list[int], seed: int 
     return float(np.mean(values))
 
 
-def paired_gain(tuned: np.ndarray, base: np.ndarray, n_boot: int = 2000) -> dict:
-    """Mean (LoRA - base) over samples of the same seed, with a percentile bootstrap 95% interval; NaN scores
-    (images a scorer refuses) drop their pair."""
-    keep = np.isfinite(tuned) & np.isfinite(base)
-    diff = tuned[keep] - base[keep]
-    ci = list(bootstrap_ci(diff, diff, lambda a, b: float(np.mean(a)), n_boot=n_boot)) if diff.size >= 3 else None
-    return {"gain": float(diff.mean()) if diff.size else float("nan"), "gain_ci95": ci,
-            "base_mean": float(base[keep].mean()) if diff.size else float("nan"),
-            "lora_mean": float(tuned[keep].mean()) if diff.size else float("nan"), "pairs": int(diff.size),
-            "fraction_improved": float((diff > 0).mean()) if diff.size else float("nan")}
+def lora_gain(tuned: np.ndarray, base: np.ndarray, n_boot: int = 2000) -> dict:
+    """:func:`evals.common.stats.paired_gain` (LoRA - base over samples of the same seed; NaN scores, images a
+    scorer refuses, drop their pair) under this report's keys."""
+    gain = paired_gain(tuned, base, n_boot=n_boot)
+    return {"gain": gain["gain"], "gain_ci95": gain["gain_ci95"], "base_mean": gain["base_mean"],
+            "lora_mean": gain["treated_mean"], "pairs": gain["pairs"], "fraction_improved": gain["fraction_improved"]}
 
 
-def crop_reference(crops: toy_task.Crops, scores: np.ndarray) -> dict[str, float]:
+def crop_reference(crops: toy.Crops, scores: np.ndarray) -> dict[str, float]:
     """Mean score of the training crops that are clean and of those at the strongest level of each distortion."""
     groups = {"clean": ("clean", 0), "blur_3": ("blur", 3), "noise_3": ("noise", 3), "jpeg_3": ("jpeg", 3)}
     keys = list(zip(crops.distortion, crops.level.tolist()))
@@ -138,18 +134,18 @@ def run(args: argparse.Namespace) -> dict:
     """The whole experiment; writes the outputs under ``args.out`` and returns the summary."""
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    data = toy_task.resolve_data_dir(args.data)
-    crops = toy_task.build_crops(data / "biq2021", args.n_images, args.crop, seed=args.seed)
-    scorers = {"guiding": toy_task.load_toy_scorer(toy_task.TOY_SCORER, params_dir=data / "params"),
-               "held_out": toy_task.load_toy_scorer(args.held_out, params_dir=data / "params")}
-    base, scheduler, base_info = toy_task.load_or_train_base(crops, toy_task.BaseConfig(
+    data = toy.resolve_data_dir(args.data)
+    crops = toy.build_crops(data / "biq2021", args.n_images, args.crop, seed=args.seed)
+    scorers = {"guiding": toy.load_toy_scorer(toy.TOY_SCORER, params_dir=data / "params"),
+               "held_out": toy.load_toy_scorer(args.held_out, params_dir=data / "params")}
+    base, scheduler, base_info = toy.load_or_train_base(crops, toy.BaseConfig(
         crop=args.crop, steps=args.base_steps, seed=args.seed, kind="unconditional"), args.cache)
     config = RunConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank, w_diff=args.w_diff,
                        w_quality=args.w_quality, t_quality_max=args.t_quality_max,
                        quality_fraction=args.quality_fraction, seed=args.seed)
     probe = crops.images[: args.probe] * 2 - 1
     probe_t = np.linspace(0, scheduler.config.num_train_timesteps - 1, args.probe_timesteps).round().astype(int)
-    samples = {"base": toy_task.sample(base, scheduler, args.samples, seed=args.sample_seed, steps=args.sample_steps,
+    samples = {"base": toy.sample(base, scheduler, args.samples, seed=args.sample_seed, steps=args.sample_steps,
                                        progress=False)}
     runs = {}
     for w in tqdm(args.anchor_weights, desc="anchor weights"):
@@ -159,13 +155,13 @@ def run(args: argparse.Namespace) -> dict:
                    "drift": drift(unet, scheduler, probe, probe_t.tolist()),
                    "final_terms": {k: float(np.mean(v[-max(1, args.steps // 10):])) for k, v in log.items()},
                    "log": log}
-        samples[w] = toy_task.sample(unet, scheduler, args.samples, seed=args.sample_seed, steps=args.sample_steps,
+        samples[w] = toy.sample(unet, scheduler, args.samples, seed=args.sample_seed, steps=args.sample_steps,
                                      progress=False)
-    scores = {role: {key: toy_task.score_images(s, images, progress=False).numpy() for key, images in samples.items()}
+    scores = {role: {key: toy.score_images(s, images, progress=False).numpy() for key, images in samples.items()}
               for role, s in scorers.items()}
     for w, r in runs.items():
-        r["gains"] = {role: paired_gain(scores[role][w], scores[role]["base"], args.n_boot) for role in scorers}
-    reference = {role: crop_reference(crops, toy_task.score_images(s, crops.images, progress=False).numpy())
+        r["gains"] = {role: lora_gain(scores[role][w], scores[role]["base"], args.n_boot) for role in scorers}
+    reference = {role: crop_reference(crops, toy.score_images(s, crops.images, progress=False).numpy())
                  for role, s in scorers.items()}
     summary = {"scorers": {role: s.name for role, s in scorers.items()}, "n_crops": len(crops), "crop": args.crop,
                "base": {k: v for k, v in base_info.items() if k != "losses"}, "finetune": asdict(config),
@@ -177,11 +173,10 @@ def run(args: argparse.Namespace) -> dict:
                "wall_seconds": time.perf_counter() - started}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(markdown(summary))
+    write_report(out, "results", summary, markdown(summary), json_stem="summary")
     plot(summary, out / "tradeoff.png")
     columns = min(args.samples, 12)
-    toy_task.save_grid(torch.cat([samples[k][:columns] for k in samples]), out / "grid.png", columns=columns)
+    toy.save_grid(torch.cat([samples[k][:columns] for k in samples]), out / "grid.png", columns=columns)
     (out / "training_log.json").write_text(json.dumps({str(w): r["log"] for w, r in runs.items()}))
     return summary
 
@@ -217,11 +212,8 @@ def markdown(s: dict) -> str:
 
 
 def plot(s: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.NullFormatter below)
+    plt = pyplot()
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     for ax, role, colour in zip(axes, ("guiding", "held_out"), ("C0", "C1")):
@@ -235,21 +227,19 @@ def plot(s: dict, path: Path) -> None:
         drifts = [r["drift"] for r in s["runs"]]
         if min(drifts) > 0:
             ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         else:  # a run that never left the base (drift 0) still gets a place on the axis
             ax.set_xscale("symlog", linthresh=min([d for d in drifts if d > 0], default=1e-6))
         ax.set_xlabel("drift (noise-prediction MSE to the base)")
         ax.set_ylabel(f"gain in {s['scorers'][role]} score")
         ax.set_title(f"{'guiding' if role == 'guiding' else 'held-out'}: {s['scorers'][role]}", fontsize=9)
     fig.suptitle("ACPO toy: quality gain vs drift per anchor weight (95% CI)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    d, b = RunConfig(), toy_task.BaseConfig
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d, b = RunConfig(), toy.BaseConfig
+    parser = eval_parser(__doc__)
     parser.add_argument("--data", default=None, help="folder holding biq2021/ and params/ (default: shared data)")
     parser.add_argument("--out", default=str(HERE / "results" / "acpo_toy"))
     parser.add_argument("--cache", default=str(HERE / "results" / "toy_base"), help="trained base models")
@@ -265,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--w-quality", type=float, default=d.w_quality)
     parser.add_argument("--t-quality-max", type=int, default=d.t_quality_max)
     parser.add_argument("--quality-fraction", type=float, default=d.quality_fraction)
-    parser.add_argument("--held-out", default=toy_task.HELD_OUT_SCORER, help="the held-out scorer spec")
+    parser.add_argument("--held-out", default=toy.HELD_OUT_SCORER, help="the held-out scorer spec")
     parser.add_argument("--samples", type=int, default=64, help="samples per model (same seeds)")
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--sample-seed", type=int, default=10_000)

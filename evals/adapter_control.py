@@ -1,9 +1,9 @@
 """Does the IQA-Adapter learn control? A small task where quality is known, on a CPU in minutes.
 
 1. Crops of real photos (BIQ2021) at graded blur / noise / JPEG levels plus clean, labelled by a scorer of
-   this library (``evals/toy_task.py``: BRISQUE with the original LIVE model, chosen there because it tracks
+   this library (:mod:`evals.toy`: BRISQUE with the original LIVE model, chosen there because it tracks
    the distortion level on these crops).
-2. A tiny pixel-space ``UNet2DConditionModel`` trained briefly on all of them (cached by toy_task), with
+2. A tiny pixel-space ``UNet2DConditionModel`` trained briefly on all of them (cached by :mod:`evals.toy`), with
    v-prediction by default: with epsilon prediction a model this small spends its error at high noise levels
    on copying the noise, where a global attribute is decided and epsilon's loss discounts the clean image by
    the SNR; on flat images whose brightness is the label neither the base nor an adapter then learns
@@ -28,8 +28,8 @@ high frequency, with the quality base's layout: the adapter only at the two lowe
 adapter learns when the base can draw the attribute, next to what it learns on quality (``--no-check`` skips
 them).
 
-    python evals/adapter_control.py [--joint]
-    python evals/adapter_control.py --adapter-steps 50 --samples 4 --sample-steps 5 --n-images 8 --base-steps 20
+    python -m evals.adapter_control [--joint]
+    python -m evals.adapter_control --adapter-steps 50 --samples 4 --sample-steps 5 --n-images 8 --base-steps 20
 
 Writes ``evals/results/adapter_control/{summary.json, results.md, control.png, grid.png}``.
 """
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -48,14 +47,15 @@ import torch
 from scipy.stats import page_trend_test, spearmanr, wilcoxon
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import toy_task  # noqa: E402  (the shared task lives next to this script)
-
-from qualityguide.adapter import IQAAdapter, ScoreQuantiles  # noqa: E402
-from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, dropout_masks  # noqa: E402
-from qualityguide.errors import InputError  # noqa: E402
-from qualityguide.runtime import quiet_third_party  # noqa: E402
-from qualityguide.train import batch_indices, step_generator  # noqa: E402
+from evals import toy
+from evals.common.figures import pyplot, save_figure
+from evals.common.flags import eval_parser
+from evals.common.report import write_report
+from qualityguide.adapter import IQAAdapter, ScoreQuantiles
+from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, dropout_masks
+from qualityguide.errors import InputError
+from qualityguide.runtime import quiet_third_party
+from qualityguide.train import batch_indices, step_generator
 
 HERE = Path(__file__).resolve().parent
 
@@ -98,11 +98,11 @@ def train_adapter(unet, scheduler, images, labels, name, args, shuffle: bool):
     dropout = DropoutConfig(p_text=0.0, p_quality=args.p_quality, p_both=0.0)
     losses = []
     for step in tqdm(range(args.adapter_steps), desc=f"adapter ({'shuffled' if shuffle else 'true'} labels)"):
-        index = batch_indices(len(images), min(args.batch_size, len(images)), step, args.seed)  # as toy_task
+        index = batch_indices(len(images), min(args.batch_size, len(images)), step, args.seed)  # as evals.toy
         generator = step_generator(args.seed, step)
         _, drop_quality = dropout_masks(len(index), dropout, generator)
         x0 = images[index] * 2 - 1
-        loss = trainer(x0, toy_task.null_condition(unet, len(index)), adapter.condition(labels[index][:, None]),
+        loss = trainer(x0, toy.null_condition(unet, len(index)), adapter.condition(labels[index][:, None]),
                        None, drop_quality, generator)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,8 +124,8 @@ def generate(unet, scheduler, adapter, name, targets, args, cfg: float = 1.0) ->
             if adapter is not None:
                 embeds = adapter.embeds(percentiles={name: float(p)}, do_cfg=False)[0]  # [1, 1, d]
                 kwargs = {"image_embeds": [embeds.expand(args.samples, -1, -1)]}  # one row per image
-            out.append(toy_task.sample(model, scheduler, args.samples, seed=10_000, steps=args.sample_steps,
-                                       encoder_hidden_states=toy_task.null_condition(unet, 1),
+            out.append(toy.sample(model, scheduler, args.samples, seed=10_000, steps=args.sample_steps,
+                                       encoder_hidden_states=toy.null_condition(unet, 1),
                                        added_cond_kwargs=kwargs, progress=False))
     finally:
         if adapter is not None:
@@ -233,18 +233,18 @@ CHECKS = ("brightness", "noise amplitude")
 def known_attribute_check(args, attribute: str = "brightness") -> dict:
     """The mechanism on an attribute a tiny base renders, where the label *is* the measured attribute.
 
-    Same pieces as the quality task (toy_task's base training, :func:`train_adapter`, :func:`generate`), on 512
+    Same pieces as the quality task (evals.toy's base training, :func:`train_adapter`, :func:`generate`), on 512
     synthetic images: ``"brightness"`` (flat 16 px images; low frequency, decided at high noise) or
     ``"noise amplitude"`` (white noise on grey, 32 px, the quality base's 4-level layout with the adapter only at
     the two lowest levels; high frequency, decided at low noise). Shows what the adapter learns when the base
     can draw the attribute, next to the quality task's result.
     """
     images, labels, fields, description, measure = _check_task(attribute, args.seed)
-    crops = toy_task.Crops(images, ["clean"] * len(images), torch.zeros(len(images), dtype=torch.long),
+    crops = toy.Crops(images, ["clean"] * len(images), torch.zeros(len(images), dtype=torch.long),
                            [f"{'flat' if attribute == 'brightness' else 'noise'}_{i}" for i in range(len(images))])
-    config = toy_task.BaseConfig(steps=args.check_base_steps, seed=args.seed, prediction_type=args.prediction_type,
+    config = toy.BaseConfig(steps=args.check_base_steps, seed=args.seed, prediction_type=args.prediction_type,
                                  **fields)
-    unet, scheduler, info = toy_task.load_or_train_base(crops, config, args.cache, progress=False)
+    unet, scheduler, info = toy.load_or_train_base(crops, config, args.cache, progress=False)
     settings = argparse.Namespace(**{**vars(args), "adapter_steps": args.check_steps})
     labels = labels.double()
     adapter, losses = train_adapter(unet, scheduler, images, labels, attribute, settings, shuffle=False)
@@ -266,16 +266,16 @@ def known_attribute_check(args, attribute: str = "brightness") -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked before anything is built or trained (a bad value fails in a second, not after
     the known-attribute checks' minutes)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = eval_parser(__doc__)
     parser.add_argument("--data", default=None, help="folder holding biq2021/ and params/ (default: shared data)")
     parser.add_argument("--out", default=str(HERE / "results" / "adapter_control"))
     parser.add_argument("--cache", default=str(HERE / "results" / "toy_base"), help="trained base models")
     parser.add_argument("--n-images", type=int, default=256)
     parser.add_argument("--crop", type=int, default=48)
-    parser.add_argument("--distortions", nargs="+", default=list(toy_task.DISTORTIONS), choices=toy_task.DISTORTIONS,
+    parser.add_argument("--distortions", nargs="+", default=list(toy.DISTORTIONS), choices=toy.DISTORTIONS,
                         help="distortion families of the crops (clean = undistorted)")
-    parser.add_argument("--base-steps", type=int, default=toy_task.BaseConfig.steps)
-    parser.add_argument("--prediction-type", default="v_prediction", choices=toy_task.PREDICTION_TYPES,
+    parser.add_argument("--base-steps", type=int, default=toy.BaseConfig.steps)
+    parser.add_argument("--prediction-type", default="v_prediction", choices=toy.PREDICTION_TYPES,
                         help="the base's parameterisation (v: see the module docstring on why not epsilon)")
     parser.add_argument("--adapter-steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=16,
@@ -314,9 +314,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def base_config(args: argparse.Namespace) -> toy_task.BaseConfig:
-    """The quality base's :class:`toy_task.BaseConfig` from the command line (raises :class:`InputError`)."""
-    return toy_task.BaseConfig(crop=args.crop, steps=args.base_steps, seed=args.seed,
+def base_config(args: argparse.Namespace) -> toy.BaseConfig:
+    """The quality base's :class:`toy.BaseConfig` from the command line (raises :class:`InputError`)."""
+    return toy.BaseConfig(crop=args.crop, steps=args.base_steps, seed=args.seed,
                                prediction_type=args.prediction_type)
 
 
@@ -328,16 +328,16 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    data = toy_task.resolve_data_dir(args.data)
-    crops = toy_task.build_crops(data / "biq2021", args.n_images, args.crop, seed=args.seed,
+    data = toy.resolve_data_dir(args.data)
+    crops = toy.build_crops(data / "biq2021", args.n_images, args.crop, seed=args.seed,
                                  distortions=tuple(args.distortions))
-    scorer = toy_task.load_toy_scorer(params_dir=data / "params")
-    name = toy_task.TOY_SCORER
-    labels = toy_task.score_images(scorer, crops.images, desc="labelling crops")
+    scorer = toy.load_toy_scorer(params_dir=data / "params")
+    name = toy.TOY_SCORER
+    labels = toy.score_images(scorer, crops.images, desc="labelling crops")
     keep = torch.isfinite(labels)
     images, labels = crops.images[keep], labels[keep].double()
     base = base_config(args)
-    unet, scheduler, base_info = toy_task.load_or_train_base(crops, base, args.cache)
+    unet, scheduler, base_info = toy.load_or_train_base(crops, base, args.cache)
     unet.requires_grad_(False)
 
     checks = {} if args.no_check else {a: known_attribute_check(args, a) for a in args.checks}
@@ -352,9 +352,9 @@ def main(argv=None) -> dict:
         torch.manual_seed(args.seed)
         joint = IQAAdapter.for_unet(unet, [name], num_tokens=args.num_tokens, projection="linear")
         joint.set_quantiles(ScoreQuantiles.fit({name: labels}))
-        kept = toy_task.Crops(images, [d for d, k in zip(crops.distortion, keep) if k], crops.level[keep],
+        kept = toy.Crops(images, [d for d, k in zip(crops.distortion, keep) if k], crops.level[keep],
                               [p for p, k in zip(crops.source, keep) if k])
-        joint_unet, _, joint_losses = toy_task.train_base(kept, base, adapter=joint, labels=labels,
+        joint_unet, _, joint_losses = toy.train_base(kept, base, adapter=joint, labels=labels,
                                                           p_quality=args.p_quality)
         joint_loss = float(np.mean(joint_losses[-50:]))
         for label, cfg in (("joint model (upper bound)", 1.0), (f"joint model, quality CFG {args.cfg:g}", args.cfg)):
@@ -363,7 +363,7 @@ def main(argv=None) -> dict:
     for label, (model, cfg) in tqdm(list(variants.items()), desc="sampling variants"):
         samples[label] = generate(unets[label], scheduler, model, name, args.targets, args, cfg)
         flat = samples[label].reshape(-1, *samples[label].shape[2:])
-        scores = toy_task.score_images(scorer, flat, progress=False).reshape(len(args.targets), args.samples)
+        scores = toy.score_images(scorer, flat, progress=False).reshape(len(args.targets), args.samples)
         results[label] = control_stats(args.targets, scores)
     versus = {label: versus_shuffled(args.targets, results[label]["scores"], results[twin]["scores"])
               for label, twin in (("adapter", "shuffled labels"),
@@ -383,12 +383,11 @@ def main(argv=None) -> dict:
                "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
                "note": f"a tiny pixel model trained for minutes on {args.crop} px crops; the numbers show whether "
                        "the mechanism learns control, not the quality SD-scale training reaches"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(markdown(summary))
+    write_report(out, "results", summary, markdown(summary), json_stem="summary")
     plot(summary, out / "control.png")
     best = samples["adapter"] if not np.isfinite(results[f"adapter, quality CFG {args.cfg:g}"]["spearman"]) else \
         samples[f"adapter, quality CFG {args.cfg:g}"]
-    toy_task.save_grid(best[:, :12].reshape(-1, *best.shape[2:]), out / "grid.png", columns=min(12, args.samples))
+    toy.save_grid(best[:, :12].reshape(-1, *best.shape[2:]), out / "grid.png", columns=min(12, args.samples))
     print(json.dumps(summary, indent=2))
     print(markdown(summary))
     return summary
@@ -444,10 +443,7 @@ def markdown(s: dict) -> str:
 
 
 def plot(s: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("IQA-Adapter control on real photo crops (tiny model, CPU)", s["results"],
                s["training_set_score_at_target"], f"measured {s['scorer']} of samples (higher is better)")]
@@ -480,9 +476,7 @@ def plot(s: dict, path: Path) -> None:
         for ax in (top, bottom):
             ax.set_xlabel("target percentile")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ Peak memory: CUDA ``max_memory_allocated`` per variant; on CPU the process RSS s
 thread during one extra (untimed) step of each variant, reported as the peak and as the rise over the RSS before
 that step (the resident model; freed heap is returned to the OS with glibc's ``malloc_trim`` first).
 
-    python evals/bench_acpo.py --model tiny:sd --repeats 2
-    python evals/bench_acpo.py --model random:sd15 --height 256 --batch-size 2 --repeats 3
-    python evals/bench_acpo.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --height 512 \
+    python -m evals.bench_acpo --model tiny:sd --repeats 2
+    python -m evals.bench_acpo --model random:sd15 --height 256 --batch-size 2 --repeats 3
+    python -m evals.bench_acpo --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --height 512 \
         --batch-size 4
 
 Writes ``evals/results/bench_acpo/<model>_<size>px_b<batch>.json`` / ``.md`` / ``.png`` and prints the JSON.
@@ -45,6 +45,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from evals.common.figures import pyplot, save_figure
+from evals.common.flags import add_pipeline_flags, eval_parser
+from evals.common.report import slug, write_report
 from qualityguide.diffusion import (add_noise, frozen, is_sdxl, noise_prediction_loss, one_step_clean,
                                     sample_timesteps, sdxl_added_conditions, training_target, unet_conditioning)
 from qualityguide.errors import InputError
@@ -290,10 +293,7 @@ def markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     med = r["median_s"]
     names = list(r["ratios"])
@@ -312,17 +312,13 @@ def plot(r: dict, path: Path) -> None:
     ax.set_ylabel("s per step")
     ax.set_title(f"{r['model']} {r['size']} px batch {r['batch']}: ACPO vs its parts", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny:sd", help="pipeline spec (tiny:sd, random:sd15, a folder, a hub id)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="U-Net/VAE dtype (fp16/bf16 train the LoRA under autocast)")
+    parser = eval_parser(__doc__)
+    add_pipeline_flags(parser, dtype_help="U-Net/VAE dtype (fp16/bf16 train the LoRA under autocast)")
     parser.add_argument("--height", type=int, default=None, help="image side in px (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
@@ -347,10 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"bench_acpo: {exc}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = f"{args.model.replace(':', '_').replace('/', '_')}_{result['size']}px_b{args.batch_size}"
-    (out / f"{slug}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{slug}.md").write_text(markdown(result))
-    plot(result, out / f"{slug}.png")
+    write_report(out, slug(args.model, f"{result['size']}px", f"b{args.batch_size}"), result, markdown(result), plot)
     print(json.dumps(result, indent=2))
     print(markdown(result))
 

@@ -8,9 +8,9 @@ In one run:
   step, and peak memory, each measured in a fresh subprocess (peak RSS on CPU, ``max_memory_allocated`` on
   CUDA), so one measurement's allocations never count towards the other.
 
-    python evals/bench_adapter.py --model tiny:sd
-    python evals/bench_adapter.py --model random:sd15 --height 256 --steps 4
-    python evals/bench_adapter.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16 --height 512
+    python -m evals.bench_adapter --model tiny:sd
+    python -m evals.bench_adapter --model random:sd15 --height 256 --steps 4
+    python -m evals.bench_adapter --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16 --height 512
 
 Writes ``evals/results/bench_adapter/<model>.json`` / ``.md`` / ``.png`` and prints the JSON.
 """
@@ -29,6 +29,10 @@ from pathlib import Path
 
 import torch
 
+from evals.common.figures import pyplot, save_figure
+from evals.common.flags import add_generation_flags, add_pipeline_flags, eval_parser
+from evals.common.process import child_env, module_command
+from evals.common.report import slug, write_report
 from qualityguide.adapter import IQAAdapter
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
@@ -132,13 +136,9 @@ def train_step(args) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny:sd")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--height", type=int, default=None, help="image side (default: the model's)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--cfg", type=float, default=7.5)
+    parser = eval_parser(__doc__)
+    add_pipeline_flags(parser)
+    add_generation_flags(parser)
     parser.add_argument("--batch", type=int, default=1, help="training batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant", choices=["adapter", "lora"], default=None, help=argparse.SUPPRESS)
@@ -155,19 +155,16 @@ def main(argv: list[str] | None = None) -> None:
     result = {"model": args.model, "device": args.device, "dtype": args.dtype or "fp32", "steps": args.steps,
               "cfg": args.cfg, "batch": args.batch, "threads": torch.get_num_threads(), "platform": platform.platform()}
     result["generation"] = generation(args)
-    base = [sys.executable, __file__] + [a for a in sys.argv[1:]]
     for variant in ("adapter", "lora"):
-        out = subprocess.run(base + ["--variant", variant], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(module_command("evals.bench_adapter", *sys.argv[1:], "--variant", variant), check=True,
+                             capture_output=True, text=True, env=child_env()).stdout
         result[f"train_{variant}"] = json.loads(out.strip().splitlines()[-1])
     a, l = result["train_adapter"], result["train_lora"]
     result["train_step_adapter_over_lora"] = a["step_s"] / l["step_s"]
     result["train_peak_adapter_over_lora"] = a["peak_bytes"] / l["peak_bytes"]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = f"{args.model.replace(':', '_').replace('/', '_')}_{result['generation']['size']}px"
-    (out_dir / f"{slug}.json").write_text(json.dumps(result, indent=2))
-    (out_dir / f"{slug}.md").write_text(markdown(result))
-    plot(result, out_dir / f"{slug}.png")
+    write_report(out_dir, slug(args.model, f"{result['generation']['size']}px"), result, markdown(result), plot)
     print(json.dumps(result, indent=2))
     print(markdown(result))
 
@@ -189,10 +186,7 @@ def markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7, 3), dpi=120)
     g = r["generation"]
@@ -203,9 +197,7 @@ def plot(r: dict, path: Path) -> None:
     ax2.set_ylabel("s per training step")
     ax2.set_title(f"training: x{r['train_step_adapter_over_lora']:.2f}", fontsize=9)
     fig.suptitle(r["model"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ In one run: an unguided call, a guided call (same prompt, seed, steps), and the 
 model calls timed alone at the same shapes (VAE decoder forward+backward and scorer forward+backward,
 once per guided step). Ratio = guided / (unguided + guided steps x that work); target <= 1.10.
 
-    python evals/bench_guidance.py --model tiny:sd
-    python evals/bench_guidance.py --model random:sd15 --height 256 --steps 4 --repeats 1
-    python evals/bench_guidance.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16 \
+    python -m evals.bench_guidance --model tiny:sd
+    python -m evals.bench_guidance --model random:sd15 --height 256 --steps 4 --repeats 1
+    python -m evals.bench_guidance --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16 \
         --height 512 --steps 30
 
 Writes ``evals/results/bench_guidance/<model>.json`` / ``.md`` / ``.png`` and prints the JSON.
@@ -21,9 +21,12 @@ from pathlib import Path
 
 import torch
 
-from qualityguide.guidance import QualityGuidance
+from evals.common.figures import pyplot, save_figure
+from evals.common.flags import add_generation_flags, add_pipeline_flags, eval_parser
+from evals.common.report import slug, write_report
 from qualityguide.diffusion.vae import decode_latents, from_vae_range, pipeline_upcasts_vae
 from qualityguide.diffusion.x0 import frozen
+from qualityguide.guidance import QualityGuidance
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer
@@ -34,13 +37,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_guidance"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny:sd")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--height", type=int, default=None, help="image side (default: the model's)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--cfg", type=float, default=7.5)
+    parser = eval_parser(__doc__)
+    add_pipeline_flags(parser)
+    add_generation_flags(parser)
     parser.add_argument("--scorer", default="niqe-embedded", help="scorer spec; SPEC@SIZE resizes first (tiny models: "
                         "niqe-embedded@192)")
     parser.add_argument("--scale", type=float, default=0.05)
@@ -93,10 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             result["guided_unet_mode_s"] = timed(lambda: run(unet_guidance), device, args.repeats)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = f"{args.model.replace(':', '_').replace('/', '_')}_{size}px_{args.steps}steps"
-    (out / f"{slug}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{slug}.md").write_text(markdown(result))
-    plot(result, out / f"{slug}.png")
+    write_report(out, slug(args.model, f"{size}px", f"{args.steps}steps"), result, markdown(result), plot)
     print(json.dumps(result, indent=2))
     print(markdown(result))
 
@@ -114,10 +110,7 @@ def markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
     parts = {"unguided": r["unguided_s"], "+ guidance work": r["guided_steps"] * r["guidance_work_per_step_s"]}
@@ -131,9 +124,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_title(f"{r['model']}: guided/unguided {r['guided_over_unguided']:.2f}, "
                  f"overhead ratio {r['ratio_guided_to_unguided_plus_work']:.3f}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ and all three, on the device and dtype asked for. Then checks, on the same backb
 the weights raise no false alarm, and measures how often a dense change of one up-block matrix is caught,
 per size of change (the fraction of sampled values flagged, and of trials refused).
 
-    python evals/bench_identity.py                                   # random:sd15 on the CPU
-    python evals/bench_identity.py --device cuda --dtype fp16
+    python -m evals.bench_identity                                   # random:sd15 on the CPU
+    python -m evals.bench_identity --device cuda --dtype fp16
 
 Prints JSON and writes ``evals/results/bench_identity/<model>_<device>.{json,md}``.
 """
@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from evals.common.flags import add_pipeline_flags, eval_parser
+from evals.common.report import slug, write_report
 from qualityguide.identity import SAMPLES_PER_TENSOR, WeightIdentity
 from qualityguide.pipelines import load_pipeline, parse_dtype
 from qualityguide.runtime import quiet_third_party
@@ -105,10 +107,8 @@ def detection(pipe, trials: int) -> list[dict]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="random:sd15")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="fp32 (default), fp16, bf16")
+    parser = eval_parser(__doc__)
+    add_pipeline_flags(parser, model="random:sd15")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trials", type=int, default=10, help="random changes per level in the detection table")
     return parser.parse_args(argv)
@@ -133,9 +133,6 @@ def main(argv: list[str] | None = None) -> None:
     result["identity_file_bytes"] = path.stat().st_size
     result["false_alarms_in_half_precision_copies"] = no_false_alarms(pipe)
     result["detection"] = detection(pipe, args.trials)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.model.replace(':', '_').replace('/', '_')}_{device.type}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [f"Weights identity of `{args.model}` on {result['gpu'] or 'CPU'} ({result['dtype']}, "
              f"{result['torch_threads']} threads)", "",
              "| modules | parameters | elements | samples | identity s | check s |", "|---|---|---|---|---|---|"]
@@ -146,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
               "| change | size | refused | sampled values flagged | P(miss) per tensor |", "|---|---|---|---|---|"]
     lines += [f"| {r['kind']} | {r['level']:g} | {r['refused']:.0%} | {r['mean_flagged_fraction']:.1%} | "
               f"{r['miss_probability_per_tensor']:.1e} |" for r in result["detection"]]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_report(RESULTS, slug(args.model, device.type), result, "\n".join(lines) + "\n")
     print(json.dumps(result, indent=2))
     print("\n".join(lines))
 

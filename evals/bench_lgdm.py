@@ -6,9 +6,9 @@ psi forward+backward per guided step, psi(x) once), and the ratio extract / that
 A literal Algorithm 1 (two separate backwards, psi(x) every step, PMG on the last step too) is timed
 as well, so the saving is visible. Paper anchor: 21.3 s per image at 10 steps on an A100 (SD 1.5).
 
-    python evals/bench_lgdm.py --model tiny:sd --image-size 64
-    python evals/bench_lgdm.py --model random:sd15 --image-size 256 --num-steps 10 --batch-sizes 1
-    python evals/bench_lgdm.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16
+    python -m evals.bench_lgdm --model tiny:sd --image-size 64
+    python -m evals.bench_lgdm --model random:sd15 --image-size 256 --num-steps 10 --batch-sizes 1
+    python -m evals.bench_lgdm --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16
 
 Writes ``evals/results/bench_lgdm/<model>.json``, ``.md`` and ``.png``, and prints the JSON.
 """
@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+from evals.common.figures import pyplot, save_figure
+from evals.common.flags import add_pipeline_flags, eval_parser
+from evals.common.report import slug, write_report
 from qualityguide.diffusion.schedule import alpha_bar, clean_estimate, ddim_update
 from qualityguide.diffusion.vae import from_vae_range, to_vae_range
 from qualityguide.lgdm import LGDM, LGDMConfig
@@ -176,10 +179,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     batches = [r["batch_size"] for r in result["rows"]]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -190,17 +190,13 @@ def plot(result: dict, path: Path) -> None:
     ax[1].set(xlabel="batch size", ylabel="extract / model calls", title="overhead")
     ax[1].legend()
     fig.suptitle(result["model"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny:sd")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="fp16 / bf16 weights (default fp32)")
+    parser = eval_parser(__doc__)
+    add_pipeline_flags(parser)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--num-steps", type=int, default=10)
     parser.add_argument("--t-max", type=int, default=100)
@@ -218,10 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = args.model.replace(":", "_").replace("/", "_") + f"_{args.image_size}px_{args.psi}"
-    (out / f"{slug}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{slug}.md").write_text(markdown(result))
-    plot(result, out / f"{slug}.png")
+    write_report(out, slug(args.model, f"{args.image_size}px", args.psi), result, markdown(result), plot)
     print(json.dumps(result, indent=2))
     print(markdown(result))
 

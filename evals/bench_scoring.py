@@ -12,9 +12,9 @@ triggers pyiqa's lazy imports).
 in the same run, so old/new ratios come from one machine state; it also reports the largest
 difference between old and new scores on the same files.
 
-    python evals/bench_scoring.py                       # ~8 minutes on 2 CPU cores
-    python evals/bench_scoring.py --baseline            # + the old code where it fits (~+6 minutes)
-    python evals/bench_scoring.py --sizes 0.3 3 --batches 1 8 --scorers niqe-embedded
+    python -m evals.bench_scoring                       # ~8 minutes on 2 CPU cores
+    python -m evals.bench_scoring --baseline            # + the old code where it fits (~+6 minutes)
+    python -m evals.bench_scoring --sizes 0.3 3 --batches 1 8 --scorers niqe-embedded
 
 Prints JSON and writes ``evals/results/bench_scoring/bench_scoring.{json,md,png}``.
 """
@@ -33,6 +33,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from evals.common.figures import pyplot, save_figure
+from evals.common.flags import eval_parser
+from evals.common.process import child_env, module_command
+from evals.common.report import write_report
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_scoring"
 OLD_BYTES_PER_PIXEL = 520  # the old whole-image NIQE: ~6 GB for a 12 MP photo (measured)
@@ -148,9 +153,8 @@ def worker(spec: dict) -> dict:
 def run_case(spec: dict, timeout: float) -> dict:
     import qualityguide
 
-    command = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    root = str(Path(qualityguide.__file__).resolve().parents[1])  # the child measures the parent's qualityguide
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    command = module_command("evals.bench_scoring", "--worker", json.dumps(spec))
+    env = child_env(str(Path(qualityguide.__file__).resolve().parents[1]))  # the child measures the parent's library
     if spec["threads"]:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
     try:
@@ -171,7 +175,7 @@ def _scores(path: Path) -> dict[str, float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = eval_parser(__doc__)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.3, 3, 12, 36], help="megapixels")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -239,12 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
               "threads": args.threads or "torch default", "load_average": {"start": load_start, "end": os.getloadavg()},
               "photos": "mosaics of 512 px BIQ2021 crops, JPEG q95", "cases": _summarise(cases)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_scoring.json").write_text(json.dumps(result, indent=2))
     table = _markdown(result["cases"])
-    (out / "bench_scoring.md").write_text(table + "\n")
-    _plot(result["cases"], out / "bench_scoring.png")
+    write_report(Path(args.out), "bench_scoring", result, table + "\n", lambda r, path: _plot(r["cases"], path))
     print(json.dumps(result, indent=2))
     print(table)
 
@@ -287,10 +287,7 @@ def _markdown(cases: list[dict]) -> str:
 
 
 def _plot(cases: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     series: dict[tuple, list] = {}
@@ -311,8 +308,7 @@ def _plot(cases: list[dict], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].axhline(4, color="grey", lw=0.8)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

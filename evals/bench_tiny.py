@@ -1,6 +1,6 @@
 """Build time of the offline models (tiny test pipelines, full-size random SD 1.5), after imports.
 
-    python evals/bench_tiny.py [--repeats 5] [--with-random]
+    python -m evals.bench_tiny [--repeats 5] [--with-random]
 
 Prints JSON and writes ``evals/results/bench_tiny/bench_tiny.{json,md}``.
 """
@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+from evals.common.flags import eval_parser
+from evals.common.report import write_report
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.testing import RANDOM_SPECS, TINY_SPECS
@@ -22,7 +24,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_tiny"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = eval_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--with-random", action="store_true", help=f"also time {', '.join(RANDOM_SPECS)} (slow)")
     return parser.parse_args(argv)
@@ -38,10 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = {spec: timed(lambda spec=spec: load_pipeline(spec), "cpu", args.repeats if spec in TINY_SPECS else 1)
             for spec in specs}
     result = {"first_build_with_imports_s": first, "median_build_s": rows, "repeats": args.repeats}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_tiny.json").write_text(json.dumps(result, indent=2))
     table = "| spec | build s (median) |\n|---|---|\n" + "\n".join(f"| {k} | {v:.3f} |" for k, v in rows.items())
-    (RESULTS / "bench_tiny.md").write_text(table + "\n")
+    write_report(RESULTS, "bench_tiny", result, table + "\n")
     print(json.dumps(result, indent=2))
     print(table)
 

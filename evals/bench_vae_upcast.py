@@ -8,8 +8,8 @@ Rows (decoder forward + backward to the latents, as a guided step does):
   - ``fp32_vae``: a float32 VAE (the floor).
 Also: bytes the float32 copy keeps alive, and the largest difference of the upcast decode from the fp32 VAE.
 
-    python evals/bench_vae_upcast.py --model random:sd15 --size 256            # CPU (slow fp16 kernels)
-    python evals/bench_vae_upcast.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --size 1024
+    python -m evals.bench_vae_upcast --model random:sd15 --size 256            # CPU (slow fp16 kernels)
+    python -m evals.bench_vae_upcast --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --size 1024
 
 Prints JSON and writes ``evals/results/bench_vae_upcast/<model>_<size>px.{json,md}``.
 """
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from evals.common.flags import eval_parser
+from evals.common.report import slug, write_report
 from qualityguide.diffusion.vae import decode_latents
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
@@ -34,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_vae_upcast"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = eval_parser(__doc__)
     parser.add_argument("--model", default="random:sd15")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
@@ -80,14 +82,10 @@ def main(argv: list[str] | None = None) -> None:
               "decode_fwd_bwd_s": rows, "upcast_over_fp32_copy": rows["upcast_functional"] / rows["fp32_copy"],
               "fp32_copy_bytes_kept": kept, "upcast_bytes_kept": 0,
               "max_abs_diff_vs_fp32": {"upcast_functional": upcast_err, "fp16": fp16_err}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = f"{args.model.replace(':', '_').replace('/', '_')}_{args.size}px"
-    (out / f"{slug}.json").write_text(json.dumps(result, indent=2))
     table = ["| variant | decode fwd+bwd s |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in rows.items()]
     table.append(f"\nupcast / fp32 copy: {result['upcast_over_fp32_copy']:.3f}; the copy keeps {kept / 2**20:.0f} MiB "
                  f"alive, the upcast 0. Max |diff| vs fp32 VAE: upcast {upcast_err:.2e}, fp16 {fp16_err}")
-    (out / f"{slug}.md").write_text("\n".join(table) + "\n")
+    write_report(Path(args.out), slug(args.model, f"{args.size}px"), result, "\n".join(table) + "\n")
     print(json.dumps(result, indent=2))
     print("\n".join(table))
 

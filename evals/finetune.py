@@ -19,9 +19,9 @@ The LoRA folder is what ``qualityguide.finetune.save_lora`` (and ``recipes/train
 
     python recipes/train_acpo_lora.py --model tiny:sd --prompts evals/prompts.txt --num_self_samples 8 \
         --scorer niqe-embedded@192 --num_inference_steps 4 --max_train_steps 10 --output_dir out/lora
-    python evals/finetune.py --model tiny:sd --lora out/lora --scorer niqe-embedded@192 \
+    python -m evals.finetune --model tiny:sd --lora out/lora --scorer niqe-embedded@192 \
         --held-out-scorer pyiqa:piqe@192 --limit 4 --seeds 0 1 --steps 10
-    python evals/finetune.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16 \
+    python -m evals.finetune --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16 \
         --lora out/acpo --scorer pyiqa:topiq_nr --held-out-scorer pyiqa:musiq --clip-weights open_clip_b32.bin
 
 Writes ``results.json``, ``results.md`` and ``grid.png`` under ``--out`` (default ``evals/results/finetune/``) and
@@ -40,13 +40,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from evals.common.clip import ClipScore
+from evals.common.flags import eval_parser
+from evals.common.report import write_report
+from evals.common.scores import score_images
+from evals.common.stats import paired_gain
 from qualityguide.diffusion import decode_latents, from_vae_range, pipeline_upcasts_vae
 from qualityguide.errors import InputError, QualityGuideError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, adapters_disabled, load_lora
 from qualityguide.finetune.lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME
 from qualityguide.guidance.runner import read_prompts
+from qualityguide.images import make_grid
 from qualityguide.pipelines import load_pipeline
-from qualityguide.protocol import bootstrap_ci
 from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer, split_size
 from qualityguide.scorers.nss import pyiqa_cache_dir
@@ -142,75 +147,15 @@ def drift(pipe, clean: torch.Tensor, prompt: str, size: int, repeats: int, seed:
 
 
 def paired(tuned: np.ndarray, base: np.ndarray, n_boot: int) -> dict:
-    """Mean gain (fine-tuned - base) over paired images with a percentile bootstrap 95% interval (None below 3
-    pairs, too few to resample)."""
-    diff = tuned - base
-    ci = list(bootstrap_ci(diff, diff, lambda a, b: float(np.mean(a)), n_boot=n_boot)) if diff.size >= 3 else None
-    return {"base_mean": float(base.mean()), "finetuned_mean": float(tuned.mean()), "gain": float(diff.mean()),
-            "gain_ci95": ci, "fraction_improved": float((diff > 0).mean())}
+    """:func:`evals.common.stats.paired_gain` under this report's keys (``gain_ci95`` None below 3 pairs)."""
+    gain = paired_gain(tuned, base, n_boot=n_boot)
+    return {"base_mean": gain["base_mean"], "finetuned_mean": gain["treated_mean"], "gain": gain["gain"],
+            "gain_ci95": gain["gain_ci95"], "fraction_improved": gain["fraction_improved"]}
 
 
 def _ci(g: dict, digits: int) -> str:
     return "n/a (< 3 pairs)" if g["gain_ci95"] is None else (f"[{g['gain_ci95'][0]:+.{digits}g}, "
                                                               f"{g['gain_ci95'][1]:+.{digits}g}]")
-
-
-@torch.no_grad()
-def score(scorer, images: torch.Tensor, device: torch.device, batch: int = 8) -> np.ndarray:
-    """Scores ``[N]`` float64 of ``images`` ``[N,3,H,W]`` in [0,1], ``batch`` at a time."""
-    return np.concatenate([scorer(images[i:i + batch].to(device)).double().cpu().numpy()
-                           for i in range(0, len(images), batch)])
-
-
-class ClipScore:
-    """100 x cosine of open-clip image and text embeddings; :meth:`load` returns None (and a note) without weights.
-
-    Args:
-        model: the loaded open-clip model.
-        preprocess: its image transform.
-        tokenizer: its tokenizer.
-        label: what was loaded, for the report.
-    """
-
-    def __init__(self, model, preprocess, tokenizer, label: str):
-        self.model, self.preprocess, self.tokenizer, self.label = model.eval(), preprocess, tokenizer, label
-
-    @classmethod
-    def load(cls, arch: str, weights: str | None, device: torch.device) -> tuple[ClipScore | None, str]:
-        """(scorer, note). ``weights``: a local file (``.safetensors``, or a ``.bin``/``.pt`` that open-clip reads with
-        ``weights_only=True``) or a pretrained tag found in open-clip's local cache; None: skipped."""
-        import open_clip
-
-        if weights is None:
-            return None, ("skipped: no --clip-weights given (offline runs cannot download open-clip weights); pass "
-                          "--clip-weights FILE, or a pretrained tag such as 'openai' that is in the local cache")
-        is_file = Path(weights).expanduser().is_file()
-        if not is_file and weights not in open_clip.list_pretrained_tags_by_model(arch):
-            raise InputError(f"--clip-weights {weights!r} is neither a file nor a pretrained tag of {arch} (tags: "
-                             f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}); pass a local "
-                             "weights file or a tag")
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=str(Path(weights).expanduser()) if is_file else weights)
-        except (OSError, RuntimeError) as exc:  # a tag that is not cached, offline
-            if is_file:
-                raise InputError(f"--clip-weights {weights!r} could not be loaded as {arch} weights ({exc}); pass "
-                                 f"weights of --clip-model {arch}") from None
-            return None, f"skipped: open-clip {arch}/{weights} is not available locally ({type(exc).__name__})"
-        label = f"open-clip {arch} ({Path(weights).name if is_file else weights})"
-        return cls(model.to(device), preprocess, open_clip.get_tokenizer(arch), label), label
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> np.ndarray:
-        from PIL import Image
-
-        device = next(self.model.parameters()).device
-        pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images]
-        pixels = torch.stack([self.preprocess(p) for p in pil]).to(device)
-        image = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
-        text = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(prompts).to(device)).float(),
-                                             dim=-1)
-        return (100 * (image * text).sum(-1)).double().cpu().numpy()
 
 
 class Diversity:
@@ -280,7 +225,8 @@ def evaluate(args: argparse.Namespace) -> dict:
               "dtype": args.dtype or "fp32", "mechanics_only": args.model.startswith(("tiny:", "random:")),
               "scorers": {role: s.name for role, s in scorers.items()}, "gains": {}}
     for role, scorer in scorers.items():
-        values = {arm: score(scorer, batch, device) for arm, batch in flat.items()}
+        values = {arm: score_images(scorer, batch, device, batch_size=8, progress=False, strict=True).numpy()
+                  for arm, batch in flat.items()}
         result["gains"][role] = paired(values["finetuned"], values["base"], args.n_boot)
     result["drift"] = {"mean": float(np.mean(drifts)), "per_prompt": drifts,
                        "definition": f"noise-prediction MSE, LoRA vs adapters disabled, base samples noised at "
@@ -295,8 +241,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     result["diversity"] = {"measure": diversity.label,
                            **{arm: float(np.nanmean(v)) if len(args.seeds) > 1 else None for arm, v in div.items()},
                            "per_prompt": div}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "results.md").write_text(markdown(result))
+    write_report(out, "results", result, markdown(result))
     save_grid(images, prompts, out / "grid.png", rows=args.grid_rows)
     return result
 
@@ -330,26 +275,16 @@ def markdown(r: dict) -> str:
 def save_grid(images: dict[str, list[torch.Tensor]], prompts: list[str], path: Path, rows: int = 8,
               columns: int = 4) -> None:
     """Rows = prompts; base seeds on the left, fine-tuned (same seeds) on the right, a white gap between."""
-    from PIL import Image, ImageDraw
-
     rows = min(rows, len(prompts))
     n = min(columns, images["base"][0].shape[0])
-    h, w = images["base"][0].shape[-2:]
-    gap, head = max(4, w // 8), 14
-    canvas = Image.new("RGB", (2 * n * w + gap, rows * h + head), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((2, 1), "base", fill="black")
-    draw.text((n * w + gap + 2, 1), "fine-tuned", fill="black")
-    for r in range(rows):
-        for a, arm in enumerate(("base", "finetuned")):
-            for c in range(n):
-                array = (images[arm][r][c].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
-                canvas.paste(Image.fromarray(array), (a * (n * w + gap) + c * w, head + r * h))
-    canvas.save(path)
+    arms = [make_grid([image for r in range(rows) for image in images[arm][r][:n]], columns=n)
+            for arm in ("base", "finetuned")]
+    make_grid(arms, columns=2, column_labels=["base", "fine-tuned"], padding=max(4, arms[0].width // n // 8),
+              border=0, background="white").save(path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = eval_parser(__doc__)
     parser.add_argument("--model", default="tiny:sd", help="pipeline spec the LoRA was trained on")
     parser.add_argument("--lora", required=True, help="folder written by qualityguide.finetune.save_lora")
     parser.add_argument("--prompts", default=str(HERE / "prompts.txt"), help="held-out prompts, one per line")

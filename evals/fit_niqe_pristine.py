@@ -1,6 +1,6 @@
 """Fit qualityguide's embedded NIQE pristine model and compare it with the official one.
 
-    python evals/fit_niqe_pristine.py [--official PARAMS.mat] [--data ../shared/data] [--out DIR] [--write]
+    python -m evals.fit_niqe_pristine [--official PARAMS.mat] [--data ../shared/data] [--out DIR] [--write]
 
 Fits mu/cov from the photographs in ``qualityguide.scorers.niqe_fit.FIT_PHOTOS`` (shipped inside
 scikit-image and matplotlib), writes them to ``qualityguide/data/`` with ``--write``, and, when the
@@ -22,15 +22,17 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
+from evals.common.flags import eval_parser
+from evals.common.report import write_report
 from qualityguide.images import load_image
 from qualityguide.runtime import quiet_third_party
-from qualityguide.scorers.nss import EMBEDDED_NIQE_PARAMS, NIQEScorer
 from qualityguide.scorers.niqe_fit import FIT_PHOTOS, bundled_photo, fit_pristine
+from qualityguide.scorers.nss import EMBEDDED_NIQE_PARAMS, NIQEScorer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed before anything is loaded (the tests run the docstring examples through it)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = eval_parser(__doc__)
     parser.add_argument("--data", default=os.environ.get("QUALITYGUIDE_DATA", "../shared/data"))
     parser.add_argument("--official", default=None, help="official NIQE params (default: DATA/params/niqe_pristine.mat)")
     parser.add_argument("--biq-limit", type=int, default=300, help="BIQ2021 images to compare on (0 = all)")
@@ -92,14 +94,13 @@ def main(argv: list[str] | None = None) -> None:
                 "srcc_mos_official": float(-stats.spearmanr(a, m)[0]),
                 "srcc_mos_embedded": float(-stats.spearmanr(b, m)[0]),
             }
-    (out / "niqe_fit.json").write_text(json.dumps(result, indent=2))
     lines = ["| image | published NIQE | official params | embedded |", "|---|---|---|---|"]
     lines += [f"| {r['image']} | {r['published']:.3f} | {r['official_params']:.3f} | {r['embedded']:.3f} |" for r in rows]
     if "biq2021" in result:
         r = result["biq2021"]
         lines += ["", f"BIQ2021 (n={r['n']}): SRCC(official, embedded) = {r['srcc_official_vs_embedded']:.3f}; "
                   f"SRCC with MOS: official {r['srcc_mos_official']:.3f}, embedded {r['srcc_mos_embedded']:.3f}"]
-    (out / "niqe_fit.md").write_text("\n".join(lines) + "\n")
+    write_report(out, "niqe_fit", result, "\n".join(lines) + "\n")
     print(json.dumps(result, indent=2))
 
 

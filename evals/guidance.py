@@ -6,9 +6,9 @@ score (open-clip; ``--clip`` weights, else a random-weight ViT-B-32 labelled as 
 wall-time ratio. Resumable (images and JSONL records under ``--out``). Writes results.json,
 results.md and grid.png.
 
-    python evals/guidance.py --model tiny:sd --scorer niqe-embedded@192 --held-out pyiqa:piqe@192 \
+    python -m evals.guidance --model tiny:sd --scorer niqe-embedded@192 --held-out pyiqa:piqe@192 \
         --scale 0.1 --steps 10
-    python evals/guidance.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16 \
+    python -m evals.guidance --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype fp16 \
         --scorer pyiqa:topiq_nr --held-out pyiqa:musiq --clip open_clip_vit_b32.bin --scale 0.05
 """
 
@@ -20,15 +20,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
+from evals.common.clip import ClipScore
+from evals.common.flags import eval_parser
+from evals.common.report import write_report
+from evals.common.scores import score_images
+from evals.common.stats import paired_gain
 from qualityguide.errors import InputError, QualityGuideError
 from qualityguide.guidance import QualityGuidance
-from qualityguide.guidance.runner import (append_record, check_settings, finished, make_jobs, read_prompts,
-                                          save_image, timed_generate)
-from qualityguide.images import load_image
+from qualityguide.guidance.runner import (append_record, check_settings, finished, make_jobs, read_prompts, save_image,
+                                          timed_generate)
+from qualityguide.images import load_image, make_grid
 from qualityguide.pipelines import load_pipeline
-from qualityguide.protocol import bootstrap_ci
 from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer, split_size
 
@@ -50,62 +55,31 @@ def run_arm(pipe, jobs, out: Path, guidance, steps: int, cfg: float, label: str,
     return finished(out, jobs)
 
 
-class ClipScore:
-    """100 x cosine similarity of open-clip image and text embeddings."""
-
-    def __init__(self, weights: str | None, device: torch.device, arch: str = "ViT-B-32"):
-        import open_clip
-
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights)
-        self.model.eval().to(device)
-        self.tokenizer = open_clip.get_tokenizer(arch)
-        self.device = device
-        self.label = f"open-clip {arch}" + (f" ({Path(weights).name})" if weights else
-                                           " with RANDOM weights (offline mechanics check, not alignment)")
-
-    @torch.no_grad()
-    def __call__(self, paths: list[Path], prompts: list[str]) -> np.ndarray:
-        from PIL import Image
-
-        images = torch.stack([self.preprocess(Image.open(p).convert("RGB")) for p in paths]).to(self.device)
-        image_emb = torch.nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
-        text_emb = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(prompts).to(self.device))
-                                                 .float(), dim=-1)
-        return (100 * (image_emb * text_emb).sum(-1)).cpu().numpy()
-
-
 def score_folder(scorer, records: dict[str, dict], keys: list[str], out: Path, device) -> np.ndarray:
-    values = []
-    with torch.no_grad():
-        for key in keys:
-            values.append(float(scorer(load_image(out / records[key]["image"])[None].to(device))))
-    return np.asarray(values)
+    """Scores of the images recorded under ``keys`` (every image must score: a refusal stops the report)."""
+    chunks = [keys[i:i + 16] for i in range(0, len(keys), 16)]  # 16 decoded images in memory at a time
+    return np.concatenate([score_images(scorer, [load_image(out / records[key]["image"]) for key in chunk], device,
+                                        progress=False, strict=True).numpy() for chunk in chunks])
 
 
 def paired(guided: np.ndarray, base: np.ndarray) -> dict:
-    diff = guided - base
-    lo, hi = bootstrap_ci(diff, diff, lambda a, b: float(np.mean(a)), n_boot=2000)
-    return {"unguided_mean": float(base.mean()), "guided_mean": float(guided.mean()), "mean_gain": float(diff.mean()),
-            "gain_ci95": [lo, hi], "fraction_improved": float((diff > 0).mean())}
+    """:func:`evals.common.stats.paired_gain` under this report's keys."""
+    gain = paired_gain(guided, base, n_boot=2000)
+    return {"unguided_mean": gain["base_mean"], "guided_mean": gain["treated_mean"], "mean_gain": gain["gain"],
+            "gain_ci95": gain["gain_ci95"], "fraction_improved": gain["fraction_improved"]}
 
 
 def grid(keys, unguided, guided, out_u: Path, out_g: Path, path: Path, n: int = 8) -> None:
-    from PIL import Image
-
+    """The first ``n`` prompts: unguided images on the top row, guided (same seeds) under them."""
     keys = keys[:n]
-    tiles = [[Image.open(out_u / unguided[k]["image"]) for k in keys], [Image.open(out_g / guided[k]["image"])
-                                                                         for k in keys]]
-    w, h = tiles[0][0].size
-    canvas = Image.new("RGB", (w * len(keys), h * 2), "white")
-    for row, images in enumerate(tiles):
-        for col, image in enumerate(images):
-            canvas.paste(image.convert("RGB"), (col * w, row * h))
-    canvas.save(path)
+    make_grid([Image.open(out_u / unguided[k]["image"]) for k in keys]
+              + [Image.open(out_g / guided[k]["image"]) for k in keys], columns=len(keys),
+              background="white").save(path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked before any model is loaded or image generated."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = eval_parser(__doc__)
     parser.add_argument("--model", default="tiny:sd")
     parser.add_argument("--prompts", default=str(HERE / "prompts.txt"))
     parser.add_argument("--limit", type=int, default=None, help="first N prompts")
@@ -170,17 +144,17 @@ def run(args: argparse.Namespace) -> None:
         base = score_folder(scorer, unguided, keys, out / "unguided", device)
         moved = score_folder(scorer, guided, keys, out / "guided", device)
         result[role] = paired(moved, base)
-    clip = ClipScore(args.clip, device)
+    clip = ClipScore.load_or_random(args.clip, device)
     result["clip"] = {"label": clip.label, **paired(
-        clip([out / "guided" / guided[k]["image"] for k in keys], [guided[k]["prompt"] for k in keys]),
-        clip([out / "unguided" / unguided[k]["image"] for k in keys], [unguided[k]["prompt"] for k in keys]))}
+        clip([Image.open(out / "guided" / guided[k]["image"]) for k in keys], [guided[k]["prompt"] for k in keys]),
+        clip([Image.open(out / "unguided" / unguided[k]["image"]) for k in keys],
+             [unguided[k]["prompt"] for k in keys]))}
     t_u = sum(unguided[k]["seconds"] for k in keys)
     t_g = sum(guided[k]["seconds"] for k in keys)
     result["time"] = {"unguided_s": t_u, "guided_s": t_g, "ratio": t_g / t_u,
                       "note": "seconds recorded when each image was generated (a resumed run mixes sessions)"}
     grid(keys, unguided, guided, out / "unguided", out / "guided", out / "grid.png")
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "results.md").write_text(markdown(result))
+    write_report(out, "results", result, markdown(result))
     print(json.dumps(result, indent=2))
     print(markdown(result))
 

@@ -1,6 +1,6 @@
 """Zero-shot NR-IQA evaluation of scorers on a folder + CSV dataset.
 
-    python evals/nriqa.py --dataset ../shared/data/biq2021 --scorer niqe --scorer brisque \
+    python -m evals.nriqa --dataset ../shared/data/biq2021 --scorer niqe --scorer brisque \
         --weights niqe=../shared/data/params/niqe_pristine.mat \
         --weights brisque=../shared/data/params/brisque_live_svm.pth
 
@@ -12,7 +12,7 @@ interrupted run resumes where it stopped (one CSV per scorer in the output folde
 Trained variants run the LGDM protocol (10 content-disjoint 70/10/20 splits, median SRCC/PLCC of a
 head trained on cached features):
 
-    python evals/nriqa.py --dataset ../shared/data/biq2021 --lgdm-model tiny:sd \
+    python -m evals.nriqa --dataset ../shared/data/biq2021 --lgdm-model tiny:sd \
         --lgdm-psi none --lgdm-psi sd --lgdm-psi brisque --nss-baseline --lgdm-image-size 64
 
 ``--lgdm-psi`` adds one LGDM variant per psi (features cached, resumable, in the output folder);
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -33,15 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evals.common.figures import pyplot, save_figure
+from evals.common.flags import eval_parser
+from evals.common.report import slug, write_report
 from qualityguide.data import load_iqa_dataset
 from qualityguide.protocol import bootstrap_ci, correlations, fit_logistic, logistic4, plcc, srcc
 from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer
 from qualityguide.scoring import score_paths
-
-
-def _slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
 
 
 def evaluate(dataset: str, specs: list[str], weights: dict[str, str], out: Path, device: str = "cpu",
@@ -52,7 +50,7 @@ def evaluate(dataset: str, specs: list[str], weights: dict[str, str], out: Path,
     results = {"dataset": str(dataset), "n_images": len(paths), "scorers": {}}
     for spec in specs:
         scorer = load_scorer(spec, weights=weights.get(spec), device=device)
-        table = out / f"scores_{_slug(spec)}.csv"
+        table = out / f"scores_{slug(spec)}.csv"
         start = time.perf_counter()
         score_paths(paths, scorer, table, batch_size=batch_size, device=device)
         elapsed = time.perf_counter() - start
@@ -68,10 +66,9 @@ def evaluate(dataset: str, specs: list[str], weights: dict[str, str], out: Path,
                       "native_lower_better": scorer.native_lower_better,
                       "failures": [rows[p]["error"] for p in np.asarray(paths)[~ok] if p in rows][:10]})
         results["scorers"][spec] = stats
-        _scatter(pred, target, spec, out / f"scatter_{_slug(spec)}.png", stats)
+        _scatter(pred, target, spec, out / f"scatter_{slug(spec)}.png", stats)
         print(f"{spec}: SRCC {stats['srcc']:.3f} PLCC {stats['plcc']:.3f} (n={stats['n_scored']})", file=sys.stderr)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown(results))
+    write_report(out, "results", results, markdown(results))
     return results
 
 
@@ -126,7 +123,7 @@ def evaluate_trained(dataset: str, variants: list[str], out: Path, model: str = 
             config = LGDMConfig(psi=psi, image_size=image_size, num_steps=num_steps, t_max=t_max,
                                 zeta2=0.0 if psi == "none" else 0.2)
             lgdm = LGDM.from_pretrained(model, config, device=device)
-            cache_dir = out / f"cache_lgdm_{_slug(model)}_{image_size}px_{num_steps}x{t_max}_{psi}"
+            cache_dir = out / f"cache_lgdm_{slug(model)}_{image_size}px_{num_steps}x{t_max}_{psi}"
             extract_to_cache(lgdm, paths, cache_dir, batch_size=batch_size)
             cache = FeatureCache(cache_dir)
             label = f"LGDM psi={psi}, {model}" + (" (random weights: mechanics check, not quality)" if mechanics else "")
@@ -142,8 +139,7 @@ def evaluate_trained(dataset: str, variants: list[str], out: Path, model: str = 
         print(f"{variant}: median SRCC {result['srcc']['median']:.3f} PLCC {result['plcc']['median']:.3f}",
               file=sys.stderr)
         del features
-    (out / "trained.json").write_text(json.dumps(results, indent=2))
-    (out / "trained.md").write_text(markdown_trained(results))
+    write_report(out, "trained", results, markdown_trained(results))
     _split_plot(results, out / "trained_srcc.png")
     return results
 
@@ -162,10 +158,7 @@ def markdown_trained(results: dict) -> str:
 
 
 def _split_plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(results["variants"])
     fig, ax = plt.subplots(figsize=(1.8 * len(names) + 2, 3.5), dpi=120)
@@ -173,9 +166,7 @@ def _split_plot(results: dict, path: Path) -> None:
     ax.set_xticks(range(1, len(names) + 1), names, rotation=15)
     ax.set_ylabel("test SRCC per split")
     ax.set_title(f"{Path(results['dataset']).name}: {results['repeats']} content-disjoint splits")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(results: dict) -> str:
@@ -190,10 +181,7 @@ def markdown(results: dict) -> str:
 
 
 def _scatter(pred: np.ndarray, mos: np.ndarray, spec: str, path: Path, stats: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
     ax.scatter(pred, mos, s=6, alpha=0.5)
@@ -203,15 +191,13 @@ def _scatter(pred: np.ndarray, mos: np.ndarray, spec: str, path: Path, stats: di
     ax.set_ylabel("MOS")
     ax.set_title(f"{spec}: SRCC {stats['srcc']:.3f}, PLCC {stats['plcc']:.3f}")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed and checked before anything is loaded (the tests run the docstring examples
     through it)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = eval_parser(__doc__)
     parser.add_argument("--dataset", required=True, help="folder with images and mos.csv")
     parser.add_argument("--csv", default=None, help="CSV file (default DATASET/mos.csv)")
     parser.add_argument("--scorer", action="append", default=[], help="scorer spec, repeatable (zero-shot)")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 from .errors import InputError
-from .images import load_image
+from .images import load_image, make_grid
 from .protocol import krcc
 from .scorers import DEFAULT_SCORER, QualityScorer, load_scorer
 from .scorers.base import SIZE_SEP
@@ -190,20 +190,13 @@ def _write_csv(path: Path, rows: list[dict], names: list[str]) -> None:
 
 def contact_sheet(items: list[dict], name: str, thumb: int = 160) -> Image.Image:
     """Grid of thumbnails: one row per (photo, distortion), clean to strong, each labelled with its score."""
-    rows = [list(g) for g in _group(items)]
-    label_h = 18
-    sheet = Image.new("RGB", (thumb * 4 + 110, (thumb + label_h) * len(rows)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, chain in enumerate(rows):
-        y = r * (thumb + label_h)
-        draw.text((4, y + thumb // 2), f"{chain[0]['photo']}\n{chain[0]['distortion']}", fill="black")
-        for c, item in enumerate(sorted(chain, key=lambda i: i["level"])):
-            image = item["image"].copy()
-            image.thumbnail((thumb, thumb))
-            x = 110 + c * thumb
-            sheet.paste(image, (x, y))
-            draw.text((x + 4, y + thumb + 2), f"L{item['level']}  {item[name]:.2f}", fill="black")
-    return sheet
+    rows = [sorted(g, key=lambda i: i["level"]) for g in _group(items)]
+    cells = [item["image"].copy() for chain in rows for item in chain]
+    for cell in cells:
+        cell.thumbnail((thumb, thumb))
+    return make_grid(cells, columns=len(rows[0]), background="white",
+                     captions=[f"L{item['level']}  {item[name]:.2f}" for chain in rows for item in chain],
+                     row_labels=[f"{chain[0]['photo']}\n{chain[0]['distortion']}" for chain in rows])
 
 
 def _group(items: list[dict]):

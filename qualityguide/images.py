@@ -472,3 +472,95 @@ def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> 
     for note in listing.notes():
         warnings.warn(note, stacklevel=2)
     return listing.files
+
+
+# ----------------------------------------------------------------------------------------------- grids
+GridCell = Union[Image.Image, torch.Tensor]
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A ``[3,H,W]`` tensor in [0,1] as an 8-bit RGB PIL image (clamped, rounded to the nearest level)."""
+    pixels = (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _cell_image(image: GridCell, index: int) -> Image.Image:
+    """One grid cell as an RGB PIL image: a PIL image as it is, a ``[3,H,W]`` tensor through :func:`to_pil`."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise InputError(f"make_grid: image {index} is {shape}; pass PIL images or [3,H,W] tensors in [0,1]")
+    return to_pil(image)
+
+
+def _check_labels(labels: Sequence[str] | None, expected: int, what: str) -> None:
+    if labels is not None and len(labels) != expected:
+        raise InputError(f"make_grid: {len(labels)} {what} for {expected} {what.split()[0]}s; pass one per "
+                         f"{what.split()[0]}")
+
+
+def _text_size(draw, texts: Sequence[str] | None) -> tuple[int, int]:
+    """(width, height) of the widest and of the tallest of ``texts`` in Pillow's default font, (0, 0) for None."""
+    if not texts:
+        return 0, 0
+    boxes = [draw.multiline_textbbox((0, 0), text) for text in texts]
+    return max(b[2] for b in boxes), max(b[3] for b in boxes)
+
+
+def make_grid(images: Sequence[GridCell] | torch.Tensor, columns: int, *, captions: Sequence[str] | None = None,
+              row_labels: Sequence[str] | None = None, column_labels: Sequence[str] | None = None,
+              padding: int = 0, border: int | None = None, background: str = "black",
+              ink: str = "black") -> Image.Image:
+    """Images in a grid, row-major: the one grid of the library, its demo, its validation and the evals.
+
+    Each cell is as large as the largest image (smaller ones sit at its top left); a caption goes under its
+    image (e.g. the score), row labels in a band on the left (e.g. the model), column labels in a band on top
+    (e.g. the target). Bands exist only when their labels are given, so an unlabelled grid is pixels only.
+
+    Args:
+        images: PIL images, or ``[3,H,W]`` tensors in [0,1] (or one ``[N,3,H,W]`` tensor), rounded to 8 bits.
+        columns: cells per row; the rows follow from the number of images.
+        captions: one text per image, drawn under it.
+        row_labels: one text per row; column_labels: one text per column.
+        padding: pixels between cells.
+        border: pixels around the grid; None: ``padding`` (as ``torchvision.utils.make_grid``).
+        background: colour of padding, bands and empty cells (PIL colour name).
+        ink: colour of the texts.
+    """
+    from PIL import ImageDraw
+
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise InputError(f"make_grid: columns={columns!r}; pass a whole number >= 1")
+    border = padding if border is None else border
+    for name, value in (("padding", padding), ("border", border)):
+        if value < 0:
+            raise InputError(f"make_grid: {name}={value}; pass 0 or more pixels")
+    cells = [_cell_image(image, i) for i, image in enumerate(images)]
+    if not cells:
+        raise InputError("make_grid: no images; pass at least one")
+    rows = -(-len(cells) // columns)
+    _check_labels(captions, len(cells), "image captions")
+    _check_labels(row_labels, rows, "row labels")
+    _check_labels(column_labels, columns, "column labels")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    caption_h = _text_size(measure, captions)[1] + 4 if captions else 0
+    left = _text_size(measure, row_labels)[0] + 8 if row_labels else 0
+    top = _text_size(measure, column_labels)[1] + 4 if column_labels else 0
+    cell_w, image_h = max(c.width for c in cells), max(c.height for c in cells)
+    cell_h = image_h + caption_h
+    width = left + 2 * border + columns * cell_w + (columns - 1) * padding
+    sheet = Image.new("RGB", (width, top + 2 * border + rows * cell_h + (rows - 1) * padding), background)
+    draw = ImageDraw.Draw(sheet)
+    x_of = [left + border + c * (cell_w + padding) for c in range(columns)]
+    y_of = [top + border + r * (cell_h + padding) for r in range(rows)]
+    for i, cell in enumerate(cells):
+        r, c = divmod(i, columns)
+        sheet.paste(cell, (x_of[c], y_of[r]))
+        if captions:
+            draw.text((x_of[c] + 2, y_of[r] + image_h + 2), captions[i], fill=ink)
+    for r, label in enumerate(row_labels or []):
+        draw.multiline_text((4, y_of[r] + image_h // 2 - 6), label, fill=ink)
+    for c, label in enumerate(column_labels or []):
+        draw.text((x_of[c] + 2, 2), label, fill=ink)
+    return sheet

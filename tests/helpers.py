@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script(relative: str):
-    """A recipe or eval script of this repository (e.g. ``"recipes/train_acpo_lora.py"``) as a fresh module."""
+    """A recipe of this repository (e.g. ``"recipes/train_acpo_lora.py"``) as a fresh module (evals are a package:
+    tests import them as ``evals.<name>``)."""
     path = ROOT / relative
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)

@@ -18,8 +18,9 @@ from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, lora_parameters
 from qualityguide.finetune.training import (BASE_IDENTITY_NAME, LORA_STATE_NAME, LoraCheckpointing, TrainingSamples,
                                             check_scorer, identity_difference, make_optimizer, prepare_lora_unet)
+from qualityguide.finetune.validation import ValidationSettings, run_validation
+from qualityguide.images import make_grid
 from qualityguide.train.setup import check_mixed_precision, check_report_to
-from qualityguide.finetune.validation import ValidationSettings, make_grid, run_validation
 from qualityguide.identity import WeightIdentity, WeightsMismatchError
 from qualityguide.testing import tiny_ddpm, tiny_sd
 from qualityguide.train import CheckpointManager, PromptEncoder
@@ -281,7 +282,7 @@ def test_validation_grid_and_scores_match_direct_calls(sd, tmp_path):
 
 def test_make_grid_layout():
     images = torch.stack([torch.full((3, 2, 2), v) for v in (0.0, 0.5, 1.0, 0.25, 0.75)])
-    grid = make_grid(images, columns=2)
+    grid = np.asarray(make_grid(images, columns=2))
     assert grid.shape == (6, 4, 3)
     assert grid[0, 2, 0] == 128 and grid[2, 0, 0] == 255 and grid[4, 1, 0] == 191 and grid[4, 3, 0] == 0
 

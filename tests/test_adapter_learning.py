@@ -45,7 +45,7 @@ def null_text(n: int) -> torch.Tensor:
 
 
 def train_base(images: torch.Tensor, unet):
-    """400 steps of the v-prediction MSE, written out here (independent of toy_task's training code)."""
+    """400 steps of the v-prediction MSE, written out here (independent of evals.toy's training code)."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="v_prediction",

@@ -1,8 +1,7 @@
 import dataclasses
 import hashlib
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from evals.common import flags
 from qualityguide.errors import InputError
 from qualityguide.images import load_image
 from qualityguide.scorers.niqe_fit import FIT_PHOTOS, bundled_photo, fit_pristine
@@ -19,19 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name):
-    """Import ``evals/<name>.py`` once, registered in ``sys.modules`` (dataclasses look their module up there, and
-    ``adapter_control`` imports ``toy_task`` by name)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "evals" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    """The eval ``evals/<name>.py`` (or the package ``evals/<name>/``), imported as ``evals.<name>``: the one way
+    tests load evals (pytest puts the repository root on ``sys.path``; see ``pythonpath`` in pyproject.toml)."""
+    return importlib.import_module(f"evals.{name}")
 
 
 def _noise_series(root, stds, mos, size, content=False):
@@ -167,7 +157,7 @@ def test_acpo_toy_smoke(shared_data, params, tmp_path):
             gain = r["gains"][role]
             assert gain["pairs"] <= 4 and (gain["pairs"] == 0 or np.isfinite(gain["gain"]))
         assert set(r["final_terms"]) == {"loss", "diffusion", "anchor", "quality"}
-    assert summary["scorers"]["guiding"] == acpo_toy.toy_task.TOY_SCORER
+    assert summary["scorers"]["guiding"] == acpo_toy.toy.TOY_SCORER
     assert json.loads((out / "summary.json").read_text())["runs"][1]["w_anchor"] == 3.0
     assert "| 3 |" in (out / "results.md").read_text()
     assert (out / "tradeoff.png").stat().st_size > 1000
@@ -193,7 +183,7 @@ def _to8(x):
 
 
 def test_toy_distortions_match_independent_implementations(photo):
-    toy = _load("toy_task")
+    toy = _load("toy")
     import io
 
     from scipy.ndimage import gaussian_filter
@@ -221,7 +211,7 @@ def test_toy_distortions_match_independent_implementations(photo):
 
 
 def test_toy_crops_are_deterministic_and_graded(shared_data, params):
-    toy = _load("toy_task")
+    toy = _load("toy")
     crops = toy.build_crops(shared_data / "biq2021", 40, seed=0)
     again = toy.build_crops(shared_data / "biq2021", 40, seed=0)
     other = toy.build_crops(shared_data / "biq2021", 40, seed=1)
@@ -248,7 +238,7 @@ def test_toy_crops_are_deterministic_and_graded(shared_data, params):
     scores = toy.score_images(scorer, crops.images, progress=False)
     assert scores.dtype == torch.float64 and bool(torch.isfinite(scores).all())
     assert torch.allclose(scores[:5], scorer(crops.images[:5]).double())  # batching changes nothing
-    tracking = toy.level_tracking(crops, scores)
+    tracking = _load("toy_task").level_tracking(crops, scores)
     assert tracking["spearman_vs_level"]["overall"] < -0.3
     # The same crops at every level: each step up in level lowers the mean score, for every distortion.
     clean = crops.images[[i for i, (d, _) in enumerate(pairs) if d == "clean"]]
@@ -260,7 +250,7 @@ def test_toy_crops_are_deterministic_and_graded(shared_data, params):
 
 
 def test_toy_scorers_and_data_errors(params, tmp_path):
-    toy = _load("toy_task")
+    toy = _load("toy")
     held_out = toy.load_toy_scorer(toy.HELD_OUT_SCORER, params_dir=params)
     assert held_out.differentiable and held_out.name == toy.HELD_OUT_SCORER
     crop = _to8(torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
@@ -286,7 +276,7 @@ def test_toy_scorers_and_data_errors(params, tmp_path):
 
 @pytest.mark.parametrize("kind", ["conditional", "unconditional"])
 def test_toy_base_trains_with_epsilon_mse_caches_and_reloads(tmp_path, kind):
-    toy = _load("toy_task")
+    toy = _load("toy")
     from diffusers import DDPMScheduler
 
     crops, config = _synthetic_crops(toy), _tiny_config(toy, kind)
@@ -335,7 +325,7 @@ def _first_batch(crops, config):
 
 
 def test_toy_base_v_prediction_and_joint_training(tmp_path):
-    toy = _load("toy_task")
+    toy = _load("toy")
     from diffusers import DDPMScheduler
 
     from qualityguide.adapter import IQAAdapter, ScoreQuantiles
@@ -379,7 +369,7 @@ def test_toy_base_v_prediction_and_joint_training(tmp_path):
 
 @pytest.mark.parametrize("kind", ["conditional", "unconditional"])
 def test_toy_sample_is_deterministic_ddim(kind):
-    toy = _load("toy_task")
+    toy = _load("toy")
     from diffusers import DDIMPipeline
 
     config = _tiny_config(toy, kind)
@@ -496,7 +486,7 @@ def test_versus_shuffled_matches_exact_signed_rank_test():
 
 
 def _docstring_examples(path: Path) -> list[list[str]]:
-    """The ``python evals/<name>.py ...`` command lines of an eval's module docstring, as argument lists:
+    """The ``python -m evals.<name> ...`` command lines of an eval's module docstring, as argument lists:
     continuation lines joined, ``# comments`` dropped, optional ``[--flag VALUE]`` parts included."""
     import ast
     import shlex
@@ -505,8 +495,8 @@ def _docstring_examples(path: Path) -> list[list[str]]:
     examples = []
     for line in text.splitlines():
         command = line.split("#")[0].strip()
-        if command.startswith(f"python evals/{path.name} ") or command == f"python evals/{path.name}":
-            examples.append(shlex.split(command.replace("[", " ").replace("]", " "))[2:])
+        if command.startswith(f"python -m evals.{path.stem} ") or command == f"python -m evals.{path.stem}":
+            examples.append(shlex.split(command.replace("[", " ").replace("]", " "))[3:])
     return examples
 
 
@@ -568,3 +558,25 @@ def test_adapter_control_checks_its_arguments_first(capsys):
         with pytest.raises(SystemExit):
             control.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", EVALS)
+def test_eval_flags_are_kebab_case_in_help_and_take_the_snake_case_spelling(name, capsys, monkeypatch):
+    """One flag style (README, Evaluation): ``--help`` lists kebab-case flags only, and each also parses under the
+    snake_case spelling of the recipes."""
+    import re
+
+    module = _load(name)
+    parsers = []
+    monkeypatch.setattr(module, "eval_parser", lambda doc: parsers.append(flags.eval_parser(doc)) or parsers[-1])
+    with pytest.raises(SystemExit) as exc:
+        module.parse_args(["--help"])
+    options = capsys.readouterr().out.split("options:", 1)[1]
+    assert exc.value.code == 0 and not re.findall(r"--[a-z0-9]+_[a-z0-9_]+", options)
+    actions = parsers[0]._option_string_actions
+    kebab = [flag for flag in actions if re.fullmatch(r"--[a-z0-9]+(-[a-z0-9]+)+", flag)]
+    assert all(flag in options for flag in kebab)
+    assert all(actions["--" + flag[2:].replace("-", "_")] is actions[flag] for flag in kebab)
+    if name == "guidance":
+        assert vars(module.parse_args(["--held_out", "pyiqa:musiq", "--limit", "4"])) == vars(
+            module.parse_args(["--held-out", "pyiqa:musiq", "--limit", "4"]))

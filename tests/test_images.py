@@ -218,3 +218,67 @@ def test_decompression_bomb_is_an_image_error(tmp_path, monkeypatch):
     Image.new("RGB", (50, 50)).save(tmp_path / "big.png")  # 2500 > 2 x 1000
     with pytest.raises(ImageError, match=r"big.png: 2,500 pixels is over .* --max-image-pixels 2500"):
         load_image(tmp_path / "big.png")
+
+
+# ----------------------------------------------------------------------------------------------- grids
+def _cells(n: int, h: int = 5, w: int = 7) -> torch.Tensor:
+    """``n`` images of distinct, non-uniform content (8-bit exact), so a misplaced or flipped cell shows."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, h, w), generator=g).float() / 255
+
+
+def test_make_grid_places_each_image_in_its_cell():
+    from qualityguide.images import make_grid
+
+    images = _cells(5)
+    grid = np.asarray(make_grid(images, columns=2, padding=3, background="white"))
+    assert grid.shape == (3 + 3 * (5 + 3), 3 + 2 * (7 + 3), 3)
+    for i in range(5):
+        r, c = divmod(i, 2)
+        y, x = 3 + r * 8, 3 + c * 10
+        expected = (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        assert np.array_equal(grid[y:y + 5, x:x + 7], expected)
+    assert (grid[19:24, 13:20] == 255).all() and (grid[:3] == 255).all()  # the empty sixth cell and the border
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in images]
+    assert np.array_equal(np.asarray(make_grid(pil, columns=2, padding=3, background="white")), grid)
+    tight = np.asarray(make_grid(images, columns=2, padding=3, border=0, background="white"))
+    assert tight.shape == (3 * 5 + 2 * 3, 2 * 7 + 3, 3) and np.array_equal(tight, grid[3:-3, 3:-3])
+
+
+def test_make_grid_labels_add_bands_and_keep_the_cells():
+    from qualityguide.images import make_grid
+
+    images = _cells(4, h=20, w=24)
+    plain = np.asarray(make_grid(images, columns=2))
+    labelled = np.asarray(make_grid(images, columns=2, captions=["0.12", "0.34", "0.56", "0.78"],
+                                    row_labels=["model a", "model b"], column_labels=["low", "high"],
+                                    background="white"))
+    top = next(y for y in range(labelled.shape[0]) if np.array_equal(labelled[y, -24:], plain[0, -24:]))
+    left = labelled.shape[1] - plain.shape[1]
+    caption_h = (labelled.shape[0] - top) // 2 - 20
+    assert top > 0 and left > 0 and caption_h > 0  # a band for each kind of label
+    for i in range(4):
+        r, c = divmod(i, 2)
+        y, x = top + r * (20 + caption_h), left + c * 24
+        assert np.array_equal(labelled[y:y + 20, x:x + 24], plain[r * 20:(r + 1) * 20, c * 24:(c + 1) * 24])
+        assert (labelled[y + 20:y + 20 + caption_h, x:x + 24] < 128).any()  # the caption is drawn under it
+    assert (labelled[:top, left:] < 128).any() and (labelled[top:, :left] < 128).any()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"columns": 0}, "columns=0"),
+    ({"columns": 2, "captions": ["a"]}, "1 image captions for 3 images"),
+    ({"columns": 2, "row_labels": ["a"]}, "1 row labels for 2 rows"),
+    ({"columns": 2, "column_labels": ["a", "b", "c"]}, "3 column labels for 2 columns"),
+    ({"columns": 2, "padding": -1}, "padding=-1"),
+    ({"columns": 2, "border": -2}, "border=-2"),
+])
+def test_make_grid_refuses_bad_layouts(kwargs, match):
+    from qualityguide.images import make_grid
+
+    with pytest.raises(InputError, match=match):
+        make_grid(_cells(3), **kwargs)
+    with pytest.raises(InputError, match=r"image 0 is \(5, 7\)"):
+        make_grid([torch.zeros(5, 7)], columns=1)
+    with pytest.raises(InputError, match="no images"):
+        make_grid([], columns=1)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..images import make_grid
 from ..train.data import derive_seed
 from ..train.self_samples import is_conditional, sample_images
 
@@ -52,24 +53,6 @@ class ValidationSettings:
         return [derive_seed("qualityguide.validation", int(self.seed), i) for i in range(self.num_images)]
 
 
-def make_grid(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
-    """``[N,3,H,W]`` in [0,1] -> one ``uint8`` ``[rows*H, columns*W, 3]`` image (row-major, black padding).
-
-    Args:
-        images: the images.
-        columns: images per row (default ``ceil(sqrt(N))``).
-    """
-    n, _, h, w = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    grid = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
-    pixels = (images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = pixels[i]
-    return grid
-
-
 def validation_images(pipe, settings: ValidationSettings) -> torch.Tensor:
     """The validation images of ``pipe`` as it is now (with its LoRA): ``[N,3,R,R]`` float32 in [0,1], CPU."""
     if is_conditional(pipe) and settings.prompt is None:
@@ -97,13 +80,12 @@ def run_validation(pipe, settings: ValidationSettings, step: int, output_dir: st
     Returns:
         ``{"validation/quality": mean score}`` (empty without a scorer), for ``accelerator.log``.
     """
-    from PIL import Image
-
     images = validation_images(pipe, settings)
     folder = Path(output_dir) / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(images)
-    Image.fromarray(grid).save(folder / "grid.png")
+    sheet = make_grid(images, columns=math.ceil(math.sqrt(len(images))))
+    sheet.save(folder / "grid.png")
+    grid = np.asarray(sheet)  # HWC uint8, as trackers take images
     values: dict[str, float] = {}
     record: dict = {"step": step, "prompt": settings.prompt, "seeds": settings.seeds()}
     if scorer is not None:

@@ -1,0 +1,59 @@
+"""The kit every eval shares (``evals/common``): slugs, the report trio, the paired gain, the figure backend."""
+
+import json
+
+import numpy as np
+import pytest
+
+from evals.common import figures, report, stats
+from qualityguide.protocol import bootstrap_ci
+
+
+def test_slug_is_file_safe_and_keeps_the_old_spellings():
+    assert report.slug("tiny:sd", "64px", "10steps") == "tiny_sd_64px_10steps"
+    assert report.slug("stable-diffusion-v1-5/stable-diffusion-v1-5", "512px") == \
+        "stable-diffusion-v1-5_stable-diffusion-v1-5_512px"  # what model.replace(":"/"/", "_") wrote
+    assert report.slug("pyiqa:topiq_nr@384") == "pyiqa_topiq_nr_384" and report.slug("lgdm", 0.5) == "lgdm_0.5"
+
+
+def test_write_report_writes_the_trio(tmp_path):
+    drawn = []
+    report.write_report(tmp_path / "new", "run", {"a": 1.5}, "| a |\n", lambda r, path: drawn.append((r, path)))
+    assert json.loads((tmp_path / "new" / "run.json").read_text()) == {"a": 1.5}
+    assert (tmp_path / "new" / "run.md").read_text() == "| a |\n"
+    assert drawn == [({"a": 1.5}, tmp_path / "new" / "run.png")]
+    report.write_report(tmp_path, "results", {"b": 2}, "b\n", json_stem="summary")
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"b": 2} and not (tmp_path / "results.json").exists()
+
+
+def test_paired_gain_against_a_hand_computation():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=12)
+    treated = base + rng.normal(0.3, 0.1, size=12)
+    treated[4] = np.nan  # a refused image drops its pair
+    got = stats.paired_gain(treated, base, n_boot=300)
+    keep = np.arange(12) != 4
+    diff = treated[keep] - base[keep]
+    assert got["pairs"] == 11 and got["gain"] == pytest.approx(diff.mean())
+    assert got["treated_mean"] == pytest.approx(treated[keep].mean()) and got["base_mean"] == pytest.approx(
+        base[keep].mean())
+    assert got["fraction_improved"] == pytest.approx((diff > 0).mean())
+    assert got["gain_ci95"] == list(bootstrap_ci(diff, diff, lambda a, b: float(np.mean(a)), n_boot=300))
+    assert got["gain_ci95"][0] <= got["gain"] <= got["gain_ci95"][1]
+
+
+def test_paired_gain_needs_three_pairs_for_an_interval():
+    """The guard one of the three old copies lacked: below three pairs there is no interval (None), not a crash."""
+    two = stats.paired_gain(np.array([1.0, 2.0]), np.array([0.5, 2.5]))
+    assert two["gain_ci95"] is None and two["pairs"] == 2 and two["gain"] == pytest.approx(0.0)
+    none = stats.paired_gain(np.array([np.nan]), np.array([1.0]))
+    assert none["pairs"] == 0 and np.isnan(none["gain"]) and none["gain_ci95"] is None
+
+
+def test_figures_use_the_file_only_backend(tmp_path):
+    plt = figures.pyplot()
+    assert plt.get_backend().lower() == "agg"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    figures.save_figure(fig, tmp_path / "f.png", dpi=50)
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.get_fignums()
