@@ -6,13 +6,12 @@
   samples), encoded once, and the U-Net conditioning of a batch.
 - :class:`LoraCheckpointing`: accelerate ``save_state`` / ``load_state`` hooks so checkpoints hold the LoRA weights
   (and the optimizer), never the whole U-Net, plus the identity a resumed run must match.
-- :func:`make_optimizer`, :func:`check_report_to`, :func:`check_mixed_precision`, :func:`check_scorer`: refuse
-  settings that cannot work before anything expensive runs.
+- :func:`make_optimizer`, :func:`check_scorer` (and, from :mod:`qualityguide.train.setup`, :func:`check_report_to`,
+  :func:`check_mixed_precision`): refuse settings that cannot work before anything expensive runs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,8 +22,10 @@ import torch
 from torch import nn
 
 from ..diffusion import pipeline_upcasts_vae, to_vae_range
-from ..errors import InputError, closest
+from ..errors import InputError
+from ..files import json_sha256
 from ..identity import WeightIdentity
+from ..train.setup import MIXED_PRECISIONS, check_mixed_precision, check_report_to  # noqa: F401  (re-exported)
 from .config import ACPOConfig
 from .denoisers import unwrap
 from .lora import add_lora, lora_parameters
@@ -32,7 +33,6 @@ from .loss import check_quality_scorer
 
 LORA_STATE_NAME = "lora_state.safetensors"
 BASE_IDENTITY_NAME = "base_unet_identity.safetensors"
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -46,49 +46,6 @@ def check_scorer(scorer: nn.Module | None, config: ACPOConfig, resolution: int |
                          f"{resolution} px; score them resized with SPEC@SIZE: --scorer {name}@{min_side}, or train at "
                          f"--resolution {min_side} or more")
     check_quality_scorer(scorer, config)
-
-
-def check_mixed_precision(mixed_precision: str, device: torch.device | str) -> torch.dtype | None:
-    """The frozen weights' dtype for ``--mixed_precision`` (None: float32); fp16 is refused on a CPU.
-
-    Args:
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``.
-        device: the device training runs on (``accelerator.device``).
-    """
-    if mixed_precision not in MIXED_PRECISIONS:
-        raise InputError(f"--mixed_precision {mixed_precision!r} is not known; allowed: {', '.join(MIXED_PRECISIONS)}")
-    if mixed_precision == "fp16" and torch.device(device).type == "cpu":
-        raise InputError("--mixed_precision fp16 on a CPU: CPUs have no fp16 autocast with gradient scaling; use "
-                         "--mixed_precision bf16 or no on a CPU, or run on a GPU")
-    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-
-
-def check_report_to(report_to: str | None) -> list[str] | None:
-    """The accelerate trackers for ``--report_to`` (comma-separated; ``none``: no tracker; ``all``: every installed
-    one; None: tensorboard when it is installed, else none). A tracker accelerate does not know, or one that is not
-    installed, is refused here, before training, instead of being dropped with a log line.
-    """
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-
-    if report_to is None:
-        installed = {str(getattr(t, "value", t)) for t in get_available_trackers()}
-        return ["tensorboard"] if "tensorboard" in installed else None
-    if str(report_to).strip().lower() in ("", "none"):
-        return None
-    names = [n.strip() for n in str(report_to).split(",") if n.strip()]
-    if "all" in names:
-        return ["all"]
-    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
-    for name in names:
-        if name not in LOGGER_TYPE_TO_CLASS:
-            guess = closest(name, sorted(LOGGER_TYPE_TO_CLASS))
-            raise InputError(f"--report_to {name!r} is not an accelerate tracker; known: "
-                             f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}, all, none"
-                             + (f". Did you mean {guess!r}?" if guess else ""))
-        if name not in available:
-            raise InputError(f"--report_to {name}: the {name} package is not installed; pip install {name}, or "
-                             f"drop --report_to (installed trackers: {', '.join(sorted(available)) or 'none'})")
-    return names
 
 
 def make_optimizer(params: Sequence[nn.Parameter], learning_rate: float, weight_decay: float = 1e-2,
@@ -254,18 +211,15 @@ def identity_difference(stored: dict | None, current: dict) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def _sha256(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
 
 def dataset_identity(dataset, source: str, settings: dict | None = None) -> dict:
     """Identity of an :class:`~qualityguide.train.data.ImageFolderDataset` for the resume check: where it came from,
     its size and resolution, a SHA-256 over its files (names and byte sizes) and captions, and one over the
     ``settings`` that made it (self samples: :meth:`SelfSampleSettings.to_dict`), if any."""
     identity = {"source": source, "count": len(dataset), "resolution": dataset.resolution,
-                "files_sha256": _sha256([dataset.files, dataset.sizes, dataset.captions])}
+                "files_sha256": json_sha256([dataset.files, dataset.sizes, dataset.captions])}
     if settings is not None:
-        identity["settings_sha256"] = _sha256(settings)
+        identity["settings_sha256"] = json_sha256(settings)
     return identity
 
 

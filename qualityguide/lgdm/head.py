@@ -205,7 +205,7 @@ class TrainConfig:
 
 
 def _srcc(pred: np.ndarray, target: np.ndarray) -> float:
-    from ..protocol import srcc
+    from ..evaluation.stats import srcc
 
     value = srcc(pred, target) if len(pred) > 2 else float("nan")
     return value if math.isfinite(value) else -1.0
@@ -218,7 +218,7 @@ def fit_head(features: torch.Tensor, mos: np.ndarray, train_idx: np.ndarray, val
     Args:
         features: ``[N, steps, F]`` hyperfeatures (float32, CPU or GPU).
         mos: ``[N]`` mean opinion scores, higher is better.
-        train_idx, val_idx: index arrays (content-disjoint, from :func:`qualityguide.protocol.content_disjoint_split`).
+        train_idx, val_idx: index arrays (content-disjoint, from :func:`qualityguide.evaluation.stats.content_disjoint_split`).
 
     Returns:
         ``(head in eval mode, history)`` with per-epoch training loss and validation SRCC.

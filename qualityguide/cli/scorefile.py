@@ -21,19 +21,19 @@ from __future__ import annotations
 
 import ast
 import csv
-import hashlib
 import io
 import os
 import stat
 import tempfile
 from collections.abc import Iterable
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from .errors import InputError, QualityGuideError, printable
-from .images import LOOP, link_problem, special_kind
+from ..errors import InputError, QualityGuideError, printable
+from ..files import file_sha256, fsync_dir
+from ..images import LOOP, link_problem, special_kind
 
 try:
     import fcntl
@@ -62,14 +62,6 @@ def decode_path(cell: str) -> str:
     return cell
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def scorer_settings(scorer: torch.nn.Module) -> str:
     """The settings a scorer's values depend on, as ``scorer=NAME[;weights_sha256=HEX16][;dtype=...]``.
 
@@ -82,7 +74,7 @@ def scorer_settings(scorer: torch.nn.Module) -> str:
     for module in scorer.modules():
         source = getattr(module, "source", None)
         if isinstance(source, (str, os.PathLike)) and str(source) and os.path.isfile(source):
-            parts.append(f"weights_sha256={_sha256(source)[:16]}")
+            parts.append(f"weights_sha256={file_sha256(source)[:16]}")
             break
     low = sorted({str(t.dtype).replace("torch.", "") for t in [*scorer.parameters(), *scorer.buffers()]
                   if t.dtype in (torch.float16, torch.bfloat16)})
@@ -370,7 +362,7 @@ class ScoreFile:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._fds.append(fd)  # the old inode stays locked too, for anyone who opened it before the replace
         os.close(self._write_fd)
         self._write_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _BINARY)
@@ -420,19 +412,6 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 1 << 20):
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _open_locked(output: Path) -> int:
