@@ -1,10 +1,10 @@
 """Score columns for a training image folder's ``metadata.csv`` (``qualityguide label``), resumably.
 
 Each column is one scorer's higher-is-better scores. Scores go first into one scores CSV per column
-inside the folder (``DIR/.qualityguide/labels/``, a :class:`~qualityguide.scorefile.ScoreFile`: rows
+inside the folder (``DIR/.qualityguide/labels/``, a :class:`~qualityguide.cli.scorefile.ScoreFile`: rows
 flushed batch by batch, settings checked), keyed by the image's path relative to DIR, so a killed
 run loses at most the batch in flight and a moved folder resumes. Only at the end are the columns
-merged into ``DIR/metadata.csv`` (:mod:`qualityguide.imagefolder`), which is replaced atomically.
+merged into ``DIR/metadata.csv`` (:mod:`qualityguide.cli.imagefolder`), which is replaced atomically.
 ``labels/columns.json`` records which columns ``label`` wrote and with which settings: any other
 column of the same name is the user's and is only replaced with ``overwrite=True``.
 """

@@ -3,7 +3,7 @@
 Rows are appended batch by batch and flushed to disk, so an interrupted run loses at most the batch
 in flight. A rerun with the same output skips every path already in the file (scored or failed;
 ``retry_failed=True`` tries the failed ones of the files given again). The file itself (format,
-ownership check, lock, settings, repair of a last row cut short by a kill) is :mod:`qualityguide.scorefile`.
+ownership check, lock, settings, repair of a last row cut short by a kill) is :mod:`qualityguide.cli.scorefile`.
 """
 
 from __future__ import annotations
