@@ -95,11 +95,11 @@ def atomic_write(path: str | os.PathLike, content: Content, durability: Durabili
             content(tmp)
         else:
             tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-        if mode is not None and hasattr(os, "chmod"):
-            os.chmod(tmp, mode)
         if durability != "none":
-            with open(tmp, "rb") as handle:
+            with open(tmp, "r+b") as handle:  # write access: Windows refuses to flush a read-only handle
                 os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)  # after the fsync: the kept mode may be read-only
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -23,8 +23,6 @@ import ast
 import csv
 import io
 import os
-import stat
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -32,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import InputError, QualityGuideError, printable
-from ..files import file_sha256, fsync_dir
+from ..files import atomic_write, file_sha256
 from ..images import LOOP, link_problem, special_kind
 
 try:
@@ -348,21 +346,22 @@ class ScoreFile:
         if not drop:
             return 0
         keep = [row for key, row in self.rows.items() if key not in drop]
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
+        fds: list[int] = []
+
+        def write(tmp: Path) -> None:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _BINARY, 0o600)
+            fds.append(fd)
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fresh inode: locked before anyone can see it
-            if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; keep the old file's permissions
-                os.fchmod(fd, stat.S_IMODE(os.fstat(self._write_fd).st_mode))
             _write_all(fd, _encode_rows(keep, header=True))
-            os.fsync(fd)
-            os.replace(tmp, self.path)  # the target: a symlink given as --output stays a symlink
+
+        try:  # the target: a symlink given as --output stays a symlink; the old file's permissions are kept
+            atomic_write(self.path, write, durability="folder", keep_mode=True)
         except BaseException:
-            os.close(fd)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for fd in fds:
+                os.close(fd)
             raise
-        fsync_dir(self.path.parent)
+        fd = fds[0]
         self._fds.append(fd)  # the old inode stays locked too, for anyone who opened it before the replace
         os.close(self._write_fd)
         self._write_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _BINARY)
