@@ -51,3 +51,12 @@ def test_both_recipes_read_a_prompt_file_by_one_rule(tmp_path):
     for read in (read_prompts, acpo_read_prompts):
         with pytest.raises(InputError, match=rf"p\.txt, line 2: {MAX_PROMPT_CHARS + 1} characters"):
             read(path)
+
+
+def test_acpo_reads_the_repositorys_prompt_file_without_its_comment_line():
+    """The README trains ACPO on evals/prompts.txt, whose first line is a `#` comment, not a prompt."""
+    from qualityguide.train.self_samples import read_prompts as acpo_read_prompts
+
+    prompts = acpo_read_prompts(Path(__file__).resolve().parents[1] / "evals" / "prompts.txt")
+    assert len(prompts) == 50 and not any(p.startswith("#") for p in prompts)
+    assert prompts[0] == "a red fox sitting in fresh snow at dawn"
