@@ -118,3 +118,23 @@ def test_the_format_tags_are_the_strings_old_files_hold():
             lgdm_cache.FORMAT) == tuple(FORMATS[k] for k in ("checkpoint", "latent_cache", "self_samples",
                                                              "weights_identity", "iqa_adapter", "lgdm_cache"))
     assert files.MAX_PROMPT_CHARS == 10_000
+
+
+def test_a_kill_while_refitting_a_head_into_its_folder_leaves_the_old_head(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from qualityguide.lgdm import HeadConfig, LGDMHead
+
+    head = LGDMHead(HeadConfig(num_steps=2, layer_dims=[3, 5]))
+    head.save_pretrained(tmp_path / "h", extra={"note": 1})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "h").iterdir()}
+
+    def killed(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a header")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        head.save_pretrained(tmp_path / "h", extra={"note": 2})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "h").iterdir()} == before
