@@ -156,7 +156,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
+        raise InputError(f"prompts file {path} does not exist; pass a text file with one prompt per line (--prompts)")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -164,16 +164,16 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
                          "file?); pass a UTF-8 text file with one prompt per line (re-save it as UTF-8, e.g. iconv -f "
                          "latin1 -t utf-8)") from None
     if "\x00" in text:
-        raise InputError(f"prompt file {path} holds NUL bytes, so it is a binary file (or UTF-16), not UTF-8 text; "
+        raise InputError(f"prompts file {path} holds NUL bytes, so it is a binary file (or UTF-16), not UTF-8 text; "
                          "pass a UTF-8 text file with one prompt per line")
     lines = text.splitlines()
     for number, line in enumerate(lines, 1):
         if len(line) > MAX_PROMPT_CHARS:
-            raise InputError(f"prompt file {path}, line {number}: {len(line)} characters, more than "
+            raise InputError(f"prompts file {path}, line {number}: {len(line)} characters, more than "
                              f"{MAX_PROMPT_CHARS} (a text encoder reads only its first 77 tokens, a few hundred "
                              "characters); shorten that line (is it really one prompt per line?)")
     prompts = [line.strip() for line in lines]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
-        raise InputError(f"prompt file {path} holds no prompts (one per line; # starts a comment)")
+        raise InputError(f"prompts file {path} holds no prompts (one per line; # starts a comment)")
     return prompts
