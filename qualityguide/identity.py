@@ -28,13 +28,14 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .files import FORMATS, atomic_write
 
 REL_TOL = 2.0 ** -7   # one bf16 step, relative to the larger value
 ABS_TOL = 2.0 ** -24  # fp16 subnormal spacing
 NORM_SLACK = 1e-5     # float32 summation error of a norm, relative
 SAMPLES_PER_TENSOR = 64
 IDENTITY_FILE = "weights_identity.safetensors"
-FORMAT = "qualityguide.weights_identity/1"
+FORMAT = FORMATS["weights_identity"]
 
 
 class WeightsMismatchError(InputError):
@@ -251,11 +252,10 @@ class WeightIdentity:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"norms": self.norms, "counts": self.counts, "positions": self.positions, "values": self.values},
-                  str(tmp), metadata={"format": FORMAT, "names": json.dumps(self.names),
-                                      "shapes": json.dumps([list(s) for s in self.shapes])})
-        os.replace(tmp, path)
+        tensors = {"norms": self.norms, "counts": self.counts, "positions": self.positions, "values": self.values}
+        metadata = {"format": FORMAT, "names": json.dumps(self.names),
+                    "shapes": json.dumps([list(s) for s in self.shapes])}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         return path
 
     @classmethod

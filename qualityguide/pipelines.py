@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .devices import check_device
 from .errors import InputError, WeightsNotFoundError, closest
+from .runtime import check_device
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # The offline specs qualityguide.testing builds (named here so that importing this module does not import it).
@@ -109,6 +109,37 @@ def _without_safety_checker(index: dict) -> dict:
 def looks_like_local_path(spec: str) -> bool:
     """Hub ids are ``owner/name``; anything else with a path shape is meant as a local folder."""
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
+def local_or_hub_folder(source: str | os.PathLike, what: str, files: list[str], missing_fix: str, fetch_fix: str,
+                        revision: str | None = None, subfolder: str | None = None) -> Path:
+    """A local folder, or the ``files`` of a hub repository fetched with ``huggingface_hub`` (its local cache is used
+    offline). An existing local path always wins; a path-shaped spec that does not exist is refused, not looked up.
+
+    Args:
+        source: a folder or a hub id ``owner/name``.
+        what: how messages name the thing (``"LGDM head"``, ``"IQA-Adapter"``).
+        files: the file names to fetch (only these: a repository may hold much more).
+        missing_fix: what to pass instead of a missing local folder.
+        fetch_fix: the alternative offered when the hub id cannot be fetched.
+        revision: the hub revision (None: the default branch).
+        subfolder: a folder inside the source that holds the files.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        return path / subfolder if subfolder else path
+    text = str(source)
+    if looks_like_local_path(text):
+        raise InputError(f"{what} folder {path} does not exist; {missing_fix}")
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        root = Path(snapshot_download(text, revision=revision, allow_patterns=[prefix + name for name in files]))
+    except (OSError, ValueError) as exc:
+        raise hub_fetch_error(f"{what} {text!r} is neither a local folder nor a hub repository that could be "
+                              "fetched", text, exc, fetch_fix) from None
+    return root / prefix if prefix else root
 
 
 def hub_fetch_error(problem: str, spec: str, exc: Exception, fix: str) -> WeightsNotFoundError:

@@ -1,13 +1,30 @@
-"""What our entry points (the CLI, the recipes, the evals' ``main``) set up before they import the model stack.
+"""What runs around the models: the entry points' setup, devices, processes and timing.
 
-Library use (``import qualityguide``) calls none of this, so it changes no logging and no environment.
+- :func:`quiet_third_party`: what our entry points (the CLI, the recipes, the evals' ``main``) set up before they
+  import the model stack. Library use (``import qualityguide``) calls none of it, so it changes no logging and no
+  environment.
+- :func:`check_device`: refuse a device that does not exist here, with one line that names it and lists what
+  does. It is the one check :func:`qualityguide.load_scorer`, :func:`qualityguide.load_pipeline` and the CLI's
+  ``--device`` share, so that ``cuda:7`` on a two-GPU machine, ``cuda`` without CUDA or ``meta`` (shapes without
+  values: nothing can be scored on it) fail before anything is built, not deep inside torch.
+- :func:`process_state`, :func:`split_for_process`: work sharded over ``accelerate launch`` processes, shared by
+  LGDM extraction and the recipes.
+- :func:`synchronize`, :func:`timed`: wall-clock timing that waits for the GPU (evals' benchmarks, timed
+  generation).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import statistics
+import time
 import warnings
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import InputError
 
 # Packages whose warnings a command-line user cannot act on; library users (import qualityguide) keep them all.
 THIRD_PARTY = ("bitsandbytes", "kernels", "diffusers", "transformers", "huggingface_hub")
@@ -60,3 +77,94 @@ def quiet_third_party(quiet: bool = False) -> None:
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
         disable_progress_bars()
+
+
+# Devices
+
+def available_devices() -> list[str]:
+    """The devices this machine can compute on: ``cpu``, then ``cuda:0``... and ``mps`` where present."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(device: str | torch.device, argument: str = "device") -> torch.device:
+    """``device`` as a :class:`torch.device` if it exists on this machine, else an :class:`InputError`.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, a :class:`torch.device`, ...
+        argument: how to name the argument in the message (``"--device"`` on the command line).
+    """
+    def show(value: str) -> str:  # as the user wrote it: `--device cuda:7` or `device='cuda:7'`
+        return f"{argument} {value}" if argument.startswith("-") else f"{argument}={value!r}"
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"{show(str(device))} is not a torch device; use one of: "
+                         f"{', '.join(available_devices())}") from None
+    fix = f"devices here: {', '.join(available_devices())}; pass one of them, e.g. {show('cpu')}"
+    if parsed.type == "meta":
+        raise InputError(f"{show(str(parsed))}: the meta device holds shapes but no values, so nothing can be "
+                         f"computed on it; {fix}")
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{show(str(parsed))}: CUDA is not available on this machine (no GPU, or no driver "
+                             f"torch can use); {fix}")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"{show(str(parsed))}: no such GPU; {fix}")
+        return parsed
+    backend = getattr(torch.backends, parsed.type, None) or getattr(torch, parsed.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if callable(is_available) and not is_available():
+        raise InputError(f"{show(str(parsed))}: {parsed.type} is not available on this machine; {fix}")
+    return parsed
+
+
+# Processes
+
+def process_state(cpu: bool = False):
+    """accelerate's per-process state; CPU processes (``--device cpu`` or ``ACCELERATE_USE_CPU=1``) join a gloo
+    group when launched with several processes."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def split_for_process(state, items: Sequence) -> list:
+    """This process's contiguous share of ``items`` (accelerate's ``split_between_processes``).
+
+    No padding: a process with nothing left gets an empty list rather than a repeat of the last item,
+    so no image or prompt is done twice. One process gets everything.
+    """
+    with state.split_between_processes(list(items)) as mine:
+        return list(mine)
+
+
+# Timing
+
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for queued CUDA work on ``device`` (no-op elsewhere), so a timer measures the work itself."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device | str | None, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs, after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -24,7 +24,7 @@ from qualityguide.errors import QualityGuideError
 from qualityguide.guidance import QualityGuidance
 from qualityguide.guidance.runner import (append_record, check_settings, finished, make_jobs, read_prompts,
                                           save_image, timed_generate)
-from qualityguide.distributed import process_state, split_for_process
+from qualityguide.runtime import process_state, split_for_process
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer

@@ -9,7 +9,7 @@ from PIL import Image
 
 from qualityguide.errors import ImageError
 from qualityguide.scorers.base import QualityScorer
-from qualityguide.scoring import _score_chunk, batches_by_pixels, score_tensors
+from qualityguide.scoring import score_chunk, batches_by_pixels, score_tensors
 
 
 class Recorder(QualityScorer):
@@ -76,7 +76,7 @@ def test_chunk_memory_is_bounded_by_pixels_not_by_count(tmp_path, monkeypatch):
 
     monkeypatch.setattr(scoring, "load_image", counting_load)
     scorer = Recorder()
-    rows = _score_chunk(scorer, chunk, torch.device("cpu"), max_pixels=1000)
+    rows = score_chunk(scorer, chunk, torch.device("cpu"), max_pixels=1000)
     assert all(row["score"] and not row["error"] for row in rows)
     assert max(alive_at_load) < 1000  # a full batch is scored (and freed) before the next file is read
     assert all(pixels <= 1000 or count == 1 for count, pixels in held), held

@@ -188,7 +188,7 @@ def test_score_stderr_holds_only_our_lines(tmp_path):
 # (and diffusers' logger, and a third-party Python warning) emitted during the command, whatever this CPU is.
 _NOISY_CLI = """
 import logging, sys, warnings
-from qualityguide import cli
+from qualityguide.cli import commands as cli
 score = cli._cmd_score
 def noisy_score(args):
     for name in ("kernels._internals.hf_hub", "bitsandbytes.backends.cpu.ops", "diffusers.pipelines"):

@@ -36,3 +36,27 @@ def test_the_recipe_exits_2_with_one_line_for_a_binary_prompts_file(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and "prompts.png is not UTF-8 text" in lines[0] and "one prompt per line" in lines[0]
+
+
+def test_both_recipes_read_a_prompt_file_by_one_rule(tmp_path):
+    """Guided sampling and ACPO's self samples read the same file the same way: a Windows byte-order mark is not
+    part of the first prompt, `#` lines are comments, an absurd line is refused by its number."""
+    from qualityguide.files import MAX_PROMPT_CHARS
+    from qualityguide.train.self_samples import read_prompts as acpo_read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("# portraits\n a fox \n\n#2 skipped\ncafé\n", encoding="utf-8-sig")  # starts with a BOM
+    assert read_prompts(path) == acpo_read_prompts(path) == ["a fox", "café"]
+    path.write_text("a fox\n" + "y" * (MAX_PROMPT_CHARS + 1) + "\n", encoding="utf-8")
+    for read in (read_prompts, acpo_read_prompts):
+        with pytest.raises(InputError, match=rf"p\.txt, line 2: {MAX_PROMPT_CHARS + 1} characters"):
+            read(path)
+
+
+def test_acpo_reads_the_repositorys_prompt_file_without_its_comment_line():
+    """The README trains ACPO on evals/prompts.txt, whose first line is a `#` comment, not a prompt."""
+    from qualityguide.train.self_samples import read_prompts as acpo_read_prompts
+
+    prompts = acpo_read_prompts(Path(__file__).resolve().parents[1] / "evals" / "prompts.txt")
+    assert len(prompts) == 50 and not any(p.startswith("#") for p in prompts)
+    assert prompts[0] == "a red fox sitting in fresh snow at dawn"

@@ -9,7 +9,7 @@ does), and their attention output is added with a scale. Only those weights trai
 * :class:`IQAAdapter` conditions on target scores of named scorers (as percentile ranks of the
   training distribution, :mod:`qualityguide.adapter.conditions`).
 * :class:`ReferenceIQAAdapter` conditions on a perceptual feature extractor's output for a reference
-  image (:mod:`qualityguide.features`), standardised with the training set's statistics.
+  image (:mod:`qualityguide.scorers.features`), standardised with the training set's statistics.
 
 An adapter is structural, like an IP-Adapter: it attaches to any U-Net with the same cross-attention
 layout (so to fine-tunes of the base it was trained on), and refuses another layout naming both.
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, printable
+from ..files import FORMATS, atomic_write
 from ..images import check_batch
 from ..scorers.safe_load import check_fields, load_checked_safetensors, read_json_object
 from .conditions import (QUANTILES_FILE, ScoreQuantiles, check_unit_range, finite_or_raise, null_condition,
@@ -43,7 +44,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DIFFUSERS_SUBFOLDER = "diffusers"
 DIFFUSERS_WEIGHTS = "ip_adapter.safetensors"
-FORMAT = "qualityguide-iqa-adapter"
+FORMAT = FORMATS["iqa_adapter"]
 
 
 @dataclass
@@ -539,7 +540,7 @@ class ReferenceIQAAdapter(_QualityAdapter):
     """Condition generation on a reference image's content-agnostic quality features.
 
     Args:
-        feature_extractor: a spec for :func:`qualityguide.features.build_image_psi` (``"brisque"`` and ``"niqe"``
+        feature_extractor: a spec for :func:`qualityguide.scorers.features.build_image_psi` (``"brisque"`` and ``"niqe"``
             work offline) or an ``ImagePsi``.
         feature_dim: its output width (measured on a probe image when omitted).
         weights: local weights of a ``pyiqa:`` extractor.
@@ -549,7 +550,7 @@ class ReferenceIQAAdapter(_QualityAdapter):
     def __init__(self, feature_extractor, feature_dim: int | None = None, num_tokens: int = 4,
                  cross_attention_dim: int = 768, projection: str = "linear", hidden_dim: int | None = None,
                  layers: list[list] | None = None, weights: str | None = None):
-        from ..features import ImagePsi, build_image_psi
+        from ..scorers.features import ImagePsi, build_image_psi
 
         psi = feature_extractor if isinstance(feature_extractor, ImagePsi) else build_image_psi(
             str(feature_extractor), weights=weights)
@@ -611,35 +612,13 @@ class ReferenceIQAAdapter(_QualityAdapter):
 
 
 def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write through a temporary file in the same folder, fsynced, then rename: a kill never leaves half a file."""
+    atomic_write(path, write, durability="file")
 
 
 def _resolve(source, revision, subfolder) -> Path:
-    from ..pipelines import hub_fetch_error, looks_like_local_path
+    from ..pipelines import local_or_hub_folder
 
-    path = Path(source).expanduser()
-    if path.exists():
-        return path / subfolder if subfolder else path
-    text = str(source)
-    if looks_like_local_path(text):
-        raise InputError(f"IQA-Adapter folder {path} does not exist; pass a folder written by save_pretrained or a "
-                         "hub id owner/name")
-    from huggingface_hub import snapshot_download
-
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    try:
-        root = Path(snapshot_download(text, revision=revision, allow_patterns=[
-            prefix + name for name in (CONFIG_FILE, WEIGHTS_FILE, QUANTILES_FILE)]))
-    except (OSError, ValueError) as exc:
-        raise hub_fetch_error(f"IQA-Adapter {text!r} is neither a local folder nor a hub repository that could be "
-                              "fetched", text, exc, "or pass a local adapter folder") from None
-    return root / prefix if prefix else root
+    return local_or_hub_folder(source, "IQA-Adapter", [CONFIG_FILE, WEIGHTS_FILE, QUANTILES_FILE],
+                               "pass a folder written by save_pretrained or a hub id owner/name",
+                               "or pass a local adapter folder", revision=revision, subfolder=subfolder)

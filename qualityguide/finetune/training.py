@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from torch import nn
 
 from ..diffusion import pipeline_upcasts_vae, to_vae_range, unet_conditioning, unwrap
 from ..errors import InputError
+from ..files import json_sha256
 from ..identity import WeightIdentity
 from .config import ACPOConfig
 from .lora import add_lora, lora_parameters
@@ -209,18 +209,15 @@ def identity_difference(stored: dict | None, current: dict) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def _sha256(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
 
 def dataset_identity(dataset, source: str, settings: dict | None = None) -> dict:
     """Identity of an :class:`~qualityguide.train.data.ImageFolderDataset` for the resume check: where it came from,
     its size and resolution, a SHA-256 over its files (names and byte sizes) and captions, and one over the
     ``settings`` that made it (self samples: :meth:`SelfSampleSettings.to_dict`), if any."""
     identity = {"source": source, "count": len(dataset), "resolution": dataset.resolution,
-                "files_sha256": _sha256([dataset.files, dataset.sizes, dataset.captions])}
+                "files_sha256": json_sha256([dataset.files, dataset.sizes, dataset.captions])}
     if settings is not None:
-        identity["settings_sha256"] = _sha256(settings)
+        identity["settings_sha256"] = json_sha256(settings)
     return identity
 
 

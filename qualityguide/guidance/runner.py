@@ -16,31 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-
-
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per line of a UTF-8 text file; blank lines and ``#`` comments skipped.
-
-    Raises:
-        InputError: the file is missing, not UTF-8 text (a binary file) or holds no prompt.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"prompt file {path} is not UTF-8 text (byte {exc.start} cannot be decoded; is it a binary "
-                         "file?); pass a UTF-8 text file with one prompt per line (re-save it as UTF-8, e.g. iconv -f "
-                         "latin1 -t utf-8)") from None
-    if "\x00" in text:
-        raise InputError(f"prompt file {path} holds NUL bytes, so it is a binary file (or UTF-16), not UTF-8 text; "
-                         "pass a UTF-8 text file with one prompt per line")
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise InputError(f"prompt file {path} holds no prompts (one per line; # starts a comment)")
-    return prompts
+from ..files import atomic_write, read_prompts, write_json  # noqa: F401  (read_prompts: the recipe reads it here)
 
 
 @dataclass(frozen=True)
@@ -73,9 +49,7 @@ def check_settings(out: str | os.PathLike, settings: dict) -> None:
                              "--out folder, or rerun with the folder's settings to resume")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(wanted, indent=2))
-    os.replace(tmp, path)
+    write_json(path, wanted)
 
 
 def finished(out: str | os.PathLike, jobs: list["Job"] | None = None) -> dict[str, dict]:
@@ -127,14 +101,12 @@ def save_image(image: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     array = (image[0].permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def timed_generate(pipe, job: Job, guidance=None, **kwargs) -> tuple[torch.Tensor, float]:
     """:func:`generate` and its wall time in seconds (GPU work included)."""
-    from ..timing import synchronize
+    from ..runtime import synchronize
 
     synchronize(pipe.device)
     start = time.perf_counter()

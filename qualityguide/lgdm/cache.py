@@ -14,7 +14,6 @@ Loading de-duplicates by key, so overlapping runs never give duplicate rows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -26,19 +25,16 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..files import FORMATS, atomic_write, file_sha256, write_json
 from ..identity import IDENTITY_FILE, WeightIdentity
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = FORMATS["lgdm_cache"]
 
 
 def file_hash(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes: the image's cache key (renaming or moving a file keeps its features)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def check_cache_folder(root: str | os.PathLike) -> Path:
@@ -72,7 +68,7 @@ class FeatureCache:
         if path.is_file():
             found = json.loads(path.read_text())
             if manifest is not None and found.get("feature_key") != manifest["feature_key"]:
-                raise InputError(_mismatch(self.root, found, manifest))
+                raise InputError(manifest_mismatch(self.root, found, manifest))
             if manifest is not None and weights is not None:
                 if not (self.root / IDENTITY_FILE).is_file():
                     raise InputError(f"feature cache {self.root} has no {IDENTITY_FILE} (written by an older "
@@ -91,9 +87,7 @@ class FeatureCache:
             if weights is not None:  # before the manifest: a cache with a manifest always has its identity
                 WeightIdentity.of(weights).save(self.root / IDENTITY_FILE)
             payload = {"format": FORMAT, **manifest}
-            tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex}")
-            tmp.write_text(json.dumps(payload, indent=2, default=str))
-            os.replace(tmp, path)
+            write_json(path, payload, default=str)
             self.manifest = payload
         else:
             raise InputError(f"{self.root} has no {MANIFEST} yet (the main process writes it)")
@@ -151,11 +145,9 @@ class FeatureCache:
                              f"{expected[1]}]")
         self.shards.mkdir(parents=True, exist_ok=True)
         name = f"{rank:03d}-{uuid.uuid4().hex}"
-        tmp = self.shards / f".{name}.tmp"
-        save_file({"features": features.detach().float().cpu().contiguous()}, str(tmp),
-                  metadata={"keys": json.dumps(keys)})
-        final = self.shards / f"{name}.safetensors"
-        os.replace(tmp, final)
+        tensors = {"features": features.detach().float().cpu().contiguous()}
+        final = atomic_write(self.shards / f"{name}.safetensors",
+                             lambda tmp: save_file(tensors, str(tmp), metadata={"keys": json.dumps(keys)}))
         return final
 
     def failure_log(self, rank: int = 0) -> Path:
@@ -211,7 +203,9 @@ class FeatureCache:
         return wanted, torch.stack([table[k] for k in wanted])
 
 
-def _mismatch(root: Path, found: dict, wanted: dict) -> str:
+def manifest_mismatch(root: Path, found: dict, wanted: dict) -> str:
+    """The settings in which a stored manifest (``found``) differs from this run's (``wanted``), as one message
+    naming the folder ``root`` (shared by the cache and the scorer that checks a head against its cache)."""
     diffs = []
     for section in ("config", "backbone"):
         a, b = found.get(section, {}), wanted.get(section, {})

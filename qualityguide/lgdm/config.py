@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 from ..errors import InputError, closest
+from ..files import json_sha256
 from ..scorers.safe_load import check_fields
 
 LAYERS = ("up_blocks", "up_resnets")
@@ -127,4 +126,4 @@ class LGDMConfig:
 
 def stable_hash(payload: dict) -> str:
     """SHA-256 of a JSON document with sorted keys (what cache keys are built from)."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(payload)

@@ -18,7 +18,7 @@ from ..errors import InputError, QualityGuideError
 from ..identity import IDENTITY_FILE
 from ..images import load_image
 from ..pipelines import parse_dtype
-from ..distributed import process_state, split_for_process
+from ..runtime import process_state, split_for_process
 from .cache import FeatureCache, file_hash
 from .model import LGDM
 

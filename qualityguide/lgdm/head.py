@@ -8,7 +8,6 @@ normalised to [0,1] (Saini et al. 2025, section 3.3), early-stopped on a validat
 from __future__ import annotations
 
 import copy
-import json
 import math
 import numbers
 import os
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, printable
+from ..files import atomic_write, write_json
 from ..scorers.safe_load import check_fields, load_checked_safetensors, read_json_object
 
 MIXINGS = ("softmax", "concat")
@@ -145,15 +145,19 @@ class LGDMHead(nn.Module):
         return normalised * (hi - lo) + lo
 
     def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> None:
-        """``config.json`` (the head's config under ``"head"``, + ``extra`` metadata) and ``model.safetensors``."""
+        """``config.json`` (the head's config under ``"head"``, + ``extra`` metadata) and ``model.safetensors``.
+
+        Each file is replaced atomically and fsynced, as adapter weights are: a fitted head is a result the user
+        keeps, and a kill while refitting into the same folder leaves the old file or the new one, never half.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         payload = {"head": asdict(self.config), **(extra or {})}
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  str(directory / HEAD_WEIGHTS))
-        (directory / HEAD_CONFIG).write_text(json.dumps(payload, indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(directory / HEAD_WEIGHTS, lambda tmp: save_file(state, str(tmp)), durability="file")
+        write_json(directory / HEAD_CONFIG, payload, durability="file")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> tuple["LGDMHead", dict]:
@@ -205,7 +209,7 @@ class TrainConfig:
 
 
 def _srcc(pred: np.ndarray, target: np.ndarray) -> float:
-    from ..protocol import srcc
+    from ..evaluation.stats import srcc
 
     value = srcc(pred, target) if len(pred) > 2 else float("nan")
     return value if math.isfinite(value) else -1.0
@@ -218,7 +222,7 @@ def fit_head(features: torch.Tensor, mos: np.ndarray, train_idx: np.ndarray, val
     Args:
         features: ``[N, steps, F]`` hyperfeatures (float32, CPU or GPU).
         mos: ``[N]`` mean opinion scores, higher is better.
-        train_idx, val_idx: index arrays (content-disjoint, from :func:`qualityguide.protocol.content_disjoint_split`).
+        train_idx, val_idx: index arrays (content-disjoint, from :func:`qualityguide.evaluation.stats.content_disjoint_split`).
 
     Returns:
         ``(head in eval mode, history)`` with per-epoch training loss and validation SRCC.

@@ -109,7 +109,7 @@ class LGDM(nn.Module):
         self.psi = None
         self.psi_weights_hash = None
         if self.config.zeta2 > 0 and self.config.psi not in ("none", "sd"):
-            from ..features import build_image_psi
+            from ..scorers.features import build_image_psi
 
             self.psi = build_image_psi(self.config.psi, weights=psi_weights)
             if psi_weights is not None:  # other psi weights, other features: part of the cache key

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..protocol import content_disjoint_split, plcc, srcc, summarize
+from ..evaluation.stats import content_disjoint_split, plcc, srcc, summarize
 from .head import HeadConfig, TrainConfig, fit_head, predict
 
 

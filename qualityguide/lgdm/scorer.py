@@ -17,9 +17,9 @@ import torch
 
 from ..errors import InputError, printable
 from ..identity import IDENTITY_FILE, WeightIdentity
-from ..pipelines import hub_fetch_error, looks_like_local_path
+from ..pipelines import local_or_hub_folder
 from ..scorers.base import QualityScorer
-from .cache import _mismatch, file_hash
+from .cache import manifest_mismatch, file_hash
 from .config import LGDMConfig, stable_hash
 from .head import HEAD_CONFIG, HEAD_WEIGHTS, LEGACY_FILES, LGDMHead
 from .model import LGDM
@@ -52,20 +52,9 @@ def write_head_folder(directory: str | os.PathLike, head: LGDMHead, manifest: di
 def resolve_head_folder(spec: str | os.PathLike) -> Path:
     """A local head folder, or a hub id fetched with ``huggingface_hub`` (only the head's files; the local cache is
     used offline). An existing local path always wins."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    text = str(spec)
-    if looks_like_local_path(text):
-        raise InputError(f"LGDM head folder {path} does not exist; pass a folder written by `qualityguide lgdm fit "
-                         "--out DIR` (or LGDMScorer.save_pretrained), or a hub id owner/name")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(text, allow_patterns=[HEAD_CONFIG, HEAD_WEIGHTS, IDENTITY_FILE, *LEGACY_FILES]))
-    except (OSError, ValueError) as exc:
-        raise hub_fetch_error(f"LGDM head {text!r} is neither a local folder nor a hub repository that could be "
-                              "fetched", text, exc, "or pass an existing head folder") from None
+    return local_or_hub_folder(spec, "LGDM head", [HEAD_CONFIG, HEAD_WEIGHTS, IDENTITY_FILE, *LEGACY_FILES],
+                               "pass a folder written by `qualityguide lgdm fit --out DIR` (or "
+                               "LGDMScorer.save_pretrained), or a hub id owner/name", "or pass an existing head folder")
 
 
 def head_content_hash(folder: str | os.PathLike) -> str:
@@ -221,7 +210,7 @@ class LGDMScorer(QualityScorer):
         if lgdm.model_key() != meta["model_key"]:
             found = {"config": meta["lgdm"], "backbone": meta["backbone"], "precision": None}
             wanted = {"config": lgdm.config.to_dict(), "backbone": lgdm.backbone_identity(), "precision": None}
-            raise InputError(_mismatch(Path(directory), found, wanted).replace("feature cache", "LGDM head")
+            raise InputError(manifest_mismatch(Path(directory), found, wanted).replace("feature cache", "LGDM head")
                              .replace("use a new --cache folder for this configuration, or rerun with the cache's "
                                       "settings", "load the backbone the head was trained on"))
         if (folder / IDENTITY_FILE).is_file():

@@ -1,7 +1,8 @@
 """Scorers behind one contract, built from a spec string by :func:`load_scorer`.
 
 Specs: ``"niqe"``, ``"niqe-embedded"``, ``"brisque"``, ``"pyiqa:<name>"`` (any pyiqa NR metric),
-``"lgdm:<dir>"`` (a trained LGDM head folder; its backbone is loaded from the spec stored there), each
+``"lgdm:<dir>"`` (a trained LGDM head folder; its backbone is loaded from the spec stored there; registered by
+the package root, see :func:`register_scorer_prefix`, so this layer imports no capability above it), each
 optionally followed by ``@<size>`` (score after resizing the short side to that many pixels).
 """
 
@@ -13,13 +14,13 @@ from typing import Callable
 
 import torch
 
-from ..devices import check_device
 from ..errors import InputError, QualityGuideError, closest
+from ..runtime import check_device
 from .base import SIZE_SEP, QualityScorer, Resized, check_scoring_size, split_size
 from .nss import BRISQUEScorer, NIQEScorer, weights_env_var
 
 __all__ = ["QualityScorer", "Resized", "NIQEScorer", "BRISQUEScorer", "load_scorer", "split_size", "scorer_table",
-           "BUILTIN_SCORERS", "DEFAULT_SCORER", "weights_env_var"]
+           "BUILTIN_SCORERS", "DEFAULT_SCORER", "weights_env_var", "SCORER_PREFIXES", "register_scorer_prefix"]
 
 # The scorer that works on a fresh machine with no downloads (used by `qualityguide demo` and as the CLI default).
 DEFAULT_SCORER = "niqe-embedded"
@@ -60,6 +61,37 @@ BUILTIN_SCORERS: dict[str, ScorerEntry] = {
 }
 
 
+@dataclass(frozen=True)
+class PrefixEntry:
+    """A family of scorers named ``<prefix>:<argument>``, built by a layer above this one."""
+
+    load: Callable[..., QualityScorer]  # load(argument, device=..., **kwargs)
+    argument: str  # how ``known_specs`` shows the argument: ``lgdm:<dir>``
+    description: str
+    weights_refusal: str  # why ``weights=`` makes no sense for it (the spec itself names the weights)
+
+
+# Filled by the layers above (``qualityguide/__init__.py`` registers ``lgdm:``), so this layer imports none of them.
+SCORER_PREFIXES: dict[str, PrefixEntry] = {}
+
+
+def register_scorer_prefix(prefix: str, load: Callable[..., QualityScorer], description: str, argument: str = "dir",
+                           weights_refusal: str = "the spec names its weights") -> None:
+    """Let :func:`load_scorer` build ``<prefix>:<argument>`` specs with ``load``.
+
+    Args:
+        prefix: the spec prefix without its colon (``"lgdm"``).
+        load: ``load(argument, device=None, **kwargs) -> QualityScorer``; it may import its layer on first use.
+        description: one line for listings.
+        argument: the argument's name in the list of known specs.
+        weights_refusal: the reason given when ``weights=`` is passed too.
+    """
+    if not prefix or ":" in prefix or prefix == "pyiqa" or prefix in BUILTIN_SCORERS:
+        raise InputError(f"scorer prefix {prefix!r}: must be non-empty, hold no ':' and not be 'pyiqa' or a builtin "
+                         f"scorer ({', '.join(BUILTIN_SCORERS)}); pick another name")
+    SCORER_PREFIXES[prefix] = PrefixEntry(load, argument, description, weights_refusal)
+
+
 def load_scorer(spec: str, weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
                 size: int | None = None, **kwargs) -> QualityScorer:
     """Build a scorer from a spec string.
@@ -98,12 +130,12 @@ def load_scorer(spec: str, weights: str | os.PathLike | None = None, device: str
         from .pyiqa_scorer import PyIQAScorer
 
         scorer: QualityScorer = PyIQAScorer(base.split(":", 1)[1], weights=weights, **kwargs)
-    elif base.startswith("lgdm:"):
-        from ..lgdm.scorer import LGDMScorer
-
+    elif base.split(":", 1)[0] in SCORER_PREFIXES and ":" in base:
+        prefix, argument = base.split(":", 1)
+        entry = SCORER_PREFIXES[prefix]
         if weights is not None:
-            raise InputError(f"scorer {spec!r}: the head folder holds the weights; drop --weights")
-        scorer = LGDMScorer.from_pretrained(base.split(":", 1)[1], device=device, **kwargs)
+            raise InputError(f"scorer {spec!r}: {entry.weights_refusal}; drop --weights")
+        scorer = entry.load(argument, device=device, **kwargs)
     elif base in BUILTIN_SCORERS:
         scorer = BUILTIN_SCORERS[base].build(weights=weights, **kwargs)
     else:
@@ -118,7 +150,7 @@ def load_scorer(spec: str, weights: str | os.PathLike | None = None, device: str
 
 
 def known_specs() -> list[str]:
-    return list(BUILTIN_SCORERS) + ["pyiqa:<name>", "lgdm:<dir>"]
+    return list(BUILTIN_SCORERS) + ["pyiqa:<name>"] + [f"{p}:<{e.argument}>" for p, e in SCORER_PREFIXES.items()]
 
 
 def suggest(name: str) -> str | None:

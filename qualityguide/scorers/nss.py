@@ -32,7 +32,7 @@ from .base import QualityScorer
 from .nss_tiled import BLOCK, TILE_PIXELS, brisque_feature_vector, niqe_feature_grid, niqe_score
 from .safe_load import load_torch_weights, weights_file
 
-EMBEDDED_NIQE_PARAMS = Path(__file__).resolve().parent.parent / "data" / "niqe_pristine_qualityguide.safetensors"
+EMBEDDED_NIQE_PARAMS = Path(__file__).resolve().parent / "niqe_pristine_qualityguide.safetensors"
 
 # Y of YIQ / YCbCr (ITU-R BT.601) luma weights, as pyiqa's NSS code uses.
 _LUMA = (0.299, 0.587, 0.114)

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, QualityGuideError
+from ..files import FORMATS, fsync_dir
 
 MARKER = "qualityguide_checkpoint.json"
-FORMAT = "qualityguide.checkpoint/1"
+FORMAT = FORMATS["checkpoint"]
 PREFIX = "checkpoint-"
 COMPLETE = re.compile(r"^checkpoint-(\d+)$")
 # optimizer state kept per parameter with the parameter's shape (torch's Adam/AdamW/SGD, bitsandbytes' 8-bit Adam);
@@ -61,15 +62,7 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(root))
 
 
 def _no_custom_objects(accelerator, what: str) -> None:
@@ -159,7 +152,7 @@ class CheckpointManager:
                 old = self.output_dir / f"{PREFIX}{step}.tmp-replaced"
                 os.replace(final, old)
             os.replace(tmp, final)
-            _fsync_dir(self.output_dir)
+            fsync_dir(self.output_dir)
             if old is not None:
                 shutil.rmtree(old)
             self._prune()

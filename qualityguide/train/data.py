@@ -48,7 +48,15 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2 ** 63 - 1)
 
 
-def _check_int(name: str, value: object, low: int, fix: str) -> int:
+def check_int(name: str, value: object, low: int, fix: str) -> int:
+    """``value`` as an int if it is a whole number >= ``low`` (a bool is not), else an :class:`InputError`.
+
+    Args:
+        name: the argument, as the message shows it.
+        value: what was passed.
+        low: the smallest allowed value.
+        fix: what to do instead, appended to the message.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise InputError(f"{name} {value!r}: must be a whole number >= {low}; {fix}")
     return int(value)
@@ -357,11 +365,11 @@ def batch_indices(num_items: int, batch_size: int, step: int, seed: int, num_pro
         num_processes, process_index: ``accelerator.num_processes`` and ``accelerator.process_index``.
         drop_last: skip the incomplete tail of each epoch.
     """
-    num_items = _check_int("num_items", num_items, 1, "the dataset is empty")
-    batch_size = _check_int("batch_size", batch_size, 1, "pass the per-process batch size, e.g. 4")
-    step = _check_int("step", step, 0, "steps count from 0")
-    num_processes = _check_int("num_processes", num_processes, 1, "pass accelerator.num_processes")
-    process_index = _check_int("process_index", process_index, 0, "pass accelerator.process_index")
+    num_items = check_int("num_items", num_items, 1, "the dataset is empty")
+    batch_size = check_int("batch_size", batch_size, 1, "pass the per-process batch size, e.g. 4")
+    step = check_int("step", step, 0, "steps count from 0")
+    num_processes = check_int("num_processes", num_processes, 1, "pass accelerator.num_processes")
+    process_index = check_int("process_index", process_index, 0, "pass accelerator.process_index")
     if process_index >= num_processes:
         raise InputError(f"process_index {process_index} must be below num_processes {num_processes}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -394,7 +402,7 @@ def step_generator(seed: int, step: int, process_index: int = 0, device: str | t
     """
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise InputError(f"seed {seed!r}: must be a whole number, e.g. 0")
-    step = _check_int("step", step, 0, "steps count from 0")
-    process_index = _check_int("process_index", process_index, 0, "pass accelerator.process_index")
+    step = check_int("step", step, 0, "steps count from 0")
+    process_index = check_int("process_index", process_index, 0, "pass accelerator.process_index")
     generator = torch.Generator(device=device)
     return generator.manual_seed(derive_seed("qualityguide.train.step", int(seed), step, process_index))

@@ -35,10 +35,11 @@ import torch
 
 from ..diffusion.vae import encode_posterior
 from ..errors import InputError
+from ..files import FORMATS, atomic_write, write_json
 from ..identity import WeightIdentity
-from .data import ImageFolderDataset, _check_int
+from .data import ImageFolderDataset, check_int
 
-FORMAT = "qualityguide.latent_cache/1"
+FORMAT = FORMATS["latent_cache"]
 KEY_FILE = "cache.json"
 IDENTITY_FILE = "vae_identity.safetensors"
 
@@ -92,13 +93,6 @@ def _key(dataset: ImageFolderDataset, vae, shard_size: int, store_std: bool, upc
             "files": [[f, s] for f, s in zip(dataset.files, dataset.sizes)]}
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Replace ``path`` by ``data`` as JSON atomically (a temporary file beside it, then ``os.replace``)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _files_difference(stored: list, current: list) -> str:
     for i, (a, b) in enumerate(zip(stored, current)):
         if a != b:
@@ -134,7 +128,7 @@ def _open_cache(folder: Path, key: dict, vae) -> None:
                          "folder: the cache owns it")
     folder.mkdir(parents=True, exist_ok=True)
     WeightIdentity.of({"vae": vae}).save(folder / IDENTITY_FILE)
-    write_json(key_file, key)  # last: its presence means the key files are complete
+    write_json(key_file, key, indent=1)  # last: its presence means the key files are complete
 
 
 def _shard_path(folder: Path, shard: int) -> Path:
@@ -181,8 +175,8 @@ def cache_latents(dataset: ImageFolderDataset, vae, cache_dir: str | os.PathLike
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    batch_size = _check_int("batch_size", batch_size, 1, "pass how many images to encode at once, e.g. 8")
-    shard_size = _check_int("shard_size", shard_size, 1, "pass how many items per shard file, e.g. 256")
+    batch_size = check_int("batch_size", batch_size, 1, "pass how many images to encode at once, e.g. 8")
+    shard_size = check_int("shard_size", shard_size, 1, "pass how many items per shard file, e.g. 256")
     if not dataset.deterministic:
         raise InputError(f"cannot cache latents of a dataset with random crops or flips (center_crop="
                          f"{dataset.center_crop}, random_flip={dataset.random_flip}): the cache would freeze one "
@@ -208,9 +202,8 @@ def cache_latents(dataset: ImageFolderDataset, vae, cache_dir: str | os.PathLike
         if store_std:
             tensors["std"] = torch.cat(stds).contiguous()
         path = _shard_path(folder, shard)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"start": str(start), "count": str(count)})
-        os.replace(tmp, path)
+        metadata = {"start": str(start), "count": str(count)}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     bar.close()
     read = [_read_shard(_shard_path(folder, s), start, count, store_std) for s, start, count in shards]
     return LatentCache(folder, list(dataset.files), torch.cat([m for m, _ in read]),

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
+from ..files import atomic_write
 
 LOG_NAME = "train_log.jsonl"
 
@@ -40,9 +41,7 @@ class StepLog:
                                      "log: use another --output_dir") from None
                 if step < start:
                     kept.append(line)
-            tmp = self.path.with_name(f".{LOG_NAME}.tmp-{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(line + "\n" for line in kept))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.path, "a", encoding="utf-8")
 

@@ -31,39 +31,14 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..files import FORMATS, MAX_PROMPT_CHARS, atomic_write, read_prompts, write_json  # noqa: F401  (re-exported)
 from ..identity import WeightIdentity
-from .data import METADATA, derive_seed, load_image_folder
-from .latents import write_json
+from .data import METADATA, check_int, derive_seed, load_image_folder
 
-FORMAT = "qualityguide.self_samples/1"
+FORMAT = FORMATS["self_samples"]
 MANIFEST = "self_samples.json"
 IDENTITY_FILE = "base_identity.safetensors"
 CAPTION_COLUMN = "text"
-MAX_PROMPT_CHARS = 10_000  # far beyond any text encoder's window; a longer line is a wrong file, not a prompt
-
-
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a UTF-8 text file, one per line (surrounding spaces stripped, empty lines skipped).
-
-    Raises:
-        InputError: the file is missing, not UTF-8, holds no prompt or a line longer than ``MAX_PROMPT_CHARS``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"prompts file {path} does not exist; pass a text file with one prompt per line (--prompts)")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError:
-        raise InputError(f"prompts file {path} is not UTF-8; re-save it as UTF-8 (iconv -f latin1 -t utf-8)") from None
-    for number, line in enumerate(lines, 1):
-        if len(line) > MAX_PROMPT_CHARS:
-            raise InputError(f"prompts file {path}, line {number}: {len(line)} characters, more than "
-                             f"{MAX_PROMPT_CHARS} (a text encoder reads only its first 77 tokens, a few hundred "
-                             "characters); shorten that line (is it really one prompt per line?)")
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise InputError(f"prompts file {path} holds no prompt; write one prompt per line")
-    return prompts
 
 
 def is_conditional(pipe) -> bool:
@@ -113,12 +88,6 @@ def sample_images(pipe, prompts: Sequence[str] | None, seeds: Sequence[int], res
     return out.images.float().cpu().clamp(0, 1)
 
 
-def _check_int(name: str, value: object, low: int, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise InputError(f"{name}={value!r}: must be a whole number >= {low}; {fix}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class SelfSampleSettings:
     """Everything the self samples depend on besides the weights (those are checked by content).
@@ -144,9 +113,9 @@ class SelfSampleSettings:
     model: str = ""
 
     def __post_init__(self) -> None:
-        _check_int("num_samples", self.num_samples, 1, "generate at least one image, e.g. --num_self_samples 64")
-        _check_int("resolution", self.resolution, 8, "e.g. 512")
-        _check_int("num_inference_steps", self.num_inference_steps, 1, "e.g. 30")
+        check_int("num_samples", self.num_samples, 1, "generate at least one image, e.g. --num_self_samples 64")
+        check_int("resolution", self.resolution, 8, "e.g. 512")
+        check_int("num_inference_steps", self.num_inference_steps, 1, "e.g. 30")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise InputError(f"seed={self.seed!r}: must be a whole number, e.g. 0")
         if not isinstance(self.guidance_scale, numbers.Real) or not math.isfinite(self.guidance_scale):
@@ -235,7 +204,7 @@ def open_self_samples(pipe, settings: SelfSampleSettings, folder: str | os.PathL
                          "new or empty --cache_dir: the cache owns its folder")
     folder.mkdir(parents=True, exist_ok=True)
     WeightIdentity.of(_modules(pipe)).save(folder / IDENTITY_FILE)
-    write_json(manifest, wanted)  # last: its presence means the key files are complete
+    write_json(manifest, wanted, indent=1)  # last: its presence means the key files are complete
     return folder
 
 
@@ -271,7 +240,7 @@ def generate_self_samples(pipe, settings: SelfSampleSettings, folder: str | os.P
     from PIL import Image
     from tqdm.auto import tqdm
 
-    batch_size = _check_int("batch_size", batch_size, 1, "e.g. 4")
+    batch_size = check_int("batch_size", batch_size, 1, "e.g. 4")
     folder = open_self_samples(pipe, settings, folder)
     for stale in folder.glob(".*.png.tmp-*"):  # left by a killed writer of this share
         index = stale.name[1:].split(".", 1)[0]
@@ -289,9 +258,7 @@ def generate_self_samples(pipe, settings: SelfSampleSettings, folder: str | os.P
         for i, image in zip(chunk, images):
             pixels = (image.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype("uint8")
             path = folder / image_name(i)
-            tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-            Image.fromarray(pixels).save(tmp, format="PNG")
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
         bar.update(len(chunk))
     bar.close()
     return len(todo)
@@ -313,12 +280,13 @@ def load_self_samples(pipe, settings: SelfSampleSettings, folder: str | os.PathL
                          f"(first {image_name(missing[0])}); run generate_self_samples for them first")
     metadata = folder / METADATA
     if not metadata.is_file():
-        tmp = folder / f".{METADATA}.tmp-{os.getpid()}"
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["file_name"] + ([CAPTION_COLUMN] if settings.prompts is not None else []))
-            for i in range(settings.num_samples):
-                writer.writerow([image_name(i)] + ([settings.prompt(i)] if settings.prompts is not None else []))
-        os.replace(tmp, metadata)
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["file_name"] + ([CAPTION_COLUMN] if settings.prompts is not None else []))
+                for i in range(settings.num_samples):
+                    writer.writerow([image_name(i)] + ([settings.prompt(i)] if settings.prompts is not None else []))
+
+        atomic_write(metadata, write)
     return load_image_folder(folder, settings.resolution,
                              caption_column=CAPTION_COLUMN if settings.prompts is not None else None, progress=progress)

@@ -8,7 +8,7 @@ import numbers
 import os
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 DATA_ENV = "QUALITYGUIDE_DATA"
 
@@ -17,7 +17,7 @@ def shared_data_dir() -> Path | None:
     """The evaluation data folder: ``$QUALITYGUIDE_DATA`` if set, else ``../shared/data`` next to the checkout."""
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV])
-    candidate = Path(__file__).resolve().parents[2] / "shared" / "data"
+    candidate = Path(__file__).resolve().parents[3] / "shared" / "data"
     return candidate if candidate.is_dir() else None
 
 

@@ -1,10 +1,10 @@
 """Score columns for a training image folder's ``metadata.csv`` (``qualityguide label``), resumably.
 
 Each column is one scorer's higher-is-better scores. Scores go first into one scores CSV per column
-inside the folder (``DIR/.qualityguide/labels/``, a :class:`~qualityguide.scorefile.ScoreFile`: rows
+inside the folder (``DIR/.qualityguide/labels/``, a :class:`~qualityguide.cli.scorefile.ScoreFile`: rows
 flushed batch by batch, settings checked), keyed by the image's path relative to DIR, so a killed
 run loses at most the batch in flight and a moved folder resumes. Only at the end are the columns
-merged into ``DIR/metadata.csv`` (:mod:`qualityguide.imagefolder`), which is replaced atomically.
+merged into ``DIR/metadata.csv`` (:mod:`qualityguide.cli.imagefolder`), which is replaced atomically.
 ``labels/columns.json`` records which columns ``label`` wrote and with which settings: any other
 column of the same name is the user's and is only replaced with ``overwrite=True``.
 """
@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .errors import InputError, printable
+from ..errors import InputError, printable
+from ..files import FORMATS
+from ..images import collect_multi_frame, image_extensions, scan_images
+from ..scorers.base import QualityScorer
 from .imagefolder import (
     FILE_NAME,
     METADATA,
@@ -34,10 +37,8 @@ from .imagefolder import (
     read_metadata,
     write_atomic,
 )
-from .images import collect_multi_frame, image_extensions, scan_images
+from .score import score_chunk
 from .scorefile import ScoreFile, scorer_settings
-from .scorers.base import QualityScorer
-from .scoring import _score_chunk
 
 try:
     import fcntl
@@ -132,7 +133,8 @@ class _Owned:
                              "afresh (existing score columns are then refused unless --overwrite)") from None
 
     def save(self) -> None:
-        data = json.dumps({"format": 1, "columns": self.record}, indent=1, ensure_ascii=False, sort_keys=True)
+        data = json.dumps({"format": FORMATS["labels"], "columns": self.record}, indent=1, ensure_ascii=False,
+                          sort_keys=True)
         write_atomic(self.path / RECORD, data.encode("utf-8"))
 
     def close(self) -> None:
@@ -282,7 +284,7 @@ def _label_column(owned: _Owned, column: str, scorer: QualityScorer, names: list
                   disable=not progress) as bar:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
-                rows = _score_chunk(scorer, [(name, folder / name) for name in chunk], device)
+                rows = score_chunk(scorer, [(name, folder / name) for name in chunk], device)
                 for row in rows:
                     if row["score"] and not math.isfinite(float(row["score"])):
                         row["error"] = f"{folder / row['path']}: {column} gave a non-finite score ({row['score']})"

@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import ast
 import csv
-import hashlib
 import io
 import os
-import stat
-import tempfile
 from collections.abc import Iterable
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from .errors import InputError, QualityGuideError, printable
-from .images import LOOP, link_problem, special_kind
+from ..errors import InputError, QualityGuideError, printable
+from ..files import atomic_write, file_sha256
+from ..images import LOOP, link_problem, special_kind
 
 try:
     import fcntl
@@ -62,14 +60,6 @@ def decode_path(cell: str) -> str:
     return cell
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def scorer_settings(scorer: torch.nn.Module) -> str:
     """The settings a scorer's values depend on, as ``scorer=NAME[;weights_sha256=HEX16][;dtype=...]``.
 
@@ -82,7 +72,7 @@ def scorer_settings(scorer: torch.nn.Module) -> str:
     for module in scorer.modules():
         source = getattr(module, "source", None)
         if isinstance(source, (str, os.PathLike)) and str(source) and os.path.isfile(source):
-            parts.append(f"weights_sha256={_sha256(source)[:16]}")
+            parts.append(f"weights_sha256={file_sha256(source)[:16]}")
             break
     low = sorted({str(t.dtype).replace("torch.", "") for t in [*scorer.parameters(), *scorer.buffers()]
                   if t.dtype in (torch.float16, torch.bfloat16)})
@@ -356,21 +346,22 @@ class ScoreFile:
         if not drop:
             return 0
         keep = [row for key, row in self.rows.items() if key not in drop]
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
+        fds: list[int] = []
+
+        def write(tmp: Path) -> None:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _BINARY, 0o600)
+            fds.append(fd)
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fresh inode: locked before anyone can see it
-            if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; keep the old file's permissions
-                os.fchmod(fd, stat.S_IMODE(os.fstat(self._write_fd).st_mode))
             _write_all(fd, _encode_rows(keep, header=True))
-            os.fsync(fd)
-            os.replace(tmp, self.path)  # the target: a symlink given as --output stays a symlink
+
+        try:  # the target: a symlink given as --output stays a symlink; the old file's permissions are kept
+            atomic_write(self.path, write, durability="folder", keep_mode=True)
         except BaseException:
-            os.close(fd)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for fd in fds:
+                os.close(fd)
             raise
-        _fsync_dir(self.path.parent)
+        fd = fds[0]
         self._fds.append(fd)  # the old inode stays locked too, for anyone who opened it before the replace
         os.close(self._write_fd)
         self._write_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _BINARY)
@@ -420,19 +411,6 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 1 << 20):
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _open_locked(output: Path) -> int:

@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..errors import InputError
-from .config import LGDMConfig
+from ..lgdm.config import LGDMConfig
 
 
 def _flag(name: str) -> str:
@@ -102,13 +102,12 @@ def run(args) -> int:
 
 
 def _extract(args) -> int:
-    from ..data import load_iqa_dataset
-    from ..devices import check_device
     from ..errors import printable
-    from .cache import check_cache_folder
-    from ..distributed import process_state
-    from .extract import extract_to_cache
-    from .model import LGDM
+    from ..evaluation.datasets import load_iqa_dataset
+    from ..lgdm.cache import check_cache_folder
+    from ..lgdm.extract import extract_to_cache
+    from ..lgdm.model import LGDM
+    from ..runtime import check_device, process_state
 
     config = config_from_args(args)
     device = None if args.device == "auto" else check_device(args.device, "--device")
@@ -133,17 +132,17 @@ def _extract(args) -> int:
 
 
 def _train_config(args):
-    from .head import TrainConfig
+    from ..lgdm.head import TrainConfig
 
     return TrainConfig(max_epochs=args.max_epochs, patience=args.patience, seed=args.seed)
 
 
 def _fit(args) -> int:
-    from ..data import load_iqa_dataset
-    from ..protocol import content_disjoint_split
-    from .extract import dataset_features
-    from .head import HeadConfig, fit_head
-    from .scorer import write_head_folder
+    from ..evaluation.datasets import load_iqa_dataset
+    from ..evaluation.stats import content_disjoint_split
+    from ..lgdm.extract import dataset_features
+    from ..lgdm.head import HeadConfig, fit_head
+    from ..lgdm.scorer import write_head_folder
 
     dataset = load_iqa_dataset(args.dataset, args.csv, limit=args.limit)
     features, cache = dataset_features(args.cache, dataset)
@@ -162,9 +161,9 @@ def _fit(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from ..data import load_iqa_dataset
-    from .extract import dataset_features
-    from .protocol import cross_dataset, repeated_splits
+    from ..evaluation.datasets import load_iqa_dataset
+    from ..lgdm.extract import dataset_features
+    from ..lgdm.protocol import cross_dataset, repeated_splits
 
     if args.repeats < 1:
         raise InputError(f"--repeats must be >= 1, got {args.repeats}")

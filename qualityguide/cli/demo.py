@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from .errors import InputError
-from .images import load_image, make_grid
-from .protocol import krcc
-from .scorers import DEFAULT_SCORER, QualityScorer, load_scorer
-from .scorers.base import SIZE_SEP
-from .scorers.niqe_fit import DEMO_PHOTOS, bundled_photo
+from ..errors import InputError
+from ..evaluation.stats import krcc
+from ..images import load_image, make_grid
+from ..scorers import DEFAULT_SCORER, QualityScorer, load_scorer
+from ..scorers.base import SIZE_SEP
+from ..scorers.niqe_fit import DEMO_PHOTOS, bundled_photo
 
 # distortion -> the three levels (mild, medium, strong)
 DISTORTIONS: dict[str, tuple[float, ...]] = {

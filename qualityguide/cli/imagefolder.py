@@ -13,12 +13,11 @@ from __future__ import annotations
 import csv
 import io
 import os
-import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError, printable
+from ..errors import InputError, printable
+from ..files import atomic_write
 
 METADATA = "metadata.csv"
 FILE_NAME = "file_name"
@@ -141,36 +140,6 @@ def other_metadata(folder: Path, recursive: bool) -> list[Path]:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically: a temporary file in the same folder, fsync, ``os.replace``.
-
-    The file keeps its permissions (a new one gets the usual ``0666`` minus the umask).
-    """
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            if hasattr(os, "fchmod"):
-                os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    """Replace ``path`` by ``data`` atomically and durably (file and folder fsynced): ``metadata.csv`` is the
+    user's file. It keeps its permissions (a new one gets the usual ``0666`` minus the umask)."""
+    atomic_write(path, data, durability="folder", keep_mode=True)

@@ -3,7 +3,7 @@
 Rows are appended batch by batch and flushed to disk, so an interrupted run loses at most the batch
 in flight. A rerun with the same output skips every path already in the file (scored or failed;
 ``retry_failed=True`` tries the failed ones of the files given again). The file itself (format,
-ownership check, lock, settings, repair of a last row cut short by a kill) is :mod:`qualityguide.scorefile`.
+ownership check, lock, settings, repair of a last row cut short by a kill) is :mod:`qualityguide.cli.scorefile`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from .errors import ImageError, InputError, QualityGuideError, printable
-from .images import check_size, collect_multi_frame, load_image, scan_images
+from ..errors import ImageError, InputError, QualityGuideError, printable
+from ..images import check_size, collect_multi_frame, load_image, scan_images
+from ..scorers.base import QualityScorer
 from .scorefile import FIELDS, ScoreFile, decode_path, encode_path, scorer_settings
-from .scorers.base import QualityScorer
 
 __all__ = ["FIELDS", "ScoreSummary", "decode_path", "score_paths", "score_tensors", "scorer_settings"]
 
@@ -176,7 +176,7 @@ def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, outpu
                      disable=not progress) as bar:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
-                rows = _score_chunk(scorer, chunk, device)
+                rows = score_chunk(scorer, chunk, device)
                 table.append(rows)  # error cells: one line, UTF-8, never a formula, whatever the file name holds
                 for row in rows:
                     if row["error"]:
@@ -193,7 +193,7 @@ def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, outpu
     return summary
 
 
-def _score_chunk(scorer: QualityScorer, chunk: list[tuple[str, Path]], device: torch.device,
+def score_chunk(scorer: QualityScorer, chunk: list[tuple[str, Path]], device: torch.device,
                  max_pixels: int | None = None) -> list[dict]:
     """Rows for ``chunk``; images are loaded only until ``max_pixels`` (default :data:`BATCH_PIXELS`) wait,
     then scored and released."""

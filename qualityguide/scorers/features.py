@@ -56,15 +56,15 @@ class _PenultimateHook:
 def build_image_psi(spec: str, weights: str | os.PathLike | None = None) -> ImagePsi:
     """psi for ``"brisque"``, ``"niqe"`` or ``"pyiqa:<metric>"``."""
     if spec == "brisque":
-        from ..scorers.nss import brisque_features
+        from .nss import brisque_features
 
         return ImagePsi(spec, brisque_features)
     if spec == "niqe":
-        from ..scorers.nss import niqe_features
+        from .nss import niqe_features
 
         return ImagePsi(spec, niqe_features)
     if spec.startswith("pyiqa:"):
-        from ..scorers.pyiqa_scorer import PyIQAScorer
+        from .pyiqa_scorer import PyIQAScorer
 
         scorer = PyIQAScorer(spec.split(":", 1)[1], weights=weights)
         hook = _PenultimateHook(scorer.net, spec)

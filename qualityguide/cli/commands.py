@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
-from .errors import InputError, QualityGuideError
-from .runtime import quiet_third_party
+from .. import __version__
+from ..errors import InputError, QualityGuideError
+from ..runtime import quiet_third_party
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,7 +23,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .scorers import DEFAULT_SCORER
+    from ..scorers import DEFAULT_SCORER
 
     parser = _Parser(prog="qualityguide", description="Perceptual image quality for diffusion models.")
     parser.add_argument("--version", action="version", version=f"qualityguide {__version__}")
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "FILE alone with one --scorer, SPEC=FILE with several; repeatable")
     demo.add_argument("--quiet", action="store_true")
 
-    from .lgdm.commands import add_parser as add_lgdm_parser
+    from .lgdm import add_parser as add_lgdm_parser
 
     add_lgdm_parser(sub)
 
@@ -87,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_score(args) -> int:
-    from .devices import check_device
+    from ..runtime import check_device
+    from ..scorers import load_scorer
+    from .score import score_paths
     from .scorefile import check_output
-    from .scorers import load_scorer
-    from .scoring import score_paths
 
     device = check_device(args.device, "--device")
     check_output(args.output)  # before the scorer loads: a folder given as --output is a typo, say so at once
@@ -116,10 +116,10 @@ def _max_image_pixels(value: int | None) -> None:
 
 
 def _cmd_label(args) -> int:
-    from .devices import check_device
-    from .errors import printable
-    from .labels import label_folder
-    from .scorers import load_scorer
+    from ..errors import printable
+    from ..runtime import check_device
+    from ..scorers import load_scorer
+    from .label import label_folder
 
     device = check_device(args.device, "--device")
     specs = [spec.strip() for spec in args.scorer]
@@ -164,7 +164,7 @@ def _cmd_demo(args) -> int:
 
 def _demo_weights(items: list[str], specs: list[str] | None) -> dict[str, str]:
     """``--weights [SPEC=]FILE`` items -> {spec: file}; a bare FILE belongs to the only --scorer."""
-    from .scorers import DEFAULT_SCORER
+    from ..scorers import DEFAULT_SCORER
 
     specs = specs or [DEFAULT_SCORER]
     weights: dict[str, str] = {}
@@ -182,7 +182,7 @@ def _demo_weights(items: list[str], specs: list[str] | None) -> dict[str, str]:
 
 
 def _cmd_scorers(args) -> int:
-    from .scorers import scorer_table
+    from ..scorers import scorer_table
 
     rows = scorer_table(include_pyiqa=not args.no_pyiqa)
     width = max(len(r["name"]) for r in rows)
@@ -194,7 +194,7 @@ def _cmd_scorers(args) -> int:
 
 
 def _cmd_lgdm(args) -> int:
-    from .lgdm.commands import run
+    from .lgdm import run
 
     return run(args)
 
@@ -216,6 +216,3 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from scipy import stats
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def _pair(pred: Sequence[float], mos: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
