@@ -55,7 +55,7 @@ from qualityguide.finetune import ACPOConfig, ACPOLoss, adapters_disabled, add_l
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer
-from qualityguide.timing import synchronize
+from qualityguide.runtime import synchronize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_acpo"
 TARGET = 1.10

@@ -36,7 +36,7 @@ from evals.common.report import slug, write_report
 from qualityguide.adapter import IQAAdapter
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
-from qualityguide.timing import synchronize
+from qualityguide.runtime import synchronize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_adapter"
 

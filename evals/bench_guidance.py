@@ -30,7 +30,7 @@ from qualityguide.guidance import QualityGuidance
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer
-from qualityguide.timing import timed
+from qualityguide.runtime import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_guidance"
 

@@ -29,7 +29,7 @@ from evals.common.report import slug, write_report
 from qualityguide.identity import SAMPLES_PER_TENSOR, WeightIdentity
 from qualityguide.pipelines import load_pipeline, parse_dtype
 from qualityguide.runtime import quiet_third_party
-from qualityguide.timing import timed
+from qualityguide.runtime import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_identity"
 TARGET = "up_blocks.1.resnets.0.conv1.weight"

@@ -31,7 +31,7 @@ from qualityguide.diffusion.schedule import alpha_bar, clean_estimate, ddim_upda
 from qualityguide.diffusion.vae import from_vae_range, to_vae_range
 from qualityguide.lgdm import LGDM, LGDMConfig
 from qualityguide.runtime import quiet_third_party
-from qualityguide.timing import timed
+from qualityguide.runtime import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_lgdm"
 

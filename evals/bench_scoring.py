@@ -50,7 +50,7 @@ def _photo_size(megapixels: float) -> tuple[int, int]:
 
 
 def _sources() -> list[Path]:
-    from qualityguide.data import shared_data_dir
+    from qualityguide.evaluation.datasets import shared_data_dir
     from qualityguide.scorers.niqe_fit import DEMO_PHOTOS, FIT_PHOTOS, bundled_photo
 
     root = shared_data_dir()
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    from qualityguide.data import shared_data_dir
+    from qualityguide.evaluation.datasets import shared_data_dir
 
     load_start = os.getloadavg()  # other processes' load makes timings on a shared machine noisy: recorded
     weights = {}

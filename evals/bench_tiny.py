@@ -17,7 +17,7 @@ from evals.common.report import write_report
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.testing import RANDOM_SPECS, TINY_SPECS
-from qualityguide.timing import timed
+from qualityguide.runtime import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_tiny"
 

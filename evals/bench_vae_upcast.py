@@ -29,7 +29,7 @@ from evals.common.report import slug, write_report
 from qualityguide.diffusion.vae import decode_latents
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
-from qualityguide.timing import timed
+from qualityguide.runtime import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_vae_upcast"
 

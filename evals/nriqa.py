@@ -5,7 +5,7 @@
         --weights brisque=../shared/data/params/brisque_live_svm.pth
 
 For each scorer: SRCC, KRCC, PLCC (raw and after the 4-parameter logistic) against MOS, with
-percentile-bootstrap 95% intervals. Scores go through ``qualityguide.scoring.score_paths``, so an
+percentile-bootstrap 95% intervals. Scores go through ``qualityguide.cli.score.score_paths``, so an
 interrupted run resumes where it stopped (one CSV per scorer in the output folder). Writes
 ``results.json``, ``results.md`` and ``scatter_<scorer>.png``.
 
@@ -35,11 +35,11 @@ import torch
 from evals.common.figures import pyplot, save_figure
 from evals.common.flags import eval_parser
 from evals.common.report import slug, write_report
-from qualityguide.data import load_iqa_dataset
-from qualityguide.protocol import bootstrap_ci, correlations, fit_logistic, logistic4, plcc, srcc
+from qualityguide.evaluation.datasets import load_iqa_dataset
+from qualityguide.evaluation.stats import bootstrap_ci, correlations, fit_logistic, logistic4, plcc, srcc
 from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import load_scorer
-from qualityguide.scoring import score_paths
+from qualityguide.cli.score import score_paths
 
 
 def evaluate(dataset: str, specs: list[str], weights: dict[str, str], out: Path, device: str = "cpu",

@@ -26,6 +26,9 @@ MOVED_MODULES = {
     "qualityguide.devices": "qualityguide.runtime",
     "qualityguide.distributed": "qualityguide.runtime",
     "qualityguide.timing": "qualityguide.runtime",
+    "qualityguide.finetune.denoisers": "qualityguide.diffusion.denoisers",
+    "qualityguide.finetune.sampling": "qualityguide.diffusion.k_step",
+    "qualityguide.diffusion.training": "qualityguide.diffusion.noising",
 }
 
 

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from qualityguide.data import shared_data_dir  # noqa: E402
+from qualityguide.evaluation.datasets import shared_data_dir  # noqa: E402
 from qualityguide.scorers.niqe_fit import DEMO_PHOTOS, bundled_photo  # noqa: E402
 
 # Tiny models are dominated by per-op overhead: on a 2-core runner two intra-op threads contend with each other and

@@ -14,7 +14,7 @@ from PIL import Image
 
 from qualityguide import load_scorer
 from qualityguide.cli import main
-from qualityguide.data import load_iqa_dataset
+from qualityguide.evaluation.datasets import load_iqa_dataset
 from qualityguide.errors import ImageError, InputError
 from qualityguide.images import to_batch
 from qualityguide.scorers.nss import load_brisque_params

@@ -9,7 +9,7 @@ from PIL import Image
 
 from qualityguide.errors import ImageError
 from qualityguide.scorers.base import QualityScorer
-from qualityguide.scoring import score_chunk, batches_by_pixels, score_tensors
+from qualityguide.cli.score import score_chunk, batches_by_pixels, score_tensors
 
 
 class Recorder(QualityScorer):

@@ -11,7 +11,7 @@ from PIL import Image
 from qualityguide import __version__, load_scorer
 from qualityguide.cli import main
 from qualityguide.images import load_image
-from qualityguide.scoring import FIELDS
+from qualityguide.cli.score import FIELDS
 
 
 def _photos(folder, n=5, size=200, seed=0):

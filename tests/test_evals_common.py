@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from evals.common import figures, report, stats
-from qualityguide.protocol import bootstrap_ci
+from qualityguide.evaluation.stats import bootstrap_ci
 
 
 def test_slug_is_file_safe_and_keeps_the_old_spellings():

@@ -104,7 +104,7 @@ def test_x0_step_bad_arguments():
 
 
 def test_timed_is_a_median_of_repeats():
-    from qualityguide.timing import timed
+    from qualityguide.runtime import timed
 
     calls = []
     value = timed(lambda: calls.append(1), "cpu", repeats=3, warmup=2)

@@ -1,4 +1,4 @@
-"""`qualityguide label`: score columns in an imagefolder's metadata.csv (qualityguide.labels, .imagefolder)."""
+"""`qualityguide label`: score columns in an imagefolder's metadata.csv (qualityguide.cli.label, .imagefolder)."""
 
 import csv
 import io
@@ -13,7 +13,7 @@ from qualityguide import load_scorer
 from qualityguide.cli import main
 from qualityguide.errors import InputError
 from qualityguide.images import load_image
-from qualityguide.labels import OWNED, RECORD, _Owned, label_folder
+from qualityguide.cli.label import OWNED, RECORD, _Owned, label_folder
 from qualityguide.scorers.base import QualityScorer
 
 
@@ -311,7 +311,7 @@ def test_cli_usage_errors(tmp_path, capsys):
 
 def test_avif_is_not_labelled_where_datasets_would_not_load_it(tmp_path):
     """Folders now take AVIF (Pillow opens it); datasets' imagefolder does not, so `label` leaves it out, noted."""
-    from qualityguide.imagefolder import loaded_extensions
+    from qualityguide.cli.imagefolder import loaded_extensions
 
     pytest.importorskip("PIL.AvifImagePlugin")
     if ".avif" in (loaded_extensions() or {".avif"}):

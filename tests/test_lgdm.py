@@ -211,7 +211,7 @@ def test_head_learns_and_round_trips(tmp_path, mixing):
     idx = np.arange(len(mos))
     config = HeadConfig(num_steps=3, layer_dims=[8, 4], mixing=mixing, hidden=(32, 16))
     head, history = fit_head(feats, mos, idx[:300], idx[300:350], config, TrainConfig(max_epochs=150, patience=30))
-    from qualityguide.protocol import srcc
+    from qualityguide.evaluation.stats import srcc
 
     pred = predict(head, feats[350:])
     assert srcc(pred, mos[350:]) > 0.8, history["best_val_srcc"]
@@ -414,7 +414,7 @@ def test_accelerate_two_processes_equal_single_process(tmp_path):
 def test_split_for_process_is_accelerates_contiguous_split_without_padding(monkeypatch):
     from accelerate import PartialState
 
-    from qualityguide.distributed import split_for_process
+    from qualityguide.runtime import split_for_process
 
     state = PartialState(cpu=True)
     assert split_for_process(state, (k for k in "abc")) == ["a", "b", "c"]  # one process: everything
@@ -441,7 +441,7 @@ def test_eta_noise_is_part_of_the_probe(pipe, images):
 
 def test_niqe_psi_and_pyiqa_penultimate(pipe):
     from qualityguide.errors import WeightsNotFoundError
-    from qualityguide.features import _PenultimateHook, build_image_psi
+    from qualityguide.scorers.features import _PenultimateHook, build_image_psi
 
     model = LGDM.from_pipeline(pipe, LGDMConfig(image_size=192, num_steps=2, t_max=20, psi="niqe"))
     x = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 200, 200, generator=torch.Generator().manual_seed(0)), 5, 1, 2)

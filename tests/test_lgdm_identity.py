@@ -13,7 +13,7 @@ from PIL import Image
 from qualityguide import load_pipeline, load_scorer
 from qualityguide.cli import main
 from qualityguide.errors import InputError, WeightsNotFoundError
-from qualityguide.features import ImagePsi
+from qualityguide.scorers.features import ImagePsi
 from qualityguide.identity import IDENTITY_FILE, WeightsMismatchError
 from qualityguide.lgdm import LGDM, LGDMConfig, LGDMHead, LGDMScorer, HeadConfig
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qualityguide.data import load_iqa_dataset
+from qualityguide.evaluation.datasets import load_iqa_dataset
 from qualityguide.errors import InputError
-from qualityguide.protocol import (bootstrap_ci, content_disjoint_split, correlations, fit_logistic, krcc,
+from qualityguide.evaluation.stats import (bootstrap_ci, content_disjoint_split, correlations, fit_logistic, krcc,
                                    logistic4, plcc, srcc, summarize)
 
 
@@ -149,7 +149,7 @@ def test_dataset_loading(tmp_path):
 def test_plcc_logistic_degenerate_fit_falls_back_to_raw(monkeypatch):
     """Seen on a BIQ2021 split: the fit put the logistic's step (b4 ~ 0) outside every prediction, so the
     mapped values were constant and PLCC was NaN. The fallback reports the raw correlation."""
-    import qualityguide.protocol as protocol
+    import qualityguide.evaluation.stats as protocol
 
     rng = np.random.default_rng(5)
     pred, mos = rng.normal(size=120), rng.normal(size=120) + 0.3 * np.arange(120) / 120

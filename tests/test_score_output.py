@@ -503,7 +503,7 @@ def test_error_cells_never_start_like_a_formula(tmp_path, monkeypatch, capsys):
 
 def test_cut_inside_a_quoted_settings_cell_is_dropped(tmp_path):
     """Settings holding a comma are quoted; a write cut before the closing quote is a cut write, not a whole row."""
-    from qualityguide.scorefile import ScoreFile
+    from qualityguide.cli.scorefile import ScoreFile
 
     out = tmp_path / "out.csv"
     settings = "scorer=lgdm:/runs/a,b/head"

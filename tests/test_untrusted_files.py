@@ -20,7 +20,7 @@ from qualityguide.adapter.model import IQAAdapterConfig, weight_shapes
 from qualityguide.errors import InputError
 from qualityguide.lgdm import LGDM, HeadConfig, LGDMConfig, LGDMHead, LGDMScorer
 from qualityguide.lgdm.head import weight_shapes as head_weight_shapes
-from qualityguide.scorefile import scorer_settings
+from qualityguide.cli.scorefile import scorer_settings
 
 NAMES = ["pyiqa:topiq_nr", "niqe-embedded"]
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"

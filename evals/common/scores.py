@@ -1,4 +1,4 @@
-"""Scoring many same-size images for a report: the library's :func:`~qualityguide.scoring.score_tensors` (batches
+"""Scoring many same-size images for a report: the library's :func:`~qualityguide.cli.score.score_tensors` (batches
 bounded by pixels, a failing batch retried image by image), in chunks so a progress bar can follow."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from qualityguide.scoring import score_tensors
+from qualityguide.cli.score import score_tensors
 
 
 def score_images(scorer, images: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 64,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qualityguide.protocol import bootstrap_ci
+from qualityguide.evaluation.stats import bootstrap_ci
 
 MIN_PAIRS = 3  # fewer pairs leave too few distinct resamples for an interval
 
@@ -12,7 +12,7 @@ MIN_PAIRS = 3  # fewer pairs leave too few distinct resamples for an interval
 def paired_gain(treated: np.ndarray, base: np.ndarray, n_boot: int = 2000) -> dict:
     """Mean of ``treated - base`` over pairs (same prompt and seed) with a percentile bootstrap 95% interval.
 
-    The interval resamples the pairs' differences with :func:`qualityguide.protocol.bootstrap_ci` (seeded, so a
+    The interval resamples the pairs' differences with :func:`qualityguide.evaluation.stats.bootstrap_ci` (seeded, so a
     rerun writes the same numbers). A pair with a NaN score (an image a scorer refuses) is dropped.
 
     Args:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qualityguide.data import DATA_ENV, shared_data_dir
+from qualityguide.evaluation.datasets import DATA_ENV, shared_data_dir
 from qualityguide.errors import InputError
 from qualityguide.images import IMAGE_EXTENSIONS
 from qualityguide.train import derive_seed
@@ -34,8 +34,8 @@ def resolve_data_dir(data: str | os.PathLike | None) -> Path:
     """The folder holding ``biq2021/`` and ``params/``.
 
     Args:
-        data: that folder, or None for :func:`qualityguide.data.shared_data_dir` (``$QUALITYGUIDE_DATA`` or
-            ``../shared/data`` beside the checkout).
+        data: that folder, or None for :func:`qualityguide.evaluation.datasets.shared_data_dir`
+            (``$QUALITYGUIDE_DATA`` or ``../shared/data`` beside the checkout).
     """
     if data is None:
         path = shared_data_dir()
