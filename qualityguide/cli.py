@@ -202,21 +202,25 @@ def _cmd_lgdm(args) -> int:
 
 
 # Packages whose warnings a CLI user cannot act on; library users (import qualityguide) keep them all.
-_THIRD_PARTY = ("bitsandbytes", "diffusers", "transformers", "huggingface_hub")
+_THIRD_PARTY = ("bitsandbytes", "kernels", "diffusers", "transformers", "huggingface_hub")
+# Of those, the ones that log through plain ``logging`` (no verbosity variable of their own).
+_PLAIN_LOGGERS = ("bitsandbytes", "kernels")
 
 
 def _quiet_third_party(quiet: bool) -> None:
     """Keep stderr for qualityguide's own lines: third-party warnings off (their errors still print).
 
     Seen here: bitsandbytes, which diffusers and peft import, logs "Failed to load CPU gemm_4bit_forward
-    from kernels-community ..." at import; diffusers logs hub-connection notices for cached hub ids when
-    offline. The Hugging Face libraries read their verbosity from the environment when first used (a
-    value the user set wins); bitsandbytes logs through plain ``logging``. With ``--quiet`` their
+    from kernels-community ..." at import, and the ``kernels`` package it loads logs "Skipping publisher trust
+    check ..." when offline; diffusers logs hub-connection notices for cached hub ids when offline. The Hugging
+    Face libraries read their verbosity from the environment when first used (a value the user set wins);
+    bitsandbytes and kernels log through plain ``logging``. With ``--quiet`` their
     progress bars (diffusers' "Loading pipeline components", transformers' "Loading weights") go too.
     """
     for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):
         os.environ.setdefault(variable, "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in _PLAIN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=rf"({'|'.join(_THIRD_PARTY)})(\.|$)")
     if quiet:
         from diffusers.utils import logging as diffusers_logging

@@ -184,6 +184,25 @@ def test_score_stderr_holds_only_our_lines(tmp_path):
         assert len(lines) == 2 and all(ours.match(line) for line in lines), run.stderr
 
 
+def test_third_party_quieting_silences_kernels_logger(monkeypatch):
+    """bitsandbytes loads the ``kernels`` package, whose logger printed "Skipping publisher trust check ..." on every
+    offline `lgdm extract` (README's LGDM commands); warnings of both are off in the CLI, their errors stay."""
+    import logging
+    import os
+
+    from qualityguide.cli import _quiet_third_party
+
+    for name in ("bitsandbytes", "kernels"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    monkeypatch.setattr(logging.getLogger("qualityguide"), "level", logging.NOTSET)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    _quiet_third_party(quiet=False)
+    for name in ("kernels._internals.hf_hub", "bitsandbytes.cextension"):
+        logger = logging.getLogger(name)
+        assert not logger.isEnabledFor(logging.WARNING) and logger.isEnabledFor(logging.ERROR), name
+    assert logging.getLogger("qualityguide.cli").isEnabledFor(logging.WARNING)
+
+
 def test_third_party_quieting_keeps_our_warnings(monkeypatch):
     import logging
     import os
