@@ -370,7 +370,7 @@ def batch_indices(num_items: int, batch_size: int, step: int, seed: int, num_pro
     if per_epoch == 0:
         raise InputError(f"the dataset has {num_items} items, fewer than one global batch (batch_size {batch_size} x "
                          f"{num_processes} processes = {batch_size * num_processes}); add images, lower the "
-                         "per-process batch size (the recipes' --train_batch_size), fewer processes, or drop_last=False")
+                         "per-process batch size (the recipes' --train_batch_size), or fewer processes")
     epoch, within = divmod(step, per_epoch)
     total = batch_size * num_processes
     batch = _permutation(num_items, int(seed), epoch)[within * total:(within + 1) * total]
