@@ -184,6 +184,8 @@ def test_batch_indices_equal_an_independent_permutation():
 def test_batch_and_step_arguments_are_checked():
     with pytest.raises(InputError, match="fewer than one global batch"):
         batch_indices(5, 3, 0, 0, num_processes=2)
+    with pytest.raises(InputError, match=r"has 4 items.*= 8\).*the recipes' --train_batch_size"):
+        batch_indices(4, 8, 0, 0)  # the recipes surface this message: it names their flag, not only drop_last
     with pytest.raises(InputError, match="process_index 2 must be below num_processes 2"):
         batch_indices(5, 1, 0, 0, num_processes=2, process_index=2)
     with pytest.raises(InputError, match="step -1"):

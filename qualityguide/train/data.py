@@ -377,8 +377,8 @@ def batch_indices(num_items: int, batch_size: int, step: int, seed: int, num_pro
     per_epoch = steps_per_epoch(num_items, batch_size, num_processes, drop_last)
     if per_epoch == 0:
         raise InputError(f"the dataset has {num_items} items, fewer than one global batch (batch_size {batch_size} x "
-                         f"{num_processes} processes = {batch_size * num_processes}); lower batch_size or use "
-                         "drop_last=False")
+                         f"{num_processes} processes = {batch_size * num_processes}); add images, lower the "
+                         "per-process batch size (the recipes' --train_batch_size), or fewer processes")
     epoch, within = divmod(step, per_epoch)
     total = batch_size * num_processes
     batch = _permutation(num_items, int(seed), epoch)[within * total:(within + 1) * total]
