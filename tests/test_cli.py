@@ -202,7 +202,6 @@ sys.exit(cli.main(sys.argv[1:]))
 
 def test_score_stderr_drops_kernels_and_bitsandbytes_lines_on_any_cpu(tmp_path):
     import os
-    import re
 
     folder = _photos(tmp_path / "imgs", n=1)
     (folder / "broken.png").write_text("not an image")
