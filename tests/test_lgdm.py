@@ -509,3 +509,12 @@ def test_fp16_vae_upcast_follows_the_pipeline_and_keeps_no_copy(pipe):
     torch.testing.assert_close(encode_images(half.vae, x, upcast=True), encode_images(pipe.vae, x), rtol=1e-2,
                                atol=1e-2)
 
+
+
+def test_evaluate_table_brackets_a_negative_srcc_range():
+    """`lgdm evaluate`'s table wrote a range of two negative SRCCs as "-0.420--0.033", read as one number."""
+    from qualityguide.cli.lgdm import markdown_row_table
+
+    stats = {"median": -0.2, "min": -0.42, "max": -0.033, "n": 3}
+    table = markdown_row_table([{"name": "lgdm", "srcc": stats, "plcc": stats}])
+    assert table.splitlines()[-1] == "| lgdm | -0.200 | -0.200 | [-0.420, -0.033] | 3 |"

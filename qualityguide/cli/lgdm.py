@@ -192,10 +192,11 @@ def _evaluate(args) -> int:
 
 
 def markdown_row_table(rows: list[dict]) -> str:
-    """Median (min-max) SRCC/PLCC per variant."""
+    """Median SRCC/PLCC and the SRCC range ``[min, max]`` per variant (brackets: a dash between two negative values
+    read as one number)."""
     lines = ["| variant | median SRCC | median PLCC | SRCC range | splits |", "|---|---|---|---|---|"]
     for row in rows:
         s, p = row["srcc"], row["plcc"]
-        lines.append(f"| {row['name']} | {s['median']:.3f} | {p['median']:.3f} | {s['min']:.3f}-{s['max']:.3f} | "
+        lines.append(f"| {row['name']} | {s['median']:.3f} | {p['median']:.3f} | [{s['min']:.3f}, {s['max']:.3f}] | "
                      f"{s['n']} |")
     return "\n".join(lines)
