@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     with accelerator.main_process_first():
         dataset = load_image_folder(args.dataset, args.resolution, caption_column=caption_column,
                                     score_columns=args.score_columns or (), progress=accelerator.is_main_process)
+        batch_indices(len(dataset), args.train_batch_size, 0, args.seed, world, rank)  # too few images: refused now
         cache = cache_latents(dataset, pipe.vae, args.cache_dir or out / "latent_cache",
                               upcast=pipeline_upcasts_vae(pipe), progress=accelerator.is_main_process)
     note = long_prompts_note(pipe, dataset.captions, "captions") if caption_column else None

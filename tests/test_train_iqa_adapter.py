@@ -186,6 +186,21 @@ def test_sdxl_latents_are_encoded_with_the_pipelines_vae_upcast(dataset, tmp_pat
     assert seen["upcast"] is True  # as diffusers' SDXL scripts: an fp16 SDXL VAE encodes in float32
 
 
+def test_a_dataset_smaller_than_one_batch_is_refused_before_encoding(dataset, tmp_path, monkeypatch):
+    from qualityguide.errors import InputError
+
+    recipe = load_recipe()
+    encoded = []
+    monkeypatch.setattr(recipe, "cache_latents", lambda *a, **k: encoded.append(1))
+    reset_accelerate()
+    with pytest.raises(InputError, match="12 items, fewer than one global batch.*--train_batch_size"):
+        recipe.main(["--model", "tiny:sd", "--dataset", str(dataset), "--score_columns", "sharpness",
+                     "--resolution", "64", "--train_batch_size", "16", "--max_train_steps", "1",
+                     "--output_dir", str(tmp_path / "o")])
+    reset_accelerate()
+    assert not encoded  # the latents (minutes at 1024 px) were not encoded first
+
+
 def test_fp16_on_a_cpu_is_refused_before_training(dataset, tmp_path):
     from qualityguide.errors import InputError
 
