@@ -389,3 +389,18 @@ def test_from_pipeline_picks_the_decoder_and_encodes_images(pipes):
                 assert loss.vae is pipe.vae and clean.shape == (1, 4, 16, 16)
                 mean = pipe.vae.encode(images * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
                 torch.testing.assert_close(clean, mean)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_the_reward_gradient_reaches_the_lora_through_the_vae_decoder(pipes, kind):
+    """With the diffusion and anchor terms off, the only path from the loss to the LoRA runs through the decoded image
+    (U-Net -> clean latent -> VAE decoder -> scorer): a latent cut before decoding leaves every LoRA gradient zero."""
+    unet, _, scheduler, vae, z0, cond = setup(pipes, kind, init=False)
+    config = ACPOConfig(w_diff=0, w_anchor=0, w_quality=1.0, t_quality_max=999)
+    out = ACPOLoss(unet, scheduler, Brightness(), config, vae=vae)(z0, cond, timesteps=torch.tensor([10, 300, 700]))
+    assert out["quality_samples"] == 3
+    out["loss"].backward()
+    grads = [p.grad for p in lora_parameters(unet)]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    zero = sum(int(g.abs().sum() == 0) for g in grads)
+    assert zero == 0, f"{zero} of {len(grads)} LoRA tensors got a zero gradient from the quality term"
