@@ -388,3 +388,59 @@ def test_hub_id_offline_gives_a_one_line_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsNotFoundError, match="HF_HUB_OFFLINE is set"):
         IQAAdapter.from_pretrained("someone/iqa-adapter-sd15")
+
+
+def test_dropped_rows_get_the_null_condition_and_kept_rows_stay_untouched():
+    from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, dropout_masks
+
+    config = DropoutConfig(p_text=0.2, p_quality=0.3, p_both=0.1)
+    text, quality = dropout_masks(8, config, torch.Generator().manual_seed(3))
+    u = torch.rand(8, generator=torch.Generator().manual_seed(3))  # the one uniform draw per row, by hand
+    assert text.tolist() == [x < 0.1 or 0.1 <= x < 0.3 for x in u.tolist()]
+    assert quality.tolist() == [x < 0.1 or 0.3 <= x < 0.6 for x in u.tolist()]
+    assert quality.any() and not quality.all() and (text & quality).any() and (text ^ quality).any()
+
+    pipe = tiny_sd()
+    adapter = IQAAdapter.for_unet(pipe.unet, NAMES, quantiles=quantiles()).attach(pipe, dtype=torch.float32)
+    trainer = AdapterTrainer(adapter, pipe.unet, pipe.scheduler)
+    z0 = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    words = torch.randn(8, 77, 32, generator=torch.Generator().manual_seed(1))
+    cond = adapter.condition(torch.stack([torch.linspace(0.1, 0.9, 8), torch.linspace(-11, -3, 8)], 1))
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["image_embeds"][0][:, 0].clone()), with_kwargs=True)
+    loss = trainer(z0, words, cond, drop_quality=quality, generator=torch.Generator().manual_seed(2))["loss"]
+    by_hand = cond.clone()
+    by_hand[quality] = 0.0  # the null input: all zeros, presence flag 0
+    reference = trainer(z0, words, by_hand, generator=torch.Generator().manual_seed(2))["loss"]
+    handle.remove()
+    assert torch.equal(seen[0], by_hand), (seen[0], by_hand)
+    assert torch.equal(seen[0][~quality], cond[~quality]) and (cond[quality] != 0).any(dim=1).all()
+    assert torch.equal(loss, reference)
+
+
+def test_quantiles_are_fitted_from_each_score_column_alone():
+    g = torch.Generator().manual_seed(4)
+    columns = {"a": torch.rand(300, generator=g), "b": 50 + 20 * torch.randn(300, generator=g) ** 3}
+    fitted = ScoreQuantiles.fit(columns, levels=11)
+    assert fitted.names == ["a", "b"] and fitted.count == 300
+    for name, values in columns.items():
+        expected = np.quantile(values.double().numpy(), np.linspace(0, 1, 11))
+        np.testing.assert_allclose(fitted.table[name], expected, rtol=0, atol=0, err_msg=name)
+    assert fitted.table["a"] != fitted.table["b"]
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_ip_key_and_value_weights_start_as_each_layers_own_key_and_value(kind):
+    """IP-Adapter's initialisation: every layer's ``to_k_ip``/``to_v_ip`` is a bitwise copy of that layer's
+    ``to_k``/``to_v`` (not another layer's, not random), both when built for a U-Net and when attached later."""
+    pipe = BUILDERS[kind]()
+    built = IQAAdapter.for_unet(pipe.unet, NAMES)
+    late = IQAAdapter(NAMES, cross_attention_dim=pipe.unet.config.cross_attention_dim)
+    late.attach(pipe.unet, dtype=torch.float32)
+    assert built.config.layers == late.config.layers and len(built.layers) == len(late.layers) > 1
+    for adapter in (built, late):
+        for (name, _, _), proc in zip(adapter.config.layers, adapter.layers):
+            attn = pipe.unet.get_submodule(name[: -len(".processor")])
+            assert torch.equal(proc.to_k_ip[0].weight, attn.to_k.weight), f"{name} to_k_ip"
+            assert torch.equal(proc.to_v_ip[0].weight, attn.to_v.weight), f"{name} to_v_ip"
