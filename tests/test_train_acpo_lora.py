@@ -309,3 +309,35 @@ def test_two_processes_complete_and_save_once(prompts, tmp_path):
     assert len(list((tmp_path / "cache" / "self_samples").glob("*.png"))) == 4  # both shares generated
     fresh = tiny_sd()
     fresh.load_lora_weights(str(out))
+
+
+def test_each_micro_step_gets_its_own_batch_and_generator(prompts, cache, tmp_path, monkeypatch):
+    """With gradient accumulation, micro-step ``micro`` of optimizer step ``step`` is global micro-step
+    ``s = step * accum + micro``: the run feeds the loss ``batch_indices(..., s, ...)`` and ``step_generator(seed, s)``
+    (recorded where the recipe hands them to the loss), so no two micro-batches share noise or repeat items."""
+    from qualityguide.finetune import ACPOLoss
+    from qualityguide.finetune.training import TrainingSamples
+    from qualityguide.train import batch_indices, step_generator
+
+    used, states = [], []
+    real_batch, real_loss = TrainingSamples.batch, ACPOLoss.__call__
+
+    def recorded_batch(self, indices, *args, **kwargs):
+        used.append((len(self), list(indices)))
+        return real_batch(self, indices, *args, **kwargs)
+
+    def recorded_loss(self, *args, generator=None, **kwargs):
+        states.append(generator.get_state().clone())
+        return real_loss(self, *args, generator=generator, **kwargs)
+
+    monkeypatch.setattr(TrainingSamples, "batch", recorded_batch)
+    monkeypatch.setattr(ACPOLoss, "__call__", recorded_loss)
+    run(sd_args(prompts, cache, tmp_path / "run", 2, ["--gradient_accumulation_steps", "2", "--seed", "5"]))
+    assert len(used) == len(states) == 4  # 2 optimizer steps x 2 micro-steps
+    size = used[0][0]
+    assert [u[1] for u in used] == [batch_indices(size, 2, s, 5) for s in range(4)]
+    for epoch in (used[:2], used[2:]):  # 4 samples, batch 2: two micro-steps make one epoch, no item twice
+        assert sorted(epoch[0][1] + epoch[1][1]) == list(range(size))
+    for s, state in enumerate(states):
+        assert torch.equal(state, step_generator(5, s).get_state()), f"micro-step {s} drew from another generator"
+    assert len({bytes(state.numpy()) for state in states}) == 4
