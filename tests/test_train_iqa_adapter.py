@@ -46,9 +46,11 @@ def dataset(tmp_path_factory):
     return root
 
 
-def run(dataset, out, steps, extra=()):
+def run(dataset, out, steps, extra=(), patch=None):
     reset_accelerate()
     recipe = load_recipe()
+    if patch is not None:
+        patch(recipe)
     argv = ["--model", "tiny:sd", "--dataset", str(dataset), "--score_columns", "sharpness", "other",
             "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", "1e-3",
             "--checkpointing_steps", "2", "--output_dir", str(out), "--cache_dir", str(out.parent / "cache"),
@@ -228,3 +230,75 @@ def test_two_processes_complete_and_save_once(dataset, tmp_path):
     assert [r["step"] for r in read_log(out)] == [0, 1, 2]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     IQAAdapter.from_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def accumulated_run(dataset, tmp_path_factory):
+    """Two optimizer steps of two accumulated micro-steps, recording what each micro-step hands on: the items whose
+    latents it reads, the generator state its dropout draw starts from, the masks drawn, and the condition and quality
+    dropout mask the trainer gets."""
+    from qualityguide.adapter.training import AdapterTrainer
+    from qualityguide.train.latents import LatentCache
+
+    seen = {"items": [], "states": [], "generators": [], "masks": [], "conditions": [], "dropped": []}
+    real_latents, real_forward = LatentCache.latents, AdapterTrainer.forward
+
+    def latents(self, indices, *args, **kwargs):
+        seen["items"].append(torch.as_tensor(indices).tolist())
+        return real_latents(self, indices, *args, **kwargs)
+
+    def forward(self, latents, text, condition, added=None, drop_quality=None, generator=None):
+        seen["conditions"].append(condition.detach().clone())
+        seen["dropped"].append(drop_quality.clone())
+        assert generator is seen["generators"][-1]  # the dropout draw and the loss share the micro-step's generator
+        return real_forward(self, latents, text, condition, added, drop_quality, generator)
+
+    def patch(recipe):
+        real_masks = recipe.dropout_masks
+
+        def masks(batch, config, generator=None):
+            seen["states"].append(generator.get_state().clone())
+            seen["generators"].append(generator)
+            seen["masks"].append(real_masks(batch, config, generator))
+            return seen["masks"][-1]
+
+        recipe.dropout_masks = masks
+
+    out = tmp_path_factory.mktemp("accumulated") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LatentCache, "latents", latents)
+        mp.setattr(AdapterTrainer, "forward", forward)
+        run(dataset, out, 2, ["--gradient_accumulation_steps", "2", "--seed", "3"], patch=patch)
+    return out, seen
+
+
+def test_each_micro_step_gets_its_own_batch_generator_and_dropout(accumulated_run):
+    from qualityguide.train import batch_indices, step_generator
+
+    _, seen = accumulated_run
+    assert seen["items"] == [batch_indices(12, 2, s, 3) for s in range(4)]  # s = step * accum + micro
+    assert len({i for items in seen["items"] for i in items}) == 8  # one epoch of 12: no item twice
+    assert len(seen["states"]) == 4
+    for s, state in enumerate(seen["states"]):
+        assert torch.equal(state, step_generator(3, s).get_state()), f"micro-step {s} drew from another generator"
+    assert len({bytes(state.numpy()) for state in seen["states"]}) == 4
+    quality = [mask[1] for mask in seen["masks"]]
+    for s, (given, drawn) in enumerate(zip(seen["dropped"], quality)):  # the drawn rows, not their complement
+        assert torch.equal(given, drawn), f"micro-step {s}: the trainer nulls {given.tolist()}, drawn {drawn.tolist()}"
+    assert torch.cat(quality).any() and not torch.cat(quality).all()
+
+
+def test_quantiles_and_conditions_come_from_each_score_column(dataset, accumulated_run):
+    out, seen = accumulated_run
+    with open(dataset / "metadata.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = {name: np.array([float(r[name]) for r in rows], dtype=np.float32) for name in ("sharpness", "other")}
+    adapter = IQAAdapter.from_pretrained(out)
+    levels = np.linspace(0, 1, len(adapter.quantiles.table["other"]))
+    for name, values in columns.items():
+        expected = np.quantile(values.astype(np.float64), levels)
+        np.testing.assert_allclose(adapter.quantiles.table[name], expected, rtol=0, atol=0, err_msg=name)
+    for items, condition in zip(seen["items"], seen["conditions"]):
+        ranks = [adapter.quantiles.rank(name, columns[name][items], strict=False) for name in columns]
+        np.testing.assert_allclose(condition[:, :2].numpy(), np.stack(ranks, 1), rtol=0, atol=1e-6)
+        assert condition[:, 2].tolist() == [1.0] * len(items)
