@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evals.common.figures import pyplot, save_figure
-from evals.common.flags import add_pipeline_flags, eval_parser
+from evals.common.flags import add_benchmark_flags, add_pipeline_flags, eval_parser, one_line_errors
 from evals.common.report import slug, write_report
 from qualityguide.diffusion import (add_noise, frozen, is_sdxl, noise_prediction_loss, one_step_clean,
                                     sample_timesteps, sdxl_added_conditions, training_target, unet_conditioning)
@@ -321,26 +321,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_pipeline_flags(parser, dtype_help="U-Net/VAE dtype (fp16/bf16 train the LoRA under autocast)")
     parser.add_argument("--height", type=int, default=None, help="image side in px (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
     parser.add_argument("--scorer", default="niqe-embedded", help="differentiable quality scorer spec")
-    parser.add_argument("--out", default=str(RESULTS))
-    return parser.parse_args(argv)
+    add_benchmark_flags(parser, RESULTS)
+    args = parser.parse_args(argv)
+    parser.require_positive(args, ("batch_size", "repeats", "rank"))
+    if args.height is not None and (args.height < 8 or args.height % 8):
+        parser.error(f"--height={args.height}: must be a positive multiple of 8, e.g. 256")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     quiet_third_party()
     args = parse_args(argv)
-    for name in ("batch_size", "repeats", "rank"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
-    if args.height is not None and (args.height < 8 or args.height % 8):
-        raise SystemExit(f"--height={args.height}: must be a positive multiple of 8, e.g. 256")
     torch.set_num_threads(torch.get_num_threads())
-    try:
+    with one_line_errors("bench_acpo", InputError):
         result = run(args)
-    except InputError as exc:
-        raise SystemExit(f"bench_acpo: {exc}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, slug(args.model, f"{result['size']}px", f"b{args.batch_size}"), result, markdown(result), plot)
