@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from evals.common.figures import pyplot, save_figure
 from evals.common.flags import add_benchmark_flags, add_pipeline_flags, eval_parser, one_line_errors
-from evals.common.report import slug, write_report
+from evals.common.report import markdown_table, slug, write_report
 from qualityguide.diffusion import (add_noise, frozen, is_sdxl, noise_prediction_loss, one_step_clean,
                                     sample_timesteps, sdxl_added_conditions, training_target, unet_conditioning)
 from qualityguide.errors import InputError
@@ -275,20 +275,16 @@ def markdown(r: dict) -> str:
     label = " (random weights: cost only)" if r["model"].startswith(("tiny:", "random:")) else ""
     lines = [f"ACPO step cost, `{r['model']}`{label} on {r['device']} ({r['dtype']}, {r['threads']} thread(s)), "
              f"{r['size']} px, batch {r['batch']}, LoRA rank {r['rank']}, scorer `{r['scorer']}`; median of "
-             f"{r['repeats']} interleaved rounds after a warm-up.", "",
-             "| variant | median s per step | min s | peak MiB | rise MiB |", "|---|---|---|---|---|"]
-    for name, s in r["median_s"].items():
-        m = r["memory"][name]
-        lines.append(f"| {name} | {s:.3f} | {r['min_s'][name]:.3f} | {m['peak_bytes'] / mib:.0f} | "
-                     f"{m['rise_bytes'] / mib:.0f} |")
-    lines += ["", f"Memory: {r['memory_kind']}.", "",
-              "| ACPO variant | quality samples | ACPO s | plain + anchor + quality s | "
-              f"ratio (target <= {r['target_ratio']}) | ratio of minima | ACPO / plain |",
-              "|---|---|---|---|---|---|---|"]
-    for name, q in r["ratios"].items():
-        lines.append(f"| {name} | {r['quality_samples'][name]} | {q['acpo_s']:.3f} | {q['parts_s']:.3f} | "
-                     f"{q['ratio']:.3f} ({'meets' if q['meets_target'] else 'misses'}) | {q['ratio_of_minima']:.3f} | "
-                     f"{q['over_plain']:.2f} |")
+             f"{r['repeats']} interleaved rounds after a warm-up.", ""]
+    lines += markdown_table(["variant", "median s per step", "min s", "peak MiB", "rise MiB"], [
+        [name, f"{s:.3f}", f"{r['min_s'][name]:.3f}", f"{r['memory'][name]['peak_bytes'] / mib:.0f}",
+         f"{r['memory'][name]['rise_bytes'] / mib:.0f}"] for name, s in r["median_s"].items()])
+    lines += ["", f"Memory: {r['memory_kind']}.", ""]
+    lines += markdown_table(["ACPO variant", "quality samples", "ACPO s", "plain + anchor + quality s",
+                             f"ratio (target <= {r['target_ratio']})", "ratio of minima", "ACPO / plain"], [
+        [name, r["quality_samples"][name], f"{q['acpo_s']:.3f}", f"{q['parts_s']:.3f}",
+         f"{q['ratio']:.3f} ({'meets' if q['meets_target'] else 'misses'})", f"{q['ratio_of_minima']:.3f}",
+         f"{q['over_plain']:.2f}"] for name, q in r["ratios"].items()])
     return "\n".join(lines) + "\n"
 
 

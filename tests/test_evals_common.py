@@ -91,3 +91,9 @@ def test_one_line_errors_turns_only_the_named_errors_into_one_line():
             raise TrainingError("loss is nan")
     with flags.one_line_errors("guidance"):
         pass
+
+
+def test_markdown_table_lines():
+    assert report.markdown_table(["scorer", "n", "SRCC"], [["niqe", 9, "0.512"], ["brisque", 10, "0.600"]]) == [
+        "| scorer | n | SRCC |", "|---|---|---|", "| niqe | 9 | 0.512 |", "| brisque | 10 | 0.600 |"]
+    assert report.markdown_table(["a"], []) == ["| a |", "|---|"]
