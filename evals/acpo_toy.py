@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from evals import toy
 from evals.common.figures import pyplot, save_figure
-from evals.common.flags import eval_parser
+from evals.common.flags import eval_parser, one_line_errors
 from evals.common.report import write_report
 from evals.common.stats import paired_gain
 from qualityguide.errors import InputError
@@ -265,10 +265,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)")
     args = parser.parse_args(argv)
-    for name in ("n_images", "base_steps", "steps", "batch_size", "rank", "samples", "sample_steps", "probe",
-                 "probe_timesteps", "n_boot", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    parser.require_positive(args, ("n_images", "base_steps", "steps", "batch_size", "rank", "samples", "sample_steps",
+                                   "probe", "probe_timesteps", "n_boot", "threads"))
     if len(set(args.anchor_weights)) != len(args.anchor_weights) or min(args.anchor_weights) < 0:
         parser.error(f"--anchor-weights {args.anchor_weights}: distinct values >= 0, e.g. 0 1 3 10 30")
     return args
@@ -277,10 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     quiet_third_party()
     args = parse_args(argv)
-    try:
+    with one_line_errors("acpo_toy", InputError):
         summary = run(args)
-    except InputError as exc:
-        raise SystemExit(f"acpo_toy: {exc}") from None
     print(json.dumps(summary, indent=2))
     print(markdown(summary))
     return summary

@@ -298,10 +298,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)")
     args = parser.parse_args(argv)
-    for name in ("n_images", "base_steps", "adapter_steps", "batch_size", "num_tokens", "samples", "sample_steps",
-                 "check_steps", "check_base_steps", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    parser.require_positive(args, ("n_images", "base_steps", "adapter_steps", "batch_size", "num_tokens", "samples",
+                                   "sample_steps", "check_steps", "check_base_steps", "threads"))
     if len(set(args.targets)) != len(args.targets) or len(args.targets) < 2 or not all(
             0 <= t <= 1 for t in args.targets):
         parser.error(f"--targets {args.targets}: two or more distinct percentiles in [0, 1], e.g. 0.05 0.5 0.95")

@@ -46,8 +46,8 @@ import torch
 from tqdm.auto import tqdm
 
 from evals.common.figures import pyplot, save_figure
-from evals.common.flags import add_pipeline_flags, eval_parser
-from evals.common.report import slug, write_report
+from evals.common.flags import add_benchmark_flags, add_pipeline_flags, eval_parser, one_line_errors
+from evals.common.report import markdown_table, slug, write_report
 from qualityguide.diffusion import (add_noise, frozen, is_sdxl, noise_prediction_loss, one_step_clean,
                                     sample_timesteps, sdxl_added_conditions, training_target, unet_conditioning)
 from qualityguide.errors import InputError
@@ -275,20 +275,16 @@ def markdown(r: dict) -> str:
     label = " (random weights: cost only)" if r["model"].startswith(("tiny:", "random:")) else ""
     lines = [f"ACPO step cost, `{r['model']}`{label} on {r['device']} ({r['dtype']}, {r['threads']} thread(s)), "
              f"{r['size']} px, batch {r['batch']}, LoRA rank {r['rank']}, scorer `{r['scorer']}`; median of "
-             f"{r['repeats']} interleaved rounds after a warm-up.", "",
-             "| variant | median s per step | min s | peak MiB | rise MiB |", "|---|---|---|---|---|"]
-    for name, s in r["median_s"].items():
-        m = r["memory"][name]
-        lines.append(f"| {name} | {s:.3f} | {r['min_s'][name]:.3f} | {m['peak_bytes'] / mib:.0f} | "
-                     f"{m['rise_bytes'] / mib:.0f} |")
-    lines += ["", f"Memory: {r['memory_kind']}.", "",
-              "| ACPO variant | quality samples | ACPO s | plain + anchor + quality s | "
-              f"ratio (target <= {r['target_ratio']}) | ratio of minima | ACPO / plain |",
-              "|---|---|---|---|---|---|---|"]
-    for name, q in r["ratios"].items():
-        lines.append(f"| {name} | {r['quality_samples'][name]} | {q['acpo_s']:.3f} | {q['parts_s']:.3f} | "
-                     f"{q['ratio']:.3f} ({'meets' if q['meets_target'] else 'misses'}) | {q['ratio_of_minima']:.3f} | "
-                     f"{q['over_plain']:.2f} |")
+             f"{r['repeats']} interleaved rounds after a warm-up.", ""]
+    lines += markdown_table(["variant", "median s per step", "min s", "peak MiB", "rise MiB"], [
+        [name, f"{s:.3f}", f"{r['min_s'][name]:.3f}", f"{r['memory'][name]['peak_bytes'] / mib:.0f}",
+         f"{r['memory'][name]['rise_bytes'] / mib:.0f}"] for name, s in r["median_s"].items()])
+    lines += ["", f"Memory: {r['memory_kind']}.", ""]
+    lines += markdown_table(["ACPO variant", "quality samples", "ACPO s", "plain + anchor + quality s",
+                             f"ratio (target <= {r['target_ratio']})", "ratio of minima", "ACPO / plain"], [
+        [name, r["quality_samples"][name], f"{q['acpo_s']:.3f}", f"{q['parts_s']:.3f}",
+         f"{q['ratio']:.3f} ({'meets' if q['meets_target'] else 'misses'})", f"{q['ratio_of_minima']:.3f}",
+         f"{q['over_plain']:.2f}"] for name, q in r["ratios"].items()])
     return "\n".join(lines) + "\n"
 
 
@@ -321,26 +317,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_pipeline_flags(parser, dtype_help="U-Net/VAE dtype (fp16/bf16 train the LoRA under autocast)")
     parser.add_argument("--height", type=int, default=None, help="image side in px (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
     parser.add_argument("--scorer", default="niqe-embedded", help="differentiable quality scorer spec")
-    parser.add_argument("--out", default=str(RESULTS))
-    return parser.parse_args(argv)
+    add_benchmark_flags(parser, RESULTS)
+    args = parser.parse_args(argv)
+    parser.require_positive(args, ("batch_size", "repeats", "rank"))
+    if args.height is not None and (args.height < 8 or args.height % 8):
+        parser.error(f"--height={args.height}: must be a positive multiple of 8, e.g. 256")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     quiet_third_party()
     args = parse_args(argv)
-    for name in ("batch_size", "repeats", "rank"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
-    if args.height is not None and (args.height < 8 or args.height % 8):
-        raise SystemExit(f"--height={args.height}: must be a positive multiple of 8, e.g. 256")
     torch.set_num_threads(torch.get_num_threads())
-    try:
+    with one_line_errors("bench_acpo", InputError):
         result = run(args)
-    except InputError as exc:
-        raise SystemExit(f"bench_acpo: {exc}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, slug(args.model, f"{result['size']}px", f"b{args.batch_size}"), result, markdown(result), plot)

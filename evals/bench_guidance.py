@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from evals.common.figures import pyplot, save_figure
-from evals.common.flags import add_generation_flags, add_pipeline_flags, eval_parser
+from evals.common.flags import add_benchmark_flags, add_generation_flags, add_pipeline_flags, eval_parser
 from evals.common.report import slug, write_report
 from qualityguide.diffusion.vae import decode_latents, from_vae_range, pipeline_upcasts_vae
 from qualityguide.diffusion.x0 import frozen
@@ -43,9 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scorer", default="niqe-embedded", help="scorer spec; SPEC@SIZE resizes first (tiny models: "
                         "niqe-embedded@192)")
     parser.add_argument("--scale", type=float, default=0.05)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--unet-mode", action="store_true", help="also time mode='unet' (backprop through U-Net)")
-    parser.add_argument("--out", default=str(RESULTS))
+    add_benchmark_flags(parser, RESULTS, repeats_help="timed sampling runs after one warm-up run")
     return parser.parse_args(argv)
 
 

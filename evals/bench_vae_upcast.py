@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from evals.common.flags import eval_parser
+from evals.common.flags import add_benchmark_flags, eval_parser
 from evals.common.report import slug, write_report
 from qualityguide.diffusion.vae import decode_latents
 from qualityguide.pipelines import load_pipeline
@@ -41,8 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(RESULTS))
+    add_benchmark_flags(parser, RESULTS, repeats_help="timed decodes of each variant after one warm-up")
     return parser.parse_args(argv)
 
 

@@ -41,12 +41,12 @@ import torch
 from tqdm.auto import tqdm
 
 from evals.common.clip import ClipScore
-from evals.common.flags import eval_parser
+from evals.common.flags import eval_parser, one_line_errors
 from evals.common.report import write_report
 from evals.common.scores import score_images
 from evals.common.stats import paired_gain
 from qualityguide.diffusion import decode_latents, from_vae_range, pipeline_upcasts_vae
-from qualityguide.errors import InputError, QualityGuideError
+from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, adapters_disabled, load_lora
 from qualityguide.finetune.lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME
 from qualityguide.guidance.runner import read_prompts
@@ -305,9 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--out", default=str(HERE / "results" / "finetune"))
     args = parser.parse_args(argv)
-    for name in ("steps", "drift_timesteps", "n_boot", "grid_rows"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    parser.require_positive(args, ("steps", "drift_timesteps", "n_boot", "grid_rows"))
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit={args.limit}: must be >= 1 (or omit it for every prompt)")
     if len(set(args.seeds)) != len(args.seeds):
@@ -321,10 +319,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     quiet_third_party()
     args = parse_args(argv)
-    try:
+    with one_line_errors("finetune"):  # bad input, or scorer weights not available (WeightsNotFoundError)
         result = evaluate(args)
-    except QualityGuideError as exc:  # bad input, or scorer weights not available (WeightsNotFoundError)
-        raise SystemExit(f"finetune: {exc}") from None
     print(json.dumps(result, indent=2))
     return result
 

@@ -24,11 +24,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from evals.common.clip import ClipScore
-from evals.common.flags import eval_parser
+from evals.common.flags import eval_parser, one_line_errors
 from evals.common.report import write_report
 from evals.common.scores import score_images
 from evals.common.stats import paired_gain
-from qualityguide.errors import InputError, QualityGuideError
+from qualityguide.errors import InputError
 from qualityguide.guidance import QualityGuidance
 from qualityguide.guidance.runner import (append_record, check_settings, finished, make_jobs, read_prompts, save_image,
                                           timed_generate)
@@ -116,10 +116,8 @@ def read_eval_prompts(path: str, limit: int | None) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     quiet_third_party()
     args = parse_args(argv)
-    try:
+    with one_line_errors("guidance"):
         run(args)
-    except QualityGuideError as exc:
-        raise SystemExit(f"guidance: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> None:

@@ -34,7 +34,7 @@ import torch
 
 from evals.common.figures import pyplot, save_figure
 from evals.common.flags import eval_parser
-from evals.common.report import slug, write_report
+from evals.common.report import markdown_table, slug, write_report
 from qualityguide.evaluation.datasets import load_iqa_dataset
 from qualityguide.evaluation.stats import bootstrap_ci, correlations, fit_logistic, logistic4, plcc, srcc
 from qualityguide.runtime import quiet_third_party
@@ -146,15 +146,16 @@ def evaluate_trained(dataset: str, variants: list[str], out: Path, model: str = 
 
 def markdown_trained(results: dict) -> str:
     lines = [f"Trained on `{results['dataset']}`: {results['repeats']} content-disjoint 70/10/20 splits, "
-             "median over splits (min-max in brackets).", "",
-             "| variant | n | median SRCC [min, max] | median PLCC [min, max] | features | what it shows |",
-             "|---|---|---|---|---|---|"]
-    for name, r in results["variants"].items():
-        s, p = r["srcc"], r["plcc"]
-        lines.append(f"| {name} | {r['n_images']} | {s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}] | "
-                     f"{p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}] | {'x'.join(map(str, r['feature_shape']))} "
-                     f"| {r['label']} |")
+             "median over splits (min-max in brackets).", ""]
+    lines += markdown_table(["variant", "n", "median SRCC [min, max]", "median PLCC [min, max]", "features",
+                             "what it shows"], [
+        [name, r["n_images"], _median_range(r["srcc"]), _median_range(r["plcc"]),
+         "x".join(map(str, r["feature_shape"])), r["label"]] for name, r in results["variants"].items()])
     return "\n".join(lines) + "\n"
+
+
+def _median_range(stat: dict) -> str:
+    return f"{stat['median']:.3f} [{stat['min']:.3f}, {stat['max']:.3f}]"
 
 
 def _split_plot(results: dict, path: Path) -> None:
@@ -170,14 +171,17 @@ def _split_plot(results: dict, path: Path) -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Zero-shot on `{results['dataset']}` ({results['n_images']} images); 95% bootstrap intervals.", "",
-             "| scorer | n | SRCC [95% CI] | PLCC (logistic) [95% CI] | PLCC raw | KRCC | failed |",
-             "|---|---|---|---|---|---|---|"]
-    for spec, s in results["scorers"].items():
-        lines.append(f"| {spec} | {s['n_scored']} | {s['srcc']:.3f} [{s['srcc_ci95'][0]:.3f}, {s['srcc_ci95'][1]:.3f}] "
-                     f"| {s['plcc']:.3f} [{s['plcc_ci95'][0]:.3f}, {s['plcc_ci95'][1]:.3f}] | {s['plcc_raw']:.3f} "
-                     f"| {s['krcc']:.3f} | {s['n_failed']} |")
+    lines = [f"Zero-shot on `{results['dataset']}` ({results['n_images']} images); 95% bootstrap intervals.", ""]
+    lines += markdown_table(["scorer", "n", "SRCC [95% CI]", "PLCC (logistic) [95% CI]", "PLCC raw", "KRCC",
+                             "failed"], [
+        [spec, s["n_scored"], _with_interval(s, "srcc"), _with_interval(s, "plcc"), f"{s['plcc_raw']:.3f}",
+         f"{s['krcc']:.3f}", s["n_failed"]] for spec, s in results["scorers"].items()])
     return "\n".join(lines) + "\n"
+
+
+def _with_interval(stats: dict, name: str) -> str:
+    low, high = stats[f"{name}_ci95"]
+    return f"{stats[name]:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _scatter(pred: np.ndarray, mos: np.ndarray, spec: str, path: Path, stats: dict) -> None:

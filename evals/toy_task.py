@@ -138,9 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         base_config(args)  # its checks, now rather than after the crops are built and labelled
     except InputError as exc:
         parser.error(str(exc))
-    for name in ("n_images", "samples", "sample_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    parser.require_positive(args, ("n_images", "samples", "sample_steps"))
     return args
 
 

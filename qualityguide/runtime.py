@@ -9,6 +9,8 @@
   values: nothing can be scored on it) fail before anything is built, not deep inside torch.
 - :func:`process_state`, :func:`split_for_process`: work sharded over ``accelerate launch`` processes, shared by
   LGDM extraction and the recipes.
+- :func:`run_main`: the one exit wrapper of the CLI and the recipes: a user's error is one line on stderr and exit
+  code 2, Ctrl-C a resume hint and 130, never a traceback.
 - :func:`synchronize`, :func:`timed`: wall-clock timing that waits for the GPU (evals' benchmarks, timed
   generation).
 """
@@ -18,13 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import sys
 import time
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, QualityGuideError
 
 # Packages whose warnings a command-line user cannot act on; library users (import qualityguide) keep them all.
 THIRD_PARTY = ("bitsandbytes", "kernels", "diffusers", "transformers", "huggingface_hub")
@@ -80,6 +83,34 @@ def quiet_third_party(quiet: bool = False) -> None:
 
 
 # Devices
+
+RESUME_HINT = "rerun the same command to resume"
+
+
+def run_main(main: Callable[[], int], prog: str | None = None, resume_hint: str = RESUME_HINT,
+             exit_codes: Mapping[type[QualityGuideError], int] | None = None) -> int:
+    """``main()``'s exit code, with the errors a user can act on as one line on stderr instead of a traceback.
+
+    A :class:`~qualityguide.errors.QualityGuideError` prints ``PROG: error: MESSAGE`` (``error: MESSAGE`` without
+    a ``prog``) and returns 2, the code argparse gives bad usage; Ctrl-C prints ``interrupted; RESUME_HINT`` and
+    returns 130 (128 + SIGINT, as a shell reports it). Other exceptions are bugs and keep their traceback.
+
+    Args:
+        main: the entry point, called with no arguments; returns the exit code.
+        prog: the name that starts the error line, as the user typed it (``"qualityguide score"``).
+        resume_hint: how to continue after an interrupt; every entry point here keeps finished work.
+        exit_codes: other codes for some error types (the first type the error is an instance of wins), e.g.
+            ``{TrainingError: 1}`` where a stopped run is not a usage error.
+    """
+    try:
+        return main()
+    except QualityGuideError as exc:
+        print(f"{prog}: error: {exc}" if prog else f"error: {exc}", file=sys.stderr)
+        return next((code for kind, code in (exit_codes or {}).items() if isinstance(exc, kind)), 2)
+    except KeyboardInterrupt:
+        print(f"interrupted; {resume_hint}", file=sys.stderr)
+        return 130
+
 
 def available_devices() -> list[str]:
     """The devices this machine can compute on: ``cpu``, then ``cuda:0``... and ``mps`` where present."""

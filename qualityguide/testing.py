@@ -65,42 +65,49 @@ def tiny_vae():
                          latent_channels=4, sample_size=64, norm_num_groups=32)
 
 
-def tiny_sd(seed: int = 0, prediction_type: str = "epsilon"):
-    """StableDiffusionPipeline: 32x32 latents (64 px images), DDIM scheduler, no safety checker."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+# Stable Diffusion's training noise schedule, which its schedulers are configured with.
+_SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+
+def _tiny_unet(**kwargs):
+    """The two-level latent U-Net (32x32 latents) of ``tiny:sd`` and ``tiny:sdxl``; ``kwargs``: their conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_HIDDEN,
-                                attention_head_dim=8, norm_num_groups=32)
-    vae = tiny_vae()
-    text_encoder = CLIPTextModel(_text_config())
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              prediction_type=prediction_type)
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=32, **kwargs)
+
+
+def _sd_pipeline(unet, vae, text_encoder, prediction_type: str):
+    """A StableDiffusionPipeline of these parts with SD's DDIM scheduler, the tiny tokenizer and no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)
     return _finish(pipe)
 
 
+def tiny_sd(seed: int = 0, prediction_type: str = "epsilon"):
+    """StableDiffusionPipeline: 32x32 latents (64 px images), DDIM scheduler, no safety checker."""
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = _tiny_unet(cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8)
+    return _sd_pipeline(unet, tiny_vae(), CLIPTextModel(_text_config()), prediction_type)
+
+
 def tiny_sdxl(seed: int = 0, prediction_type: str = "epsilon"):
     """StableDiffusionXLPipeline with two tiny CLIP encoders (64 px images)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                                use_linear_projection=True, addition_embed_type="text_time",
-                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-                                projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * 8,
-                                cross_attention_dim=2 * TEXT_HIDDEN, norm_num_groups=32)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type)
+    unet = _tiny_unet(attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                      addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                      projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * 8, cross_attention_dim=2 * TEXT_HIDDEN)
+    scheduler = EulerDiscreteScheduler(**_SD_BETAS, timestep_spacing="leading", prediction_type=prediction_type)
     pipe = StableDiffusionXLPipeline(unet=unet, vae=tiny_vae(), text_encoder=CLIPTextModel(_text_config()),
                                      text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
                                      tokenizer=tiny_clip_tokenizer(), tokenizer_2=tiny_clip_tokenizer(),
@@ -126,7 +133,7 @@ def random_sd15(seed: int = 0, prediction_type: str = "epsilon"):
     For speed and memory benchmarks only. The text encoder is CLIP ViT-L/14's width (768) with 2 of its
     12 layers: it runs once per prompt, so it does not change per-step timings.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -140,12 +147,7 @@ def random_sd15(seed: int = 0, prediction_type: str = "epsilon"):
     text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=768,
                                                 intermediate_size=3072, num_attention_heads=12, num_hidden_layers=2,
                                                 vocab_size=514, max_position_embeddings=77, hidden_act="quick_gelu"))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   image_encoder=None, requires_safety_checker=False)
-    return _finish(pipe)
+    return _sd_pipeline(unet, vae, text_encoder, prediction_type)
 
 
 def _finish(pipe):

@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qualityguide.errors import QualityGuideError
 from qualityguide.guidance import QualityGuidance
 from qualityguide.guidance.runner import (append_record, check_settings, finished, make_jobs, read_prompts,
                                           save_image, timed_generate)
 from qualityguide.runtime import process_state, split_for_process
 from qualityguide.pipelines import load_pipeline
-from qualityguide.runtime import quiet_third_party
+from qualityguide.runtime import quiet_third_party, run_main
 from qualityguide.scorers import load_scorer
 
 
@@ -96,8 +95,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except QualityGuideError as exc:
-        print(f"guided_sampling: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main, "guided_sampling"))

@@ -34,12 +34,13 @@ from tqdm.auto import tqdm
 from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter, ScoreQuantiles
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptEncoder, dropout_masks
 from qualityguide.diffusion import pipeline_upcasts_vae
-from qualityguide.errors import InputError, QualityGuideError
+from qualityguide.errors import InputError
 from qualityguide.pipelines import load_pipeline
-from qualityguide.runtime import quiet_third_party
+from qualityguide.runtime import quiet_third_party, run_main
 from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_step_finite, load_image_folder,
                                 long_prompts_note, make_accelerator, mean_over_processes, read_marker,
                                 resolve_caption_column, step_generator)
+from qualityguide.train.checkpoints import RESUME_HINT
 from qualityguide.train.log import StepLog
 
 DTYPES = {"no": None, "fp16": "fp16", "bf16": "bf16"}
@@ -184,8 +185,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except QualityGuideError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main, resume_hint=RESUME_HINT))

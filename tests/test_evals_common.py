@@ -1,11 +1,12 @@
-"""The kit every eval shares (``evals/common``): slugs, the report trio, the paired gain, the figure backend."""
+"""The kit every eval shares (``evals/common``): slugs, the report trio, the paired gain, the figure backend, flags."""
 
 import json
 
 import numpy as np
 import pytest
 
-from evals.common import figures, report, stats
+from evals.common import figures, flags, report, stats
+from qualityguide.errors import InputError, TrainingError
 from qualityguide.evaluation.stats import bootstrap_ci
 
 
@@ -57,3 +58,42 @@ def test_figures_use_the_file_only_backend(tmp_path):
     ax.plot([0, 1], [1, 0])
     figures.save_figure(fig, tmp_path / "f.png", dpi=50)
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.get_fignums()
+
+
+def test_require_positive_exits_2_naming_the_flag_as_typed(capsys):
+    parser = flags.eval_parser("an eval")
+    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.require_positive(parser.parse_args(["--n_boot", "1"]), ("n_boot", "limit"))  # 1 and None pass
+    with pytest.raises(SystemExit) as exc:
+        parser.require_positive(parser.parse_args(["--n_boot", "0"]), ("n_boot",))
+    assert exc.value.code == 2 and "error: --n-boot=0: must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_acpo_checks_its_sizes_while_parsing(capsys):
+    from evals import bench_acpo
+
+    for argv, message in ((["--repeats", "0"], "--repeats=0: must be >= 1"), (["--rank", "-1"], "--rank=-1"),
+                          (["--height", "12"], "--height=12: must be a positive multiple of 8")):
+        with pytest.raises(SystemExit) as exc:
+            bench_acpo.parse_args(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert bench_acpo.parse_args(["--repeats", "2", "--height", "64"]).repeats == 2
+
+
+def test_one_line_errors_turns_only_the_named_errors_into_one_line():
+    with pytest.raises(SystemExit) as exc:
+        with flags.one_line_errors("finetune"):
+            raise InputError("--lora x: no such folder")
+    assert exc.value.code == "finetune: --lora x: no such folder"
+    with pytest.raises(TrainingError):  # not named: it keeps its traceback
+        with flags.one_line_errors("acpo_toy", InputError):
+            raise TrainingError("loss is nan")
+    with flags.one_line_errors("guidance"):
+        pass
+
+
+def test_markdown_table_lines():
+    assert report.markdown_table(["scorer", "n", "SRCC"], [["niqe", 9, "0.512"], ["brisque", 10, "0.600"]]) == [
+        "| scorer | n | SRCC |", "|---|---|---|", "| niqe | 9 | 0.512 |", "| brisque | 10 | 0.600 |"]
+    assert report.markdown_table(["a"], []) == ["| a |", "|---|"]

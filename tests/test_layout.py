@@ -98,8 +98,14 @@ def test_finetune_stays_off_the_other_capabilities():
 def test_importing_the_library_loads_neither_testing_nor_the_callback():
     code = ("import sys, qualityguide, qualityguide.lgdm, qualityguide.pipelines, qualityguide.scorers; "
             "print(sorted(m for m in sys.modules if m.startswith(('qualityguide.testing', 'qualityguide.guidance'))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert _fresh_python(code) == "[]"
+
+
+def _fresh_python(code: str) -> str:
+    """What ``code`` prints in a fresh interpreter (stripped), where no module is imported yet; it must exit 0."""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
 
 
 def test_every_old_module_path_is_the_module_that_holds_its_code_now():
@@ -115,9 +121,7 @@ def test_every_old_module_path_is_the_module_that_holds_its_code_now():
             "from qualityguide import scoring\n"
             "assert scoring.decode_path is decode_path and decode_path.__module__ == 'qualityguide.cli.scorefile'\n"
             "print(eager)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"  # nothing was imported before it was asked for
+    assert _fresh_python(code) == "[]"  # nothing was imported before it was asked for
 
 
 def _resolve(dotted: str) -> object:
@@ -153,21 +157,13 @@ def test_lgdm_specs_load_through_the_registry_without_importing_lgdm_first(tmp_p
             "from qualityguide.errors import InputError\n"
             "assert 'lgdm' in SCORER_PREFIXES and 'lgdm:<dir>' in known_specs(), known_specs()\n"
             "assert not any(m.startswith('qualityguide.lgdm') for m in sys.modules)\n"
-            "try:\n"
-            f"    load_scorer({'lgdm:' + str(tmp_path / 'no-such-head')!r})\n"
-            "except InputError as exc:\n"
-            "    print(exc)\n"
-            "try:\n"
-            "    load_scorer('lgdm:./x', weights='w.pth')\n"
-            "except InputError as exc:\n"
-            "    print(exc)\n"
-            "try:\n"
-            "    load_scorer('lgdn')\n"
-            "except InputError as exc:\n"
-            "    print(exc)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    missing, weights, unknown = out.stdout.strip().splitlines()
+            f"for spec, weights in [({'lgdm:' + str(tmp_path / 'no-such-head')!r}, None), ('lgdm:./x', 'w.pth'), "
+            "('lgdn', None)]:\n"
+            "    try:\n"
+            "        load_scorer(spec, weights=weights)\n"
+            "    except InputError as exc:\n"
+            "        print(exc)\n")
+    missing, weights, unknown = _fresh_python(code).splitlines()
     assert missing.startswith(f"LGDM head folder {tmp_path / 'no-such-head'} does not exist"), missing
     assert weights == "scorer 'lgdm:./x': the head folder holds the weights; drop --weights", weights
     assert "lgdm:<dir>" in unknown, unknown

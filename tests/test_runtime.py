@@ -91,3 +91,39 @@ def test_every_recipe_and_eval_main_quiets_third_parties_first(path, monkeypatch
     monkeypatch.setattr(sys, "argv", [str(path), "--definitely-not-an-option"])
     with pytest.raises(_Called):
         module.main()
+
+
+def _raises(error: BaseException):
+    def main() -> int:
+        raise error
+    return main
+
+
+def test_run_main_gives_one_line_and_the_exit_codes_the_cli_and_recipes_promise(capsys):
+    from qualityguide.errors import InputError, TrainingError
+    from qualityguide.train.checkpoints import RESUME_HINT
+
+    assert runtime.run_main(lambda: 0, "qualityguide score") == 0 and capsys.readouterr().err == ""
+    assert runtime.run_main(_raises(InputError("--top-k=0: must be >= 1")), "qualityguide score") == 2
+    assert capsys.readouterr().err == "qualityguide score: error: --top-k=0: must be >= 1\n"
+    assert runtime.run_main(_raises(InputError("bad"))) == 2 and capsys.readouterr().err == "error: bad\n"
+    # a subclass mapped to its own code keeps it; the rest of QualityGuideError stays a usage error (2)
+    codes = {TrainingError: 1}
+    assert runtime.run_main(_raises(TrainingError("loss is nan at step 3")), exit_codes=codes) == 1
+    assert capsys.readouterr().err == "error: loss is nan at step 3\n"
+    assert runtime.run_main(_raises(InputError("bad")), exit_codes=codes) == 2
+    capsys.readouterr()
+    assert runtime.run_main(_raises(KeyboardInterrupt()), "guided_sampling") == 130
+    assert capsys.readouterr().err == "interrupted; rerun the same command to resume\n"
+    assert runtime.run_main(_raises(KeyboardInterrupt()), resume_hint=RESUME_HINT) == 130
+    assert capsys.readouterr().err == f"interrupted; {RESUME_HINT}\n"
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        runtime.run_main(_raises(ZeroDivisionError()), "qualityguide score")
+
+
+@pytest.mark.parametrize("name", ["guided_sampling", "train_iqa_adapter", "train_acpo_lora"])
+def test_every_recipe_exits_through_run_main(name):
+    source = (ROOT / "recipes" / f"{name}.py").read_text()
+    tail = source[source.index('if __name__ == "__main__":'):]
+    assert "run_main(" in tail or ("run_main(" in source and "sys.exit(cli())" in tail), tail
+    assert "except QualityGuideError" not in source  # one exit wrapper, not a copy per recipe

@@ -115,12 +115,6 @@ def test_adapter_corrupt_weights_are_one_input_error(adapter_dir, content, match
         IQAAdapter.from_pretrained(adapter_dir)
 
 
-def test_adapter_pickle_named_safetensors_is_refused_not_unpickled(adapter_dir):
-    torch.save(_read(adapter_dir / "model.safetensors"), adapter_dir / "model.safetensors")
-    with pytest.raises(InputError, match="torch.save checkpoint.*never unpickled"):
-        IQAAdapter.from_pretrained(adapter_dir)
-
-
 @pytest.mark.parametrize("layers, match", [
     ([["x", "wide", 3]], r"layers\[0\]=\['x', 'wide', 3\]"),
     ([[1, 2]], r"layers\[0\]=\[1, 2\]"),
@@ -251,10 +245,15 @@ def test_head_fields_of_the_wrong_type_are_one_input_error(head_dir, edit, match
         LGDMHead.from_pretrained(head_dir)
 
 
-def test_head_pickle_named_safetensors_is_refused_not_unpickled(head_dir):
-    torch.save(_read(head_dir / "model.safetensors"), head_dir / "model.safetensors")
-    with pytest.raises(InputError, match="LGDM head weights .* torch.save checkpoint.*never unpickled"):
-        LGDMHead.from_pretrained(head_dir)
+@pytest.mark.parametrize("folder, load, match", [
+    ("adapter_dir", IQAAdapter.from_pretrained, "torch.save checkpoint.*never unpickled"),
+    ("head_dir", LGDMHead.from_pretrained, "LGDM head weights .* torch.save checkpoint.*never unpickled"),
+])
+def test_pickle_named_safetensors_is_refused_not_unpickled(request, folder, load, match):
+    directory = request.getfixturevalue(folder)
+    torch.save(_read(directory / "model.safetensors"), directory / "model.safetensors")
+    with pytest.raises(InputError, match=match):
+        load(directory)
 
 
 def test_head_nan_weights_are_refused_naming_the_tensor(head_dir):

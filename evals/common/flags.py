@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from qualityguide.errors import QualityGuideError
 
 
 def _snake(option: str) -> str:
@@ -29,6 +34,18 @@ class EvalArgumentParser(argparse.ArgumentParser):
         """As ``ArgumentParser.add_argument``; ``--a-b`` adds the alias ``--a_b`` (same ``dest``)."""
         aliases = [_snake(n) for n in names if n.startswith("--") and "-" in n[2:]]
         return super().add_argument(*names, *[a for a in aliases if a not in names], **kwargs)
+
+    def require_positive(self, args: argparse.Namespace, names: tuple[str, ...]) -> None:
+        """Exit as argparse does (usage, exit 2) when a count or size flag is below 1, naming the flag as typed.
+
+        Args:
+            args: the parsed flags.
+            names: the ``dest`` names that must be >= 1 (a flag left at ``None`` is not checked).
+        """
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                self.error(f"--{name.replace('_', '-')}={value}: must be >= 1")
 
 
 def eval_parser(doc: str | None) -> EvalArgumentParser:
@@ -64,3 +81,31 @@ def add_generation_flags(parser: argparse.ArgumentParser, steps: int = 10, cfg: 
     parser.add_argument("--height", type=int, default=None, help="image side in px (default: the model's)")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--cfg", type=float, default=cfg)
+
+
+def add_benchmark_flags(parser: argparse.ArgumentParser, out: Path,
+                        repeats_help: str = "timed rounds after one warm-up round") -> None:
+    """``--repeats`` and ``--out``: how often a benchmark times each variant, and where its report goes.
+
+    Args:
+        parser: the benchmark's parser.
+        out: the default report folder (``evals/results/<benchmark>``).
+        repeats_help: what one repeat is in this benchmark.
+    """
+    parser.add_argument("--repeats", type=int, default=3, help=repeats_help)
+    parser.add_argument("--out", default=str(out))
+
+
+@contextmanager
+def one_line_errors(prog: str, errors: type[Exception] | tuple[type[Exception], ...] = QualityGuideError
+                    ) -> Iterator[None]:
+    """Turn the errors a user can fix into one line, ``PROG: MESSAGE``, and exit 1 instead of a traceback.
+
+    Args:
+        prog: the eval's name, which starts the line.
+        errors: the exception types meant for the user (bugs keep their traceback).
+    """
+    try:
+        yield
+    except errors as exc:
+        raise SystemExit(f"{prog}: {exc}") from None

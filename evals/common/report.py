@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 
 def slug(spec: str, *parts: object) -> str:
@@ -18,6 +18,20 @@ def slug(spec: str, *parts: object) -> str:
         parts: settings appended with ``_`` (so two runs with other settings do not overwrite each other).
     """
     return "_".join([re.sub(r"[^A-Za-z0-9_.-]+", "_", spec), *(str(p) for p in parts)])
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """The lines of a markdown table: ``header``, the ``|---|`` rule, then one line per row (cells as ``str``).
+
+    Args:
+        header: the column titles.
+        rows: the cells of each row, already formatted where a number wants fixed digits.
+    """
+    return [_table_line(header), "|" + "---|" * len(header)] + [_table_line(row) for row in rows]
+
+
+def _table_line(cells: Sequence[object]) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 def write_report(out: Path, stem: str, result: dict, markdown: str,

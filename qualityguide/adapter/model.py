@@ -210,6 +210,21 @@ class _QualityAdapter(nn.Module):
                                       num_tokens=(self.config.num_tokens,), scale=[1.0]) for s in specs)
         self.config.layers = [[s.name, s.hidden_size, s.cross_attention_dim] for s in specs]
 
+    @classmethod
+    def for_unet(cls, unet, source, **kwargs) -> "_QualityAdapter":
+        """An adapter sized for ``unet`` (or a pipeline's), its key/value weights initialised from the U-Net's.
+
+        Args:
+            unet: a ``UNet2DConditionModel`` or a pipeline holding one; its cross-attention width sizes the tokens.
+            source: what the adapter is conditioned on, the constructor's first argument (an
+                :class:`IQAAdapter`'s score names, a :class:`ReferenceIQAAdapter`'s feature extractor).
+            kwargs: the constructor's other arguments.
+        """
+        specs = cross_attention_layers(unet_of(unet))
+        adapter = cls(source, cross_attention_dim=specs[0].cross_attention_dim, **kwargs)
+        adapter.init_layers(unet)
+        return adapter
+
     def init_layers(self, unet) -> None:
         """Create the key/value weights for ``unet``'s layout, initialised from each layer's ``to_k``/``to_v``."""
         unet = unet_of(unet)
@@ -449,14 +464,6 @@ class IQAAdapter(_QualityAdapter):
             self.set_quantiles(quantiles)
 
     @classmethod
-    def for_unet(cls, unet, score_names, **kwargs) -> "IQAAdapter":
-        """An adapter sized for ``unet`` (or a pipeline's), its key/value weights initialised from the U-Net's."""
-        specs = cross_attention_layers(unet_of(unet))
-        adapter = cls(score_names, cross_attention_dim=specs[0].cross_attention_dim, **kwargs)
-        adapter.init_layers(unet)
-        return adapter
-
-    @classmethod
     def _from_config(cls, config, directory, payload, **kwargs):
         if kwargs:
             raise InputError(f"IQAAdapter.from_pretrained got unexpected options {sorted(kwargs)}")
@@ -564,13 +571,6 @@ class ReferenceIQAAdapter(_QualityAdapter):
         object.__setattr__(self, "psi", psi)  # not a submodule: its weights are the extractor's, not the adapter's
         self.register_buffer("feature_mean", torch.zeros(feature_dim))
         self.register_buffer("feature_std", torch.ones(feature_dim))
-
-    @classmethod
-    def for_unet(cls, unet, feature_extractor, **kwargs) -> "ReferenceIQAAdapter":
-        specs = cross_attention_layers(unet_of(unet))
-        adapter = cls(feature_extractor, cross_attention_dim=specs[0].cross_attention_dim, **kwargs)
-        adapter.init_layers(unet)
-        return adapter
 
     @classmethod
     def _from_config(cls, config, directory, payload, weights: str | None = None):

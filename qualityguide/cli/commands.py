@@ -12,7 +12,7 @@ import sys
 
 from .. import __version__
 from ..errors import InputError, QualityGuideError
-from ..runtime import quiet_third_party
+from ..runtime import quiet_third_party, run_main
 
 
 class _Parser(argparse.ArgumentParser):
@@ -207,12 +207,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     quiet_third_party(quiet=getattr(args, "quiet", False))
     handlers = {"score": _cmd_score, "label": _cmd_label, "demo": _cmd_demo, "scorers": _cmd_scorers, "lgdm": _cmd_lgdm}
-    try:
-        return handlers[args.command](args)
-    except QualityGuideError as exc:
-        print(f"qualityguide {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return run_main(lambda: handlers[args.command](args), f"qualityguide {args.command}")
 

@@ -98,23 +98,31 @@ class _NSSScorer(QualityScorer):
                 self._buffers[key] = value.to(device=moved.device)
         return self
 
+    def _refuse(self, bad: list[int], total: int, why: str, fix_one: str, fix_batch: str) -> None:
+        """Raise the one :class:`ImageError` both checks give, naming the images and the fix for one or a batch.
+
+        Args:
+            bad: indices of the refused images in the batch.
+            total: the batch size (a batch of one gets the single-image wording).
+            why: what is wrong, after "the image is" / "the images at batch index [i, j] (of n) are".
+            fix_one, fix_batch: the fix for a lone image, and for images in a larger batch.
+        """
+        raise ImageError(f"{self.name} input", f"{_which(bad, total)} {why}", fix_one if total == 1 else fix_batch)
+
     def _check_not_flat(self, images: torch.Tensor) -> None:
         flat = flat_images(images)
         if flat:
-            one = len(images) == 1
-            raise ImageError(f"{self.name} input", f"{_which(flat, len(images))} flat (constant luminance), so "
-                             f"{self.name}'s natural-scene statistics are undefined for {'it' if one else 'them'}",
-                             "score images with some texture, or use another metric for flat ones" if one else
-                             "drop them from the batch, or use another metric for flat images")
+            self._refuse(flat, len(images), f"flat (constant luminance), so {self.name}'s natural-scene statistics "
+                         f"are undefined for {'it' if len(images) == 1 else 'them'}",
+                         "score images with some texture, or use another metric for flat ones",
+                         "drop them from the batch, or use another metric for flat images")
 
     def _check_finite(self, scores: torch.Tensor) -> torch.Tensor:
         bad = torch.nonzero(~torch.isfinite(scores.detach())).flatten().tolist()
         if bad:
-            one = len(scores) == 1
-            raise ImageError(f"{self.name} input", f"{_which(bad, len(scores))} nearly flat: "
-                             f"{self.name}'s statistics came out non-finite (too little texture)",
-                             "crop it to a textured region" if one else
-                             "drop them from the batch, or crop them to a textured region")
+            self._refuse(bad, len(scores), f"nearly flat: {self.name}'s statistics came out non-finite (too little "
+                         "texture)", "crop it to a textured region",
+                         "drop them from the batch, or crop them to a textured region")
         return scores
 
 

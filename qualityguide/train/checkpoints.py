@@ -34,6 +34,8 @@ from ..files import FORMATS, fsync_dir
 MARKER = "qualityguide_checkpoint.json"
 FORMAT = FORMATS["checkpoint"]
 PREFIX = "checkpoint-"
+# What a training recipe tells a user who pressed Ctrl-C: work since the last checkpoint is redone, no more.
+RESUME_HINT = "rerun with --resume_from_checkpoint latest to continue from the last checkpoint"
 COMPLETE = re.compile(r"^checkpoint-(\d+)$")
 # optimizer state kept per parameter with the parameter's shape (torch's Adam/AdamW/SGD, bitsandbytes' 8-bit Adam);
 # other entries (step counters, 8-bit block maxima and quantile maps) have shapes of their own
