@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter, ScoreQuantiles
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptEncoder, dropout_masks
 from qualityguide.diffusion import pipeline_upcasts_vae
-from qualityguide.errors import InputError
+from qualityguide.errors import InputError, TrainingError
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party, run_main
 from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_step_finite, load_image_folder,
@@ -184,5 +184,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """``main`` with exit codes: 0 done, 1 training stopped (non-finite loss), 2 bad input (one line on stderr)."""
+    return run_main(lambda: main(argv), resume_hint=RESUME_HINT, exit_codes={TrainingError: 1})
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main, resume_hint=RESUME_HINT))
+    sys.exit(cli())

@@ -203,6 +203,21 @@ def test_a_dataset_smaller_than_one_batch_is_refused_before_encoding(dataset, tm
     assert not encoded  # the latents (minutes at 1024 px) were not encoded first
 
 
+def test_exit_codes_match_the_acpo_recipe(monkeypatch, capsys):
+    """1: the run stopped (a non-finite loss); 2: refused input; 130: interrupted (as ACPO and the CLI)."""
+    from qualityguide.errors import InputError, TrainingError
+
+    recipe = load_recipe()
+    for error, code in ((TrainingError("step 3: loss term 'loss' is nan"), 1), (InputError("bad --dataset"), 2),
+                        (KeyboardInterrupt(), 130)):
+        def fail(argv=None, error=error):
+            raise error
+        monkeypatch.setattr(recipe, "main", fail)
+        assert recipe.cli([]) == code
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
 def test_fp16_on_a_cpu_is_refused_before_training(dataset, tmp_path):
     from qualityguide.errors import InputError
 
