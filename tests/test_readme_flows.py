@@ -3,9 +3,10 @@
 Every command of the README's ``bash`` blocks, and every whole command quoted in its prose (``python recipes/...``,
 ``accelerate launch ...``), is parsed by the parser that would run it: the ``qualityguide`` CLI's, a recipe's
 ``parse_args`` (with the recipe's own cross-flag checks), and accelerate's own ``launch`` parser for the launcher's
-flags. Prose that names a ``qualityguide`` command and flags (``qualityguide label DIR --scorer SPEC``) is checked for
-the command and each flag. Hub ids need no substitution: parsing loads nothing. ``python evals/...`` commands are not
-parsed here (the evals do not expose their parsers); commands of other programs (``pip``, ``pytest``) are skipped.
+flags, and an eval's ``parse_args`` for ``python -m evals.NAME`` (its argument checks run before anything is loaded).
+Prose that names a ``qualityguide`` command and flags (``qualityguide label DIR --scorer SPEC``) is checked for the
+command and each flag. Hub ids need no substitution: parsing loads nothing. Commands of other programs (``pip``,
+``pytest``) are skipped.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _parse(parse, argv: list[str]) -> str | None:
 
 
 def _cli_parse(argv: list[str]):
-    from qualityguide.cli import build_parser
+    from qualityguide.cli.commands import build_parser
 
     return build_parser().parse_args(argv)
 
@@ -75,6 +76,16 @@ def _recipe_parse(script: str):
     if path.parent != Path("recipes") or not (ROOT / path).is_file():
         return None
     return load_script(str(path)).parse_args
+
+
+def _eval_parse(module: str):
+    """The ``parse_args`` of eval ``evals.NAME``, or None if there is no such eval."""
+    import importlib
+
+    name = module.removeprefix("evals.")
+    if not module.startswith("evals.") or not (ROOT / "evals" / f"{name}.py").is_file():
+        return None
+    return importlib.import_module(module).parse_args
 
 
 def _launch(argv: list[str]) -> str | None:
@@ -96,14 +107,17 @@ def _launch(argv: list[str]) -> str | None:
 
 
 def check_command(argv: list[str]) -> str | None:
-    """None if ``argv`` (a README command) parses, else why not; evals and other programs are skipped (None)."""
+    """None if ``argv`` (a README command) parses, else why not; other programs are skipped (None)."""
     if argv[0] == "qualityguide":
         return _parse(_cli_parse, argv[1:])
     if argv[:2] == ["accelerate", "launch"]:
         return _launch(argv[2:])
     if argv[0] == "python" and len(argv) > 1:
-        if argv[1].startswith("evals/") or (argv[1] == "-m" and argv[2:3][0:1] == ["pytest"]):
+        if argv[1] == "-m" and argv[2:3] == ["pytest"]:
             return None
+        if argv[1] == "-m" and len(argv) > 2:
+            parse = _eval_parse(argv[2])
+            return f"{argv[2]}: no such eval" if parse is None else _parse(parse, argv[3:])
         parse = _recipe_parse(argv[1])
         return f"{argv[1]}: no such recipe" if parse is None else _parse(parse, argv[2:])
     if argv[0] in OTHER_PROGRAMS:
@@ -118,7 +132,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def check_named_flags(snippet: str) -> str | None:
     """A prose ``qualityguide CMD ... --flag ...``: the (sub)command exists and has every ``--flag`` named."""
-    from qualityguide.cli import build_parser
+    from qualityguide.cli.commands import build_parser
 
     parser, words = build_parser(), snippet.split()[1:]
     while words and words[0] in _subparsers(parser):
@@ -136,7 +150,7 @@ def problems(text: str) -> list[tuple[str, str]]:
     for line in block_commands(text):
         found += [(line, why) for argv in simple_commands(line) if (why := check_command(argv))]
     for snippet in prose_snippets(text):
-        if snippet.startswith(("python recipes/", "accelerate launch ")):
+        if snippet.startswith(("python recipes/", "accelerate launch ")) or re.match(r"python -m evals\.\w+ ", snippet):
             found += [(snippet, why) for argv in simple_commands(snippet) if (why := check_command(argv))]
         elif re.match(r"qualityguide [a-z]", snippet) and (why := check_named_flags(snippet)):
             found.append((snippet, why))
@@ -168,19 +182,24 @@ def test_the_check_catches_broken_commands():
         "python recipes/train_nothing.py --model m",
         "accelerate launch -m qualityguide.cli lgdm extract ...",
         "python recipes/train_iqa_adapter.py --model m --dataset d --max_train_steps 2",  # needs a condition
+        "python evals/guidance.py --limit 3",  # evals run as modules now
+        "python -m evals.guidance --limit 2",  # refused by the eval's own checks (correlations need 3 pairs)
+        "python -m evals.nothing --x 1",
     ]
     fine = [
         "pip install -e . && qualityguide demo  # a comment",
         "HF_HUB_OFFLINE=1 python -m pytest -q",
-        "python evals/anything.py --whatever",
+        "python -m evals.guidance --model tiny:sd --scorer niqe-embedded@192 --limit 3",
         "python recipes/train_acpo_lora.py --help",
         "accelerate launch --num_processes 2 -m qualityguide.cli score a.png --scorer niqe-embedded@192",
     ]
     text = "```bash\n" + "\n".join(broken + fine) + "\n```\n"
     text += "Prose: `qualityguide label DIR --scorer SPEC [--scorer SPEC ...]`, `qualityguide label DIR --scorers X`,\n"
     text += "`qualityguide <command>: error: ...`, `qualityguide scorers`, `qualityguide nonsense --x`, and\n"
+    text += "`python -m evals.<name> ...` (a placeholder, not a command), `python -m evals.toy_task --stepz 2`, and\n"
     text += "`python recipes/guided_sampling.py --model tiny:sd\n--prompts p.txt --scorer s --scale 0.1 --stepz 2`.\n"
     reported = [command for command, _ in problems(text)]
     assert reported == broken + ["qualityguide label DIR --scorers X", "qualityguide nonsense --x",
+                                 "python -m evals.toy_task --stepz 2",
                                  "python recipes/guided_sampling.py --model tiny:sd --prompts p.txt --scorer s "
                                  "--scale 0.1 --stepz 2"]
