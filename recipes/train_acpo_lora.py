@@ -33,20 +33,20 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from qualityguide.diffusion import pipeline_upcasts_vae
-from qualityguide.errors import InputError, TrainingError
+from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, check_target_modules, lora_parameters, save_lora
 from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_scorer, identity_difference,
                                             lora_identity, make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, run_validation
 from qualityguide.identity import WeightIdentity
 from qualityguide.pipelines import load_pipeline
-from qualityguide.runtime import quiet_third_party, run_main
+from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import DEFAULT_SCORER, load_scorer
 from qualityguide.train import (CheckpointManager, PromptEncoder, batch_indices, check_step_finite, load_image_folder,
                                 long_prompts_note, make_accelerator, mean_over_processes, read_marker,
                                 resolve_caption_column, step_generator)
-from qualityguide.train.checkpoints import RESUME_HINT
 from qualityguide.train.log import StepLog
+from qualityguide.train.setup import run_training
 from qualityguide.train.self_samples import (SelfSampleSettings, generate_self_samples, is_conditional,
                                              load_self_samples, native_resolution, open_self_samples, read_prompts)
 
@@ -250,8 +250,8 @@ def main(argv=None) -> int:
 
 
 def cli(argv=None) -> int:
-    """``main`` with exit codes: 0 done, 1 training stopped (non-finite loss), 2 bad input (one line on stderr)."""
-    return run_main(lambda: main(argv), resume_hint=RESUME_HINT, exit_codes={TrainingError: 1})
+    """``main`` with the training recipes' exit codes (:func:`qualityguide.train.setup.run_training`)."""
+    return run_training(main, argv)
 
 
 if __name__ == "__main__":

@@ -34,14 +34,14 @@ from tqdm.auto import tqdm
 from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter, ScoreQuantiles
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptEncoder, dropout_masks
 from qualityguide.diffusion import pipeline_upcasts_vae
-from qualityguide.errors import InputError, TrainingError
+from qualityguide.errors import InputError
 from qualityguide.pipelines import load_pipeline
-from qualityguide.runtime import quiet_third_party, run_main
+from qualityguide.runtime import quiet_third_party
 from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_step_finite, load_image_folder,
                                 long_prompts_note, make_accelerator, mean_over_processes, read_marker,
                                 resolve_caption_column, step_generator)
-from qualityguide.train.checkpoints import RESUME_HINT
 from qualityguide.train.log import StepLog
+from qualityguide.train.setup import run_training
 
 DTYPES = {"no": None, "fp16": "fp16", "bf16": "bf16"}
 
@@ -185,8 +185,8 @@ def main(argv=None) -> int:
 
 
 def cli(argv=None) -> int:
-    """``main`` with exit codes: 0 done, 1 training stopped (non-finite loss), 2 bad input (one line on stderr)."""
-    return run_main(lambda: main(argv), resume_hint=RESUME_HINT, exit_codes={TrainingError: 1})
+    """``main`` with the training recipes' exit codes (:func:`qualityguide.train.setup.run_training`)."""
+    return run_training(main, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from .log import StepLog, read_log
 from .prompts import PromptEncoder, long_prompts_note
 from .self_samples import (SelfSampleSettings, generate_self_samples, load_self_samples, open_self_samples,
                            read_prompts)
-from .setup import check_mixed_precision, check_report_to, make_accelerator
+from .setup import check_mixed_precision, check_report_to, make_accelerator, run_training
 
 __all__ = ["CheckpointManager", "read_marker", "ImageFolderDataset", "UnreadableImagesWarning", "batch_indices",
            "collate", "derive_seed", "load_image_folder", "resize_crop", "resolve_caption_column", "step_generator",
@@ -22,4 +22,4 @@ __all__ = ["CheckpointManager", "read_marker", "ImageFolderDataset", "Unreadable
            "check_finite", "check_step_finite", "mean_over_processes", "LatentCache", "cache_latents", "StepLog",
            "read_log", "PromptEncoder", "long_prompts_note", "SelfSampleSettings", "generate_self_samples",
            "load_self_samples", "open_self_samples", "read_prompts", "check_mixed_precision", "check_report_to",
-           "make_accelerator"]
+           "make_accelerator", "run_training"]

@@ -12,10 +12,23 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, closest
+from ..errors import InputError, TrainingError, closest
+from ..runtime import run_main
+from .checkpoints import RESUME_HINT
 
 LOGS = "logs"
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+
+def run_training(main, argv: list[str] | None = None) -> int:
+    """A training recipe's exit code: 0 done, 1 the run stopped (a non-finite loss: :class:`TrainingError`), 2 bad
+    input (one line on stderr), 130 Ctrl-C with the ``--resume_from_checkpoint`` hint (both recipes exit here).
+
+    Args:
+        main: the recipe's ``main(argv) -> int``.
+        argv: its command line (None: ``sys.argv[1:]``).
+    """
+    return run_main(lambda: main(argv), resume_hint=RESUME_HINT, exit_codes={TrainingError: 1})
 
 
 def make_accelerator(output_dir: str | os.PathLike, mixed_precision: str, report_to: str | None
