@@ -30,7 +30,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                  **kwargs):
+                  revision: str | None = None, variant: str | None = None, **kwargs):
     """Load a diffusers pipeline.
 
     Args:
@@ -40,6 +40,9 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
             ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
         dtype: weights dtype (``"fp16"``, ``"bf16"``, ``"fp32"`` or a torch dtype).
         device: where to move the pipeline (default: stays on the CPU); one this machine lacks is refused first.
+        revision: hub revision (branch, tag or commit) for a hub id; diffusers' ``from_pretrained`` takes it.
+        variant: weights variant (``"fp16"``: ``*.fp16.safetensors``) of a hub id or folder. Offline specs have
+            neither: passing one is refused rather than ignored.
         **kwargs: for tiny specs ``seed`` and ``prediction_type``; otherwise passed to
             ``DiffusionPipeline.from_pretrained`` (e.g. ``variant="fp16"``).
     """
@@ -54,11 +57,16 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
             guess = closest(spec, list(OFFLINE_SPECS))
             raise InputError(f"unknown offline model {spec!r}; known: {', '.join(OFFLINE_SPECS)}"
                              + (f". Did you mean {guess!r}?" if guess else ""))
+        for name, value in (("revision", revision), ("variant", variant)):
+            if value is not None:
+                raise InputError(f"{name} {value!r} with the offline model {spec!r}: offline models are built in "
+                                 f"code and have no {name}; drop the {name}, or pass a hub id or local folder")
         from .testing import build_tiny
 
         pipe = build_tiny(spec, **kwargs)
     else:
-        pipe = _from_pretrained(spec, torch_dtype, **kwargs)
+        hub = {k: v for k, v in (("revision", revision), ("variant", variant)) if v is not None}
+        pipe = _from_pretrained(spec, torch_dtype, **hub, **kwargs)
     if torch_dtype is not None and offline:
         pipe.to(dtype=torch_dtype)
     if device is not None:

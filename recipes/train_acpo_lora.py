@@ -46,7 +46,8 @@ from qualityguide.train import (CheckpointManager, PromptEncoder, batch_indices,
                                 long_prompts_note, make_accelerator, mean_over_processes, read_marker,
                                 resolve_caption_column, step_generator)
 from qualityguide.train.log import StepLog
-from qualityguide.train.setup import run_training
+from qualityguide.train.setup import (add_model_arguments, add_schedule_arguments, check_schedule_arguments,
+                                      first_samples, make_lr_scheduler, run_training, schedule_identity)
 from qualityguide.train.self_samples import (SelfSampleSettings, generate_self_samples, is_conditional,
                                              load_self_samples, native_resolution, open_self_samples, read_prompts)
 
@@ -57,7 +58,7 @@ TERMS = ("loss", "diffusion", "anchor", "quality")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", required=True, help="hub id, local pipeline folder, tiny:sd, tiny:sdxl, tiny:ddpm")
+    add_model_arguments(p, "hub id, local pipeline folder, tiny:sd, tiny:sdxl, tiny:ddpm")
     a("--scorer", default=DEFAULT_SCORER, help="quality scorer spec, optionally SPEC@SIZE (e.g. niqe-embedded@192)")
     a("--scorer_weights", default=None, help="local weights / parameter file of the scorer")
     a("--prompts", default=None, help="text file, one prompt per line: train on the base model's own samples")
@@ -86,6 +87,7 @@ def parse_args(argv=None):
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--gradient_checkpointing", action="store_true")
     a("--learning_rate", type=float, default=1e-4)
+    add_schedule_arguments(p)
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--max_grad_norm", type=float, default=1.0)
     a("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit (CUDA only)")
@@ -153,6 +155,7 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
         with main():
             dataset = load_self_samples(pipe, settings, cache / "self_samples", progress=progress)
         source, made_by = "self_samples", settings.to_dict()
+    dataset = first_samples(dataset, args.max_train_samples)
     with main():
         return TrainingSamples.encode(pipe, dataset, cache / f"latents-{source}", source, made_by, progress=progress)
 
@@ -160,13 +163,14 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
 def main(argv=None) -> int:
     quiet_third_party()
     args = parse_args(argv)
+    check_schedule_arguments(args)
     config = acpo_config(args)
     out = Path(args.output_dir)
     accelerator, weight_dtype = make_accelerator(out, args.mixed_precision, args.report_to)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     scorer = load_scorer(args.scorer, weights=args.scorer_weights, device=device)
     check_scorer(scorer, config)
-    pipe = load_pipeline(args.model, dtype=weight_dtype, device=device)
+    pipe = load_pipeline(args.model, dtype=weight_dtype, device=device, revision=args.revision, variant=args.variant)
     targets = check_target_modules(pipe.unet, args.lora_target_modules and args.lora_target_modules.split(","))
     resolution = args.resolution or native_resolution(pipe)
     check_scorer(scorer, config, resolution)
@@ -185,8 +189,8 @@ def main(argv=None) -> int:
         LoraCheckpointing.check_base(resume, pipe.unet)  # before the adapter changes the U-Net's parameters
     base_identity = WeightIdentity.of({"unet": pipe.unet})
     lora = prepare_lora_unet(pipe.unet, args.rank, args.lora_alpha, targets, args.gradient_checkpointing, args.seed)
-    identity = {"lora": lora_identity(lora), "acpo": config.to_dict(), "data": samples.identity,
-                "scorer": scorer.name, "model_class": type(pipe.unet).__name__}
+    identity = {**schedule_identity(args), "lora": lora_identity(lora), "acpo": config.to_dict(),  # the cause first
+                "data": samples.identity, "scorer": scorer.name, "model_class": type(pipe.unet).__name__}
     if resume is not None:
         why = identity_difference((read_marker(resume).get("extra") or {}).get("identity"), identity)
         if why is not None:
@@ -195,7 +199,9 @@ def main(argv=None) -> int:
     optimizer = make_optimizer(lora_parameters(pipe.unet), args.learning_rate, args.adam_weight_decay,
                                args.use_8bit_adam, device)
     LoraCheckpointing(pipe.unet, base_identity).register(accelerator)
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps,
+                                     accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
     pipe.unet.train()
     vae = getattr(pipe, "vae", None)  # the loss calls the prepared (DDP) U-Net, which syncs gradients
     loss_fn = ACPOLoss(unet, pipe.scheduler, scorer, config, vae=vae,
@@ -224,7 +230,9 @@ def main(argv=None) -> int:
         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
         values = mean_over_processes(sums, accelerator)  # NaN on any process reaches all: they stop together
         check_step_finite(values, grad_norm, step, args.mixed_precision)
+        values["lr"] = lr_scheduler.get_last_lr()[0]  # the lr this step uses
         optimizer.step()
+        lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if log is not None:
             log.write(step, values)
@@ -243,7 +251,7 @@ def main(argv=None) -> int:
         log.close()
         path = save_lora(pipe.unet, out)
         print(f"saved the ACPO LoRA to {path}")
-    del unet, optimizer, loss_fn  # a gloo process that exits still holding DDP can abort (torch 2.14)
+    del unet, optimizer, lr_scheduler, loss_fn  # a gloo process that exits still holding DDP can abort (torch 2.14)
     accelerator.free_memory()
     accelerator.end_training()
     return 0

@@ -35,20 +35,22 @@ from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter, ScoreQuantiles
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptEncoder, dropout_masks
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError
+from qualityguide.finetune.training import identity_difference
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_step_finite, load_image_folder,
                                 long_prompts_note, make_accelerator, mean_over_processes, read_marker,
                                 resolve_caption_column, step_generator)
 from qualityguide.train.log import StepLog
-from qualityguide.train.setup import run_training
+from qualityguide.train.setup import (add_model_arguments, add_schedule_arguments, check_schedule_arguments,
+                                      first_samples, make_lr_scheduler, run_training, schedule_identity)
 
 DTYPES = {"no": None, "fp16": "fp16", "bf16": "bf16"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="hub id, local folder, tiny:sd, tiny:sdxl")
+    add_model_arguments(p, "hub id, local folder, tiny:sd, tiny:sdxl")
     p.add_argument("--dataset", required=True, help="image folder with metadata.csv")
     p.add_argument("--score_columns", nargs="+", default=None, help="score columns to condition on")
     p.add_argument("--reference", default=None, help="train a reference adapter on these features instead "
@@ -69,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--train_batch_size", type=int, default=4, help="per process")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--learning_rate", type=float, default=1e-5)
+    add_schedule_arguments(p)
     p.add_argument("--adam_weight_decay", type=float, default=1e-2)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--mixed_precision", default="no", choices=list(DTYPES))
@@ -105,16 +108,19 @@ def build_adapter(args, pipe, dataset, device):
 def main(argv=None) -> int:
     quiet_third_party()
     args = parse_args(argv)
+    check_schedule_arguments(args)
     out = Path(args.output_dir)
     accelerator, _ = make_accelerator(out, args.mixed_precision, args.report_to)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    pipe = load_pipeline(args.model, dtype=DTYPES[args.mixed_precision], device=device)
+    pipe = load_pipeline(args.model, dtype=DTYPES[args.mixed_precision], device=device, revision=args.revision,
+                         variant=args.variant)
     caption_column, note = resolve_caption_column(args.dataset, args.caption_column)
     if note and accelerator.is_main_process:
         print(note, file=sys.stderr)
     with accelerator.main_process_first():
         dataset = load_image_folder(args.dataset, args.resolution, caption_column=caption_column,
                                     score_columns=args.score_columns or (), progress=accelerator.is_main_process)
+        dataset = first_samples(dataset, args.max_train_samples)
         batch_indices(len(dataset), args.train_batch_size, 0, args.seed, world, rank)  # too few images: refused now
         cache = cache_latents(dataset, pipe.vae, args.cache_dir or out / "latent_cache",
                               upcast=pipeline_upcasts_vae(pipe), progress=accelerator.is_main_process)
@@ -125,18 +131,22 @@ def main(argv=None) -> int:
     adapter.attach(pipe, dtype=torch.float32)  # trainable weights in float32; the frozen U-Net in its own dtype
     trainer = AdapterTrainer(adapter, pipe.unet, pipe.scheduler, snr_gamma=args.snr_gamma)
     optimizer = torch.optim.AdamW(trainer.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    trainer, optimizer = accelerator.prepare(trainer, optimizer)
+    lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps,
+                                     accelerator.num_processes)
+    trainer, optimizer, lr_scheduler = accelerator.prepare(trainer, optimizer, lr_scheduler)
     dropout = DropoutConfig(args.p_text, args.p_quality, args.p_both)
     prompts = PromptEncoder(pipe, args.resolution)
     manager = CheckpointManager(out, args.checkpoints_total_limit)
-    identity = {"adapter": asdict(adapter.config), "quantiles": getattr(adapter.quantiles, "table", None)
-                if isinstance(adapter, IQAAdapter) else None, "files": len(dataset)}
+    identity = {**schedule_identity(args), "adapter": asdict(adapter.config),  # a sample limit: named, not its effects
+                "quantiles": getattr(adapter.quantiles, "table", None) if isinstance(adapter, IQAAdapter) else None,
+                "files": len(dataset)}
     start = 0
     path = manager.resolve(args.resume_from_checkpoint)
     if path is not None:
-        if (read_marker(path).get("extra") or {}).get("identity") != identity:
-            raise InputError(f"{path} was saved for another adapter or dataset (config, score quantiles or image "
-                             "count differ); resume with the same --dataset and options, or use a new --output_dir")
+        why = identity_difference((read_marker(path).get("extra") or {}).get("identity"), identity)
+        if why is not None:
+            raise InputError(f"{path} was saved for another adapter or dataset ({why}); resume with the same "
+                             "--dataset and options, or use a new --output_dir")
         start, _ = manager.load(accelerator, path)
     if accelerator.log_with:
         accelerator.init_trackers("train_iqa_adapter", config={k: v for k, v in vars(args).items()
@@ -163,9 +173,11 @@ def main(argv=None) -> int:
             total = total + loss.detach()
         grad_norm = accelerator.clip_grad_norm_(trainer.parameters(), args.max_grad_norm)
         check_step_finite({"loss": total}, grad_norm, step, args.mixed_precision)
+        lr = lr_scheduler.get_last_lr()[0]  # the lr this step uses
         optimizer.step()
+        lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        values = mean_over_processes({"loss": total}, accelerator)
+        values = {**mean_over_processes({"loss": total}, accelerator), "lr": lr}
         if log is not None:
             log.write(step, values)
             progress.set_postfix(loss=f"{values['loss']:.4f}")
@@ -178,7 +190,7 @@ def main(argv=None) -> int:
         final = accelerator.unwrap_model(trainer).adapter
         final.save_pretrained(out)
         print(f"saved the IQA-Adapter to {out}")
-    del trainer, optimizer  # a gloo process that exits still holding DDP can abort (torch 2.14)
+    del trainer, optimizer, lr_scheduler  # a gloo process that exits still holding DDP can abort (torch 2.14)
     accelerator.free_memory()
     accelerator.end_training()
     return 0

@@ -135,3 +135,30 @@ def test_safety_checker_is_not_loaded_and_nothing_warns(tmp_path, capfd, library
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     hub = load_pipeline("someone/tiny-sd", cache_dir=str(tmp_path / "hub"))
     assert hub.safety_checker is None and hub.feature_extractor is None
+
+
+def test_revision_and_variant_reach_from_pretrained(tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    original = load_pipeline("tiny:sd")
+    original.save_pretrained(tmp_path / "sd", variant="fp16")  # *.fp16.safetensors only: loads only as that variant
+    assert list((tmp_path / "sd" / "unet").glob("*.fp16.safetensors"))
+    real, calls = DiffusionPipeline.from_pretrained, []
+
+    def spy(cls, source, **kwargs):
+        calls.append(kwargs)
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(spy))
+    pipe = load_pipeline(str(tmp_path / "sd"), revision="v1", variant="fp16")
+    assert calls[0]["revision"] == "v1" and calls[0]["variant"] == "fp16"
+    for (name, a), (_, b) in zip(original.unet.state_dict().items(), pipe.unet.state_dict().items()):
+        assert torch.equal(a, b), name  # the variant's files were read
+    load_pipeline(str(tmp_path / "sd"), variant="fp16")
+    assert "revision" not in calls[1]  # not given: diffusers' own default
+
+
+@pytest.mark.parametrize("option", ["revision", "variant"])
+def test_offline_specs_refuse_a_revision_or_variant(option):
+    with pytest.raises(InputError, match=f"{option} 'x' with the offline model 'tiny:sd'.*drop the {option}"):
+        load_pipeline("tiny:sd", **{option: "x"})

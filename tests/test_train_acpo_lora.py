@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from qualityguide.finetune.training import LORA_STATE_NAME, LoraCheckpointing
 from qualityguide.scorers import QualityScorer
 from qualityguide.testing import tiny_ddpm, tiny_sd
 from qualityguide.train import read_marker
-from qualityguide.train.log import read_log
+from qualityguide.train.log import StepLog, read_log
 
 from helpers import load_script, reset_accelerate
 
@@ -238,7 +239,10 @@ def test_resume_refuses_other_settings(prompts, cache, tmp_path):
     run(sd_args(prompts, cache, out, 2))
     for extra, field in ((["--rank", "8"], "lora"), (["--w_anchor", "2"], "acpo"),
                          (["--scorer", "niqe-embedded@224"], "scorer"),
-                         (["--guidance_scale", "3", "--cache_dir", str(tmp_path / "other_cache")], "data")):
+                         (["--guidance_scale", "3", "--cache_dir", str(tmp_path / "other_cache")], "data"),
+                         (["--lr_scheduler", "linear"], "lr_scheduler"),
+                         (["--lr_warmup_steps", "1"], "lr_warmup_steps"),
+                         (["--max_train_samples", "3", "--cache_dir", str(tmp_path / "cache3")], "max_train_samples")):
         reset_accelerate()
         with pytest.raises(InputError, match=f"saved for other settings \\({field}="):
             load_recipe().main(sd_args(prompts, cache, out, 4, [*extra, "--resume_from_checkpoint", "latest"]))
@@ -343,3 +347,66 @@ def test_each_micro_step_gets_its_own_batch_and_generator(prompts, tmp_path, mon
     for s, state in enumerate(states):
         assert torch.equal(state, step_generator(5, s).get_state()), f"micro-step {s} drew from another generator"
     assert len({bytes(state.numpy()) for state in states}) == 4
+
+
+def test_cosine_schedule_resumes_with_the_same_lr_and_losses(prompts, cache, tmp_path):
+    schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]
+    full = tmp_path / "full"
+    run(sd_args(prompts, cache, full, 6, schedule))
+    expected = read_log(full)
+    warmup = [3e-3 * s / 2 for s in range(2)]
+    cosine = [3e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 6)]  # diffusers' formula
+    assert [r["lr"] for r in expected] == pytest.approx(warmup + cosine, rel=1e-6)
+
+    class KilledAtStep5(StepLog):
+        def write(self, step, values):
+            if step == 5:
+                raise KeyboardInterrupt  # killed after checkpoint-4, with step 4 logged
+            super().write(step, values)
+
+    part = tmp_path / "part"
+    run(sd_args(prompts, cache, part, 6, schedule), patch=lambda recipe: setattr(recipe, "StepLog", KilledAtStep5),
+        expect=130)
+    assert [r["step"] for r in read_log(part)] == [0, 1, 2, 3, 4]
+    run(sd_args(prompts, cache, part, 6, [*schedule, "--resume_from_checkpoint", "latest"]))  # from checkpoint-4
+    assert read_log(part) == expected  # lr and every loss term, bit for bit
+
+
+def test_max_train_samples_trains_on_the_first_n_samples(prompts, tmp_path, monkeypatch):
+    from qualityguide.finetune.training import TrainingSamples
+
+    real, seen = TrainingSamples.encode, []
+
+    def encode(pipe, dataset, *args, **kwargs):
+        seen.append(list(dataset.files))
+        return real(pipe, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingSamples, "encode", encode)
+    own = tmp_path / "cache"
+    run(sd_args(prompts, own, tmp_path / "run", 1, ["--max_train_samples", "3"]))
+    with open(own / "self_samples" / "metadata.csv", newline="") as handle:
+        listed = [row["file_name"] for row in csv.DictReader(handle)]
+    assert len(listed) == 4 and seen == [listed[:3]]  # the first three, in the cache's order
+
+
+def test_diffusers_flag_names_parse_like_the_old_ones(prompts):
+    recipe = load_recipe()
+    rest = ["--prompts", str(prompts), "--max_train_steps", "1"]
+    new = recipe.parse_args(["--pretrained_model_name_or_path", "a/b", "--revision", "r1", "--variant", "fp16", *rest])
+    old = recipe.parse_args(["--model", "a/b", *rest])
+    assert new.model == old.model == "a/b" and (new.revision, new.variant) == ("r1", "fp16")
+    assert (old.revision, old.variant, old.lr_scheduler, old.lr_warmup_steps, old.max_train_samples) == (
+        None, None, "constant", 0, None)  # defaults: runs without the new flags are unchanged
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--variant", "fp16"], "variant 'fp16' with the offline model 'tiny:sd'"),
+    (["--lr_scheduler", "cosine_restarts"], "allowed: constant, .*Did you mean 'cosine_with_restarts'"),
+    (["--max_train_samples", "-2"], "--max_train_samples -2: must be >= 1"),
+])
+def test_bad_schedule_and_model_options_exit_2_with_one_line(prompts, cache, tmp_path, capsys, extra, match):
+    argv = sd_args(prompts, cache, tmp_path / "o", 1, extra)
+    argv[argv.index("--model")] = "--pretrained_model_name_or_path"
+    run(argv, expect=2)
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1

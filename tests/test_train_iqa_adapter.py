@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import torch
 from PIL import Image
 
 from qualityguide.adapter import IQAAdapter
-from qualityguide.train.log import read_log
+from qualityguide.train.log import StepLog, read_log
 
 from helpers import load_script, reset_accelerate
 
@@ -317,3 +319,85 @@ def test_quantiles_and_conditions_come_from_each_score_column(dataset, accumulat
         ranks = [adapter.quantiles.rank(name, columns[name][items], strict=False) for name in columns]
         np.testing.assert_allclose(condition[:, :2].numpy(), np.stack(ranks, 1), rtol=0, atol=1e-6)
         assert condition[:, 2].tolist() == [1.0] * len(items)
+
+
+def cosine_with_warmup(lr, warmup, total, step):
+    """diffusers' cosine schedule written out: linear warmup, then half a cosine down to 0."""
+    if step < warmup:
+        return lr * step / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def test_cosine_schedule_resumes_with_the_same_lr_and_losses(dataset, tmp_path):
+    from qualityguide.errors import InputError
+
+    schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]
+    full = run(dataset, tmp_path / "full", 6, schedule)
+    assert [r["lr"] for r in full] == pytest.approx([cosine_with_warmup(1e-3, 2, 6, s) for s in range(6)], rel=1e-6)
+
+    class KilledAtStep5(StepLog):
+        def write(self, step, values):
+            if step == 5:
+                raise KeyboardInterrupt  # killed after checkpoint-4, with step 4 logged
+            super().write(step, values)
+
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        run(dataset, part, 6, schedule, patch=lambda recipe: setattr(recipe, "StepLog", KilledAtStep5))
+    reset_accelerate()
+    assert [r["step"] for r in read_log(part)] == [0, 1, 2, 3, 4]
+    resumed = run(dataset, part, 6, [*schedule, "--resume_from_checkpoint", "latest"])  # from checkpoint-4
+    assert [r["step"] for r in resumed] == list(range(6))
+    assert resumed == full  # lr and loss of every step, bit for bit
+
+    for extra, field in ((["--lr_scheduler", "linear"], "lr_scheduler"), (["--lr_warmup_steps", "1"],
+                                                                         "lr_warmup_steps"),
+                         (["--max_train_steps", "8"], "lr_schedule_steps"), (["--max_train_samples", "8",
+                         "--cache_dir", str(tmp_path / "cache8")], "max_train_samples")):
+        argv = [*schedule, *extra, "--resume_from_checkpoint", "latest"]
+        with pytest.raises(InputError, match=f"saved for another adapter or dataset \\({field}="):
+            run(dataset, part, 6, argv)
+        reset_accelerate()
+
+
+def test_max_train_samples_trains_on_the_first_n_items(dataset, tmp_path):
+    seen = []
+
+    def spy(recipe):
+        real = recipe.cache_latents
+
+        def cache_latents(data, *args, **kwargs):
+            seen.append(list(data.files))
+            return real(data, *args, **kwargs)
+        recipe.cache_latents = cache_latents
+
+    out = tmp_path / "run"
+    run(dataset, out, 2, ["--max_train_samples", "5", "--cache_dir", str(tmp_path / "own_cache")], patch=spy)
+    assert seen == [[f"{i:02d}.png" for i in range(5)]]  # the first five, in metadata.csv order
+    assert IQAAdapter.from_pretrained(out).quantiles.count == 5  # conditions come from those five only
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--max_train_samples", "0"], "--max_train_samples 0: must be >= 1"),
+    (["--lr_scheduler", "cosin"], "--lr_scheduler 'cosin' is not known; allowed: constant, .*Did you mean 'cosine'"),
+    (["--lr_warmup_steps", "-1"], "--lr_warmup_steps -1: must be >= 0"),
+    (["--model", "tiny:sd", "--revision", "main"], "revision 'main' with the offline model 'tiny:sd'"),
+])
+def test_bad_schedule_and_model_options_exit_2_with_one_line(dataset, tmp_path, capsys, extra, match):
+    argv = ["--pretrained_model_name_or_path", "tiny:sd", "--dataset", str(dataset), "--score_columns", "sharpness",
+            "--max_train_steps", "1", "--output_dir", str(tmp_path / "o"), *extra]
+    reset_accelerate()
+    assert load_recipe().cli(argv) == 2
+    reset_accelerate()
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_diffusers_flag_names_parse_like_the_old_ones(dataset):
+    recipe = load_recipe()
+    rest = ["--dataset", str(dataset), "--score_columns", "sharpness", "--max_train_steps", "1"]
+    new = recipe.parse_args(["--pretrained_model_name_or_path", "a/b", "--revision", "r1", "--variant", "fp16", *rest])
+    old = recipe.parse_args(["--model", "a/b", *rest])
+    assert new.model == old.model == "a/b" and (new.revision, new.variant) == ("r1", "fp16")
+    assert (old.revision, old.variant, old.lr_scheduler, old.lr_warmup_steps, old.max_train_samples) == (
+        None, None, "constant", 0, None)  # defaults: runs without the new flags are unchanged

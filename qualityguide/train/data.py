@@ -164,6 +164,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         return self.get(index)
 
+    def first(self, count: int) -> "ImageFolderDataset":
+        """A dataset of the first ``count`` items, in order, with their captions and scores (``--max_train_samples``).
+
+        Args:
+            count: how many items to keep (>= 1; more than there are keeps all).
+        """
+        if count < 1:
+            raise InputError(f"first({count}): keep at least 1 item")
+        return ImageFolderDataset(self.folder, self.paths[:count], None if self.captions is None else
+                                  self.captions[:count], self.scores[:count], self.resolution, self.caption_column,
+                                  self.score_columns, self.center_crop, self.random_flip)
+
     def batch(self, indices: Sequence[int], generator: torch.Generator | None = None) -> dict:
         """:func:`collate` of :meth:`get` for each index, drawing crops and flips from ``generator`` in order."""
         return collate([self.get(int(i), generator) for i in indices])
