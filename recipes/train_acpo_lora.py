@@ -1,8 +1,9 @@
 """Fine-tune a LoRA with ACPO: raise a no-reference quality score while an anchor keeps the model near its base
 (docs/design.md section 7).
 
-    accelerate launch recipes/train_acpo_lora.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
-        --prompts prompts.txt --num_self_samples 1000 --scorer pyiqa:topiq_nr --mixed_precision fp16 \
+    accelerate launch recipes/train_acpo_lora.py \
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts prompts.txt \
+        --num_self_samples 1000 --scorer pyiqa:topiq_nr --mixed_precision fp16 \
         --max_train_steps 2000 --validation_prompt "a photo of a lighthouse" --report_to tensorboard
     python recipes/train_acpo_lora.py --model tiny:sd --prompts prompts.txt --num_self_samples 8 \
         --scorer niqe-embedded@192 --num_inference_steps 4 --max_train_steps 10 --output_dir out/     # offline, CPU

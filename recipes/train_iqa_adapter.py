@@ -1,7 +1,8 @@
 """Train an IQA-Adapter: generation conditioned on target quality (docs/design.md section 6).
 
     qualityguide label photos/ --scorer pyiqa:topiq_nr --scorer pyiqa:laion_aes   # score columns in metadata.csv
-    accelerate launch recipes/train_iqa_adapter.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
+    accelerate launch recipes/train_iqa_adapter.py \
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --dataset photos/ --score_columns pyiqa:topiq_nr pyiqa:laion_aes --output_dir iqa-adapter \
         --resolution 512 --train_batch_size 8 --mixed_precision fp16 --max_train_steps 20000
     python recipes/train_iqa_adapter.py --model tiny:sd --dataset DIR --score_columns niqe-embedded \

@@ -241,10 +241,13 @@ def test_two_processes_complete_and_save_once(dataset, tmp_path):
                              "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPE), "--model", "tiny:sd",
                              "--dataset", str(dataset), "--score_columns", "sharpness", "--resolution", "64",
                              "--train_batch_size", "2", "--max_train_steps", "3", "--checkpointing_steps", "2",
-                             "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=900)
+                             "--output_dir", str(out), "--lr_scheduler", "linear", "--lr_warmup_steps", "1"],
+                            env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved the IQA-Adapter") == 1
     assert [r["step"] for r in read_log(out)] == [0, 1, 2]
+    # accelerate steps a prepared schedule once per process: the lr per optimizer step is still one process's
+    assert [r["lr"] for r in read_log(out)] == pytest.approx([0.0, 1e-5, 0.5e-5], rel=1e-6)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     IQAAdapter.from_pretrained(out)
 

@@ -2,7 +2,8 @@
 
 accelerate's trackers (tensorboard, ...) need a logging folder from a ``ProjectConfiguration``; without one
 ``--report_to tensorboard`` stops at ``init_trackers``. Both recipes build their accelerator here, so they cannot
-drift apart on it.
+drift apart on it. The flags both recipes share with diffusers' training scripts (model, revision, variant, LR
+schedule, sample limit) are declared, checked and turned into objects here for the same reason.
 """
 
 from __future__ import annotations
