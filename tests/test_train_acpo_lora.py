@@ -97,7 +97,7 @@ def test_end_to_end_export_loads_into_a_fresh_pipeline(prompts, cache, tmp_path)
                                          "--lora_alpha", "4"]))
     log = read_log(out)
     assert [r["step"] for r in log] == [0, 1, 2, 3]
-    assert all(set(r) == {"step", "loss", "diffusion", "anchor", "quality"} for r in log)
+    assert all(set(r) == {"step", "lr", "loss", "diffusion", "anchor", "quality"} for r in log)
     assert log[0]["anchor"] == 0.0 and log[-1]["anchor"] > 0  # starts at the base model, then drifts
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "validation" / "step-4" / "grid.png").is_file()
