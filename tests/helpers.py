@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 from qualityguide.scorers import QualityScorer
@@ -27,6 +28,27 @@ def reset_accelerate() -> None:
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def cosine_with_warmup(lr: float, warmup: int, total: int, step: int) -> float:
+    """diffusers' cosine schedule written out: linear warmup, then half a cosine down to 0 at ``total``."""
+    if step < warmup:
+        return lr * step / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def log_killed_at(step: int):
+    """A ``StepLog`` that raises KeyboardInterrupt when asked to write ``step`` (a kill after the previous step's
+    line; patch it over a recipe's ``StepLog``)."""
+    from qualityguide.train.log import StepLog
+
+    class KilledLog(StepLog):
+        def write(self, at, values):
+            if at == step:
+                raise KeyboardInterrupt
+            super().write(at, values)
+
+    return KilledLog
 
 
 class Brightness(QualityScorer):

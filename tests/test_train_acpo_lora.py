@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import re
 import shutil
@@ -25,9 +24,9 @@ from qualityguide.finetune.training import LORA_STATE_NAME, LoraCheckpointing
 from qualityguide.scorers import QualityScorer
 from qualityguide.testing import tiny_ddpm, tiny_sd
 from qualityguide.train import read_marker
-from qualityguide.train.log import StepLog, read_log
+from qualityguide.train.log import read_log
 
-from helpers import load_script, reset_accelerate
+from helpers import cosine_with_warmup, load_script, log_killed_at, reset_accelerate
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_acpo_lora.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -354,18 +353,9 @@ def test_cosine_schedule_resumes_with_the_same_lr_and_losses(prompts, cache, tmp
     full = tmp_path / "full"
     run(sd_args(prompts, cache, full, 6, schedule))
     expected = read_log(full)
-    warmup = [3e-3 * s / 2 for s in range(2)]
-    cosine = [3e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 6)]  # diffusers' formula
-    assert [r["lr"] for r in expected] == pytest.approx(warmup + cosine, rel=1e-6)
-
-    class KilledAtStep5(StepLog):
-        def write(self, step, values):
-            if step == 5:
-                raise KeyboardInterrupt  # killed after checkpoint-4, with step 4 logged
-            super().write(step, values)
-
-    part = tmp_path / "part"
-    run(sd_args(prompts, cache, part, 6, schedule), patch=lambda recipe: setattr(recipe, "StepLog", KilledAtStep5),
+    assert [r["lr"] for r in expected] == pytest.approx([cosine_with_warmup(3e-3, 2, 6, s) for s in range(6)], rel=1e-6)
+    part = tmp_path / "part"  # killed after checkpoint-4, with step 4 logged
+    run(sd_args(prompts, cache, part, 6, schedule), patch=lambda recipe: setattr(recipe, "StepLog", log_killed_at(5)),
         expect=130)
     assert [r["step"] for r in read_log(part)] == [0, 1, 2, 3, 4]
     run(sd_args(prompts, cache, part, 6, [*schedule, "--resume_from_checkpoint", "latest"]))  # from checkpoint-4

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import math
 import os
 import re
 import shutil
@@ -17,9 +16,9 @@ import torch
 from PIL import Image
 
 from qualityguide.adapter import IQAAdapter
-from qualityguide.train.log import StepLog, read_log
+from qualityguide.train.log import read_log
 
-from helpers import load_script, reset_accelerate
+from helpers import cosine_with_warmup, load_script, log_killed_at, reset_accelerate
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_iqa_adapter.py"
 
@@ -324,13 +323,6 @@ def test_quantiles_and_conditions_come_from_each_score_column(dataset, accumulat
         assert condition[:, 2].tolist() == [1.0] * len(items)
 
 
-def cosine_with_warmup(lr, warmup, total, step):
-    """diffusers' cosine schedule written out: linear warmup, then half a cosine down to 0."""
-    if step < warmup:
-        return lr * step / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
-
-
 def test_cosine_schedule_resumes_with_the_same_lr_and_losses(dataset, tmp_path):
     from qualityguide.errors import InputError
 
@@ -338,15 +330,9 @@ def test_cosine_schedule_resumes_with_the_same_lr_and_losses(dataset, tmp_path):
     full = run(dataset, tmp_path / "full", 6, schedule)
     assert [r["lr"] for r in full] == pytest.approx([cosine_with_warmup(1e-3, 2, 6, s) for s in range(6)], rel=1e-6)
 
-    class KilledAtStep5(StepLog):
-        def write(self, step, values):
-            if step == 5:
-                raise KeyboardInterrupt  # killed after checkpoint-4, with step 4 logged
-            super().write(step, values)
-
-    part = tmp_path / "part"
+    part = tmp_path / "part"  # killed after checkpoint-4, with step 4 logged
     with pytest.raises(KeyboardInterrupt):
-        run(dataset, part, 6, schedule, patch=lambda recipe: setattr(recipe, "StepLog", KilledAtStep5))
+        run(dataset, part, 6, schedule, patch=lambda recipe: setattr(recipe, "StepLog", log_killed_at(5)))
     reset_accelerate()
     assert [r["step"] for r in read_log(part)] == [0, 1, 2, 3, 4]
     resumed = run(dataset, part, 6, [*schedule, "--resume_from_checkpoint", "latest"])  # from checkpoint-4
