@@ -21,6 +21,7 @@ from ..errors import ImageError, InputError, QualityGuideError, printable
 from ..images import check_size, collect_multi_frame, load_image, scan_images
 from ..scorers.base import QualityScorer
 from .scorefile import FIELDS, ScoreFile, decode_path, encode_path, scorer_settings
+from .shards import processes_for, score_into
 
 __all__ = ["FIELDS", "ScoreSummary", "decode_path", "score_paths", "score_tensors", "scorer_settings"]
 
@@ -32,6 +33,7 @@ class ScoreSummary:
     skipped: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path cell, error) for requested files
     notes: list[str] = field(default_factory=list)  # one line each: links or formats skipped, multi-frame files
+    main: bool = True  # False on the other processes of `accelerate launch`: the main one reports the run
 
     @property
     def ok(self) -> bool:
@@ -155,6 +157,10 @@ def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, outpu
         batch_size: files loaded and written per step.
         retry_failed: drop the error rows of the files given here and try those files again.
         settings: what the values depend on (default :func:`scorer_settings` of ``scorer``).
+
+    Under ``accelerate launch`` each process scores a contiguous share of the files into its own part,
+    merged into ``output`` at the end (:mod:`qualityguide.cli.shards`); the summary's counts are every
+    process's; ``failures`` is filled on the main process, from the merged output (``main`` is False elsewhere).
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
@@ -166,27 +172,38 @@ def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, outpu
     keys = [encode_path(key) for key in listing.keys]
     summary = ScoreSummary(notes=listing.notes())
     device = torch.device(device)
-    with ScoreFile.open(output, settings or scorer_settings(scorer)) as table:
+
+    def prepare(table: ScoreFile) -> list[tuple[str, Path]]:
         if retry_failed:
             table.forget([key for key in keys if key in table.rows and table.rows[key]["error"]])
-        todo = [(key, path) for key, path in zip(keys, listing.files) if key not in table.rows]
-        summary.skipped = len(keys) - len(todo)
+        return [(key, path) for key, path in zip(keys, listing.files) if key not in table.rows]
+
+    def work(table: ScoreFile, todo: list[tuple[str, Path]], main: bool) -> tuple[int, int, list[str]]:
+        scored = failed = 0
         with collect_multi_frame() as multi_frame, \
                 tqdm(total=len(todo), desc=f"scoring ({scorer.name})", unit="img", file=sys.stderr,
-                     disable=not progress) as bar:
+                     disable=not progress or not main) as bar:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
                 rows = score_chunk(scorer, chunk, device)
                 table.append(rows)  # error cells: one line, UTF-8, never a formula, whatever the file name holds
                 for row in rows:
                     if row["error"]:
-                        summary.failed += 1
+                        failed += 1
                         bar.write(f"error: {row['error']}", file=sys.stderr)
                     else:
-                        summary.scored += 1
+                        scored += 1
                 bar.update(len(chunk))
-        summary.failures = [(key, table.rows[key]["error"]) for key in keys
-                            if key in table.rows and table.rows[key]["error"]]
+        return scored, failed, list(multi_frame)
+
+    processes = processes_for(device)
+    rows, results = score_into(output, settings or scorer_settings(scorer), prepare, work, processes)
+    summary.scored, summary.failed = sum(r[0] for r in results), sum(r[1] for r in results)
+    summary.skipped = len(keys) - summary.scored - summary.failed
+    summary.main = rows is not None  # one process, or the main one: it read the whole output
+    if summary.main:
+        summary.failures = [(key, rows[key]["error"]) for key in keys if key in rows and rows[key]["error"]]
+    multi_frame = [name for r in results for name in r[2]]
     if multi_frame:
         summary.notes.append(f"{len(multi_frame)} file(s) have several frames (animated GIF, multi-page TIFF, ...) "
                              f"and were scored on their first frame only, e.g. {printable(multi_frame[0])}")
