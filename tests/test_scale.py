@@ -138,7 +138,8 @@ def test_main_process_refusal_stops_every_process(tmp_path):
     run = _launch("score", str(data), "-o", str(output), "--scorer", SCORER, "--quiet")
     assert run.returncode != 0
     assert "exists and is not a qualityguide scores CSV" in run.stderr
-    assert "process 1: stopped, as the main process refused the run" in run.stderr
+    assert "process 1: stopped, as the main process refused the run (its own error line says why)" in run.stderr
+    assert run.stderr.count("is not a qualityguide scores CSV") == 1  # said once, by the main process
     assert output.read_bytes() == b"name,notes\nx,y\n"
     assert not parts_folder(output).exists()
 

@@ -90,7 +90,7 @@ class Processes:
         stops every process (the others would otherwise wait for the main one forever)."""
         from accelerate.utils import broadcast_object_list
 
-        box: list = [None, None]
+        box: list = [None, None]  # the plan, or the main process's error message
         error = None
         if self.is_main:
             try:
@@ -101,7 +101,8 @@ class Processes:
         if error is not None:
             raise error
         if box[1] is not None:
-            raise QualityGuideError(f"process {self.rank}: stopped, as the main process refused the run: {box[1]}")
+            raise QualityGuideError(f"process {self.rank}: stopped, as the main process refused the run (its own "
+                                    "error line says why); fix that and rerun")
         return box[0]
 
     def gather(self, value: R) -> list[R]:
