@@ -207,3 +207,23 @@ def test_plain_run_does_not_import_accelerate(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "False"
+
+
+def test_cuda_means_each_process_its_own_gpu(monkeypatch):
+    import torch
+
+    from qualityguide.cli.shards import process_device
+    from qualityguide.errors import InputError
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert process_device(cuda) == cuda  # not launched: torch's current GPU, as ever
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert process_device(cuda) == torch.device("cuda", 1)
+    assert process_device(torch.device("cuda", 0)) == torch.device("cuda", 0)  # an index given is kept
+    assert process_device(cpu) == cpu
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(InputError, match="process 2 has none: this machine has 2 GPU.*--num_processes"):
+        process_device(cuda)

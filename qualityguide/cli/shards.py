@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from ..errors import QualityGuideError
+from ..errors import InputError, QualityGuideError
 from ..runtime import launched, process_state, split_for_process
 from .scorefile import ScoreFile
 
@@ -118,10 +118,16 @@ def processes_for(device: torch.device) -> Processes | None:
 
 
 def process_device(device: torch.device) -> torch.device:
-    """``cuda`` without an index means this process's own GPU (``LOCAL_RANK``) under ``accelerate launch``."""
-    if launched() and device.type == "cuda" and device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    """``cuda`` without an index means this process's own GPU (``LOCAL_RANK``) under ``accelerate launch``; a
+    process without one is refused (several processes on one GPU would each hold a copy of the scorer)."""
+    if not (launched() and device.type == "cuda" and device.index is None):
+        return device
+    rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if rank >= count:
+        raise InputError(f"--device cuda under accelerate launch gives each process its own GPU, but process {rank} "
+                         f"has none: this machine has {count} GPU(s); launch at most {count} process(es) "
+                         "(--num_processes), or pass --device cpu")
+    return torch.device("cuda", rank)
 
 
 def score_into(output: str | os.PathLike, settings: str, prepare: Callable[[ScoreFile], list],
