@@ -227,3 +227,36 @@ def test_cuda_means_each_process_its_own_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(InputError, match="process 2 has none: this machine has 2 GPU.*--num_processes"):
         process_device(cuda)
+
+
+def test_label_takes_over_the_parts_of_a_killed_sharded_run(tmp_path):
+    from qualityguide.cli.label import OWNED, label_folder
+    from qualityguide.scorers.base import QualityScorer
+
+    class Counting(QualityScorer):
+        name = "mean"
+
+        def __init__(self):
+            super().__init__()
+            self.seen = 0
+
+        def native(self, images):
+            self.seen += images.shape[0]
+            return images.mean(dim=(1, 2, 3))
+
+    _images(tmp_path, 2)
+    first = Counting()
+    label_folder(tmp_path, {"mean": first}, progress=False)
+    column_file = next(p for p in (tmp_path / OWNED).glob("mean-*.csv"))
+    parts_folder(column_file).mkdir()
+    column_file.rename(part_path(column_file, 1))  # as if a sharded run's process 1 scored them and was killed
+    (tmp_path / "metadata.csv").unlink()
+    _images(tmp_path / "more", 3, seed=1)
+    for image in (tmp_path / "more").iterdir():
+        image.rename(tmp_path / f"new-{image.name}")
+    again = Counting()
+    summary = label_folder(tmp_path, {"mean": again}, progress=False)
+    assert again.seen == 3 and summary.scored["mean"] == 3  # the two in the part were not scored again
+    assert not parts_folder(column_file).exists()
+    rows = _rows(tmp_path / "metadata.csv")
+    assert len(rows) == 5 and all(row[1] for row in rows)
