@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qualityguide import load_scorer
 from qualityguide.cli import main
 from qualityguide.cli.scorefile import ScoreFile
 from qualityguide.cli.shards import merge_parts, part_path, parts_folder
@@ -260,3 +261,17 @@ def test_label_takes_over_the_parts_of_a_killed_sharded_run(tmp_path):
     assert not parts_folder(column_file).exists()
     rows = _rows(tmp_path / "metadata.csv")
     assert len(rows) == 5 and all(row[1] for row in rows)
+
+
+def test_label_overwrite_with_other_settings_drops_the_old_settings_parts(tmp_path):
+    from qualityguide.cli.label import OWNED, label_folder
+
+    _images(tmp_path, 2)
+    label_folder(tmp_path, {"q": load_scorer("niqe-embedded@192")}, progress=False)
+    column_file = next((tmp_path / OWNED).glob("q-*.csv"))
+    parts_folder(column_file).mkdir()
+    shutil.copy(column_file, part_path(column_file, 0))  # a killed sharded run's rows, made with the old settings
+    summary = label_folder(tmp_path, {"q": load_scorer("niqe-embedded@224")}, overwrite=True, progress=False)
+    assert summary.scored["q"] == 2 and not parts_folder(column_file).exists()
+    with ScoreFile.open(column_file, "scorer=niqe-embedded@224") as table:
+        assert len(table.rows) == 2

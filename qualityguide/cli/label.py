@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from .imagefolder import (
 )
 from .score import score_chunk
 from .scorefile import ScoreFile, scorer_settings
-from .shards import Processes, processes_for, score_into
+from .shards import Processes, parts_folder, processes_for, score_into
 
 try:
     import fcntl
@@ -167,6 +168,7 @@ def _claim(owned: _Owned, table: MetadataTable | None, settings: dict[str, str],
         file = owned.record.get(column, {}).get("file") or score_file_name(column)
         if column in changed:
             (owned.path / file).unlink(missing_ok=True)
+            shutil.rmtree(parts_folder(owned.path / file), ignore_errors=True)  # a killed sharded run's, same settings
         owned.record[column] = {"file": file, "settings": setting}
     owned.save()
 
