@@ -168,7 +168,7 @@ def _claim(owned: _Owned, table: MetadataTable | None, settings: dict[str, str],
         file = owned.record.get(column, {}).get("file") or score_file_name(column)
         if column in changed:
             (owned.path / file).unlink(missing_ok=True)
-            shutil.rmtree(parts_folder(owned.path / file), ignore_errors=True)  # a killed sharded run left them: old settings too
+            shutil.rmtree(parts_folder(owned.path / file), ignore_errors=True)  # a killed sharded run's: old settings
         owned.record[column] = {"file": file, "settings": setting}
     owned.save()
 
