@@ -125,3 +125,57 @@ def test_guard_warning_comes_from_the_validation(tmp_path):
         validate(2)
     moved = [str(w.message) for w in caught if w.category is RewardHackingWarning]
     assert len(moved) == 1 and moved[0].startswith("step 2:") and f"held-out {held_out} fell" in moved[0]
+
+
+def _adapter_pipe(names):
+    from qualityguide.adapter import IQAAdapter, ScoreQuantiles
+
+    pipe = tiny_sd()
+    torch.manual_seed(0)
+    adapter = IQAAdapter.for_unet(pipe.unet, names)
+    adapter.set_quantiles(ScoreQuantiles.fit({n: torch.linspace(0, 1, 16) for n in names}))
+    adapter.attach(pipe)
+    return pipe, adapter
+
+
+def test_adapter_grid_is_prompts_by_targets_with_measured_scores(tmp_path, capsys):
+    from qualityguide.adapter.validation import AdapterValidation, AdapterValidationSettings, target_columns
+
+    names = ["lgdm:/no/such/head", "testing:brightness"]  # the measured column second: its sweep is columns 3-5
+    pipe, adapter = _adapter_pipe(names)
+    settings = AdapterValidationSettings(("a red apple", "a blue car"), resolution=32, num_inference_steps=2)
+    validate = AdapterValidation(pipe, adapter, settings, tmp_path)
+    assert capsys.readouterr().err.count("without 'lgdm:/no/such/head' scores") == 1  # said once, at the start
+    columns = target_columns(names, settings.percentiles)
+    assert [label for label, _ in columns] == [f"{n} p{p}" for n in names for p in (10, 50, 90)]
+    assert columns[5][1] == {"testing:brightness": 0.9, "lgdm:/no/such/head": 0.5}
+    values = validate(3)
+    assert capsys.readouterr().err == ""  # not repeated per validation
+    # an independent reference: each target generated on its own, one image per call
+    expected = {}
+    for p in (0.1, 0.5, 0.9):
+        embeds = adapter.embeds(percentiles={"testing:brightness": p, "lgdm:/no/such/head": 0.5})
+        means = [float(pipe(prompt, height=32, width=32, num_inference_steps=2, ip_adapter_image_embeds=embeds,
+                            generator=torch.Generator().manual_seed(seed), output_type="pt").images.mean())
+                 for prompt, seed in zip(settings.prompts, settings.seeds())]
+        expected[f"validation/testing:brightness/p{round(100 * p)}"] = sum(means) / len(means)
+    assert values == pytest.approx({**expected, "validation/testing:brightness/spread":
+                                    expected["validation/testing:brightness/p90"]
+                                    - expected["validation/testing:brightness/p10"]}, abs=1e-5)
+    assert len(set(values.values())) == len(values)  # the targets change the images
+    record = json.loads((tmp_path / "validation" / "step-3" / "scores.json").read_text())
+    assert record["unmeasured"] == ["lgdm:/no/such/head"] and len(record["scores"]) == 2 * 6
+    with Image.open(tmp_path / "validation" / "step-3" / "grid.png") as grid:
+        assert grid.width > 6 * 32 and grid.height > 2 * 32
+
+
+def test_adapter_grid_rows_share_their_noise(tmp_path):
+    from qualityguide.adapter.validation import AdapterValidation, AdapterValidationSettings
+
+    pipe, adapter = _adapter_pipe(["testing:brightness"])
+    adapter.set_scale(0.0)  # the adapter off: a row's images differ only by their noise, which must be shared
+    settings = AdapterValidationSettings(("a red apple", "a blue car"), resolution=32, num_inference_steps=2)
+    images = AdapterValidation(pipe, adapter, settings, tmp_path).images()
+    assert images.shape == (6, 3, 32, 32)
+    assert torch.equal(images[0], images[2]) and torch.equal(images[3], images[5])
+    assert not torch.equal(images[0], images[3])  # rows: their own seeds and prompts
