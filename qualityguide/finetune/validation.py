@@ -108,7 +108,7 @@ class ACPOValidation:
                 images = validation_images(self.pipe, self.settings)
             self._base = images, self._scores(images)
             for line in self.guard.observe(0, self._values(self._base[1])):  # step 0: the base model
-                warnings.warn(line, RewardHackingWarning, stacklevel=2)
+                warnings.warn(line, RewardHackingWarning, stacklevel=1)  # attributed here, not to torch
         return self._base
 
     @torch.no_grad()
@@ -132,7 +132,7 @@ class ACPOValidation:
                   "scores": scores, "base_scores": base[1] if base is not None else None, "values": values}
         save_validation(self.output_dir, step, sheet, record, self.trackers)
         for line in self.guard.observe(step, values):
-            warnings.warn(line, RewardHackingWarning, stacklevel=2)
+            warnings.warn(line, RewardHackingWarning, stacklevel=1)  # attributed here, not to torch
         return values
 
 

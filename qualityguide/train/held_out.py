@@ -131,3 +131,20 @@ def checkpoint_validations(output_dir: str | os.PathLike, through_step: int) -> 
         if step <= through_step and values:
             found.append((step, values))
     return found
+
+
+def choose_export(output_dir: str | os.PathLike, key: str, final_step: int,
+                  final_value: float | None) -> tuple[int, Path | None, float] | None:
+    """What ``--keep_best`` exports: the best of the validated checkpoints and the final weights (path None), by
+    ``key``; None when nothing was validated.
+
+    Args:
+        output_dir: the run's output folder.
+        key: the ranking validation value (:func:`held_out_key`).
+        final_step: the run's last step.
+        final_value: ``key``'s value at the last step (None: not validated there).
+    """
+    candidates: list[tuple[int, Path | None, float]] = list(validated_checkpoints(output_dir, key))
+    if final_value is not None and math.isfinite(final_value):
+        candidates.append((int(final_step), None, float(final_value)))
+    return best_of(candidates)
