@@ -101,3 +101,77 @@ def test_held_out_scorer_needs_validation(tmp_path, capsys):
     del argv[at:at + 2]
     run_acpo(argv, expect=2)
     assert "--held_out_scorer scores the validation images: pass --validation_prompt" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def scored_folder(tmp_path_factory):
+    """Twelve images whose score column is named by the scorer that labelled it (as `qualityguide label` writes)."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("adapter_validation_data")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        pixels = rng.uniform(0, 255, (64, 64, 3)) * rng.uniform(0.2, 1.0)
+        Image.fromarray(pixels.astype(np.uint8)).save(root / f"{i:02d}.png")
+        rows.append({"file_name": f"{i:02d}.png", "text": f"photo {i}",
+                     "testing:brightness": f"{pixels.mean() / 255:.6f}", "lgdm:/no/such/head": f"{i / 12:.4f}"})
+    with open(root / "metadata.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def run_adapter(folder, out, extra, expect=0):
+    reset_accelerate()
+    argv = ["--model", "tiny:sd", "--dataset", str(folder), "--resolution", "32", "--train_batch_size", "2",
+            "--max_train_steps", "4", "--learning_rate", "1e-3", "--checkpointing_steps", "2", "--output_dir",
+            str(out), "--cache_dir", str(out.parent / "cache"), "--num_inference_steps", "2", *extra]
+    try:
+        assert load_script("recipes/train_iqa_adapter.py").cli(argv) == expect
+    finally:
+        reset_accelerate()
+
+
+def test_adapter_recipe_validates_prompts_by_targets_at_each_checkpoint(scored_folder, tmp_path, capfd):
+    from qualityguide.train.curves import curve_series
+
+    prompt_file = tmp_path / "validation.txt"
+    prompt_file.write_text("a blue car\n", encoding="utf-8")
+    out = tmp_path / "run"
+    run_adapter(scored_folder, out, ["--score_columns", "testing:brightness", "lgdm:/no/such/head",
+                                     "--validation_prompt", "a red apple", "--validation_prompt_file",
+                                     str(prompt_file), "--validation_percentiles", "0.2", "0.8"])
+    assert capfd.readouterr().err.count("without 'lgdm:/no/such/head' scores") == 1
+    log = read_log(out)
+    validated = [r for r in log if "validation/testing:brightness/spread" in r]
+    assert [r["step"] + 1 for r in validated] == [2, 4]  # each checkpoint; the last is also the end
+    for record in validated:
+        step = record["step"] + 1
+        saved = json.loads((out / "validation" / f"step-{step}" / "scores.json").read_text())
+        assert saved["prompts"] == ["a red apple", "a blue car"]
+        assert saved["columns"] == [f"{n} p{p}" for n in ("testing:brightness", "lgdm:/no/such/head")
+                                    for p in (20, 80)]
+        bright = [s["testing:brightness"] for s in saved["scores"]]  # 2 rows x 4 columns, row-major
+        p20, p80 = (bright[0] + bright[4]) / 2, (bright[1] + bright[5]) / 2
+        assert record["validation/testing:brightness/p20"] == pytest.approx(p20)
+        assert record["validation/testing:brightness/spread"] == pytest.approx(p80 - p20)
+        assert read_marker(out / f"checkpoint-{step}")["extra"]["validation"] == {
+            k: v for k, v in record.items() if k.startswith("validation/")}
+        assert (out / "validation" / f"step-{step}" / "grid.png").is_file()
+    assert "validation scores" in curve_series(log) and (out / "training_curves.png").is_file()
+
+
+def test_adapter_validation_flags_are_refused_with_the_fix(scored_folder, tmp_path, capsys):
+    run_adapter(scored_folder, tmp_path / "a", ["--reference", "brisque", "--validation_prompt", "x"], expect=2)
+    assert "drop --validation_prompt, or train with --score_columns" in capsys.readouterr().err
+    run_adapter(scored_folder, tmp_path / "b", ["--score_columns", "testing:brightness", "--validation_steps", "2"],
+                expect=2)
+    assert "--validation_steps needs the grid's rows" in capsys.readouterr().err
+    run_adapter(scored_folder, tmp_path / "c", ["--score_columns", "testing:brightness", "--validation_prompt", "x",
+                                                 "--validation_percentiles", "90"], expect=2)
+    assert "--validation_percentiles [90.0]: pass percentiles in [0, 1]" in capsys.readouterr().err

@@ -53,7 +53,8 @@ class AdapterValidationSettings:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise InputError(f"--{name} {value!r}: must be a whole number >= {low}")
         if not self.percentiles or any(not 0 <= p <= 1 for p in self.percentiles):
-            raise InputError(f"validation percentiles {self.percentiles!r}: pass values in [0, 1]")
+            raise InputError(f"--validation_percentiles {list(self.percentiles)}: pass percentiles in [0, 1] "
+                             "(0.9: the training set's 90th percentile)")
 
     def seeds(self) -> list[int]:
         return [derive_seed("qualityguide.adapter_validation", int(self.seed), r) for r in range(len(self.prompts))]
