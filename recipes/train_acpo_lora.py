@@ -13,8 +13,10 @@ Training data: with ``--prompts`` the base model's own samples (generated once w
 ``--caption_column``); unconditional models (``tiny:ddpm``) take ``--image_dir`` or prompt-less self samples. Latents
 are encoded once. Loss: :class:`qualityguide.finetune.ACPOLoss` (``--w_diff``, ``--w_anchor``, ``--w_quality``, ...);
 a NaN or infinite term stops the run (exit code 1) before the optimizer step, so the last checkpoint stays good.
-``--validation_prompt`` writes validation images at every checkpoint (or every ``--validation_steps``) and at the
-end.
+``--validation_prompt`` writes labelled validation grids (base and tuned rows, each image's scores) at every
+checkpoint (or every ``--validation_steps``) and at the end; ``--held_out_scorer SPEC`` scores them beside the
+guiding scorer and warns when the two part, ``--keep_best held_out`` exports the checkpoint with the best held-out
+score (:mod:`qualityguide.train.held_out`). ``OUTPUT_DIR/training_curves.png`` is redrawn at each checkpoint.
 Checkpoints (``save_state``: LoRA weights, optimizer) every ``--checkpointing_steps``, written atomically; rerun
 with ``--resume_from_checkpoint latest`` to continue exactly as an uninterrupted run would. The result is
 ``OUTPUT_DIR/pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(OUTPUT_DIR)``); for a pixel-space

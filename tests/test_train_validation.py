@@ -175,3 +175,24 @@ def test_adapter_validation_flags_are_refused_with_the_fix(scored_folder, tmp_pa
     run_adapter(scored_folder, tmp_path / "c", ["--score_columns", "testing:brightness", "--validation_prompt", "x",
                                                  "--validation_percentiles", "90"], expect=2)
     assert "--validation_percentiles [90.0]: pass percentiles in [0, 1]" in capsys.readouterr().err
+
+
+def test_two_processes_validate_once_with_the_held_out_guard(tmp_path):
+    import shutil
+
+    launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    argv = acpo_args(tmp_path, 4, ["--held_out_scorer", "testing:darkness", "--keep_best", "held_out",
+                                   "--train_batch_size", "1"])
+    result = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no",
+                             str(ROOT / "recipes" / "train_acpo_lora.py"), *argv],
+                            env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=900,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "run"
+    assert read_marker(out / "checkpoint-2")["num_processes"] == 2
+    assert [r["step"] + 1 for r in read_log(out) if HELD in r] == [2, 4]
+    assert read_marker(out / "checkpoint-2")["extra"]["validation"][HELD] == next(
+        r[HELD] for r in read_log(out) if r["step"] == 1)  # the main process's values, in the shared marker
+    assert result.stdout.count("saved the ACPO LoRA with the best held-out score") == 1
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2", "step-4"]

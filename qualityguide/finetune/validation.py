@@ -108,7 +108,7 @@ class ACPOValidation:
                 images = validation_images(self.pipe, self.settings)
             self._base = images, self._scores(images)
             for line in self.guard.observe(0, self._values(self._base[1])):  # step 0: the base model
-                warnings.warn(line, RewardHackingWarning, stacklevel=1)  # attributed here, not to torch
+                warnings.warn(line, RewardHackingWarning, stacklevel=1)
         return self._base
 
     @torch.no_grad()
@@ -131,8 +131,10 @@ class ACPOValidation:
         record = {"step": step, "prompt": self.settings.prompt, "seeds": self.settings.seeds(),
                   "scores": scores, "base_scores": base[1] if base is not None else None, "values": values}
         save_validation(self.output_dir, step, sheet, record, self.trackers)
+        # stacklevel 1: attributed to this module; the caller is torch's no_grad wrapper, whose warnings a recipe's
+        # quiet_third_party drops
         for line in self.guard.observe(step, values):
-            warnings.warn(line, RewardHackingWarning, stacklevel=1)  # attributed here, not to torch
+            warnings.warn(line, RewardHackingWarning, stacklevel=1)
         return values
 
 
