@@ -17,8 +17,8 @@ encoded once into a cache. Checkpoints (``save_state``, adapter weights and opti
 run would (same batches, noise and losses). The final adapter is written with ``save_pretrained`` to
 ``--output_dir`` (plus diffusers' IP-Adapter layout where it applies). ``--validation_prompt`` (repeatable) draws a
 labelled grid of prompts x target percentiles with each image's measured score at every checkpoint and at the end
-(:mod:`qualityguide.adapter.validation`); ``OUTPUT_DIR/training_curves.png`` is redrawn at each checkpoint. ``--reference brisque`` trains a
-reference-image adapter on the images' own features instead of scores.
+(:mod:`qualityguide.adapter.validation`); ``OUTPUT_DIR/training_curves.png`` is redrawn at each checkpoint.
+``--reference brisque`` trains a reference-image adapter on the images' own features instead of scores.
 
 Every piece comes from ``qualityguide.adapter`` and ``qualityguide.train``.
 """
