@@ -145,7 +145,8 @@ def test_adapter_recipe_validates_prompts_by_targets_at_each_checkpoint(scored_f
     out = tmp_path / "run"
     run_adapter(scored_folder, out, ["--score_columns", "testing:brightness", "lgdm:/no/such/head",
                                      "--validation_prompt", "a red apple", "--validation_prompt_file",
-                                     str(prompt_file), "--validation_percentiles", "0.2", "0.8"])
+                                     str(prompt_file), "--validation_percentiles", "0.2", "0.8",
+                                     "--report_to", "tensorboard"])
     assert capfd.readouterr().err.count("without 'lgdm:/no/such/head' scores") == 1
     log = read_log(out)
     validated = [r for r in log if "validation/testing:brightness/spread" in r]
@@ -164,6 +165,12 @@ def test_adapter_recipe_validates_prompts_by_targets_at_each_checkpoint(scored_f
             k: v for k, v in record.items() if k.startswith("validation/")}
         assert (out / "validation" / f"step-{step}" / "grid.png").is_file()
     assert "validation scores" in curve_series(log) and (out / "training_curves.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()
+    assert {"loss", "lr", "grad_norm", "validation/testing:brightness/spread"} <= set(tags["scalars"])
+    assert "validation" in tags["images"]
 
 
 def test_adapter_validation_flags_are_refused_with_the_fix(scored_folder, tmp_path, capsys):
