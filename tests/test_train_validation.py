@@ -203,3 +203,28 @@ def test_two_processes_validate_once_with_the_held_out_guard(tmp_path):
         r[HELD] for r in read_log(out) if r["step"] == 1)  # the main process's values, in the shared marker
     assert result.stdout.count("saved the ACPO LoRA with the best held-out score") == 1
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2", "step-4"]
+
+
+def test_resumed_run_with_validation_repeats_the_losses_and_keeps_the_best_over_both_parts(tmp_path):
+    import warnings
+
+    from qualityguide.train.held_out import RewardHackingWarning
+
+    keep = ["--held_out_scorer", "testing:darkness", "--keep_best", "held_out", "--checkpoints_total_limit", "1"]
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    for d in (full_dir, part_dir):
+        d.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RewardHackingWarning)
+        run_acpo(acpo_args(full_dir, 6, keep))
+        run_acpo(acpo_args(part_dir, 4, keep))
+        run_acpo(acpo_args(part_dir, 6, [*keep, "--resume_from_checkpoint", "latest"]))
+    full, part = read_log(full_dir / "run"), read_log(part_dir / "run")
+    assert full == part  # validation (sampling, scoring) leaves training untouched: the same losses, bit for bit
+    validated = {r["step"] + 1: r[HELD] for r in part if HELD in r}
+    best = max(sorted(validated), key=validated.get)
+    out = part_dir / "run"
+    assert sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) == sorted({best, 6})
+    expected = load_file(str(out / f"checkpoint-{best}" / LORA_STATE_NAME))
+    exported = _lora_state(out)
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
