@@ -47,6 +47,7 @@ from qualityguide.train import (PromptEncoder, batch_indices, load_image_folder,
 from qualityguide.train.held_out import (KEEP_BEST, HeldOutGuard, KeepBestCheckpoint, checkpoint_validations,
                                          choose_export, held_out_key)
 from qualityguide.train.run import TrainingRun
+from qualityguide.train.validation import too_small
 from qualityguide.train.setup import (add_model_arguments, add_schedule_arguments, first_samples, run_training,
                                       schedule_identity)
 from qualityguide.train.self_samples import (SelfSampleSettings, generate_self_samples, is_conditional,
@@ -140,6 +141,9 @@ def held_out_scorers(args, validation, device) -> dict:
             raise InputError(f"--held_out_scorer {spec!r} is given twice or is the guiding --scorer; a held-out "
                              "scorer must be one the loss never sees: pass each other scorer once")
         held_out[spec] = load_scorer(spec, device=device)
+        small = too_small(held_out[spec], validation.resolution)
+        if small:
+            raise InputError(f"--held_out_scorer {spec!r}: {small} (--held_out_scorer {spec}@SIZE)")
     return held_out
 
 

@@ -89,6 +89,8 @@ def run_acpo(argv, expect=0):
     (["--keep_best", "held_out"], "--keep_best held_out ranks checkpoints by a held-out score"),
     (["--held_out_scorer", "testing:brightness"], "is given twice or is the guiding --scorer"),
     (["--held_out_scorer", "testing:darkness", "--held_out_scorer", "testing:darkness"], "given twice"),
+    (["--held_out_scorer", "niqe-embedded"], "'niqe-embedded' needs images of at least 192 px, the validation "
+     "images are 32 px; score them resized with niqe-embedded@192"),
 ])
 def test_held_out_flags_are_refused_with_the_fix(tmp_path, capsys, extra, match):
     run_acpo(acpo_args(tmp_path, 2, extra), expect=2)

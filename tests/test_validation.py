@@ -95,6 +95,9 @@ def test_acpo_grid_holds_base_and_tuned_rows_with_each_images_scores(tmp_path):
     with Image.open(tmp_path / "validation" / "step-5" / "grid.png") as grid:
         assert grid.width > 2 * 32 and grid.height > 2 * 32 + 20  # two rows of two, label bands and captions
         assert len(set(grid.convert("L").getdata())) > 10  # drawn, not blank
+        band = grid.convert("L").crop((0, 0, grid.width, 10))  # the column labels ("seed 0", ...) above the images
+        assert min(band.getdata()) < 100 < max(band.getdata())  # dark text on a light band: readable
+        assert grid.width >= 2 * 160  # 32 px images enlarged so that their captions fit under them
 
 
 def _perturb(unet, scale):

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..images import make_grid
 from ..train.data import derive_seed
-from ..train.validation import PREFIX, caption, load_validation_scorer, save_validation, score_images
+from ..train.validation import (PREFIX, caption, labelled_grid, load_validation_scorer, save_validation,
+                               score_images)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class AdapterValidation:
         self.output_dir, self.trackers = Path(output_dir), trackers
         self.scorers = {}
         for name in adapter.score_names:
-            self.scorers[name], note = load_validation_scorer(name, device)
+            self.scorers[name], note = load_validation_scorer(name, device, settings.resolution)
             if note:
                 print(note, file=sys.stderr)  # once, here: every later grid lacks the same scores
 
@@ -126,9 +126,8 @@ class AdapterValidation:
         images = self.images()
         measured = {n: score_images(s, images) for n, s in self.scorers.items() if s is not None}
         scores = [{n: values[i] for n, values in measured.items()} for i in range(len(images))]
-        sheet = make_grid(images, columns=len(columns), captions=[caption(s) for s in scores],
-                          row_labels=[_short(p) for p in self.settings.prompts],
-                          column_labels=[label for label, _ in columns])
+        sheet = labelled_grid(images, len(columns), [caption(s) for s in scores],
+                              [_short(p) for p in self.settings.prompts], [label for label, _ in columns])
         values = self._values(columns, measured)
         record = {"step": step, "prompts": list(self.settings.prompts), "seeds": self.settings.seeds(),
                   "targets": [target for _, target in columns], "columns": [label for label, _ in columns],

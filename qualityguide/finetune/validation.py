@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..images import make_grid
 from ..train.data import derive_seed
 from ..train.held_out import HeldOutGuard, RewardHackingWarning, validation_values
-from ..train.validation import caption, save_validation, score_images
+from ..train.validation import caption, labelled_grid, save_validation, score_images
 from .lora import adapters_disabled, tuner_layers
 from ..train.self_samples import is_conditional, sample_images
 
@@ -124,9 +123,8 @@ class ACPOValidation:
         images = validation_images(self.pipe, self.settings)
         scores = self._scores(images)
         rows = ([("base", base[0], base[1])] if base is not None else []) + [(f"step {step}", images, scores)]
-        sheet = make_grid(torch.cat([r[1] for r in rows]), columns=len(images),
-                          captions=[caption(s) for r in rows for s in r[2]], row_labels=[r[0] for r in rows],
-                          column_labels=[f"seed {i}" for i in range(len(images))])
+        sheet = labelled_grid(torch.cat([r[1] for r in rows]), len(images), [caption(s) for r in rows for s in r[2]],
+                              [r[0] for r in rows], [f"seed {i}" for i in range(len(images))])
         values = self._values(scores)
         record = {"step": step, "prompt": self.settings.prompt, "seeds": self.settings.seeds(),
                   "scores": scores, "base_scores": base[1] if base is not None else None, "values": values}

@@ -39,26 +39,68 @@ def score_images(scorer: nn.Module, images: torch.Tensor) -> list[float]:
     return scorer(images.to(module_device(scorer), torch.float32)).float().cpu().tolist()
 
 
-def load_validation_scorer(spec: str, device) -> tuple[nn.Module | None, str | None]:
-    """The scorer named ``spec`` for labelling validation images, or (None, why) when it cannot be built here (no
-    weights offline, an unknown name): validation then labels without that score instead of stopping the run.
+def too_small(scorer: nn.Module, resolution: int) -> str | None:
+    """Why ``scorer`` cannot score ``resolution`` px images (its ``min_side`` is larger, with the ``@SIZE`` fix), or
+    None when it can: checked when a run starts, not at its first validation.
+
+    Args:
+        scorer: a :class:`~qualityguide.scorers.QualityScorer`.
+        resolution: the validation images' side.
+    """
+    min_side = getattr(scorer, "min_side", 1)
+    if resolution >= min_side:
+        return None
+    name = getattr(scorer, "name", type(scorer).__name__)
+    return (f"{name!r} needs images of at least {min_side} px, the validation images are {resolution} px; score "
+            f"them resized with {name}@{min_side}")
+
+
+def load_validation_scorer(spec: str, device, resolution: int) -> tuple[nn.Module | None, str | None]:
+    """The scorer named ``spec`` for labelling validation images, or (None, why) when it cannot score them here (no
+    weights offline, an unknown name, images below its smallest side): validation then labels without that score
+    instead of stopping the run.
 
     Args:
         spec: a scorer spec (:func:`qualityguide.scorers.load_scorer`); score columns are named by theirs.
         device: where to put it.
+        resolution: the validation images' side.
     """
     from ..scorers import load_scorer
 
+    why = f"validation images are labelled without {spec!r} scores: "
     try:
-        return load_scorer(spec, device=device), None
+        scorer = load_scorer(spec, device=device)
     except (QualityGuideError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, f"validation images are labelled without {spec!r} scores: it cannot be loaded here ({first})"
+        return None, why + f"it cannot be loaded here ({first})"
+    small = too_small(scorer, resolution)
+    return (None, why + small) if small else (scorer, None)
 
 
 def caption(scores: dict[str, float]) -> str:
     """The text under one image: one ``name value`` line per score (empty without scores)."""
     return "\n".join(f"{name} {value:.3f}" for name, value in scores.items())
+
+
+def labelled_grid(images: torch.Tensor, columns: int, captions: Sequence[str], row_labels: Sequence[str],
+                  column_labels: Sequence[str], min_side: int = 160):
+    """A validation grid: black labels on white (:func:`qualityguide.images.make_grid`), images smaller than
+    ``min_side`` enlarged by a whole factor (nearest pixel, so nothing is invented) so their captions fit under them.
+
+    Args:
+        images: ``[N,3,H,W]`` in [0,1], row-major.
+        columns: images per row.
+        captions: one text per image (its scores).
+        row_labels: one per row; column_labels: one per column.
+        min_side: the smallest image side shown.
+    """
+    from ..images import make_grid
+
+    factor = -(-min_side // min(images.shape[-2:]))
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images.float(), scale_factor=factor, mode="nearest")
+    return make_grid(images, columns=columns, captions=captions, row_labels=row_labels, column_labels=column_labels,
+                     padding=2, background="white", ink="black")
 
 
 def validation_folder(output_dir: str | os.PathLike, step: int) -> Path:
