@@ -70,6 +70,8 @@ def parse_args(argv=None):
                    "checkpoint); also at the end")
     p.add_argument("--validation_percentiles", type=float, nargs="+", default=[0.1, 0.5, 0.9],
                    help="target percentiles of the grid's columns, in [0, 1] (default 0.1 0.5 0.9)")
+    p.add_argument("--num_validation_images", type=int, default=1, help="grid rows per validation prompt, each with "
+                   "its own seed")
     p.add_argument("--num_inference_steps", type=int, default=30, help="sampler steps of the validation images")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="CFG scale of the validation images")
     p.add_argument("--p_text", type=float, default=0.05, help="drop only the caption")
@@ -134,7 +136,8 @@ def validation_settings(args) -> AdapterValidationSettings | None:
                          f"{args.reference} adapter is conditioned on reference images instead: drop "
                          "--validation_prompt, or train with --score_columns")
     return AdapterValidationSettings(tuple(prompts), args.resolution, tuple(args.validation_percentiles),
-                                     args.num_inference_steps, args.guidance_scale, args.seed)
+                                     args.num_inference_steps, args.guidance_scale, args.seed,
+                                     args.num_validation_images)
 
 
 def main(argv=None) -> int:

@@ -148,7 +148,7 @@ def test_adapter_recipe_validates_prompts_by_targets_at_each_checkpoint(scored_f
     run_adapter(scored_folder, out, ["--score_columns", "testing:brightness", "lgdm:/no/such/head",
                                      "--validation_prompt", "a red apple", "--validation_prompt_file",
                                      str(prompt_file), "--validation_percentiles", "0.2", "0.8",
-                                     "--report_to", "tensorboard"])
+                                     "--num_validation_images", "2", "--report_to", "tensorboard"])
     assert capfd.readouterr().err.count("without 'lgdm:/no/such/head' scores") == 1
     log = read_log(out)
     validated = [r for r in log if "validation/testing:brightness/spread" in r]
@@ -156,11 +156,12 @@ def test_adapter_recipe_validates_prompts_by_targets_at_each_checkpoint(scored_f
     for record in validated:
         step = record["step"] + 1
         saved = json.loads((out / "validation" / f"step-{step}" / "scores.json").read_text())
-        assert saved["prompts"] == ["a red apple", "a blue car"]
+        assert saved["prompts"] == ["a red apple", "a red apple", "a blue car", "a blue car"]  # 2 seeds each
+        assert len(set(saved["seeds"])) == 4
         assert saved["columns"] == [f"{n} p{p}" for n in ("testing:brightness", "lgdm:/no/such/head")
                                     for p in (20, 80)]
-        bright = [s["testing:brightness"] for s in saved["scores"]]  # 2 rows x 4 columns, row-major
-        p20, p80 = (bright[0] + bright[4]) / 2, (bright[1] + bright[5]) / 2
+        bright = [s["testing:brightness"] for s in saved["scores"]]  # 4 rows x 4 columns, row-major
+        p20, p80 = sum(bright[0::4]) / 4, sum(bright[1::4]) / 4
         assert record["validation/testing:brightness/p20"] == pytest.approx(p20)
         assert record["validation/testing:brightness/spread"] == pytest.approx(p80 - p20)
         assert read_marker(out / f"checkpoint-{step}")["extra"]["validation"] == {

@@ -29,13 +29,14 @@ class AdapterValidationSettings:
     """What every validation of an adapter run shares.
 
     Args:
-        prompts: one grid row per prompt (``--validation_prompt``, repeatable, or a file of prompts).
+        prompts: the grid's prompts (``--validation_prompt``, repeatable, or a file of prompts).
         resolution: image side in pixels.
         percentiles: the targets, in [0, 1] of the training set's score distribution (one column each per score
             column; the other columns are held at the median).
         num_inference_steps: sampler steps.
         guidance_scale: classifier-free guidance scale (the adapter's quality condition follows it).
         seed: row ``r`` uses ``derive_seed("qualityguide.adapter_validation", seed, r)`` in every column.
+        num_images: rows per prompt, each with its own seed (``--num_validation_images``).
     """
 
     prompts: tuple[str, ...]
@@ -44,20 +45,27 @@ class AdapterValidationSettings:
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     seed: int = 0
+    num_images: int = 1
 
     def __post_init__(self) -> None:
         if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
             raise InputError(f"--validation_prompt: pass at least one prompt (text), got {self.prompts!r}")
-        for name, low in (("resolution", 8), ("num_inference_steps", 1)):
+        for name, low in (("resolution", 8), ("num_inference_steps", 1), ("num_images", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise InputError(f"--{name} {value!r}: must be a whole number >= {low}")
+                flag = "num_validation_images" if name == "num_images" else name
+                raise InputError(f"--{flag} {value!r}: must be a whole number >= {low}")
         if not self.percentiles or any(not 0 <= p <= 1 for p in self.percentiles):
             raise InputError(f"--validation_percentiles {list(self.percentiles)}: pass percentiles in [0, 1] "
                              "(0.9: the training set's 90th percentile)")
 
+    def rows(self) -> list[tuple[str, int]]:
+        """The grid's rows: ``(prompt, seed)``, each prompt's ``num_images`` rows together."""
+        prompts = [p for p in self.prompts for _ in range(self.num_images)]
+        return [(p, derive_seed("qualityguide.adapter_validation", int(self.seed), r)) for r, p in enumerate(prompts)]
+
     def seeds(self) -> list[int]:
-        return [derive_seed("qualityguide.adapter_validation", int(self.seed), r) for r in range(len(self.prompts))]
+        return [seed for _, seed in self.rows()]
 
 
 def target_columns(score_names: list[str], percentiles: tuple[float, ...]) -> list[tuple[str, dict[str, float]]]:
@@ -104,7 +112,7 @@ class AdapterValidation:
         names, rows = self.adapter.score_names, []
         targets = {n: [column[1][n] for column in columns] for n in names}  # one target per image of a row
         embeds = self.adapter.embeds(percentiles=targets, do_cfg=self.settings.guidance_scale > 1)
-        for prompt, seed in zip(self.settings.prompts, self.settings.seeds()):
+        for prompt, seed in self.settings.rows():
             generators = [torch.Generator().manual_seed(seed) for _ in columns]  # the same noise in every column
             out = self.pipe(prompt=[prompt] * len(columns), height=self.settings.resolution,
                             width=self.settings.resolution, num_inference_steps=self.settings.num_inference_steps,
@@ -120,16 +128,16 @@ class AdapterValidation:
 
         Returns:
             per measured score column ``name`` and target ``pNN``: ``validation/<name>/pNN`` (mean measured score over
-            the prompts) and ``validation/<name>/spread`` (the highest target's mean minus the lowest's).
+            the rows) and ``validation/<name>/spread`` (the highest target's mean minus the lowest's).
         """
         columns = target_columns(self.adapter.score_names, self.settings.percentiles)
         images = self.images()
         measured = {n: score_images(s, images) for n, s in self.scorers.items() if s is not None}
         scores = [{n: values[i] for n, values in measured.items()} for i in range(len(images))]
         sheet = labelled_grid(images, len(columns), [caption(s) for s in scores],
-                              [_short(p) for p in self.settings.prompts], [label for label, _ in columns])
+                              [_short(p) for p, _ in self.settings.rows()], [label for label, _ in columns])
         values = self._values(columns, measured)
-        record = {"step": step, "prompts": list(self.settings.prompts), "seeds": self.settings.seeds(),
+        record = {"step": step, "prompts": [p for p, _ in self.settings.rows()], "seeds": self.settings.seeds(),
                   "targets": [target for _, target in columns], "columns": [label for label, _ in columns],
                   "scores": scores, "unmeasured": [n for n, s in self.scorers.items() if s is None], "values": values}
         save_validation(self.output_dir, step, sheet, record, self.trackers)
@@ -138,7 +146,7 @@ class AdapterValidation:
     def _values(self, columns, measured: dict[str, list[float]]) -> dict[str, float]:
         percentiles, names, values = self.settings.percentiles, self.adapter.score_names, {}
         for name, flat in measured.items():
-            grid = np.asarray(flat, dtype=np.float64).reshape(-1, len(columns))  # prompts x targets
+            grid = np.asarray(flat, dtype=np.float64).reshape(-1, len(columns))  # rows x targets
             first = names.index(name) * len(percentiles)  # this column's sweep (target_columns' order)
             means = {p: float(grid[:, first + j].mean()) for j, p in enumerate(percentiles)}
             for p, mean in means.items():
