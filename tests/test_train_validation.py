@@ -74,7 +74,11 @@ def test_held_out_guard_warns_and_keep_best_exports_the_best_checkpoint(tmp_path
     assert all(torch.equal(exported[k], expected[k]) for k in expected)  # the best checkpoint's LoRA, exactly
     assert any(not torch.equal(last[k], expected[k]) for k in expected)  # not the last step's
     assert f"step {best}" in result.stdout and "last" in result.stdout
-    assert (out / "training_curves.png").is_file()
+    from qualityguide.train.curves import curve_series
+
+    assert (out / "training_curves.png").is_file()  # and the gap is one of its panels:
+    assert list(curve_series(read_log(out))["guiding minus held-out (validation)"]) == [
+        "validation/guiding_minus_held_out/testing:darkness"]
 
 
 def run_acpo(argv, expect=0):
