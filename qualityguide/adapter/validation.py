@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, QualityGuideError
+from ..scorers import load_scorer
 from ..train.data import derive_seed
-from ..train.validation import (PREFIX, caption, labelled_grid, load_validation_scorer, save_validation,
-                               score_images)
+from ..train.validation import PREFIX, caption, labelled_grid, save_validation, score_images, too_small
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,26 @@ class AdapterValidationSettings:
 
     def seeds(self) -> list[int]:
         return [seed for _, seed in self.rows()]
+
+
+def load_validation_scorer(spec: str, device, resolution: int) -> tuple[nn.Module | None, str | None]:
+    """The scorer named ``spec`` for labelling validation images, or (None, why) when it cannot score them here (no
+    weights offline, an unknown name, images below its smallest side): validation then labels without that score
+    instead of stopping the run.
+
+    Args:
+        spec: a scorer spec (:func:`qualityguide.scorers.load_scorer`); score columns are named by theirs.
+        device: where to put it.
+        resolution: the validation images' side.
+    """
+    why = f"validation images are labelled without {spec!r} scores: "
+    try:
+        scorer = load_scorer(spec, device=device)
+    except (QualityGuideError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, why + f"it cannot be loaded here ({first})"
+    small = too_small(scorer, resolution)
+    return (None, why + small) if small else (scorer, None)
 
 
 def target_columns(score_names: list[str], percentiles: tuple[float, ...]) -> list[tuple[str, dict[str, float]]]:

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import QualityGuideError
 from ..files import atomic_write
 
 VALIDATION_DIR = "validation"
@@ -53,28 +52,6 @@ def too_small(scorer: nn.Module, resolution: int) -> str | None:
     name = getattr(scorer, "name", type(scorer).__name__)
     return (f"{name!r} needs images of at least {min_side} px, the validation images are {resolution} px; score "
             f"them resized with {name}@{min_side}")
-
-
-def load_validation_scorer(spec: str, device, resolution: int) -> tuple[nn.Module | None, str | None]:
-    """The scorer named ``spec`` for labelling validation images, or (None, why) when it cannot score them here (no
-    weights offline, an unknown name, images below its smallest side): validation then labels without that score
-    instead of stopping the run.
-
-    Args:
-        spec: a scorer spec (:func:`qualityguide.scorers.load_scorer`); score columns are named by theirs.
-        device: where to put it.
-        resolution: the validation images' side.
-    """
-    from ..scorers import load_scorer
-
-    why = f"validation images are labelled without {spec!r} scores: "
-    try:
-        scorer = load_scorer(spec, device=device)
-    except (QualityGuideError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, why + f"it cannot be loaded here ({first})"
-    small = too_small(scorer, resolution)
-    return (None, why + small) if small else (scorer, None)
 
 
 def caption(scores: dict[str, float]) -> str:
