@@ -47,6 +47,10 @@ def test_guard_warns_when_guiding_rises_and_held_out_falls_below_its_best():
     found = guard.observe(6, {"validation/quality": 2.5, key: 5.9})  # above step 2's guiding, below its held-out
     assert len(found) == 1 and "step 2" in found[0] and "niqe fell from 6 to 5.9" in found[0]
     assert HeldOutGuard().observe(0, {"validation/quality": 1.0}) == []  # no held-out scorer: nothing to say
+    resumed = HeldOutGuard([(4, {"validation/quality": 2.0, key: 5.0})])  # read back from a checkpoint
+    resumed.remember(0, {"validation/quality": 1.0, key: 6.0})  # then the base: a reference, never judged
+    assert [s for s, _ in resumed.history] == [0, 4]
+    assert "since step 0" in resumed.observe(6, {"validation/quality": 2.5, key: 5.5})[0]
 
 
 def _fake_checkpoint(out, step, values):

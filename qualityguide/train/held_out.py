@@ -55,6 +55,11 @@ class HeldOutGuard:
     def __init__(self, history: list[tuple[int, dict]] | None = None):
         self.history = list(history or [])
 
+    def remember(self, step: int, values: dict[str, float]) -> None:
+        """Add a validation to the history without judging it (the base model, step 0, which a resumed run scores
+        after its checkpoints' validations were read back)."""
+        self.history = sorted([*self.history, (int(step), dict(values))], key=lambda item: item[0])
+
     def observe(self, step: int, values: dict[str, float]) -> list[str]:
         """Record the validation of ``step`` and return one warning per held-out scorer that parted from the guiding
         one (empty when none did)."""
