@@ -199,3 +199,65 @@ def write_model_card(folder: str | os.PathLike, *, kind: str, base_model: str | 
         return None
     card = build_model_card(kind, base_model, settings, validation, grid, tags, license, source, summary)
     return atomic_write(path, str(card), durability="file")
+
+
+def scorer_entry(scorer) -> dict:
+    """A scorer as a card records it: its spec, its settings name and the SHA-256 of its weights by content (so two
+    runs with the same spec but other weights are told apart)."""
+    from .identity import state_sha256
+
+    return {"spec": scorer.name, "settings": getattr(scorer, "settings_name", scorer.name),
+            "weights_sha256": state_sha256(scorer)}
+
+
+def run_results(output_dir: str | os.PathLike) -> tuple[dict, str | None]:
+    """The final validation numbers and grid of a training run in ``output_dir``.
+
+    Returns:
+        ``(numbers, grid)``: the ``validation/...`` values of the last ``train_log.jsonl`` record holding any, with
+        its ``step`` (1-based count of optimizer steps done); and ``validation/step-N/grid.png`` of the largest
+        ``N`` (relative to ``output_dir``), or None. ``({}, None)`` for a run that validated nothing.
+    """
+    from .train.log import LOG_NAME, read_log
+    from .train.run import VALIDATION_PREFIX
+
+    output_dir = Path(output_dir)
+    numbers: dict = {}
+    if (output_dir / LOG_NAME).is_file():
+        for record in reversed(read_log(output_dir)):
+            found = {k[len(VALIDATION_PREFIX):]: v for k, v in record.items() if k.startswith(VALIDATION_PREFIX)}
+            if found:
+                numbers = {"step": record["step"] + 1, **found}
+                break
+    steps = [(int(p.name[len("step-"):]), p) for p in (output_dir / "validation").glob("step-*")
+             if p.name[len("step-"):].isdigit() and (p / "grid.png").is_file()]
+    grid = (max(steps)[1] / "grid.png").relative_to(output_dir).as_posix() if steps else None
+    return numbers, grid
+
+
+# The flags both training recipes share that a card records (those a recipe lacks are skipped).
+RUN_FLAGS = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+             "lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "mixed_precision", "resolution",
+             "max_train_samples", "seed")
+
+
+def recipe_settings(args, **extra) -> dict:
+    """A training recipe's settings for its card: the shared flags (:data:`RUN_FLAGS`) and the recipe's own
+    (``extra``: loss weights, scorer entries, data size, ...)."""
+    return {**{name: getattr(args, name) for name in RUN_FLAGS if hasattr(args, name)}, **extra}
+
+
+def run_card(output_dir: str | os.PathLike, base_model: str | None, settings: dict,
+             source: str | None = None) -> dict:
+    """The :func:`write_model_card` arguments of a training recipe's output, with the run's final validation
+    numbers and grid (:func:`run_results`).
+
+    Args:
+        output_dir: the recipe's ``--output_dir``.
+        base_model: ``--pretrained_model_name_or_path``.
+        settings: :func:`recipe_settings`.
+        source: the hub id the loading snippets name (``--hub_model_id`` when pushing).
+    """
+    numbers, grid = run_results(output_dir)
+    return {"base_model": base_model, "settings": settings, "validation": numbers or None, "grid": grid,
+            "source": source}

@@ -30,9 +30,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from qualityguide.cards import recipe_settings, run_card, scorer_entry, write_model_card
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, check_target_modules, lora_parameters, save_lora
+from qualityguide.hub import add_hub_arguments, prepare_push
 from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_scorer, lora_identity,
                                             make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, run_validation
@@ -102,6 +104,7 @@ def parse_args(argv=None):
     a("--report_to", default=None, help="accelerate tracker(s): tensorboard, wandb, ..., all, none (default: "
       "tensorboard when installed)")
     a("--seed", type=int, default=0)
+    add_hub_arguments(p)
     args = p.parse_args(argv)
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "num_inference_steps", "num_validation_images", "num_self_samples", "rank"):
@@ -160,6 +163,7 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
 def main(argv=None) -> int:
     quiet_third_party()
     args = parse_args(argv)
+    push = prepare_push(args)  # before anything loads: a run must not learn at its end that it cannot push
     config = acpo_config(args)
     run = TrainingRun(args, "train_acpo_lora", "ACPO")
     accelerator, device, out = run.accelerator, run.device, run.output_dir
@@ -216,10 +220,16 @@ def main(argv=None) -> int:
 
     def save():
         path = save_lora(pipe.unet, out)
+        settings = recipe_settings(args, acpo=config.to_dict(), scorer=scorer_entry(scorer),
+                                   lora=lora_identity(lora), data=samples.identity)
+        write_model_card(out, kind="pixel_lora" if path.name == "adapter_model.safetensors" else "acpo_lora",
+                         **run_card(out, args.model, settings, push and push.repo_id))
         print(f"saved the ACPO LoRA to {path}")
         return path
 
     run.finish(save)
+    if push is not None:
+        push.push(out)
     return 0
 
 

@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter, ScoreQuantiles
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptEncoder, dropout_masks
+from qualityguide.cards import recipe_settings, run_card
 from qualityguide.diffusion import pipeline_upcasts_vae
+from qualityguide.hub import add_hub_arguments, prepare_push
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.train import (batch_indices, cache_latents, load_image_folder, long_prompts_note,
@@ -77,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--report_to", default="none", help="accelerate tracker(s), comma-separated: tensorboard, wandb, "
                    "..., all, none (default); logs go to OUTPUT_DIR/logs")
     p.add_argument("--seed", type=int, default=0)
+    add_hub_arguments(p)
     args = p.parse_args(argv)
     if (args.score_columns is None) == (args.reference is None):
         p.error("pass --score_columns NAME... (score targets) or --reference FEATURES (reference mode), not both")
@@ -104,6 +107,7 @@ def build_adapter(args, pipe, dataset, device):
 def main(argv=None) -> int:
     quiet_third_party()
     args = parse_args(argv)
+    push = prepare_push(args)  # before anything loads: a run must not learn at its end that it cannot push
     run = TrainingRun(args, "train_iqa_adapter", "IQA-Adapter")
     accelerator, device, out = run.accelerator, run.device, run.output_dir
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -148,11 +152,17 @@ def main(argv=None) -> int:
     run.train(micro_step, trainer.parameters(), len(dataset))
 
     def save():
-        accelerator.unwrap_model(trainer).adapter.save_pretrained(out)
+        settings = recipe_settings(args, adapter=asdict(adapter.config), score_columns=args.score_columns,
+                                   reference=args.reference, dropout=asdict(dropout), snr_gamma=args.snr_gamma,
+                                   data={"dataset": str(args.dataset), "size": len(dataset)})
+        accelerator.unwrap_model(trainer).adapter.save_pretrained(
+            out, model_card_kwargs=run_card(out, args.model, settings, push and push.repo_id))
         print(f"saved the IQA-Adapter to {out}")
         return out
 
     run.finish(save)
+    if push is not None:
+        push.push(out)
     return 0
 
 

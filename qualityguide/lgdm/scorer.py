@@ -8,7 +8,6 @@ files with ``huggingface_hub`` (an existing local folder of that name wins).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from ..errors import InputError, printable
 from ..hub import HubModel
-from ..identity import IDENTITY_FILE, WeightIdentity
+from ..identity import IDENTITY_FILE, WeightIdentity, state_sha256
 from ..pipelines import local_or_hub_folder
 from ..scorers.base import QualityScorer
 from .cache import manifest_mismatch, file_hash
@@ -82,15 +81,6 @@ def head_content_hash(folder: str | os.PathLike) -> str:
     return stable_hash({name: file_hash(folder / name) for name in names})
 
 
-def _state_hash(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's state (names, shapes, float32 values): a head held only in memory."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _check_metadata(meta: dict, where: str) -> None:
     """The entries of a head's config.json that rebuild its feature extractor, refused naming the first bad one."""
     for key, kind in (("lgdm", dict), ("model_key", str), ("backbone", dict)):
@@ -150,7 +140,7 @@ class LGDMScorer(QualityScorer, HubModel):
     def settings_name(self) -> str:
         """What a scores CSV records for this scorer: the head by content (:func:`head_content_hash` of the folder
         it was loaded from, or of its weights), never by its path, and the backbone's precision when reduced."""
-        content = self.head_sha256 or _state_hash(self.head)
+        content = self.head_sha256 or state_sha256(self.head)
         precision = self.lgdm.precision()
         return f"lgdm:sha256={content[:16]}" + ("" if precision == "float32" else f",{precision}")
 
