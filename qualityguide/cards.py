@@ -109,7 +109,7 @@ def written_by_us(path: str | os.PathLike) -> bool:
         card = ModelCard.load(Path(path), ignore_metadata_errors=True)
     except Exception:  # not a card at all (no YAML header, not text): the user's own file
         return False
-    return getattr(card.data, "library_name", None) == LIBRARY_NAME and getattr(card.data, LIBRARY_NAME, None)
+    return getattr(card.data, "library_name", None) == LIBRARY_NAME and bool(getattr(card.data, LIBRARY_NAME, None))
 
 
 def _plain(values: dict) -> dict:

@@ -25,6 +25,7 @@ from huggingface_hub import ModelHubMixin
 from .cards import LICENSE, LIBRARY_NAME, build_model_card, write_model_card
 from .errors import InputError
 
+
 class HubModel(ModelHubMixin, library_name=LIBRARY_NAME, license=LICENSE, tags=[LIBRARY_NAME]):
     """Mixin for a qualityguide model class (put it after ``nn.Module`` in the bases).
 

@@ -272,3 +272,14 @@ def test_a_failed_save_leaves_the_previous_files_byte_identical(tmp_path, monkey
             type(model).save_pretrained(_randomised(model, 9), folder)
         monkeypatch.undo()
         assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+def test_lgdm_scorer_pushes_its_head_folder(scorer_parts, recorder, tmp_path):
+    _, scorer = scorer_parts
+    scorer.push_to_hub("someone/lgdm-tiny")
+    upload = recorder[1]
+    local = scorer.save_pretrained(tmp_path / "local")
+    assert set(upload["files"]) == {"README.md", "config.json", "model.safetensors", IDENTITY_FILE}
+    for name in ("config.json", "model.safetensors", IDENTITY_FILE):
+        assert upload["files"][name] == (local / name).read_bytes(), name
+    assert ModelCard(upload["files"]["README.md"].decode()).data.qualityguide["kind"] == "lgdm_scorer"
