@@ -30,11 +30,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from qualityguide.cards import recipe_settings, run_card, scorer_entry, write_model_card
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, check_target_modules, lora_parameters, save_lora
-from qualityguide.hub import add_hub_arguments, prepare_push
+from qualityguide.hub import add_hub_arguments, prepare_push, recipe_settings, run_card, scorer_entry, write_model_card
 from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_scorer, lora_identity,
                                             make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, run_validation

@@ -32,9 +32,8 @@ from tqdm.auto import tqdm
 
 from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter, ScoreQuantiles
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptEncoder, dropout_masks
-from qualityguide.cards import recipe_settings, run_card
 from qualityguide.diffusion import pipeline_upcasts_vae
-from qualityguide.hub import add_hub_arguments, prepare_push
+from qualityguide.hub import add_hub_arguments, prepare_push, recipe_settings, run_card
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.train import (batch_indices, cache_latents, load_image_folder, long_prompts_note,

@@ -17,9 +17,9 @@ from huggingface_hub import HfApi, ModelCard, ModelHubMixin
 from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter
 from qualityguide.adapter.conditions import ScoreQuantiles
 from qualityguide.adapter.model import FORMAT
-from qualityguide.cards import write_model_card
+from qualityguide.hub import write_model_card
 from qualityguide.errors import InputError, WeightsNotFoundError
-from qualityguide.identity import IDENTITY_FILE
+from qualityguide.identity import IDENTITY_FILE, WeightIdentity
 from qualityguide.lgdm import LGDM, HeadConfig, LGDMConfig, LGDMHead, LGDMScorer
 from qualityguide.pipelines import load_pipeline
 
@@ -280,6 +280,11 @@ def test_lgdm_scorer_pushes_its_head_folder(scorer_parts, recorder, tmp_path):
     upload = recorder[1]
     local = scorer.save_pretrained(tmp_path / "local")
     assert set(upload["files"]) == {"README.md", "config.json", "model.safetensors", IDENTITY_FILE}
-    for name in ("config.json", "model.safetensors", IDENTITY_FILE):
+    for name in ("config.json", "model.safetensors"):
         assert upload["files"][name] == (local / name).read_bytes(), name
+    # the identity by content: safetensors writes its metadata keys in no fixed order
+    (tmp_path / "pushed.safetensors").write_bytes(upload["files"][IDENTITY_FILE])
+    pushed, kept = (WeightIdentity.load(p) for p in (tmp_path / "pushed.safetensors", local / IDENTITY_FILE))
+    modules = scorer.lgdm.backbone_modules()
+    assert pushed.differences(modules) == kept.differences(modules) == []
     assert ModelCard(upload["files"]["README.md"].decode()).data.qualityguide["kind"] == "lgdm_scorer"

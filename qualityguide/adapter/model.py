@@ -366,7 +366,7 @@ class _QualityAdapter(nn.Module, HubModel):
             config: refused (the mixin's argument; the adapter writes its own config.json).
             repo_id, push_to_hub, push_to_hub_kwargs: upload the folder afterwards (``huggingface_hub``'s
                 ``push_to_hub``; ``repo_id`` defaults to the folder's name).
-            model_card_kwargs: arguments of :func:`qualityguide.cards.write_model_card` (``base_model=``,
+            model_card_kwargs: arguments of :func:`qualityguide.hub.cards.write_model_card` (``base_model=``,
                 ``settings=``, ``validation=``, ...).
         """
         directory = self._save_pretrained(Path(directory), diffusers_layout)

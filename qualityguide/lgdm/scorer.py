@@ -21,7 +21,7 @@ from ..pipelines import local_or_hub_folder
 from ..scorers.base import QualityScorer
 from .cache import manifest_mismatch, file_hash
 from .config import LGDMConfig, stable_hash
-from ..cards import write_model_card
+from ..hub.cards import write_model_card
 from .head import HEAD_CONFIG, HEAD_WEIGHTS, LEGACY_FILES, LGDMHead
 from .model import LGDM
 
@@ -42,7 +42,7 @@ def write_head_folder(directory: str | os.PathLike, head: LGDMHead, manifest: di
         manifest: the feature cache's manifest (or :func:`~qualityguide.lgdm.extract.cache_manifest`).
         identity: the weights the features came from; None (a cache from before identities) writes none, and
             loading the head then warns that its backbone weights cannot be checked.
-        card: arguments of :func:`qualityguide.cards.write_model_card` (``settings=``, ``validation=``, ...).
+        card: arguments of :func:`qualityguide.hub.cards.write_model_card` (``settings=``, ``validation=``, ...).
     """
     directory = Path(directory)
     head._save_pretrained(directory, head_metadata(manifest))
@@ -167,7 +167,7 @@ class LGDMScorer(QualityScorer, HubModel):
             config: refused (the mixin's argument; the folder's config.json is written from the scorer).
             repo_id, push_to_hub, push_to_hub_kwargs: upload the folder afterwards (``huggingface_hub``'s
                 ``push_to_hub``; ``repo_id`` defaults to the folder's name).
-            model_card_kwargs: arguments of :func:`qualityguide.cards.write_model_card`.
+            model_card_kwargs: arguments of :func:`qualityguide.hub.cards.write_model_card`.
         """
         from .extract import cache_manifest
 

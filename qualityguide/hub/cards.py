@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError, printable
-from .files import atomic_write
+from ..errors import InputError, printable
+from ..files import atomic_write
 
 CARD_FILE = "README.md"
 LIBRARY_NAME = "qualityguide"
@@ -204,7 +204,7 @@ def write_model_card(folder: str | os.PathLike, *, kind: str, base_model: str | 
 def scorer_entry(scorer) -> dict:
     """A scorer as a card records it: its spec, its settings name and the SHA-256 of its weights by content (so two
     runs with the same spec but other weights are told apart)."""
-    from .identity import state_sha256
+    from ..identity import state_sha256
 
     return {"spec": scorer.name, "settings": getattr(scorer, "settings_name", scorer.name),
             "weights_sha256": state_sha256(scorer)}
@@ -218,8 +218,8 @@ def run_results(output_dir: str | os.PathLike) -> tuple[dict, str | None]:
         its ``step`` (1-based count of optimizer steps done); and ``validation/step-N/grid.png`` of the largest
         ``N`` (relative to ``output_dir``), or None. ``({}, None)`` for a run that validated nothing.
     """
-    from .train.log import LOG_NAME, read_log
-    from .train.run import VALIDATION_PREFIX
+    from ..train.log import LOG_NAME, read_log
+    from ..train.run import VALIDATION_PREFIX
 
     output_dir = Path(output_dir)
     numbers: dict = {}
