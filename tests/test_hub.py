@@ -288,3 +288,18 @@ def test_lgdm_scorer_pushes_its_head_folder(scorer_parts, recorder, tmp_path):
     modules = scorer.lgdm.backbone_modules()
     assert pushed.differences(modules) == kept.differences(modules) == []
     assert ModelCard(upload["files"]["README.md"].decode()).data.qualityguide["kind"] == "lgdm_scorer"
+
+
+def test_lgdm_scorer_model_revision_reaches_the_backbone_loader(scorer_parts, tmp_path, monkeypatch):
+    _, scorer = scorer_parts
+    folder = scorer.save_pretrained(tmp_path / "scorer")
+    seen = {}
+
+    def loader(spec, config, **kwargs):
+        seen.update(spec=spec, **kwargs)
+        raise InputError("stopped before loading")
+
+    monkeypatch.setattr(LGDM, "from_pretrained", loader)
+    with pytest.raises(InputError, match="stopped before loading"):
+        LGDMScorer.from_pretrained(folder, model_revision="v1.1")  # revision= is the head repository's
+    assert seen["spec"] == "tiny:sd" and seen["revision"] == "v1.1"
