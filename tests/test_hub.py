@@ -303,3 +303,23 @@ def test_lgdm_scorer_model_revision_reaches_the_backbone_loader(scorer_parts, tm
     with pytest.raises(InputError, match="stopped before loading"):
         LGDMScorer.from_pretrained(folder, model_revision="v1.1")  # revision= is the head repository's
     assert seen["spec"] == "tiny:sd" and seen["revision"] == "v1.1"
+
+
+def test_hub_arguments_reach_the_download_and_only_the_models_files_are_asked_for(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    folder = _adapter().save_pretrained(tmp_path / "saved")
+    seen = []
+
+    def snapshot_download(repo_id, **kwargs):  # the one network call of a load, replaced
+        seen.append({"repo_id": repo_id, **kwargs})
+        return str(folder.parent)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    loaded = IQAAdapter.from_pretrained("someone/model", token="hf_x", revision="v3", cache_dir=tmp_path / "c",
+                                        force_download=True, subfolder="saved")
+    assert _same_state(loaded, _adapter())
+    assert seen == [{"repo_id": "someone/model", "revision": "v3", "cache_dir": tmp_path / "c", "token": "hf_x",
+                     "local_files_only": False, "force_download": True,
+                     "allow_patterns": ["saved/config.json", "saved/model.safetensors", "saved/quantiles.json"]}]
