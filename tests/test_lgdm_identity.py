@@ -81,6 +81,12 @@ def test_head_refuses_other_weights_cli_and_python(folders, tmp_path, capsys):
                  "--quiet"]) == 0
     assert sorted(p.name for p in head.iterdir()) == ["README.md", "config.json", "fit.json", "model.safetensors",
                                                      IDENTITY_FILE]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(head / "README.md").data.qualityguide  # the fit's settings and validation SRCC
+    fit = json.loads((head / "fit.json").read_text())
+    assert card["kind"] == "lgdm_scorer" and card["settings"]["train_images"] == fit["train"]
+    assert card["settings"]["max_epochs"] == 3 and card["validation"]["val_srcc"] == fit["val_srcc"]
     scores = tmp_path / "scores.csv"
     images = [str(data / "im0.png"), str(data / "im1.png")]
     assert main(["score", *images, "--scorer", f"lgdm:{head}", "-o", str(scores), "--quiet"]) == 0
