@@ -33,10 +33,11 @@ from pathlib import Path
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, check_target_modules, lora_parameters, save_lora
-from qualityguide.hub import add_hub_arguments, prepare_push, recipe_settings, run_card, scorer_entry, write_model_card
+from qualityguide.finetune.lora import PEFT_WEIGHT_NAME
 from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_scorer, lora_identity,
                                             make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, run_validation
+from qualityguide.hub import add_hub_arguments, prepare_push, recipe_settings, run_card, scorer_entry, write_model_card
 from qualityguide.identity import WeightIdentity
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
         path = save_lora(pipe.unet, out)
         settings = recipe_settings(args, acpo=config.to_dict(), scorer=scorer_entry(scorer),
                                    lora=lora_identity(lora), data=samples.identity)
-        write_model_card(out, kind="pixel_lora" if path.name == "adapter_model.safetensors" else "acpo_lora",
+        write_model_card(out, kind="pixel_lora" if path.name == PEFT_WEIGHT_NAME else "acpo_lora",
                          **run_card(out, args.model, settings, push and push.repo_id))
         print(f"saved the ACPO LoRA to {path}")
         return path
