@@ -35,9 +35,11 @@ from pathlib import Path
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, check_target_modules, lora_parameters, save_lora
+from qualityguide.finetune.lora import PEFT_WEIGHT_NAME
 from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_scorer, lora_identity,
                                             make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ACPOValidation, ValidationSettings
+from qualityguide.hub import add_hub_arguments, prepare_push, recipe_settings, run_card, scorer_entry, write_model_card
 from qualityguide.identity import WeightIdentity
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
@@ -113,6 +115,7 @@ def parse_args(argv=None):
     a("--report_to", default=None, help="accelerate tracker(s): tensorboard, wandb, ..., all, none (default: "
       "tensorboard when installed)")
     a("--seed", type=int, default=0)
+    add_hub_arguments(p)
     args = p.parse_args(argv)
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "num_inference_steps", "num_validation_images", "num_self_samples", "rank"):
@@ -192,6 +195,7 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
 def main(argv=None) -> int:
     quiet_third_party()
     args = parse_args(argv)
+    push = prepare_push(args)  # before anything loads: a run must not learn at its end that it cannot push
     config = acpo_config(args)
     run = TrainingRun(args, "train_acpo_lora", "ACPO")
     accelerator, device, out = run.accelerator, run.device, run.output_dir
@@ -259,19 +263,27 @@ def main(argv=None) -> int:
     def save():
         if keep_key is None:
             path = save_lora(pipe.unet, out)
-            print(f"saved the ACPO LoRA to {path}")
-            return path
-        last = save_lora(pipe.unet, out / "last")
-        best = choose_export(out, keep_key, args.max_train_steps, final.get(keep_key))
-        if best is not None and best[1] is not None and best[0] != args.max_train_steps:
-            LoraCheckpointing(pipe.unet, base_identity).load(best[1])  # the best checkpoint's LoRA into the U-Net
-        path = save_lora(pipe.unet, out)
-        where = "no validation to choose by: the last step" if best is None else \
-            f"step {best[0]} ({keep_key} {best[2]:.4g})"
-        print(f"saved the ACPO LoRA with the best held-out score, {where}, to {path}; the last step's LoRA to {last}")
+            message = f"saved the ACPO LoRA to {path}"
+        else:
+            last = save_lora(pipe.unet, out / "last")
+            best = choose_export(out, keep_key, args.max_train_steps, final.get(keep_key))
+            if best is not None and best[1] is not None and best[0] != args.max_train_steps:
+                LoraCheckpointing(pipe.unet, base_identity).load(best[1])  # the best checkpoint's LoRA into the U-Net
+            path = save_lora(pipe.unet, out)
+            where = "no validation to choose by: the last step" if best is None else \
+                f"step {best[0]} ({keep_key} {best[2]:.4g})"
+            message = (f"saved the ACPO LoRA with the best held-out score, {where}, to {path}; the last step's LoRA to "
+                       f"{last}")
+        settings = recipe_settings(args, acpo=config.to_dict(), scorer=scorer_entry(scorer),
+                                   lora=lora_identity(lora), data=samples.identity)
+        write_model_card(out, kind="pixel_lora" if path.name == PEFT_WEIGHT_NAME else "acpo_lora",
+                         **run_card(out, args.model, settings, push and push.repo_id))
+        print(message)
         return path
 
     run.finish(save)
+    if push is not None:
+        push.push(out)
     return 0
 
 

@@ -38,6 +38,7 @@ from qualityguide.adapter.validation import AdapterValidation, AdapterValidation
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError
 from qualityguide.files import read_prompts
+from qualityguide.hub import add_hub_arguments, prepare_push, recipe_settings, run_card
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.train import (batch_indices, cache_latents, load_image_folder, long_prompts_note,
@@ -94,6 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--report_to", default="none", help="accelerate tracker(s), comma-separated: tensorboard, wandb, "
                    "..., all, none (default); logs go to OUTPUT_DIR/logs")
     p.add_argument("--seed", type=int, default=0)
+    add_hub_arguments(p)
     args = p.parse_args(argv)
     if (args.score_columns is None) == (args.reference is None):
         p.error("pass --score_columns NAME... (score targets) or --reference FEATURES (reference mode), not both")
@@ -143,6 +145,7 @@ def validation_settings(args) -> AdapterValidationSettings | None:
 def main(argv=None) -> int:
     quiet_third_party()
     args = parse_args(argv)
+    push = prepare_push(args)  # before anything loads: a run must not learn at its end that it cannot push
     run = TrainingRun(args, "train_iqa_adapter", "IQA-Adapter")
     validation = validation_settings(args)  # refused flags stop here, before anything loads
     accelerator, device, out = run.accelerator, run.device, run.output_dir
@@ -197,11 +200,17 @@ def main(argv=None) -> int:
     run.train(micro_step, trainer.parameters(), len(dataset), validate if validation is not None else None)
 
     def save():
-        accelerator.unwrap_model(trainer).adapter.save_pretrained(out)
+        settings = recipe_settings(args, adapter=asdict(adapter.config), score_columns=args.score_columns,
+                                   reference=args.reference, dropout=asdict(dropout), snr_gamma=args.snr_gamma,
+                                   data={"dataset": str(args.dataset), "size": len(dataset)})
+        accelerator.unwrap_model(trainer).adapter.save_pretrained(
+            out, model_card_kwargs=run_card(out, args.model, settings, push and push.repo_id))
         print(f"saved the IQA-Adapter to {out}")
         return out
 
     run.finish(save)
+    if push is not None:
+        push.push(out)
     return 0
 
 
