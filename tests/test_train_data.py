@@ -133,7 +133,8 @@ def test_crop_windows_span_the_long_side_and_mirror(tmp_path):
     ds = load_image_folder(_folder(tmp_path / "d", "csv"), 16, center_crop=False, random_flip=True, crop_positions=3,
                            progress=False)
     assert ds.variants == 6
-    image = torch.from_numpy(np.asarray(Image.open(tmp_path / "d" / "img3.png"), dtype=np.float32) / 255).permute(2, 0, 1)
+    image = torch.from_numpy(np.asarray(Image.open(tmp_path / "d" / "img3.png"), dtype=np.float32) / 255)
+    image = image.permute(2, 0, 1)
     resized = torch.nn.functional.interpolate(image[None], size=resized_size(30, 50, 16), mode="bilinear",
                                               antialias=True)[0]
     for v, (top, left, flipped) in enumerate(ds.windows(3)):
@@ -188,3 +189,38 @@ def test_latent_cache_holds_every_variant(tmp_path, vae):
         cache_latents(fewer, vae, tmp_path / "c", batch_size=3, shard_size=3, progress=False)
     with pytest.raises(InputError, match=r"variants \[4\] must give one variant in \[0, 4\)"):
         cache.latents([0], variants=[4])
+
+
+# ------------------------------------------------------------------------------------------------------ SDXL
+def test_sdxl_micro_conditioning_follows_diffusers_get_add_time_ids(tmp_path):
+    """Both recipes' text inputs carry each image's real size and its variant's crop, as diffusers' SDXL pipeline
+    builds ``add_time_ids`` (original_size + crop_top_left + target_size); dropped captions keep them."""
+    from qualityguide.finetune.training import TrainingSamples
+    from qualityguide.pipelines import load_pipeline
+    from qualityguide.train import PromptEncoder
+
+    pipe = load_pipeline("tiny:sdxl")
+    ds = load_image_folder(_folder(tmp_path / "d", "csv"), 16, center_crop=False, random_flip=True, crop_positions=3,
+                           progress=False)
+    index, variants = [3, 0, 1, 3], ds.draw_variants(4, 0, 7, 1)
+    micro = ds.micro_conditions(index, variants)
+    encoder = PromptEncoder(pipe, 16)
+    projection = pipe.text_encoder_2.config.projection_dim
+    captions = [ds.captions[i] for i in index]
+    _, extra = encoder(captions, "cpu", torch.tensor([False, True, False, False]), **micro)
+    samples = TrainingSamples.encode(pipe, ds, tmp_path / "latents", "image_dir", progress=False)
+    from_samples = samples.conditioning(index, encoder, "cpu", variants)["added_cond_kwargs"]["time_ids"]
+    for row, (i, v) in enumerate(zip(index, variants.tolist())):
+        top, left, _ = ds.windows(i)[v]
+        width, height = SIZES[i]
+        expected = pipe._get_add_time_ids((height, width), (top, left), (16, 16), extra["time_ids"].dtype,
+                                          text_encoder_projection_dim=projection)[0]
+        assert torch.equal(extra["time_ids"][row], expected) and torch.equal(from_samples[row], expected)
+    assert extra["time_ids"][:, :2].tolist() != [[16.0, 16.0]] * 4  # the real sizes, not the training square
+    # the latents are the chosen variants' too
+    assert torch.equal(samples.batch(index, "cpu", variants=variants),
+                       samples.clean[torch.tensor(index) * ds.variants + variants])
+    centre = load_image_folder(tmp_path / "d", 16, progress=False)
+    plain = TrainingSamples.encode(pipe, centre, tmp_path / "plain", "image_dir", progress=False)
+    time_ids = plain.conditioning([0], encoder, "cpu")["added_cond_kwargs"]["time_ids"][0]
+    assert time_ids.tolist() == [24, 40, 0, round((26 - 16) / 2), 16, 16]  # 40x24 image, centre crop of 26x16
