@@ -39,9 +39,9 @@ from qualityguide.errors import InputError
 from qualityguide.finetune.training import identity_difference
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
-from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_step_finite, load_image_folder,
-                                long_prompts_note, make_accelerator, mean_over_processes, read_marker,
-                                resolve_caption_column, step_generator)
+from qualityguide.train import (CheckpointManager, add_data_arguments, batch_indices, cache_latents, check_step_finite,
+                                load_training_data, long_prompts_note, make_accelerator, mean_over_processes,
+                                read_marker, step_generator)
 from qualityguide.train.log import StepLog
 from qualityguide.train.setup import (add_model_arguments, add_schedule_arguments, check_schedule_arguments,
                                       first_samples, make_lr_scheduler, run_training, schedule_identity)
@@ -52,13 +52,11 @@ DTYPES = {"no": None, "fp16": "fp16", "bf16": "bf16"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p, "hub id, local folder, tiny:sd, tiny:sdxl")
-    p.add_argument("--dataset", required=True, help="image folder with metadata.csv")
+    add_data_arguments(p, alias="--dataset")  # --train_data_dir / --dataset_name, columns, crops and flips
     p.add_argument("--score_columns", nargs="+", default=None, help="score columns to condition on")
     p.add_argument("--reference", default=None, help="train a reference adapter on these features instead "
                    "(brisque, niqe, pyiqa:<metric>)")
     p.add_argument("--reference_weights", default=None, help="local weights of a pyiqa: feature extractor")
-    p.add_argument("--caption_column", default=None, help="caption column (default: 'text' if metadata.csv has one, "
-                   "else none); 'none': empty prompts")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--num_tokens", type=int, default=4)
     p.add_argument("--projection", default="linear", choices=["linear", "mlp"])
@@ -115,17 +113,16 @@ def main(argv=None) -> int:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     pipe = load_pipeline(args.model, dtype=DTYPES[args.mixed_precision], device=device, revision=args.revision,
                          variant=args.variant)
-    caption_column, note = resolve_caption_column(args.dataset, args.caption_column)
-    if note and accelerator.is_main_process:
-        print(note, file=sys.stderr)
     with accelerator.main_process_first():
-        dataset = load_image_folder(args.dataset, args.resolution, caption_column=caption_column,
-                                    score_columns=args.score_columns or (), progress=accelerator.is_main_process)
+        dataset, note = load_training_data(args, args.resolution, args.score_columns or (),
+                                           progress=accelerator.is_main_process)
+        if note and accelerator.is_main_process:
+            print(note, file=sys.stderr)
         dataset = first_samples(dataset, args.max_train_samples)
         batch_indices(len(dataset), args.train_batch_size, 0, args.seed, world, rank)  # too few images: refused now
         cache = cache_latents(dataset, pipe.vae, args.cache_dir or out / "latent_cache",
                               upcast=pipeline_upcasts_vae(pipe), progress=accelerator.is_main_process)
-    note = long_prompts_note(pipe, dataset.captions, "captions") if caption_column else None
+    note = long_prompts_note(pipe, dataset.captions, "captions") if dataset.captions is not None else None
     if note and accelerator.is_main_process:
         print(note, file=sys.stderr)
     adapter, conditions = build_adapter(args, pipe, dataset, device)
@@ -140,14 +137,14 @@ def main(argv=None) -> int:
     manager = CheckpointManager(out, args.checkpoints_total_limit)
     identity = {**schedule_identity(args), "adapter": asdict(adapter.config),  # a sample limit: named, not its effects
                 "quantiles": getattr(adapter.quantiles, "table", None) if isinstance(adapter, IQAAdapter) else None,
-                "files": len(dataset)}
+                "files": len(dataset), **dataset.augment_identity()}
     start = 0
     path = manager.resolve(args.resume_from_checkpoint)
     if path is not None:
         why = identity_difference((read_marker(path).get("extra") or {}).get("identity"), identity)
         if why is not None:
             raise InputError(f"{path} was saved for another adapter or dataset ({why}); resume with the same "
-                             "--dataset and options, or use a new --output_dir")
+                             "data and options, or use a new --output_dir")
         start, _ = manager.load(accelerator, path)
     if accelerator.log_with:
         accelerator.init_trackers("train_iqa_adapter", config={k: v for k, v in vars(args).items()
@@ -164,9 +161,10 @@ def main(argv=None) -> int:
             generator = step_generator(args.seed, s, rank)
             drop_text, drop_quality = dropout_masks(len(index), dropout, generator)
             captions = [dataset.captions[i] if dataset.captions is not None else "" for i in index]
-            text, added = prompts(captions, device, drop_text)
+            variants = dataset.draw_variants(len(index), args.seed, s, rank)  # crops and flips: from the cache
+            text, added = prompts(captions, device, drop_text, **dataset.micro_conditions(index, variants))
             condition = adapter.condition(conditions[index])
-            latents = cache.latents(index).to(device, pipe.unet.dtype)
+            latents = cache.latents(index, variants=variants).to(device, pipe.unet.dtype)
             sync = accelerator.no_sync(trainer) if micro < accum - 1 else nullcontext()
             with sync:
                 loss = trainer(latents, text, condition, added, drop_quality, generator)["loss"] / accum

@@ -218,9 +218,8 @@ def dataset_identity(dataset, source: str, settings: dict | None = None) -> dict
                 "files_sha256": json_sha256([dataset.files, dataset.sizes, dataset.captions])}
     if settings is not None:
         identity["settings_sha256"] = json_sha256(settings)
-    if dataset.variants > 1:  # recorded only then: checkpoints made before augmentation existed stay resumable
-        identity["augment"] = {"crop_positions": dataset.crop_positions, "random_flip": dataset.random_flip}
-    return identity
+    augment = dataset.augment_identity()
+    return {**identity, **augment} if augment["augment"] is not None else identity  # older identities stay valid
 
 
 class TrainingSamples:

@@ -207,19 +207,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return crop_windows(self.original_sizes[index], self.resolution, self.crop_positions, self.random_flip)
 
     def draw_variants(self, batch: int, seed: int, step: int, process_index: int = 0) -> torch.Tensor:
-        """One variant per sample, long ``[batch]``, uniform over :attr:`variants`, from (seed, step, process) alone
-        (a generator of its own, so the step's other draws are the same with and without augmentation). All zeros,
-        without a draw, when there is one variant.
+        """:func:`draw_variants` over this dataset's :attr:`variants`."""
+        return draw_variants(self.variants, batch, seed, step, process_index)
 
-        Args:
-            batch: samples in the micro-batch.
-            seed, step, process_index: as for :func:`step_generator`.
-        """
+    def augment_identity(self) -> dict:
+        """``{"augment": ...}`` for a resume identity: the crop windows and flip when items have several variants,
+        else None (what a missing field reads as, so identities made before augmentation existed stay valid)."""
         if self.variants == 1:
-            return torch.zeros(batch, dtype=torch.long)
-        generator = torch.Generator().manual_seed(derive_seed("qualityguide.train.augment", int(seed),
-                                                              int(step), int(process_index)))
-        return torch.randint(0, self.variants, (batch,), generator=generator)
+            return {"augment": None}
+        return {"augment": {"crop_positions": self.crop_positions, "random_flip": self.random_flip}}
 
     def micro_conditions(self, indices: Sequence[int], variants: Sequence[int] | torch.Tensor | None = None
                          ) -> dict[str, torch.Tensor]:
@@ -299,6 +295,25 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def batch(self, indices: Sequence[int], generator: torch.Generator | None = None) -> dict:
         """:func:`collate` of :meth:`get` for each index, drawing crops and flips from ``generator`` in order."""
         return collate([self.get(int(i), generator) for i in indices])
+
+
+def draw_variants(variants: int, batch: int, seed: int, step: int, process_index: int = 0) -> torch.Tensor:
+    """One augmentation variant per sample, long ``[batch]``, uniform over ``range(variants)``, from (seed, step,
+    process) alone: a generator of its own, so the step's other draws (noise, timesteps, dropout) are the same with
+    and without augmentation, and a resumed run draws what an uninterrupted one did. All zeros, without a draw, for
+    one variant.
+
+    Args:
+        variants: variants per item (:attr:`ImageFolderDataset.variants`).
+        batch: samples in the micro-batch.
+        seed, step, process_index: as for :func:`step_generator`.
+    """
+    if variants == 1:
+        return torch.zeros(batch, dtype=torch.long)
+    step = check_int("step", step, 0, "steps count from 0")
+    generator = torch.Generator().manual_seed(derive_seed("qualityguide.train.augment", int(seed), step,
+                                                          int(process_index)))
+    return torch.randint(0, variants, (batch,), generator=generator)
 
 
 def collate(items: Sequence[dict]) -> dict:
