@@ -135,8 +135,19 @@ def test_adapter_resumes_bit_for_bit_with_crops_flips_and_a_schedule(photos, tmp
 
 def test_acpo_resumes_bit_for_bit_with_crops_flips_and_a_schedule(photos, tmp_path, monkeypatch):
     folder, _ = photos
+    from qualityguide.finetune.training import TrainingSamples
+
     data = ["--train_data_dir", str(folder), *AUGMENT]
-    run("recipes/train_acpo_lora.py", acpo_args(data, tmp_path / "full", 6, SCHEDULE))
+    seen, real = [], TrainingSamples.batch
+
+    def batch(self, indices, device, dtype=None, variants=None):
+        seen.append(torch.as_tensor(variants).tolist())
+        return real(self, indices, device, dtype, variants)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingSamples, "batch", batch)
+        run("recipes/train_acpo_lora.py", acpo_args(data, tmp_path / "full", 6, SCHEDULE))
+    assert seen == [draw_variants(4, 2, 0, s, 0).tolist() for s in range(6)]  # (seed, micro-step, process) alone
     full = read_log(tmp_path / "full")
     part = tmp_path / "part"
     run("recipes/train_acpo_lora.py", acpo_args(data, part, 6, SCHEDULE), expect=130, kill_at=5,
@@ -174,7 +185,8 @@ def test_sdxl_recipes_condition_on_each_images_size_and_crop_from_a_table(photos
 
     folder, parquet = photos
     pipe = load_pipeline("tiny:sdxl")
-    data = ["--dataset_name", str(parquet), "--image_column", "photo", "--caption_column", "prompt", *AUGMENT]
+    data = ["--dataset_name", str(parquet), "--image_column", "photo", "--caption_column", "prompt", *AUGMENT,
+            "--seed", "3"]  # seed 3: two of the first four samples are cut at another window than variant 0's
     sdxl = ["--pretrained_model_name_or_path", "tiny:sdxl"]
     recorded = []
     real_forward, real_loss = AdapterTrainer.forward, ACPOLoss.__call__
@@ -191,8 +203,13 @@ def test_sdxl_recipes_condition_on_each_images_size_and_crop_from_a_table(photos
         seen = spy_variants(patch)
         patch.setattr(AdapterTrainer, "forward", forward)
         run("recipes/train_iqa_adapter.py", [*sdxl, *adapter_args(data, tmp_path / "adapter", 2)[2:]])
+    assert len(seen) == len(recorded) == 2
     for (indices, variants), time_ids in zip(seen, recorded):
         torch.testing.assert_close(time_ids, _expected_time_ids(pipe, folder, 32, indices, variants), rtol=0, atol=0)
+    moved = [not torch.equal(_expected_time_ids(pipe, folder, 32, i, v), _expected_time_ids(pipe, folder, 32, i,
+                                                                                              [0] * len(i)))
+             for i, v in seen]
+    assert any(moved)  # the check tells the drawn crop from variant 0's
     adapter = IQAAdapter.from_pretrained(tmp_path / "adapter")
     table = sorted(float(r["sharpness"]) for r in csv.DictReader(open(folder / "metadata.csv")))
     levels = np.linspace(0, 1, len(adapter.quantiles.table["sharpness"]))
@@ -206,8 +223,8 @@ def test_sdxl_recipes_condition_on_each_images_size_and_crop_from_a_table(photos
     for step, time_ids in enumerate(recorded):
         from qualityguide.train import batch_indices
 
-        indices = batch_indices(len(SIZES), 2, step, 0)
-        variants = draw_variants(4, 2, 0, step, 0).tolist()
+        indices = batch_indices(len(SIZES), 2, step, 3)
+        variants = draw_variants(4, 2, 3, step, 0).tolist()
         torch.testing.assert_close(time_ids, _expected_time_ids(pipe, folder, 32, indices, variants), rtol=0, atol=0)
 
 
