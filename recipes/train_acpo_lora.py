@@ -12,7 +12,8 @@ Training data: with ``--prompts`` the base model's own samples (generated once w
 ``--cache_dir``, resumable), or training images: ``--train_data_dir`` (``--image_dir`` is an alias), a folder with a
 ``metadata.csv``, ``.jsonl`` or ``.parquet``, or ``--dataset_name``, a ``datasets`` table, captions from
 ``--caption_column``, ``--random_crop`` / ``--random_flip`` from encoded variants (:mod:`qualityguide.train.sources`);
-unconditional models (``tiny:ddpm``) take images or prompt-less self samples. Latents are encoded once. Loss: :class:`qualityguide.finetune.ACPOLoss` (``--w_diff``, ``--w_anchor``, ``--w_quality``, ...);
+unconditional models (``tiny:ddpm``) take images or prompt-less self samples. Latents are encoded once.
+Loss: :class:`qualityguide.finetune.ACPOLoss` (``--w_diff``, ``--w_anchor``, ``--w_quality``, ...);
 a NaN or infinite term stops the run (exit code 1) before the optimizer step, so the last checkpoint stays good.
 ``--validation_prompt`` writes validation images at every checkpoint (or every ``--validation_steps``) and at the
 end.

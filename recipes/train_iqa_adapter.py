@@ -12,7 +12,8 @@ The data is ``--train_data_dir`` (``--dataset`` is an alias), an image folder wi
 ``.parquet`` (``file_name``, the score columns and, optionally, a caption column ``text``: without one, as
 ``qualityguide label`` writes it, every prompt is empty) as ``datasets``' imagefolder reads it, or ``--dataset_name``,
 a ``datasets`` table (``--image_column``, ``--caption_column``, the score columns). ``--random_crop`` /
-``--random_flip`` augment from encoded variants (:mod:`qualityguide.train.sources`). Only the adapter trains (AdamW, lr 1e-5, weight decay 1e-2, plain
+``--random_flip`` augment from encoded variants (:mod:`qualityguide.train.sources`).
+Only the adapter trains (AdamW, lr 1e-5, weight decay 1e-2, plain
 noise-prediction MSE, condition dropout text 5% / quality 1% / both 1%: IQA-Adapter's settings). Latents are
 encoded once into a cache. Checkpoints (``save_state``, adapter weights and optimizer only) every
 ``--checkpointing_steps``; rerun with ``--resume_from_checkpoint latest`` to continue exactly as an uninterrupted
