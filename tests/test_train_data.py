@@ -118,10 +118,15 @@ def test_unreadable_table_images_follow_the_warning_policy(tmp_path):
     (folder / "broken.png").write_bytes(b"not an image")
     cells = [{"bytes": (folder / f"img{i}.png").read_bytes(), "path": f"img{i}.png"} for i in range(2)]
     cells.append({"bytes": b"not an image", "path": "bad.png"})
-    Dataset.from_dict({"image": cells, "text": ["a", "b", "c"]}).to_parquet(str(tmp_path / "t.parquet"))
-    with pytest.warns(UnreadableImagesWarning, match="left out 1 of 3 .*bad.png"):
+    data = (folder / "img2.png").read_bytes()
+    cells.append({"bytes": data[:-40], "path": "cut.png"})  # header fine, pixels truncated
+    Dataset.from_dict({"image": cells, "text": ["a", "b", "c", "d"]}).to_parquet(str(tmp_path / "t.parquet"))
+    with pytest.warns(UnreadableImagesWarning, match="left out 1 of 4 .*bad.png"):
         ds, _ = load_training_data(_args("--dataset_name", str(tmp_path / "t.parquet")), 16, progress=False)
-    assert ds.files == ["img0.png", "img1.png"] and ds.captions == ["a", "b"]
+    assert ds.files == ["img0.png", "img1.png", "cut.png"] and ds.captions == ["a", "b", "d"]
+    with pytest.warns(UnreadableImagesWarning, match="cut.png"):  # found when decoded: the next image stands in
+        item = ds[2]
+    assert item["index"] == 2 and item["caption"] == "a" and torch.equal(item["pixels"], ds[0]["pixels"])
 
 
 # ------------------------------------------------------------------------------------------------------ variants
@@ -224,3 +229,17 @@ def test_sdxl_micro_conditioning_follows_diffusers_get_add_time_ids(tmp_path):
     plain = TrainingSamples.encode(pipe, centre, tmp_path / "plain", "image_dir", progress=False)
     time_ids = plain.conditioning([0], encoder, "cpu")["added_cond_kwargs"]["time_ids"][0]
     assert time_ids.tolist() == [24, 40, 0, round((26 - 16) / 2), 16, 16]  # 40x24 image, centre crop of 26x16
+
+
+def test_original_size_is_the_upright_image_size(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 is loaded upright; its recorded size (SDXL's original_size,
+    read from the header only) is the upright one too."""
+    folder = tmp_path / "exif"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(folder / "side.jpg", exif=exif.tobytes())
+    (folder / "metadata.csv").write_text("file_name\nside.jpg\n")
+    ds = load_image_folder(folder, 16, caption_column=None, progress=False)
+    assert ds.original_sizes == [(40, 24)] and ds[0]["original_size"] == (40, 24)
+    assert ds.micro_conditions([0])["original_size"].tolist() == [[40, 24]]

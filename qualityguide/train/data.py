@@ -398,7 +398,9 @@ def _probe(source: Path | bytes) -> tuple[str | None, tuple[int, int]]:
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:  # the header only
             width, height = image.size
-            if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated a quarter turn: load_image swaps the sides
+            # a PNG's getexif() decodes the whole image unless its eXIf chunk came before the pixels: skip that
+            exif = image.getexif() if image.format != "PNG" or "exif" in image.info else {}
+            if exif.get(0x0112) in (5, 6, 7, 8):  # rotated a quarter turn: load_image swaps the sides
                 width, height = height, width
     except FileNotFoundError:
         return "file not found", (0, 0)
