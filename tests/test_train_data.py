@@ -102,6 +102,8 @@ def test_bad_data_input_names_what_exists(tmp_path):
         load_training_data(_args(), 16)
     with pytest.raises(InputError, match="--dataset_name .*nowhere.parquet"):
         load_training_data(_args("--dataset_name", str(tmp_path / "nowhere.parquet")), 16)
+    with pytest.raises(InputError, match="--dataset_name someone/no-such-set cannot be loaded .*save_to_disk"):
+        load_training_data(_args("--dataset_name", "someone/no-such-set"), 16)  # offline (conftest): refused
     Dataset.from_dict({"image": [1, 2], "text": ["x", "y"]}).to_parquet(str(tmp_path / "ints.parquet"))
     with pytest.raises(InputError, match="image column 'image' holds .*int64.*not images"):
         load_training_data(_args("--dataset_name", str(tmp_path / "ints.parquet")), 16)

@@ -274,3 +274,23 @@ def test_two_process_adapter_recipe_resumes_exactly_after_a_kill(photos, tmp_pat
     assert read_log(part) == full  # lr and loss (the mean over both processes) of every step, bit for bit
     a, b = IQAAdapter.from_pretrained(tmp_path / "full"), IQAAdapter.from_pretrained(part)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_bad_data_flags_exit_2_with_one_line(photos, tmp_path, capsys):
+    """A missing column names the columns there are; augmenting self samples and two sources are refused."""
+    folder, parquet = photos
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\n")
+    cases = [("recipes/train_iqa_adapter.py", adapter_args(["--dataset_name", str(parquet), "--image_column", "img"],
+                                                           tmp_path / "a", 2),
+              "missing column(s) ['img']; found ['photo', 'prompt', 'sharpness']"),
+             ("recipes/train_acpo_lora.py", acpo_args(["--prompts", str(prompts), "--random_flip"], tmp_path / "b", 2),
+              "--random_crop / --random_flip augment training images"),
+             ("recipes/train_acpo_lora.py", acpo_args(["--image_dir", str(folder), "--dataset_name", str(parquet)],
+                                                      tmp_path / "c", 2), "exclude each other")]
+    for recipe, argv, expected in cases:
+        capsys.readouterr()
+        run(recipe, argv, expect=2)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err, errors
