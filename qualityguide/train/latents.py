@@ -182,7 +182,7 @@ def cache_latents(dataset: ImageFolderDataset, vae, cache_dir: str | os.PathLike
     """Encode every item of ``dataset`` once (or resume a partial cache) and return all latents.
 
     Args:
-        dataset: from :func:`qualityguide.train.data.load_image_folder`; with random crops or flips each of its
+        dataset: from :func:`qualityguide.train.sources.load_image_folder`; with random crops or flips each of its
             :attr:`~ImageFolderDataset.variants` is encoded (see the module docstring for the cost).
         vae: a frozen diffusers ``AutoencoderKL``; images are encoded on its device and dtype.
         cache_dir: the folder the cache owns (created if missing).
