@@ -1,18 +1,16 @@
 """Where a training recipe's images come from: diffusers' data flags, declared and loaded once for both recipes.
 
-An image folder holds images and a ``metadata.csv``, ``metadata.jsonl`` or ``metadata.parquet`` (the three layouts of
-``datasets``' ``imagefolder``): a ``file_name`` column naming each image relative to the folder, an optional caption
-column and any number of numeric score columns (``qualityguide label DIR --scorer ...`` writes one). Rows are read
-through ``datasets.load_dataset("imagefolder")`` (works offline: nothing is downloaded); a CSV's values are read as
-text, so captions such as ``01`` stay as written, and scores are parsed here with errors that name the row. Any
-``datasets`` table gives the same :class:`~qualityguide.train.data.ImageFolderDataset` (:func:`dataset_from_table`).
-
-``--train_data_dir`` is an image folder with ``metadata.csv``, ``metadata.jsonl`` or ``metadata.parquet`` (the
-three forms ``datasets``' imagefolder reads); ``--dataset_name`` is anything ``datasets.load_dataset`` takes (a hub
-name, a local folder, Parquet files) or a folder written by ``Dataset.save_to_disk``. ``--image_column`` and
-``--caption_column`` name the columns; score columns (the adapter's ``--score_columns``) come from the same table.
-``--center_crop`` / ``--random_crop`` and ``--random_flip`` choose the augmentation: unlike diffusers' scripts the
-centre crop is the default, because random crops are cached as ``--crop_positions`` encoded windows per image (see
+``--train_data_dir`` is an image folder with a ``metadata.csv``, ``metadata.jsonl`` or ``metadata.parquet`` (the
+three layouts of ``datasets``' ``imagefolder``): a ``file_name`` column naming each image relative to the folder, an
+optional caption column and any number of numeric score columns (``qualityguide label DIR --scorer ...`` writes
+one). Rows are read through ``datasets.load_dataset("imagefolder")`` (offline: nothing is downloaded); a CSV's
+values are read as text, so captions such as ``01`` stay as written, and scores are parsed here with errors that
+name the row. ``--dataset_name`` is anything ``datasets.load_dataset`` takes (a hub name, a local folder, Parquet
+files) or a folder written by ``Dataset.save_to_disk``; :func:`dataset_from_table` makes the same
+:class:`~qualityguide.train.data.ImageFolderDataset` from it. ``--image_column`` and ``--caption_column`` name the
+columns; score columns (the adapter's ``--score_columns``) come from the same table. ``--center_crop`` /
+``--random_crop`` and ``--random_flip`` choose the augmentation: unlike diffusers' scripts the centre crop is the
+default, because random crops are cached as ``--crop_positions`` encoded windows per image (see
 :mod:`qualityguide.train.latents` for the cost).
 """
 
