@@ -120,7 +120,8 @@ def crop_windows(original_size: tuple[int, int], resolution: int, positions: int
     """The augmentation variants of one image: ``(top, left, flipped)`` for variant ``v = p * F + f``.
 
     ``positions`` windows are evenly spaced along the resized image's long side, ends included
-    (``round(j * free / (positions - 1))``); one position is the centre crop of :func:`resize_crop`. With
+    (``round(j * free / (positions - 1))``); one position is the centre crop of :func:`resize_crop`. A square image's
+    windows coincide (it is still encoded once per window, which keeps every item's variants indexed alike). With
     ``random_flip`` (``F = 2``) each position comes unflipped (``f = 0``) and flipped (``f = 1``). ``(top, left)`` is
     the crop's corner in the frame of the output, of the flipped image when flipped (SDXL's ``crops_coords_top_left``
     convention, as diffusers' SDXL training script records it: flip first, then crop).
