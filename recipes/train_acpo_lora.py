@@ -9,9 +9,11 @@
         --scorer niqe-embedded@192 --num_inference_steps 4 --max_train_steps 10 --output_dir out/     # offline, CPU
 
 Training data: with ``--prompts`` the base model's own samples (generated once with fixed seeds into
-``--cache_dir``, resumable), or an image folder with a ``metadata.csv`` (``--image_dir``, captions from
-``--caption_column``); unconditional models (``tiny:ddpm``) take ``--image_dir`` or prompt-less self samples. Latents
-are encoded once. Loss: :class:`qualityguide.finetune.ACPOLoss` (``--w_diff``, ``--w_anchor``, ``--w_quality``, ...);
+``--cache_dir``, resumable), or training images: ``--train_data_dir`` (``--image_dir`` is an alias), a folder with a
+``metadata.csv``, ``.jsonl`` or ``.parquet``, or ``--dataset_name``, a ``datasets`` table, captions from
+``--caption_column``, ``--random_crop`` / ``--random_flip`` from encoded variants (:mod:`qualityguide.train.sources`);
+unconditional models (``tiny:ddpm``) take images or prompt-less self samples. Latents are encoded once.
+Loss: :class:`qualityguide.finetune.ACPOLoss` (``--w_diff``, ``--w_anchor``, ``--w_quality``, ...);
 a NaN or infinite term stops the run (exit code 1) before the optimizer step, so the last checkpoint stays good.
 ``--validation_prompt`` writes labelled validation grids (base and tuned rows, each image's scores) at every
 checkpoint (or every ``--validation_steps``) and at the end; ``--held_out_scorer SPEC`` scores them beside the
@@ -44,8 +46,8 @@ from qualityguide.identity import WeightIdentity
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import DEFAULT_SCORER, load_scorer
-from qualityguide.train import (PromptEncoder, batch_indices, load_image_folder, long_prompts_note,
-                                resolve_caption_column, step_generator)
+from qualityguide.train import (PromptEncoder, add_data_arguments, batch_indices, data_source, draw_variants,
+                                load_training_data, long_prompts_note, step_generator)
 from qualityguide.train.held_out import (KEEP_BEST, HeldOutGuard, KeepBestCheckpoint, checkpoint_validations,
                                          choose_export, held_out_key)
 from qualityguide.train.run import TrainingRun
@@ -66,9 +68,7 @@ def parse_args(argv=None):
     a("--scorer", default=DEFAULT_SCORER, help="quality scorer spec, optionally SPEC@SIZE (e.g. niqe-embedded@192)")
     a("--scorer_weights", default=None, help="local weights / parameter file of the scorer")
     a("--prompts", default=None, help="text file, one prompt per line: train on the base model's own samples")
-    a("--image_dir", default=None, help="image folder with metadata.csv: train on these images")
-    a("--caption_column", default=None, help="caption column of --image_dir (default: 'text' if metadata.csv has one, "
-      "else none); 'none': empty captions")
+    add_data_arguments(p, alias="--image_dir")  # train on images: --train_data_dir / --dataset_name, crops, flips
     a("--num_self_samples", type=int, default=64, help="self samples to generate (with --prompts or unconditional)")
     a("--resolution", type=int, default=None, help="image side (default: the model's native size)")
     a("--cache_dir", default=None, help="self-sample and latent cache (default OUTPUT_DIR/cache)")
@@ -123,9 +123,9 @@ def parse_args(argv=None):
             p.error(f"--{name} {getattr(args, name)}: must be >= 1")
     if args.validation_steps is not None and args.validation_steps < 1:
         p.error(f"--validation_steps {args.validation_steps}: must be >= 1")
-    if args.prompts is not None and args.image_dir is not None:
-        p.error("--prompts (train on the base model's own samples) and --image_dir (train on a folder) exclude each "
-                "other; pass one of them")
+    if args.prompts is not None and (args.train_data_dir or args.dataset_name) is not None:
+        p.error("--prompts (train on the base model's own samples) and --train_data_dir / --dataset_name (train on "
+                "images) exclude each other; pass one of them")
     return args
 
 
@@ -160,19 +160,20 @@ def acpo_config(args) -> ACPOConfig:
 def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> TrainingSamples:
     """The image folder, or the base model's own samples (generated in shares by every process), encoded once."""
     main, progress = accelerator.main_process_first, accelerator.is_main_process
-    if args.image_dir is not None:
-        caption, note = resolve_caption_column(args.image_dir, args.caption_column) if is_conditional(pipe) \
-            else (None, None)
+    if data_source(args) is not None:
         with main():
-            dataset = load_image_folder(args.image_dir, resolution, caption_column=caption, progress=progress)
-        source, made_by = "image_dir", None
-        for line in (note, long_prompts_note(pipe, dataset.captions, "captions") if caption else None):
+            dataset, note = load_training_data(args, resolution, progress=progress, conditional=is_conditional(pipe))
+        source, made_by = "image_dir" if args.train_data_dir is not None else "dataset_name", None
+        for line in (note, long_prompts_note(pipe, dataset.captions, "captions") if dataset.captions else None):
             if line and progress:
                 print(line, file=sys.stderr)
     else:
         if is_conditional(pipe) and args.prompts is None:
-            raise InputError(f"{args.model} is a prompted model: pass --prompts FILE (train on its own samples) or "
-                             "--image_dir DIR (train on a folder)")
+            raise InputError(f"{args.model} is a prompted model: pass --prompts FILE (train on its own samples), "
+                             "--train_data_dir DIR or --dataset_name NAME (train on images)")
+        if not args.center_crop or args.random_flip:
+            raise InputError("--random_crop / --random_flip augment training images (--train_data_dir, "
+                             "--dataset_name); self samples are the model's own square images: drop the flag")
         prompts = read_prompts(args.prompts) if args.prompts is not None else None
         note = long_prompts_note(pipe, prompts)
         if note and progress:
@@ -239,8 +240,9 @@ def main(argv=None) -> int:
 
     def micro_step(step: int, micro: int, s: int) -> dict:
         index = batch_indices(len(samples), args.train_batch_size, s, args.seed, world, rank)
-        clean = samples.batch(index, device, run.weight_dtype)
-        terms = loss_fn(clean, samples.conditioning(index, encoder, device),
+        variants = draw_variants(samples.variants, len(index), args.seed, s, rank)  # crops and flips
+        clean = samples.batch(index, device, run.weight_dtype, variants)
+        terms = loss_fn(clean, samples.conditioning(index, encoder, device, variants),
                         generator=step_generator(args.seed, s, rank))
         return {k: terms[k] for k in TERMS}
 

@@ -3,14 +3,17 @@
     qualityguide label photos/ --scorer pyiqa:topiq_nr --scorer pyiqa:laion_aes   # score columns in metadata.csv
     accelerate launch recipes/train_iqa_adapter.py \
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
-        --dataset photos/ --score_columns pyiqa:topiq_nr pyiqa:laion_aes --output_dir iqa-adapter \
+        --train_data_dir photos/ --score_columns pyiqa:topiq_nr pyiqa:laion_aes --output_dir iqa-adapter \
         --resolution 512 --train_batch_size 8 --mixed_precision fp16 --max_train_steps 20000
-    python recipes/train_iqa_adapter.py --model tiny:sd --dataset DIR --score_columns niqe-embedded \
+    python recipes/train_iqa_adapter.py --model tiny:sd --train_data_dir DIR --score_columns niqe-embedded \
         --resolution 64 --max_train_steps 20 --output_dir out/            # offline, CPU
 
-The dataset is an image folder with a ``metadata.csv`` (``file_name``, the score columns and, optionally, a caption
-column ``text``: without one, as ``qualityguide label`` writes it, every prompt is empty) as ``datasets``'
-imagefolder reads it. Only the adapter trains (AdamW, lr 1e-5, weight decay 1e-2, plain
+The data is ``--train_data_dir`` (``--dataset`` is an alias), an image folder with a ``metadata.csv``, ``.jsonl`` or
+``.parquet`` (``file_name``, the score columns and, optionally, a caption column ``text``: without one, as
+``qualityguide label`` writes it, every prompt is empty) as ``datasets``' imagefolder reads it, or ``--dataset_name``,
+a ``datasets`` table (``--image_column``, ``--caption_column``, the score columns). ``--random_crop`` /
+``--random_flip`` augment from encoded variants (:mod:`qualityguide.train.sources`).
+Only the adapter trains (AdamW, lr 1e-5, weight decay 1e-2, plain
 noise-prediction MSE, condition dropout text 5% / quality 1% / both 1%: IQA-Adapter's settings). Latents are
 encoded once into a cache. Checkpoints (``save_state``, adapter weights and optimizer only) every
 ``--checkpointing_steps``; rerun with ``--resume_from_checkpoint latest`` to continue exactly as an uninterrupted
@@ -41,8 +44,8 @@ from qualityguide.files import read_prompts
 from qualityguide.hub import add_hub_arguments, prepare_push, recipe_settings, run_card
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
-from qualityguide.train import (batch_indices, cache_latents, load_image_folder, long_prompts_note,
-                                resolve_caption_column, step_generator)
+from qualityguide.train import (add_data_arguments, batch_indices, cache_latents, load_training_data, long_prompts_note,
+                                step_generator)
 from qualityguide.train.run import TrainingRun
 from qualityguide.train.setup import (add_model_arguments, add_schedule_arguments, first_samples, run_training,
                                       schedule_identity)
@@ -53,13 +56,11 @@ DTYPES = {"no": None, "fp16": "fp16", "bf16": "bf16"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p, "hub id, local folder, tiny:sd, tiny:sdxl")
-    p.add_argument("--dataset", required=True, help="image folder with metadata.csv")
+    add_data_arguments(p, alias="--dataset")  # --train_data_dir / --dataset_name, columns, crops and flips
     p.add_argument("--score_columns", nargs="+", default=None, help="score columns to condition on")
     p.add_argument("--reference", default=None, help="train a reference adapter on these features instead "
                    "(brisque, niqe, pyiqa:<metric>)")
     p.add_argument("--reference_weights", default=None, help="local weights of a pyiqa: feature extractor")
-    p.add_argument("--caption_column", default=None, help="caption column (default: 'text' if metadata.csv has one, "
-                   "else none); 'none': empty prompts")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--num_tokens", type=int, default=4)
     p.add_argument("--projection", default="linear", choices=["linear", "mlp"])
@@ -152,24 +153,23 @@ def main(argv=None) -> int:
     rank, world = accelerator.process_index, accelerator.num_processes
     pipe = load_pipeline(args.model, dtype=DTYPES[args.mixed_precision], device=device, revision=args.revision,
                          variant=args.variant)
-    caption_column, note = resolve_caption_column(args.dataset, args.caption_column)
-    if note and accelerator.is_main_process:
-        print(note, file=sys.stderr)
     with accelerator.main_process_first():
-        dataset = load_image_folder(args.dataset, args.resolution, caption_column=caption_column,
-                                    score_columns=args.score_columns or (), progress=accelerator.is_main_process)
+        dataset, note = load_training_data(args, args.resolution, args.score_columns or (),
+                                           progress=accelerator.is_main_process)
+        if note and accelerator.is_main_process:
+            print(note, file=sys.stderr)
         dataset = first_samples(dataset, args.max_train_samples)
         batch_indices(len(dataset), args.train_batch_size, 0, args.seed, world, rank)  # too few images: refused now
         cache = cache_latents(dataset, pipe.vae, args.cache_dir or out / "latent_cache",
                               upcast=pipeline_upcasts_vae(pipe), progress=accelerator.is_main_process)
-    note = long_prompts_note(pipe, dataset.captions, "captions") if caption_column else None
+    note = long_prompts_note(pipe, dataset.captions, "captions") if dataset.captions is not None else None
     if note and accelerator.is_main_process:
         print(note, file=sys.stderr)
     adapter, conditions = build_adapter(args, pipe, dataset, device)
     run.check_identity({**schedule_identity(args), "adapter": asdict(adapter.config),  # a sample limit: named
                         "quantiles": getattr(adapter.quantiles, "table", None) if isinstance(adapter, IQAAdapter)
-                        else None, "files": len(dataset)},
-                       fix="resume with the same --dataset and options")
+                        else None, "files": len(dataset), **dataset.augment_identity()},
+                       fix="resume with the same data and options")
     adapter.attach(pipe, dtype=torch.float32)  # trainable weights in float32; the frozen U-Net in its own dtype
     trainer = AdapterTrainer(adapter, pipe.unet, pipe.scheduler, snr_gamma=args.snr_gamma)
     optimizer = torch.optim.AdamW(trainer.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
@@ -183,9 +183,10 @@ def main(argv=None) -> int:
         generator = step_generator(args.seed, s, rank)
         drop_text, drop_quality = dropout_masks(len(index), dropout, generator)
         captions = [dataset.captions[i] if dataset.captions is not None else "" for i in index]
-        text, added = prompts(captions, device, drop_text)
+        variants = dataset.draw_variants(len(index), args.seed, s, rank)  # crops and flips: from the cache
+        text, added = prompts(captions, device, drop_text, **dataset.micro_conditions(index, variants))
         condition = adapter.condition(conditions[index])
-        latents = cache.latents(index).to(device, pipe.unet.dtype)
+        latents = cache.latents(index, variants=variants).to(device, pipe.unet.dtype)
         return {"loss": trainer(latents, text, condition, added, drop_quality, generator)["loss"]}
 
     validator = AdapterValidation(pipe, adapter, validation, out, device, accelerator.trackers) \
@@ -202,7 +203,8 @@ def main(argv=None) -> int:
     def save():
         settings = recipe_settings(args, adapter=asdict(adapter.config), score_columns=args.score_columns,
                                    reference=args.reference, dropout=asdict(dropout), snr_gamma=args.snr_gamma,
-                                   data={"dataset": str(args.dataset), "size": len(dataset)})
+                                   data={"train_data_dir": args.train_data_dir, "dataset_name": args.dataset_name,
+                                         "size": len(dataset)})
         accelerator.unwrap_model(trainer).adapter.save_pretrained(
             out, model_card_kwargs=run_card(out, args.model, settings, push and push.repo_id))
         print(f"saved the IQA-Adapter to {out}")
