@@ -218,8 +218,8 @@ def test_kill_during_a_save_then_resume_repeats_the_uninterrupted_run(prompts, c
 
 def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(prompts, cache, tmp_path, capsys):
     out = tmp_path / "nan"
-    # the scorer sees one batch per step (quality_fraction 0.5 puts a sample below t_quality_max every step)
-    run(sd_args(prompts, cache, out, 6, ["--scorer", "test"]), expect=1,
+    # the scorer sees one batch per step (quality_fraction 1 puts every sample below t_quality_max)
+    run(sd_args(prompts, cache, out, 6, ["--scorer", "test", "--quality_fraction", "1"]), expect=1,
         patch=lambda recipe: setattr(recipe, "load_scorer", lambda *a, **k: NaNAfter(after=4)))
     err = capsys.readouterr().err
     assert "step 3: loss term 'loss' is nan" in err and "'quality' is nan" in err and "Traceback" not in err
