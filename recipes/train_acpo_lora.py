@@ -9,10 +9,12 @@
         --scorer niqe-embedded@192 --num_inference_steps 4 --max_train_steps 10 --output_dir out/     # offline, CPU
 
 Training data: with ``--prompts`` the base model's own samples (generated once with fixed seeds into
-``--cache_dir``, resumable), or an image folder with a ``metadata.csv`` (``--image_dir``, captions from
+``--cache_dir``, resumable; at ``--self_sample_guidance_scale`` 1 by default, the model's own conditional
+distribution), or an image folder with a ``metadata.csv`` (``--image_dir``, captions from
 ``--caption_column``); unconditional models (``tiny:ddpm``) take ``--image_dir`` or prompt-less self samples. Latents
-are encoded once. Loss: :class:`qualityguide.finetune.ACPOLoss` (``--w_diff``, ``--w_anchor``, ``--w_quality``, ...);
-a NaN or infinite term stops the run (exit code 1) before the optimizer step, so the last checkpoint stays good.
+are encoded once; ``--caption_dropout`` (0.1) of the samples train on the empty prompt. Loss:
+:class:`qualityguide.finetune.ACPOLoss` (``--w_diff``, ``--w_anchor``, ``--w_quality``, ...); a NaN or infinite term
+stops the run (exit code 1) before the optimizer step, so the last checkpoint stays good.
 ``--validation_prompt`` writes validation images at every checkpoint (or every ``--validation_steps``) and at the
 end.
 Checkpoints (``save_state``: LoRA weights, optimizer) every ``--checkpointing_steps``, written atomically; rerun
@@ -36,8 +38,8 @@ from tqdm.auto import tqdm
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, check_target_modules, lora_parameters, save_lora
-from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_scorer, identity_difference,
-                                            lora_identity, make_optimizer, prepare_lora_unet)
+from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, caption_dropout, check_scorer,
+                                            identity_difference, lora_identity, make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, run_validation
 from qualityguide.identity import WeightIdentity
 from qualityguide.pipelines import load_pipeline
@@ -94,7 +96,11 @@ def parse_args(argv=None):
     a("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit (CUDA only)")
     a("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     a("--num_inference_steps", type=int, default=30, help="sampler steps of self samples and validation images")
-    a("--guidance_scale", type=float, default=7.5, help="CFG scale of self samples and validation images")
+    a("--guidance_scale", type=float, default=7.5, help="CFG scale of the validation images")
+    a("--self_sample_guidance_scale", type=float, default=1.0, help="CFG scale of the self samples (default 1: the "
+      "model's own conditional distribution, the one --w_diff keeps; higher trains toward guided images)")
+    a("--caption_dropout", type=float, default=0.1, help="share of samples trained on the empty prompt, so the "
+      "unconditional branch CFG uses is trained and anchored too (0: never)")
     a("--validation_steps", type=int, default=None, help="validation images every N steps (default: at every "
       "checkpoint, when --validation_prompt is given); also at the end")
     a("--validation_prompt", default=None, help="prompt of the validation images, made at every checkpoint (or every "
@@ -111,6 +117,8 @@ def parse_args(argv=None):
                  "num_inference_steps", "num_validation_images", "num_self_samples", "rank"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if not 0 <= args.caption_dropout <= 1:
+        p.error(f"--caption_dropout {args.caption_dropout}: must be a share in [0, 1], e.g. 0.1 (0: never drop)")
     if args.validation_steps is not None and args.validation_steps < 1:
         p.error(f"--validation_steps {args.validation_steps}: must be >= 1")
     if args.prompts is not None and args.image_dir is not None:
@@ -147,7 +155,8 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
         if note and progress:
             print(note, file=sys.stderr)
         settings = SelfSampleSettings.for_pipeline(pipe, prompts, args.num_self_samples, resolution,
-                                                   args.num_inference_steps, args.guidance_scale, args.seed, args.model)
+                                                   args.num_inference_steps, args.self_sample_guidance_scale, args.seed,
+                                                   args.model)
         with main():
             open_self_samples(pipe, settings, cache / "self_samples")
         generate_self_samples(pipe, settings, cache / "self_samples", process_index=accelerator.process_index,
@@ -191,7 +200,8 @@ def main(argv=None) -> int:
     base_identity = WeightIdentity.of({"unet": pipe.unet})
     lora = prepare_lora_unet(pipe.unet, args.rank, args.lora_alpha, targets, args.gradient_checkpointing, args.seed)
     identity = {**schedule_identity(args), "lora": lora_identity(lora), "acpo": config.to_dict(),  # the cause first
-                "data": samples.identity, "scorer": scorer.name, "model_class": type(pipe.unet).__name__}
+                "data": samples.identity, "scorer": scorer.name, "model_class": type(pipe.unet).__name__,
+                "caption_dropout": args.caption_dropout}
     if resume is not None:
         why = identity_difference((read_marker(resume).get("extra") or {}).get("identity"), identity)
         if why is not None:
@@ -223,9 +233,10 @@ def main(argv=None) -> int:
             s = step * accum + micro
             index = batch_indices(len(samples), args.train_batch_size, s, args.seed, world, rank)
             clean = samples.batch(index, device, weight_dtype)
+            generator = step_generator(args.seed, s, rank)  # caption dropout, then the loss's timesteps and noise
+            drop = caption_dropout(len(index), args.caption_dropout, generator)
             with accelerator.no_sync(unet) if micro < accum - 1 else nullcontext():
-                terms = loss_fn(clean, samples.conditioning(index, encoder, device), generator=step_generator(
-                    args.seed, s, rank))
+                terms = loss_fn(clean, samples.conditioning(index, encoder, device, drop), generator=generator)
                 accelerator.backward(terms["loss"] / accum)
             sums = {k: sums[k] + terms[k].detach().float() / accum for k in TERMS}
         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
