@@ -30,27 +30,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, check_target_modules, lora_parameters, save_lora
 from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, caption_dropout, check_scorer,
-                                            identity_difference, lora_identity, make_optimizer, prepare_lora_unet)
+                                            lora_identity, make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, run_validation
 from qualityguide.identity import WeightIdentity
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import DEFAULT_SCORER, load_scorer
-from qualityguide.train import (CheckpointManager, PromptEncoder, batch_indices, check_step_finite, load_image_folder,
-                                long_prompts_note, make_accelerator, mean_over_processes, read_marker,
+from qualityguide.train import (PromptEncoder, batch_indices, load_image_folder, long_prompts_note,
                                 resolve_caption_column, step_generator)
-from qualityguide.train.log import StepLog
-from qualityguide.train.setup import (add_model_arguments, add_schedule_arguments, check_schedule_arguments,
-                                      first_samples, make_lr_scheduler, run_training, schedule_identity)
+from qualityguide.train.run import TrainingRun
+from qualityguide.train.setup import (add_model_arguments, add_schedule_arguments, first_samples, run_training,
+                                      schedule_identity)
 from qualityguide.train.self_samples import (SelfSampleSettings, generate_self_samples, is_conditional,
                                              load_self_samples, native_resolution, open_self_samples, read_prompts)
 
@@ -173,18 +169,17 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
 def main(argv=None) -> int:
     quiet_third_party()
     args = parse_args(argv)
-    check_schedule_arguments(args)
     config = acpo_config(args)
-    out = Path(args.output_dir)
-    accelerator, weight_dtype = make_accelerator(out, args.mixed_precision, args.report_to)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    run = TrainingRun(args, "train_acpo_lora", "ACPO")
+    accelerator, device, out = run.accelerator, run.device, run.output_dir
     scorer = load_scorer(args.scorer, weights=args.scorer_weights, device=device)
     check_scorer(scorer, config)
-    pipe = load_pipeline(args.model, dtype=weight_dtype, device=device, revision=args.revision, variant=args.variant)
+    pipe = load_pipeline(args.model, dtype=run.weight_dtype, device=device, revision=args.revision,
+                         variant=args.variant)
     targets = check_target_modules(pipe.unet, args.lora_target_modules and args.lora_target_modules.split(","))
     resolution = args.resolution or native_resolution(pipe)
     check_scorer(scorer, config, resolution)
-    validation, validation_every = None, args.validation_steps or args.checkpointing_steps
+    validation = None
     if args.validation_steps is not None or args.validation_prompt is not None:
         validation = ValidationSettings(args.validation_prompt if is_conditional(pipe) else None,
                                         args.num_validation_images, resolution, args.num_inference_steps,
@@ -193,79 +188,49 @@ def main(argv=None) -> int:
             raise InputError("--validation_steps needs --validation_prompt TEXT for a prompted model")
     samples = training_samples(args, accelerator, pipe, resolution, Path(args.cache_dir or out / "cache"))
 
-    manager = CheckpointManager(out, args.checkpoints_total_limit)
-    resume = manager.resolve(args.resume_from_checkpoint)
-    if resume is not None:
-        LoraCheckpointing.check_base(resume, pipe.unet)  # before the adapter changes the U-Net's parameters
+    if run.resume_path is not None:
+        LoraCheckpointing.check_base(run.resume_path, pipe.unet)  # before the adapter changes the U-Net's weights
     base_identity = WeightIdentity.of({"unet": pipe.unet})
     lora = prepare_lora_unet(pipe.unet, args.rank, args.lora_alpha, targets, args.gradient_checkpointing, args.seed)
-    identity = {**schedule_identity(args), "lora": lora_identity(lora), "acpo": config.to_dict(),  # the cause first
-                "data": samples.identity, "scorer": scorer.name, "model_class": type(pipe.unet).__name__,
-                "caption_dropout": args.caption_dropout}
-    if resume is not None:
-        why = identity_difference((read_marker(resume).get("extra") or {}).get("identity"), identity)
-        if why is not None:
-            raise InputError(f"{resume} was saved for other settings ({why}); resume with the same settings, or use "
-                             "a new --output_dir")
+    run.check_identity({**schedule_identity(args), "lora": lora_identity(lora), "acpo": config.to_dict(),
+                        "data": samples.identity, "scorer": scorer.name, "model_class": type(pipe.unet).__name__,
+                        "caption_dropout": args.caption_dropout})
     optimizer = make_optimizer(lora_parameters(pipe.unet), args.learning_rate, args.adam_weight_decay,
                                args.use_8bit_adam, device)
     LoraCheckpointing(pipe.unet, base_identity).register(accelerator)
-    lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps,
-                                     accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
+    unet = run.prepare(pipe.unet, optimizer)  # the loss calls the prepared (DDP) U-Net, which syncs gradients
     pipe.unet.train()
-    vae = getattr(pipe, "vae", None)  # the loss calls the prepared (DDP) U-Net, which syncs gradients
+    vae = getattr(pipe, "vae", None)
     loss_fn = ACPOLoss(unet, pipe.scheduler, scorer, config, vae=vae,
                        upcast_vae=vae is not None and pipeline_upcasts_vae(pipe))
-    params = lora_parameters(pipe.unet)
     encoder = PromptEncoder(pipe, resolution) if is_conditional(pipe) else None
-    start = manager.load(accelerator, resume)[0] if resume is not None else 0
-    if accelerator.log_with:
-        accelerator.init_trackers("train_acpo_lora", config={k: v for k, v in vars(args).items()
-                                                             if isinstance(v, (int, float, str, bool))})
-    log = StepLog(out, start) if accelerator.is_main_process else None
-    accum = args.gradient_accumulation_steps
-    progress = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="ACPO",
-                    disable=not accelerator.is_main_process)
-    for step in progress:
-        sums = dict.fromkeys(TERMS, 0.0)
-        for micro in range(accum):
-            s = step * accum + micro
-            index = batch_indices(len(samples), args.train_batch_size, s, args.seed, world, rank)
-            clean = samples.batch(index, device, weight_dtype)
-            generator = step_generator(args.seed, s, rank)  # caption dropout, then the loss's timesteps and noise
-            drop = caption_dropout(len(index), args.caption_dropout, generator)
-            with accelerator.no_sync(unet) if micro < accum - 1 else nullcontext():
-                terms = loss_fn(clean, samples.conditioning(index, encoder, device, drop), generator=generator)
-                accelerator.backward(terms["loss"] / accum)
-            sums = {k: sums[k] + terms[k].detach().float() / accum for k in TERMS}
-        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        values = mean_over_processes(sums, accelerator)  # NaN on any process reaches all: they stop together
-        check_step_finite(values, grad_norm, step, args.mixed_precision)
-        values["lr"] = lr_scheduler.get_last_lr()[0]  # the lr this step uses
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if log is not None:
-            log.write(step, values)
-            progress.set_postfix(loss=f"{values['loss']:.4f}", quality=f"{values['quality']:.3f}")
-        accelerator.log(values, step=step)
-        if (step + 1) % args.checkpointing_steps == 0:
-            manager.save(accelerator, step + 1, extra={"identity": identity})
-        if validation is not None and ((step + 1) % validation_every == 0 or step + 1 == args.max_train_steps):
-            if accelerator.is_main_process:
-                with accelerator.autocast():
-                    scores = run_validation(pipe, validation, step + 1, out, scorer, accelerator.trackers)
-                accelerator.log(scores, step=step)
-            accelerator.wait_for_everyone()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        log.close()
+    run.load()
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def micro_step(step: int, micro: int, s: int) -> dict:
+        index = batch_indices(len(samples), args.train_batch_size, s, args.seed, world, rank)
+        clean = samples.batch(index, device, run.weight_dtype)
+        generator = step_generator(args.seed, s, rank)  # caption dropout, then the loss's timesteps and noise
+        drop = caption_dropout(len(index), args.caption_dropout, generator)
+        terms = loss_fn(clean, samples.conditioning(index, encoder, device, drop), generator=generator)
+        return {k: terms[k] for k in TERMS}
+
+    def validate(done: int) -> dict:
+        scores = {}
+        if accelerator.is_main_process:
+            with accelerator.autocast():
+                scores = run_validation(pipe, validation, done, out, scorer, accelerator.trackers)
+        return scores
+
+    run.train(micro_step, lora_parameters(pipe.unet), len(samples), validate if validation is not None else None,
+              postfix=("loss", "quality"))
+
+    def save():
         path = save_lora(pipe.unet, out)
         print(f"saved the ACPO LoRA to {path}")
-    del unet, optimizer, lr_scheduler, loss_fn  # a gloo process that exits still holding DDP can abort (torch 2.14)
-    accelerator.free_memory()
-    accelerator.end_training()
+        return path
+
+    run.finish(save)
     return 0
 
 

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -35,16 +33,13 @@ from tqdm.auto import tqdm
 from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter, ScoreQuantiles
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptEncoder, dropout_masks
 from qualityguide.diffusion import pipeline_upcasts_vae
-from qualityguide.errors import InputError
-from qualityguide.finetune.training import identity_difference
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
-from qualityguide.train import (CheckpointManager, batch_indices, cache_latents, check_step_finite, load_image_folder,
-                                long_prompts_note, make_accelerator, mean_over_processes, read_marker,
+from qualityguide.train import (batch_indices, cache_latents, load_image_folder, long_prompts_note,
                                 resolve_caption_column, step_generator)
-from qualityguide.train.log import StepLog
-from qualityguide.train.setup import (add_model_arguments, add_schedule_arguments, check_schedule_arguments,
-                                      first_samples, make_lr_scheduler, run_training, schedule_identity)
+from qualityguide.train.run import TrainingRun
+from qualityguide.train.setup import (add_model_arguments, add_schedule_arguments, first_samples, run_training,
+                                      schedule_identity)
 
 DTYPES = {"no": None, "fp16": "fp16", "bf16": "bf16"}
 
@@ -109,10 +104,9 @@ def build_adapter(args, pipe, dataset, device):
 def main(argv=None) -> int:
     quiet_third_party()
     args = parse_args(argv)
-    check_schedule_arguments(args)
-    out = Path(args.output_dir)
-    accelerator, _ = make_accelerator(out, args.mixed_precision, args.report_to)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    run = TrainingRun(args, "train_iqa_adapter", "IQA-Adapter")
+    accelerator, device, out = run.accelerator, run.device, run.output_dir
+    rank, world = accelerator.process_index, accelerator.num_processes
     pipe = load_pipeline(args.model, dtype=DTYPES[args.mixed_precision], device=device, revision=args.revision,
                          variant=args.variant)
     caption_column, note = resolve_caption_column(args.dataset, args.caption_column)
@@ -129,71 +123,36 @@ def main(argv=None) -> int:
     if note and accelerator.is_main_process:
         print(note, file=sys.stderr)
     adapter, conditions = build_adapter(args, pipe, dataset, device)
+    run.check_identity({**schedule_identity(args), "adapter": asdict(adapter.config),  # a sample limit: named
+                        "quantiles": getattr(adapter.quantiles, "table", None) if isinstance(adapter, IQAAdapter)
+                        else None, "files": len(dataset)},
+                       fix="resume with the same --dataset and options")
     adapter.attach(pipe, dtype=torch.float32)  # trainable weights in float32; the frozen U-Net in its own dtype
     trainer = AdapterTrainer(adapter, pipe.unet, pipe.scheduler, snr_gamma=args.snr_gamma)
     optimizer = torch.optim.AdamW(trainer.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps,
-                                     accelerator.num_processes)
-    trainer, optimizer, lr_scheduler = accelerator.prepare(trainer, optimizer, lr_scheduler)
+    trainer = run.prepare(trainer, optimizer)
     dropout = DropoutConfig(args.p_text, args.p_quality, args.p_both)
     prompts = PromptEncoder(pipe, args.resolution)
-    manager = CheckpointManager(out, args.checkpoints_total_limit)
-    identity = {**schedule_identity(args), "adapter": asdict(adapter.config),  # a sample limit: named, not its effects
-                "quantiles": getattr(adapter.quantiles, "table", None) if isinstance(adapter, IQAAdapter) else None,
-                "files": len(dataset)}
-    start = 0
-    path = manager.resolve(args.resume_from_checkpoint)
-    if path is not None:
-        why = identity_difference((read_marker(path).get("extra") or {}).get("identity"), identity)
-        if why is not None:
-            raise InputError(f"{path} was saved for another adapter or dataset ({why}); resume with the same "
-                             "--dataset and options, or use a new --output_dir")
-        start, _ = manager.load(accelerator, path)
-    if accelerator.log_with:
-        accelerator.init_trackers("train_iqa_adapter", config={k: v for k, v in vars(args).items()
-                                                               if isinstance(v, (int, float, str, bool))})
-    log = StepLog(out, start) if accelerator.is_main_process else None
-    accum = args.gradient_accumulation_steps
-    progress = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps,
-                    desc="IQA-Adapter", disable=not accelerator.is_main_process)
-    for step in progress:
-        total = 0.0
-        for micro in range(accum):
-            s = step * accum + micro
-            index = batch_indices(len(dataset), args.train_batch_size, s, args.seed, world, rank)
-            generator = step_generator(args.seed, s, rank)
-            drop_text, drop_quality = dropout_masks(len(index), dropout, generator)
-            captions = [dataset.captions[i] if dataset.captions is not None else "" for i in index]
-            text, added = prompts(captions, device, drop_text)
-            condition = adapter.condition(conditions[index])
-            latents = cache.latents(index).to(device, pipe.unet.dtype)
-            sync = accelerator.no_sync(trainer) if micro < accum - 1 else nullcontext()
-            with sync:
-                loss = trainer(latents, text, condition, added, drop_quality, generator)["loss"] / accum
-                accelerator.backward(loss)
-            total = total + loss.detach()
-        grad_norm = accelerator.clip_grad_norm_(trainer.parameters(), args.max_grad_norm)
-        check_step_finite({"loss": total}, grad_norm, step, args.mixed_precision)
-        lr = lr_scheduler.get_last_lr()[0]  # the lr this step uses
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        values = {**mean_over_processes({"loss": total}, accelerator), "lr": lr}
-        if log is not None:
-            log.write(step, values)
-            progress.set_postfix(loss=f"{values['loss']:.4f}")
-        accelerator.log(values, step=step)
-        if (step + 1) % args.checkpointing_steps == 0:
-            manager.save(accelerator, step + 1, extra={"identity": identity})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        log.close()
-        final = accelerator.unwrap_model(trainer).adapter
-        final.save_pretrained(out)
+    run.load()
+
+    def micro_step(step: int, micro: int, s: int) -> dict:
+        index = batch_indices(len(dataset), args.train_batch_size, s, args.seed, world, rank)
+        generator = step_generator(args.seed, s, rank)
+        drop_text, drop_quality = dropout_masks(len(index), dropout, generator)
+        captions = [dataset.captions[i] if dataset.captions is not None else "" for i in index]
+        text, added = prompts(captions, device, drop_text)
+        condition = adapter.condition(conditions[index])
+        latents = cache.latents(index).to(device, pipe.unet.dtype)
+        return {"loss": trainer(latents, text, condition, added, drop_quality, generator)["loss"]}
+
+    run.train(micro_step, trainer.parameters(), len(dataset))
+
+    def save():
+        accelerator.unwrap_model(trainer).adapter.save_pretrained(out)
         print(f"saved the IQA-Adapter to {out}")
-    del trainer, optimizer, lr_scheduler  # a gloo process that exits still holding DDP can abort (torch 2.14)
-    accelerator.free_memory()
-    accelerator.end_training()
+        return out
+
+    run.finish(save)
     return 0
 
 

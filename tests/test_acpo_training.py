@@ -17,10 +17,10 @@ from qualityguide.diffusion import encode_images
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, lora_parameters
 from qualityguide.finetune.training import (BASE_IDENTITY_NAME, LORA_STATE_NAME, LoraCheckpointing, TrainingSamples,
-                                            caption_dropout, check_scorer, identity_difference, make_optimizer,
-                                            prepare_lora_unet)
+                                            caption_dropout, check_scorer, make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, run_validation
 from qualityguide.images import make_grid
+from qualityguide.train.run import identity_difference
 from qualityguide.train.setup import check_mixed_precision, check_report_to
 from qualityguide.identity import WeightIdentity, WeightsMismatchError
 from qualityguide.testing import tiny_ddpm, tiny_sd, tiny_sdxl

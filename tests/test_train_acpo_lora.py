@@ -96,7 +96,9 @@ def test_end_to_end_export_loads_into_a_fresh_pipeline(prompts, cache, tmp_path)
                                          "--lora_alpha", "4"]))
     log = read_log(out)
     assert [r["step"] for r in log] == [0, 1, 2, 3]
-    assert all(set(r) == {"step", "lr", "loss", "diffusion", "anchor", "quality"} for r in log)
+    terms = {"step", "lr", "grad_norm", "loss", "diffusion", "anchor", "quality"}
+    assert all(set(r) == terms for r in log[:3]) and set(log[3]) == terms | {"validation/quality"}  # at the end
+    assert all(r["grad_norm"] > 0 for r in log)
     assert log[0]["anchor"] == 0.0 and log[-1]["anchor"] > 0  # starts at the base model, then drifts
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "validation" / "step-4" / "grid.png").is_file()
@@ -104,7 +106,7 @@ def test_end_to_end_export_loads_into_a_fresh_pipeline(prompts, cache, tmp_path)
 
     events = list((out / "logs").rglob("events.out.tfevents.*"))  # tensorboard (installed): the default tracker
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()
-    assert {"loss", "diffusion", "anchor", "quality", "validation/quality"} <= set(tags["scalars"])
+    assert {"loss", "diffusion", "anchor", "quality", "lr", "grad_norm", "validation/quality"} <= set(tags["scalars"])
     assert "validation" in tags["images"]
     assert len(list((cache / "self_samples").glob("*.png"))) == 4
 
@@ -384,15 +386,16 @@ def test_self_samples_at_guidance_1_and_caption_dropout_from_the_step_generator(
     assert any(d.any() for d in drops) and not all(d.all() for d in drops)
 
 
-def test_cosine_schedule_resumes_with_the_same_lr_and_losses(prompts, cache, tmp_path):
+def test_cosine_schedule_resumes_with_the_same_lr_and_losses(prompts, cache, tmp_path, monkeypatch):
     schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]
     full = tmp_path / "full"
     run(sd_args(prompts, cache, full, 6, schedule))
     expected = read_log(full)
     assert [r["lr"] for r in expected] == pytest.approx([cosine_with_warmup(3e-3, 2, 6, s) for s in range(6)], rel=1e-6)
     part = tmp_path / "part"  # killed after checkpoint-4, with step 4 logged
-    run(sd_args(prompts, cache, part, 6, schedule), patch=lambda recipe: setattr(recipe, "StepLog", log_killed_at(5)),
-        expect=130)
+    monkeypatch.setattr("qualityguide.train.run.StepLog", log_killed_at(5))  # the run skeleton's log
+    run(sd_args(prompts, cache, part, 6, schedule), expect=130)
+    monkeypatch.undo()
     assert [r["step"] for r in read_log(part)] == [0, 1, 2, 3, 4]
     run(sd_args(prompts, cache, part, 6, [*schedule, "--resume_from_checkpoint", "latest"]))  # from checkpoint-4
     assert read_log(part) == expected  # lr and every loss term, bit for bit

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -196,16 +195,6 @@ class LoraCheckpointing:
         WeightIdentity.load(path).check({"unet": unet}, what=f"checkpoint {directory} was trained on another base "
                                         "U-Net", fix="resume with the --model it was trained from, or use a new "
                                         "--output_dir")
-
-
-def identity_difference(stored: dict | None, current: dict) -> str | None:
-    """The first top-level field where a checkpoint's identity differs from this run's, as a message; else None."""
-    stored = stored if isinstance(stored, dict) else {}
-    for key, value in current.items():
-        if stored.get(key) != value:
-            there, here = (json.dumps(v, sort_keys=True) for v in (stored.get(key), value))
-            return f"{key}={there} there, {here} here"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------- data
