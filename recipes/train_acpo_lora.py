@@ -75,7 +75,7 @@ def parse_args(argv=None):
     a("--w_quality", type=float, default=DEFAULTS.w_quality, help="weight of the mean quality score (maximised)")
     a("--t_quality_max", type=int, default=DEFAULTS.t_quality_max, help="quality term on timesteps <= this")
     a("--quality_fraction", type=float, default=DEFAULTS.quality_fraction,
-      help="share of each batch drawn in [0, t_quality_max]")
+      help="probability that a sample's timestep is drawn in [0, t_quality_max] (per sample; else above it)")
     a("--quality_input", default=DEFAULTS.quality_input, choices=["one_step", "k_step"])
     a("--k_steps", type=int, default=DEFAULTS.k_steps, help="DDIM steps of the k_step quality input")
     a("--k_grad_steps", type=int, default=DEFAULTS.k_grad_steps, help="last k steps with gradients (default all)")
