@@ -113,8 +113,9 @@ def parse_args(argv=None):
                  "num_inference_steps", "num_validation_images", "num_self_samples", "rank"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: must be >= 1")
-    if not 0 <= args.caption_dropout <= 1:
-        p.error(f"--caption_dropout {args.caption_dropout}: must be a share in [0, 1], e.g. 0.1 (0: never drop)")
+    if not 0 <= args.caption_dropout <= 1:  # NaN too
+        raise InputError(f"--caption_dropout {args.caption_dropout}: must be a share in [0, 1], e.g. 0.1 (0: never "
+                         "drop)")
     if args.validation_steps is not None and args.validation_steps < 1:
         p.error(f"--validation_steps {args.validation_steps}: must be >= 1")
     if args.prompts is not None and args.image_dir is not None:

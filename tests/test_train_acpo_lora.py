@@ -432,6 +432,8 @@ def test_diffusers_flag_names_parse_like_the_old_ones(prompts):
     (["--variant", "fp16"], "variant 'fp16' with the offline model 'tiny:sd'"),
     (["--lr_scheduler", "cosine_restarts"], "allowed: constant, .*Did you mean 'cosine_with_restarts'"),
     (["--max_train_samples", "-2"], "--max_train_samples -2: must be >= 1"),
+    (["--caption_dropout", "1.5"], r"--caption_dropout 1\.5: must be a share in \[0, 1\]"),
+    (["--caption_dropout", "nan"], r"--caption_dropout nan: must be a share in \[0, 1\]"),
 ])
 def test_bad_schedule_and_model_options_exit_2_with_one_line(prompts, cache, tmp_path, capsys, extra, match):
     argv = sd_args(prompts, cache, tmp_path / "o", 1, extra)
