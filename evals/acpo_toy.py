@@ -25,7 +25,7 @@ real model reaches.
 
 Writes ``evals/results/acpo_toy/{summary.json, results.md, tradeoff.png, grid.png}`` and prints the JSON;
 ``grid.png`` has a row per model (base, then each anchor weight) and under each sample its guiding score (g), its
-held-out score (h) and the judge's P(clean) (c).
+held-out score (h), and the judge's P(clean) (c) and predicted level (l).
 """
 
 from __future__ import annotations
@@ -169,11 +169,12 @@ def judge_direction(p_clean: dict, level: dict) -> str:
 
 def grid_labels(keys: list, scores: dict, verdicts: dict, columns: int) -> tuple[list[str], list[str]]:
     """``(captions, row_labels)`` of the sample grid: a row per model in ``keys`` (``"base"``, then anchor weights),
-    its first ``columns`` samples, each captioned with its guiding score ``g``, held-out score ``h`` and the judge's
-    P(clean) ``c``."""
+    its first ``columns`` samples, each captioned with its guiding score ``g``, held-out score ``h``, and the judge's
+    P(clean) ``c`` and predicted distortion level ``l`` (0 clean ... 3)."""
     rows = ["base" if key == "base" else f"w_anchor {key:g}" for key in keys]
     captions = [f"g {scores['guiding'][key][i]:.1f}\nh {scores['held_out'][key][i]:.2f}\n"
-                f"c {float(verdicts[key]['p_clean'][i]):.2f}" for key in keys for i in range(columns)]
+                f"c {float(verdicts[key]['p_clean'][i]):.2f} l {float(verdicts[key]['level'][i]):.1f}"
+                for key in keys for i in range(columns)]
     return captions, rows
 
 
@@ -184,7 +185,7 @@ def save_labelled_grid(samples: dict, scores: dict, verdicts: dict, columns: int
     images = torch.cat([samples[k][:columns] for k in keys])
     images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
     captions, rows = grid_labels(keys, scores, verdicts, columns)
-    legend = ["g guiding score, h held-out score, c judge's P(clean)"] + [""] * (columns - 1)
+    legend = ["g guiding score, h held-out score, c judge's P(clean), l its level (0-3)"] + [""] * (columns - 1)
     grid = make_grid(images, columns, captions=captions, row_labels=rows, column_labels=legend, padding=2,
                      background="white")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -179,11 +179,12 @@ def test_acpo_toy_grid_is_labelled_by_model_with_each_samples_scores():
     acpo_toy = _load("acpo_toy")
     scores = {"guiding": {"base": np.array([10.0, 20.0]), 3.0: np.array([30.5, 40.25])},
               "held_out": {"base": np.array([-1.0, -2.0]), 3.0: np.array([-3.5, np.nan])}}
-    verdicts = {"base": {"p_clean": torch.tensor([0.1, 0.2])}, 3.0: {"p_clean": torch.tensor([0.25, 0.875])}}
+    verdicts = {"base": {"p_clean": torch.tensor([0.1, 0.2]), "level": torch.tensor([2.0, 1.25])},
+                3.0: {"p_clean": torch.tensor([0.25, 0.875]), "level": torch.tensor([0.5, 3.0])}}
     captions, rows = acpo_toy.grid_labels(["base", 3.0], scores, verdicts, 2)
     assert rows == ["base", "w_anchor 3"]
-    assert captions == ["g 10.0\nh -1.00\nc 0.10", "g 20.0\nh -2.00\nc 0.20", "g 30.5\nh -3.50\nc 0.25",
-                        "g 40.2\nh nan\nc 0.88"]
+    assert captions == ["g 10.0\nh -1.00\nc 0.10 l 2.0", "g 20.0\nh -2.00\nc 0.20 l 1.2",
+                        "g 30.5\nh -3.50\nc 0.25 l 0.5", "g 40.2\nh nan\nc 0.88 l 3.0"]
     assert acpo_toy.judge_direction({"gain_ci95": [0.01, 0.2]}, {"gain_ci95": [-0.5, -0.1]}) == "toward clean"
     assert acpo_toy.judge_direction({"gain_ci95": [-0.2, -0.01]}, {"gain_ci95": [0.1, 0.5]}) == "away from clean"
     assert acpo_toy.judge_direction({"gain_ci95": [-0.01, 0.2]}, {"gain_ci95": [-0.5, -0.1]}) == "no clear move"
