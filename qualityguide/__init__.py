@@ -10,6 +10,7 @@ import sys  # noqa: E402
 from .errors import ImageError, InputError, QualityGuideError, WeightsNotFoundError  # noqa: E402
 from .images import load_image, to_batch  # noqa: E402
 from .scorers import QualityScorer, load_scorer, register_scorer_prefix  # noqa: E402
+from .scorers.labelling import label_dataset  # noqa: E402
 
 # Where modules users may import by their old path live now (README "How the code is laid out"). The old
 # path gives the very same module object, imported on first use, so patches and ``isinstance`` still agree.
@@ -81,5 +82,5 @@ def load_pipeline(spec, **kwargs):
     return _load(spec, **kwargs)
 
 
-__all__ = ["__version__", "load_scorer", "load_pipeline", "load_image", "to_batch", "QualityScorer",
+__all__ = ["__version__", "load_scorer", "load_pipeline", "label_dataset", "load_image", "to_batch", "QualityScorer",
            "QualityGuideError", "InputError", "ImageError", "WeightsNotFoundError"]

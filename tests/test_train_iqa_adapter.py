@@ -323,7 +323,7 @@ def test_quantiles_and_conditions_come_from_each_score_column(dataset, accumulat
         assert condition[:, 2].tolist() == [1.0] * len(items)
 
 
-def test_cosine_schedule_resumes_with_the_same_lr_and_losses(dataset, tmp_path, monkeypatch):
+def test_cosine_schedule_resumes_with_the_same_lr_and_losses(dataset, tmp_path, monkeypatch, capsys):
     from qualityguide.errors import InputError
 
     schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]
@@ -337,7 +337,13 @@ def test_cosine_schedule_resumes_with_the_same_lr_and_losses(dataset, tmp_path, 
     reset_accelerate()
     monkeypatch.undo()
     assert [r["step"] for r in read_log(part)] == [0, 1, 2, 3, 4]
+    capsys.readouterr()
     resumed = run(dataset, part, 6, [*schedule, "--resume_from_checkpoint", "latest"])  # from checkpoint-4
+    lines = capsys.readouterr().err  # the run skeleton's log lines, as diffusers' scripts print them
+    for line in ("Running training (train_iqa_adapter)", "Num examples = 12", "Total optimization steps = 6 "
+                 "(starting at step 4)", "Resuming from checkpoint-4 at step 4", "Saved checkpoint-6 (step 6)",
+                 f"Outputs in {part}"):
+        assert line in lines
     assert [r["step"] for r in resumed] == list(range(6))
     assert resumed == full  # lr and loss of every step, bit for bit
 

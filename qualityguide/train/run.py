@@ -117,15 +117,23 @@ def train_step(accelerator, model, optimizer, lr_scheduler, params: Iterable[tor
     return values
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a line is logged (not when it was made), so lines
+    follow a redirected or captured stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _console_logging() -> None:
     """Show this package's INFO lines (the run's progress lines) on stderr, as diffusers' scripts do with
     ``logging.basicConfig``, without turning on every other library's INFO logging."""
     logger = logging.getLogger(LOGGER_NAME)
-    if not any(getattr(h, "_qualityguide_run", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s",
                                                datefmt="%m/%d/%Y %H:%M:%S"))
-        handler._qualityguide_run = True
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
