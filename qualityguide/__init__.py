@@ -75,6 +75,17 @@ register_scorer_prefix("lgdm", _load_lgdm_scorer, "LGDM: diffusion hyperfeatures
                        weights_refusal="the head folder holds the weights")
 
 
+def _load_test_scorer(name, **kwargs):
+    """``testing:<name>``: scorers with hand-known values for tests and tiny recipe runs (:mod:`.testing`)."""
+    from .testing import load_test_scorer
+
+    return load_test_scorer(name, **kwargs)
+
+
+register_scorer_prefix("testing", _load_test_scorer, "test scorers with hand-known values (brightness, darkness)",
+                       argument="brightness|darkness", weights_refusal="test scorers take no weights")
+
+
 def load_pipeline(spec, **kwargs):
     """Load a diffusers pipeline from ``tiny:<name>``, a hub id or a local folder (see :mod:`qualityguide.pipelines`)."""
     from .pipelines import load_pipeline as _load

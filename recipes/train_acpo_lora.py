@@ -15,8 +15,10 @@ distribution), or an image folder with a ``metadata.csv`` (``--image_dir``, capt
 are encoded once; ``--caption_dropout`` (0.1) of the samples train on the empty prompt. Loss:
 :class:`qualityguide.finetune.ACPOLoss` (``--w_diff``, ``--w_anchor``, ``--w_quality``, ...); a NaN or infinite term
 stops the run (exit code 1) before the optimizer step, so the last checkpoint stays good.
-``--validation_prompt`` writes validation images at every checkpoint (or every ``--validation_steps``) and at the
-end.
+``--validation_prompt`` writes labelled validation grids (base and tuned rows, each image's scores) at every
+checkpoint (or every ``--validation_steps``) and at the end; ``--held_out_scorer SPEC`` scores them beside the
+guiding scorer and warns when the two part, ``--keep_best held_out`` exports the checkpoint with the best held-out
+score (:mod:`qualityguide.train.held_out`). ``OUTPUT_DIR/training_curves.png`` is redrawn at each checkpoint.
 Checkpoints (``save_state``: LoRA weights, optimizer) every ``--checkpointing_steps``, written atomically; rerun
 with ``--resume_from_checkpoint latest`` to continue exactly as an uninterrupted run would. The result is
 ``OUTPUT_DIR/pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(OUTPUT_DIR)``); for a pixel-space
@@ -35,16 +37,21 @@ from pathlib import Path
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, check_target_modules, lora_parameters, save_lora
+from qualityguide.finetune.lora import PEFT_WEIGHT_NAME
 from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, caption_dropout, check_scorer,
                                             lora_identity, make_optimizer, prepare_lora_unet)
-from qualityguide.finetune.validation import ValidationSettings, run_validation
+from qualityguide.finetune.validation import ACPOValidation, ValidationSettings
+from qualityguide.hub import add_hub_arguments, prepare_push, recipe_settings, run_card, scorer_entry, write_model_card
 from qualityguide.identity import WeightIdentity
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.scorers import DEFAULT_SCORER, load_scorer
 from qualityguide.train import (PromptEncoder, batch_indices, load_image_folder, long_prompts_note,
                                 resolve_caption_column, step_generator)
+from qualityguide.train.held_out import (KEEP_BEST, HeldOutGuard, KeepBestCheckpoint, checkpoint_validations,
+                                         choose_export, held_out_key)
 from qualityguide.train.run import TrainingRun
+from qualityguide.train.validation import too_small
 from qualityguide.train.setup import (add_model_arguments, add_schedule_arguments, first_samples, run_training,
                                       schedule_identity)
 from qualityguide.train.self_samples import (SelfSampleSettings, generate_self_samples, is_conditional,
@@ -102,12 +109,19 @@ def parse_args(argv=None):
     a("--validation_prompt", default=None, help="prompt of the validation images, made at every checkpoint (or every "
       "--validation_steps) and at the end")
     a("--num_validation_images", type=int, default=4)
+    a("--held_out_scorer", action="append", default=[], metavar="SPEC", help="a scorer the loss never sees, scored "
+      "on every validation image beside --scorer (repeatable); the gap is logged and plotted, and a warning says "
+      "when the guiding score rises while a held-out one falls")
+    a("--keep_best", default=None, choices=KEEP_BEST, help="held_out: keep the checkpoint with the best (first) "
+      "held-out validation score, spared by --checkpoints_total_limit, and export it as the run's LoRA (the last "
+      "step's goes to OUTPUT_DIR/last)")
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", default=None, help="'latest', a checkpoint name or path")
     a("--report_to", default=None, help="accelerate tracker(s): tensorboard, wandb, ..., all, none (default: "
       "tensorboard when installed)")
     a("--seed", type=int, default=0)
+    add_hub_arguments(p)
     args = p.parse_args(argv)
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "num_inference_steps", "num_validation_images", "num_self_samples", "rank"):
@@ -122,6 +136,27 @@ def parse_args(argv=None):
         p.error("--prompts (train on the base model's own samples) and --image_dir (train on a folder) exclude each "
                 "other; pass one of them")
     return args
+
+
+def held_out_scorers(args, validation, device) -> dict:
+    """``--held_out_scorer`` specs as ``{spec: scorer}``; refused without validation images to score, twice, or equal
+    to ``--scorer``, and ``--keep_best`` without one."""
+    if args.keep_best is not None and not args.held_out_scorer:
+        raise InputError(f"--keep_best {args.keep_best} ranks checkpoints by a held-out score: pass --held_out_scorer "
+                         "SPEC (e.g. --held_out_scorer niqe-embedded)")
+    if args.held_out_scorer and validation is None:
+        raise InputError("--held_out_scorer scores the validation images: pass --validation_prompt TEXT (or "
+                         "--validation_steps N for an unconditional model)")
+    held_out = {}
+    for spec in (s.strip() for s in args.held_out_scorer):
+        if spec in held_out or spec == args.scorer.strip():
+            raise InputError(f"--held_out_scorer {spec!r} is given twice or is the guiding --scorer; a held-out "
+                             "scorer must be one the loss never sees: pass each other scorer once")
+        held_out[spec] = load_scorer(spec, device=device)
+        small = too_small(held_out[spec], validation.resolution)
+        if small:
+            raise InputError(f"--held_out_scorer {spec!r}: {small} (--held_out_scorer {spec}@SIZE)")
+    return held_out
 
 
 def acpo_config(args) -> ACPOConfig:
@@ -170,6 +205,7 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
 def main(argv=None) -> int:
     quiet_third_party()
     args = parse_args(argv)
+    push = prepare_push(args)  # before anything loads: a run must not learn at its end that it cannot push
     config = acpo_config(args)
     run = TrainingRun(args, "train_acpo_lora", "ACPO")
     accelerator, device, out = run.accelerator, run.device, run.output_dir
@@ -187,6 +223,10 @@ def main(argv=None) -> int:
                                         args.guidance_scale, args.seed)
         if is_conditional(pipe) and validation.prompt is None:
             raise InputError("--validation_steps needs --validation_prompt TEXT for a prompted model")
+    held_out = held_out_scorers(args, validation, device)
+    keep_key = held_out_key(next(iter(held_out))) if args.keep_best == "held_out" else None
+    if keep_key is not None:
+        run.manager.keep = KeepBestCheckpoint(out, keep_key)
     samples = training_samples(args, accelerator, pipe, resolution, Path(args.cache_dir or out / "cache"))
 
     if run.resume_path is not None:
@@ -216,22 +256,46 @@ def main(argv=None) -> int:
         terms = loss_fn(clean, samples.conditioning(index, encoder, device, drop), generator=generator)
         return {k: terms[k] for k in TERMS}
 
+    validator = ACPOValidation(pipe, validation, out, scorer, held_out, accelerator.trackers,
+                               HeldOutGuard(checkpoint_validations(out, run.start))) if validation else None
+    final: dict[str, float] = {}
+
     def validate(done: int) -> dict:
         scores = {}
         if accelerator.is_main_process:
             with accelerator.autocast():
-                scores = run_validation(pipe, validation, done, out, scorer, accelerator.trackers)
+                scores = validator(done)
+            if done == args.max_train_steps:
+                final.update(scores)
         return scores
 
     run.train(micro_step, lora_parameters(pipe.unet), len(samples), validate if validation is not None else None,
               postfix=("loss", "quality"))
 
     def save():
-        path = save_lora(pipe.unet, out)
-        print(f"saved the ACPO LoRA to {path}")
+        if keep_key is None:
+            path = save_lora(pipe.unet, out)
+            message = f"saved the ACPO LoRA to {path}"
+        else:
+            last = save_lora(pipe.unet, out / "last")
+            best = choose_export(out, keep_key, args.max_train_steps, final.get(keep_key))
+            if best is not None and best[1] is not None and best[0] != args.max_train_steps:
+                LoraCheckpointing(pipe.unet, base_identity).load(best[1])  # the best checkpoint's LoRA into the U-Net
+            path = save_lora(pipe.unet, out)
+            where = "no validation to choose by: the last step" if best is None else \
+                f"step {best[0]} ({keep_key} {best[2]:.4g})"
+            message = (f"saved the ACPO LoRA with the best held-out score, {where}, to {path}; the last step's LoRA to "
+                       f"{last}")
+        settings = recipe_settings(args, acpo=config.to_dict(), scorer=scorer_entry(scorer),
+                                   lora=lora_identity(lora), data=samples.identity)
+        write_model_card(out, kind="pixel_lora" if path.name == PEFT_WEIGHT_NAME else "acpo_lora",
+                         **run_card(out, args.model, settings, push and push.repo_id))
+        print(message)
         return path
 
     run.finish(save)
+    if push is not None:
+        push.push(out)
     return 0
 
 

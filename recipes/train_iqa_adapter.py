@@ -15,8 +15,10 @@ noise-prediction MSE, condition dropout text 5% / quality 1% / both 1%: IQA-Adap
 encoded once into a cache. Checkpoints (``save_state``, adapter weights and optimizer only) every
 ``--checkpointing_steps``; rerun with ``--resume_from_checkpoint latest`` to continue exactly as an uninterrupted
 run would (same batches, noise and losses). The final adapter is written with ``save_pretrained`` to
-``--output_dir`` (plus diffusers' IP-Adapter layout where it applies). ``--reference brisque`` trains a
-reference-image adapter on the images' own features instead of scores.
+``--output_dir`` (plus diffusers' IP-Adapter layout where it applies). ``--validation_prompt`` (repeatable) draws a
+labelled grid of prompts x target percentiles with each image's measured score at every checkpoint and at the end
+(:mod:`qualityguide.adapter.validation`); ``OUTPUT_DIR/training_curves.png`` is redrawn at each checkpoint.
+``--reference brisque`` trains a reference-image adapter on the images' own features instead of scores.
 
 Every piece comes from ``qualityguide.adapter`` and ``qualityguide.train``.
 """
@@ -32,7 +34,11 @@ from tqdm.auto import tqdm
 
 from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter, ScoreQuantiles
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptEncoder, dropout_masks
+from qualityguide.adapter.validation import AdapterValidation, AdapterValidationSettings
 from qualityguide.diffusion import pipeline_upcasts_vae
+from qualityguide.errors import InputError
+from qualityguide.files import read_prompts
+from qualityguide.hub import add_hub_arguments, prepare_push, recipe_settings, run_card
 from qualityguide.pipelines import load_pipeline
 from qualityguide.runtime import quiet_third_party
 from qualityguide.train import (batch_indices, cache_latents, load_image_folder, long_prompts_note,
@@ -57,6 +63,18 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--num_tokens", type=int, default=4)
     p.add_argument("--projection", default="linear", choices=["linear", "mlp"])
+    p.add_argument("--validation_prompt", action="append", default=[], metavar="TEXT", help="a row of the "
+                   "validation grid (repeatable): prompts x target percentiles of each score column, at every "
+                   "checkpoint (or every --validation_steps) and at the end")
+    p.add_argument("--validation_prompt_file", default=None, help="more validation prompts, one per line")
+    p.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (default: at every "
+                   "checkpoint); also at the end")
+    p.add_argument("--validation_percentiles", type=float, nargs="+", default=[0.1, 0.5, 0.9],
+                   help="target percentiles of the grid's columns, in [0, 1] (default 0.1 0.5 0.9)")
+    p.add_argument("--num_validation_images", type=int, default=1, help="grid rows per validation prompt, each with "
+                   "its own seed")
+    p.add_argument("--num_inference_steps", type=int, default=30, help="sampler steps of the validation images")
+    p.add_argument("--guidance_scale", type=float, default=7.5, help="CFG scale of the validation images")
     p.add_argument("--p_text", type=float, default=0.05, help="drop only the caption")
     p.add_argument("--p_quality", type=float, default=0.01, help="drop only the quality condition")
     p.add_argument("--p_both", type=float, default=0.01, help="drop both")
@@ -77,12 +95,16 @@ def parse_args(argv=None):
     p.add_argument("--report_to", default="none", help="accelerate tracker(s), comma-separated: tensorboard, wandb, "
                    "..., all, none (default); logs go to OUTPUT_DIR/logs")
     p.add_argument("--seed", type=int, default=0)
+    add_hub_arguments(p)
     args = p.parse_args(argv)
     if (args.score_columns is None) == (args.reference is None):
         p.error("pass --score_columns NAME... (score targets) or --reference FEATURES (reference mode), not both")
-    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                 "num_inference_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.validation_steps is not None and args.validation_steps < 1:
+        p.error(f"--validation_steps {args.validation_steps}: must be >= 1")
     return args
 
 
@@ -101,10 +123,31 @@ def build_adapter(args, pipe, dataset, device):
     return adapter, features
 
 
+def validation_settings(args) -> AdapterValidationSettings | None:
+    """The validation grid's settings from ``--validation_prompt`` / ``--validation_prompt_file`` (None: no
+    validation); refused for a reference adapter, whose targets are images, not percentiles."""
+    prompts = list(args.validation_prompt) + (read_prompts(args.validation_prompt_file)
+                                              if args.validation_prompt_file else [])
+    if not prompts:
+        if args.validation_steps is not None:
+            raise InputError("--validation_steps needs the grid's rows: pass --validation_prompt TEXT (repeatable) or "
+                             "--validation_prompt_file FILE")
+        return None
+    if args.reference is not None:
+        raise InputError(f"--validation_prompt draws a grid of target percentiles of score columns; a --reference "
+                         f"{args.reference} adapter is conditioned on reference images instead: drop "
+                         "--validation_prompt, or train with --score_columns")
+    return AdapterValidationSettings(tuple(prompts), args.resolution, tuple(args.validation_percentiles),
+                                     args.num_inference_steps, args.guidance_scale, args.seed,
+                                     args.num_validation_images)
+
+
 def main(argv=None) -> int:
     quiet_third_party()
     args = parse_args(argv)
+    push = prepare_push(args)  # before anything loads: a run must not learn at its end that it cannot push
     run = TrainingRun(args, "train_iqa_adapter", "IQA-Adapter")
+    validation = validation_settings(args)  # refused flags stop here, before anything loads
     accelerator, device, out = run.accelerator, run.device, run.output_dir
     rank, world = accelerator.process_index, accelerator.num_processes
     pipe = load_pipeline(args.model, dtype=DTYPES[args.mixed_precision], device=device, revision=args.revision,
@@ -145,14 +188,29 @@ def main(argv=None) -> int:
         latents = cache.latents(index).to(device, pipe.unet.dtype)
         return {"loss": trainer(latents, text, condition, added, drop_quality, generator)["loss"]}
 
-    run.train(micro_step, trainer.parameters(), len(dataset))
+    validator = AdapterValidation(pipe, adapter, validation, out, device, accelerator.trackers) \
+        if validation is not None and accelerator.is_main_process else None
+
+    def validate(done: int) -> dict:
+        if validator is None:
+            return {}
+        with accelerator.autocast():
+            return validator(done)
+
+    run.train(micro_step, trainer.parameters(), len(dataset), validate if validation is not None else None)
 
     def save():
-        accelerator.unwrap_model(trainer).adapter.save_pretrained(out)
+        settings = recipe_settings(args, adapter=asdict(adapter.config), score_columns=args.score_columns,
+                                   reference=args.reference, dropout=asdict(dropout), snr_gamma=args.snr_gamma,
+                                   data={"dataset": str(args.dataset), "size": len(dataset)})
+        accelerator.unwrap_model(trainer).adapter.save_pretrained(
+            out, model_card_kwargs=run_card(out, args.model, settings, push and push.repo_id))
         print(f"saved the IQA-Adapter to {out}")
         return out
 
     run.finish(save)
+    if push is not None:
+        push.push(out)
     return 0
 
 

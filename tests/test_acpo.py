@@ -7,6 +7,7 @@ adapter was added, a hand-written MSE and the scorer on a hand-decoded image.
 
 import ast
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -385,6 +386,47 @@ def test_pixel_unet_lora_round_trips_through_peft_format(pipes, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(call(fresh, z0, t, None), call(unet, z0, t, None))
         assert (call(fresh, z0, t, None) - call(base, z0, t, None)).abs().max() > 1e-3
+
+
+def test_pixel_unet_lora_loads_in_plain_peft_with_the_output_of_load_lora(pipes, tmp_path):
+    from peft import PeftModel
+
+    unet, base, _, _, z0, _ = setup(pipes, "ddpm", batch=2, init=False)
+    save_lora(unet, tmp_path)
+    ours, plain = copy.deepcopy(base), copy.deepcopy(base)
+    load_lora(ours, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(plain, tmp_path)
+    assert not [w for w in caught if "missing" in str(w.message).lower()]  # the old files: every key missing
+    t = torch.tensor([30, 600])
+    with torch.no_grad():
+        expected, got = call(ours, z0, t, None), peft_model(z0, t).sample
+        assert torch.equal(got, expected)  # bit-identical, not close
+        assert (got - call(base, z0, t, None)).abs().max() > 1e-3  # the adapter really was applied
+    # frozen like peft's inference load; trainable=True keeps them trainable (e.g. to fine-tune further)
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if "lora_" in n)
+    again = copy.deepcopy(base)
+    load_lora(again, tmp_path, trainable=True)
+    assert all(p.requires_grad for n, p in again.named_parameters() if "lora_" in n)
+
+
+def test_pixel_lora_files_without_peft_key_prefix_still_load(pipes, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qualityguide.finetune.lora import PEFT_KEY_PREFIX
+
+    unet, base, _, _, z0, _ = setup(pipes, "ddpm", batch=2, init=False)
+    path = save_lora(unet, tmp_path)
+    state = load_file(str(path))
+    assert state and all(k.startswith(PEFT_KEY_PREFIX) for k in state)
+    # the layout earlier versions wrote: bare module names
+    save_file({k[len(PEFT_KEY_PREFIX):]: v for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    old = copy.deepcopy(base)
+    load_lora(old, tmp_path, trainable=True)  # trainable like the trained U-Net it is compared with, bit for bit
+    t = torch.tensor([30, 600])
+    with torch.no_grad():
+        assert torch.equal(call(old, z0, t, None), call(unet, z0, t, None))
 
 
 def test_finetune_imports_nothing_above_it():
