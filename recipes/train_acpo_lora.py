@@ -9,12 +9,14 @@
         --scorer niqe-embedded@192 --num_inference_steps 4 --max_train_steps 10 --output_dir out/     # offline, CPU
 
 Training data: with ``--prompts`` the base model's own samples (generated once with fixed seeds into
-``--cache_dir``, resumable), or training images: ``--train_data_dir`` (``--image_dir`` is an alias), a folder with a
+``--cache_dir``, resumable; at ``--self_sample_guidance_scale`` 1 by default, the model's own conditional
+distribution), or training images: ``--train_data_dir`` (``--image_dir`` is an alias), a folder with a
 ``metadata.csv``, ``.jsonl`` or ``.parquet``, or ``--dataset_name``, a ``datasets`` table, captions from
 ``--caption_column``, ``--random_crop`` / ``--random_flip`` from encoded variants (:mod:`qualityguide.train.sources`);
-unconditional models (``tiny:ddpm``) take images or prompt-less self samples. Latents are encoded once.
-Loss: :class:`qualityguide.finetune.ACPOLoss` (``--w_diff``, ``--w_anchor``, ``--w_quality``, ...);
-a NaN or infinite term stops the run (exit code 1) before the optimizer step, so the last checkpoint stays good.
+unconditional models (``tiny:ddpm``) take images or prompt-less self samples. Latents are encoded once;
+``--caption_dropout`` (0.1) of the samples train on the empty prompt. Loss: :class:`qualityguide.finetune.ACPOLoss`
+(``--w_diff``, ``--w_anchor``, ``--w_quality``, ...); a NaN or infinite term stops the run (exit code 1) before the
+optimizer step, so the last checkpoint stays good.
 ``--validation_prompt`` writes labelled validation grids (base and tuned rows, each image's scores) at every
 checkpoint (or every ``--validation_steps``) and at the end; ``--held_out_scorer SPEC`` scores them beside the
 guiding scorer and warns when the two part, ``--keep_best held_out`` exports the checkpoint with the best held-out
@@ -38,8 +40,8 @@ from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, check_target_modules, lora_parameters, save_lora
 from qualityguide.finetune.lora import PEFT_WEIGHT_NAME
-from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, check_scorer, lora_identity,
-                                            make_optimizer, prepare_lora_unet)
+from qualityguide.finetune.training import (LoraCheckpointing, TrainingSamples, caption_dropout, check_scorer,
+                                            lora_identity, make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ACPOValidation, ValidationSettings
 from qualityguide.hub import add_hub_arguments, prepare_push, recipe_settings, run_card, scorer_entry, write_model_card
 from qualityguide.identity import WeightIdentity
@@ -80,7 +82,7 @@ def parse_args(argv=None):
     a("--w_quality", type=float, default=DEFAULTS.w_quality, help="weight of the mean quality score (maximised)")
     a("--t_quality_max", type=int, default=DEFAULTS.t_quality_max, help="quality term on timesteps <= this")
     a("--quality_fraction", type=float, default=DEFAULTS.quality_fraction,
-      help="share of each batch drawn in [0, t_quality_max]")
+      help="probability that a sample's timestep is drawn in [0, t_quality_max] (per sample; else above it)")
     a("--quality_input", default=DEFAULTS.quality_input, choices=["one_step", "k_step"])
     a("--k_steps", type=int, default=DEFAULTS.k_steps, help="DDIM steps of the k_step quality input")
     a("--k_grad_steps", type=int, default=DEFAULTS.k_grad_steps, help="last k steps with gradients (default all)")
@@ -97,7 +99,11 @@ def parse_args(argv=None):
     a("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit (CUDA only)")
     a("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     a("--num_inference_steps", type=int, default=30, help="sampler steps of self samples and validation images")
-    a("--guidance_scale", type=float, default=7.5, help="CFG scale of self samples and validation images")
+    a("--guidance_scale", type=float, default=7.5, help="CFG scale of the validation images")
+    a("--self_sample_guidance_scale", type=float, default=1.0, help="CFG scale of the self samples (default 1: the "
+      "model's own conditional distribution, the one --w_diff keeps; higher trains toward guided images)")
+    a("--caption_dropout", type=float, default=0.1, help="share of samples trained on the empty prompt, so the "
+      "unconditional branch CFG uses is trained and anchored too (0: never)")
     a("--validation_steps", type=int, default=None, help="validation images every N steps (default: at every "
       "checkpoint, when --validation_prompt is given); also at the end")
     a("--validation_prompt", default=None, help="prompt of the validation images, made at every checkpoint (or every "
@@ -121,6 +127,9 @@ def parse_args(argv=None):
                  "num_inference_steps", "num_validation_images", "num_self_samples", "rank"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if not 0 <= args.caption_dropout <= 1:  # NaN too
+        raise InputError(f"--caption_dropout {args.caption_dropout}: must be a share in [0, 1], e.g. 0.1 (0: never "
+                         "drop)")
     if args.validation_steps is not None and args.validation_steps < 1:
         p.error(f"--validation_steps {args.validation_steps}: must be >= 1")
     if args.prompts is not None and (args.train_data_dir or args.dataset_name) is not None:
@@ -179,7 +188,8 @@ def training_samples(args, accelerator, pipe, resolution: int, cache: Path) -> T
         if note and progress:
             print(note, file=sys.stderr)
         settings = SelfSampleSettings.for_pipeline(pipe, prompts, args.num_self_samples, resolution,
-                                                   args.num_inference_steps, args.guidance_scale, args.seed, args.model)
+                                                   args.num_inference_steps, args.self_sample_guidance_scale, args.seed,
+                                                   args.model)
         with main():
             open_self_samples(pipe, settings, cache / "self_samples")
         generate_self_samples(pipe, settings, cache / "self_samples", process_index=accelerator.process_index,
@@ -225,7 +235,8 @@ def main(argv=None) -> int:
     base_identity = WeightIdentity.of({"unet": pipe.unet})
     lora = prepare_lora_unet(pipe.unet, args.rank, args.lora_alpha, targets, args.gradient_checkpointing, args.seed)
     run.check_identity({**schedule_identity(args), "lora": lora_identity(lora), "acpo": config.to_dict(),
-                        "data": samples.identity, "scorer": scorer.name, "model_class": type(pipe.unet).__name__})
+                        "data": samples.identity, "scorer": scorer.name, "model_class": type(pipe.unet).__name__,
+                        "caption_dropout": args.caption_dropout})
     optimizer = make_optimizer(lora_parameters(pipe.unet), args.learning_rate, args.adam_weight_decay,
                                args.use_8bit_adam, device)
     LoraCheckpointing(pipe.unet, base_identity).register(accelerator)
@@ -242,8 +253,9 @@ def main(argv=None) -> int:
         index = batch_indices(len(samples), args.train_batch_size, s, args.seed, world, rank)
         variants = draw_variants(samples.variants, len(index), args.seed, s, rank)  # crops and flips
         clean = samples.batch(index, device, run.weight_dtype, variants)
-        terms = loss_fn(clean, samples.conditioning(index, encoder, device, variants),
-                        generator=step_generator(args.seed, s, rank))
+        generator = step_generator(args.seed, s, rank)  # caption dropout, then the loss's timesteps and noise
+        drop = caption_dropout(len(index), args.caption_dropout, generator)
+        terms = loss_fn(clean, samples.conditioning(index, encoder, device, variants, drop), generator=generator)
         return {k: terms[k] for k in TERMS}
 
     validator = ACPOValidation(pipe, validation, out, scorer, held_out, accelerator.trackers,

@@ -251,15 +251,42 @@ def test_a_larger_anchor_weight_limits_drift(pipes, quality_only_run):
 def test_draw_timesteps_puts_the_quality_fraction_in_range(pipes):
     unet, _, scheduler, _, _, _ = setup(pipes, "ddpm")
     loss = ACPOLoss(unet, scheduler, Brightness(), ACPOConfig(t_quality_max=99, quality_fraction=0.25))
-    t = torch.cat([loss.draw_timesteps(8, torch.Generator().manual_seed(i)).view(1, -1) for i in range(200)])
-    assert t.shape == (200, 8) and t.dtype == torch.long
-    assert int(t[:, :2].max()) <= 99 and int(t[:, :2].min()) == 0  # the first round(0.25 * 8) = 2 samples
-    rest = t[:, 2:].float()
-    assert int(rest.max()) >= 990 and abs(rest.mean().item() - 499.5) < 25  # uniform over all 1000
+    t = torch.cat([loss.draw_timesteps(8, torch.Generator().manual_seed(i)).view(1, -1) for i in range(400)])
+    assert t.shape == (400, 8) and t.dtype == torch.long
+    inside = t <= 99
+    n, share = inside.numel(), inside.float().mean().item()
+    assert abs(share - 0.25) <= 2 * 3 * (0.25 * 0.75 / n) ** 0.5, share  # 2x a 3-sigma binomial tolerance
+    assert int(t[inside].min()) == 0 and int(t[inside].max()) == 99
+    rest = t[~inside].float()
+    assert int(rest.min()) == 100 and int(rest.max()) == 999 and abs(rest.mean().item() - 549.5) < 25  # above it
     assert torch.equal(loss.draw_timesteps(8, torch.Generator().manual_seed(5)),
                        loss.draw_timesteps(8, torch.Generator().manual_seed(5)))
     assert [ACPOConfig(quality_fraction=f).quality_count(b) for f, b in [(0.5, 1), (0.5, 3), (0, 4), (1, 4)]] == \
         [1, 2, 0, 4]
+    whole = ACPOLoss(unet, scheduler, None, ACPOConfig(w_quality=0.0, t_quality_max=999, quality_fraction=0.25))
+    assert abs(whole.draw_timesteps(4000, torch.Generator().manual_seed(0)).float().mean().item() - 499.5) < 25
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.2])
+def test_batch_1_sees_both_windows_in_the_configured_proportion(pipes, fraction):
+    """Issue 21: a per-batch count rounded 0.5 * 1 up, so batch 1 only ever trained on t <= t_quality_max. The
+    window is drawn per sample from the recipe's step generator, in a hand-checked order."""
+    from qualityguide.train import step_generator
+
+    unet, _, scheduler, _, _, _ = setup(pipes, "ddpm")
+    loss = ACPOLoss(unet, scheduler, Brightness(), ACPOConfig(t_quality_max=400, quality_fraction=fraction))
+    steps = 2000
+    drawn = torch.cat([loss.draw_timesteps(1, step_generator(3, s)) for s in range(steps)])
+    share = (drawn <= 400).float().mean().item()
+    assert abs(share - fraction) <= 2 * 3 * (fraction * (1 - fraction) / steps) ** 0.5, share
+    for s in range(50):  # the same draw by hand: window flag, then a candidate in each window
+        g = step_generator(3, s)
+        inside = torch.rand(1, generator=g) < fraction
+        low, high = torch.randint(0, 401, (1,), generator=g), torch.randint(401, 1000, (1,), generator=g)
+        assert torch.equal(drawn[s:s + 1], torch.where(inside, low, high)), s
+    out = loss(torch.zeros(1, 3, 16, 16), generator=step_generator(3, 7))
+    assert torch.equal(out["timesteps"], drawn[7:8])  # the loss draws its timesteps this way
+    assert out["quality_samples"] == int(drawn[7] <= 400)
 
 
 @pytest.mark.parametrize("field, value", [("w_diff", -1.0), ("w_anchor", float("nan")), ("w_quality", "0.1"),

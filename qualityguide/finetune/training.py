@@ -3,7 +3,7 @@
 - :func:`prepare_lora_unet`: freeze the U-Net, add a LoRA (seeded), keep its weights in float32, optionally turn on
   gradient checkpointing.
 - :class:`TrainingSamples`: the clean samples ``z0`` and captions a step draws from (an image folder or self
-  samples), encoded once, and the U-Net conditioning of a batch.
+  samples), encoded once, and the U-Net conditioning of a batch (captions dropped by :func:`caption_dropout`).
 - :class:`LoraCheckpointing`: accelerate ``save_state`` / ``load_state`` hooks so checkpoints hold the LoRA weights
   (and the optimizer), never the whole U-Net, plus the identity a resumed run must match.
 - :func:`make_optimizer`, :func:`check_scorer`: refuse settings that cannot work before anything expensive runs
@@ -211,6 +211,21 @@ def dataset_identity(dataset, source: str, settings: dict | None = None) -> dict
     return {**identity, **augment} if augment["augment"] is not None else identity  # older identities stay valid
 
 
+def caption_dropout(batch: int, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which samples of a batch of ``batch`` train on the unconditional input (bool ``[batch]``, CPU): each on its own
+    with ``probability``, from one uniform draw per sample of ``generator`` (the step's, so resume repeats it).
+
+    Without it the unconditional branch that classifier-free guidance uses is never trained nor anchored, and its
+    drift is multiplied by the guidance scale at inference (diffusers' recipes drop 5-10% of captions likewise).
+
+    Raises:
+        InputError: ``probability`` outside [0, 1].
+    """
+    if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
+        raise InputError(f"--caption_dropout {probability!r}: must be a share in [0, 1], e.g. 0.1 (0: never drop)")
+    return torch.rand(batch, generator=generator) < probability
+
+
 class TrainingSamples:
     """Clean model-space samples ``z0`` (CPU float32 ``[N*V,C,h,w]``, ``V`` augmentation variants per sample) and
     their captions, in dataset order.
@@ -286,7 +301,8 @@ class TrainingSamples:
         return self.clean[self._rows(indices, variants)].to(device, dtype or torch.float32)
 
     def conditioning(self, indices: Sequence[int], encoder, device: torch.device | str,
-                     variants: Sequence[int] | torch.Tensor | None = None) -> dict | None:
+                     variants: Sequence[int] | torch.Tensor | None = None,
+                     drop: torch.Tensor | None = None) -> dict | None:
         """The U-Net conditioning of ``indices`` for :class:`~qualityguide.finetune.ACPOLoss`: SD
         ``{"encoder_hidden_states"}``, SDXL also ``"added_cond_kwargs"`` (micro-conditioning from each image's size
         and the crop of its variant), None for an unconditional model.
@@ -296,6 +312,9 @@ class TrainingSamples:
             encoder: a :class:`qualityguide.train.PromptEncoder` for the pipeline (ignored when unconditional).
             device: where the embeddings go.
             variants: the variant of each index, as passed to :meth:`batch`.
+            drop: bool ``[len(indices)]`` (:func:`caption_dropout`): these rows get the pipeline's unconditional
+                input instead of their caption's (the empty prompt's embedding; zeros for an SDXL pipeline that
+                forces them), the input classifier-free guidance pairs with the prompt at inference.
         """
         if self.captions is None:
             return None
@@ -305,5 +324,5 @@ class TrainingSamples:
             variant = torch.zeros_like(index) if variants is None else torch.as_tensor(variants, dtype=torch.long)
             micro = {"original_size": self.micro["original_size"][index],
                      "crop_top_left": self.micro["crop_top_left"][index, variant]}
-        embeds, extra = encoder([self.captions[i] for i in indices], device, **micro)
+        embeds, extra = encoder([self.captions[i] for i in indices], device, drop=drop, **micro)
         return unet_conditioning(embeds, extra)
