@@ -203,3 +203,41 @@ def test_the_check_catches_broken_commands():
                                  "python -m evals.toy_task --stepz 2",
                                  "python recipes/guided_sampling.py --model tiny:sd --prompts p.txt --scorer s "
                                  "--scale 0.1 --stepz 2"]
+
+
+def recipe_flags(name: str) -> set[str]:
+    """Every option string of a recipe's parser (aliases included), read from the parser itself."""
+    captured = {}
+
+    def grab(self, args=None, namespace=None):
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    recipe = load_script(f"recipes/{name}.py")
+    original = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        with contextlib.suppress(SystemExit):
+            recipe.parse_args([])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return {option for action in captured["parser"]._actions for option in action.option_strings
+            if option.startswith("--") and option != "--help" and action.help != argparse.SUPPRESS}
+
+
+def readme_flag_table(name: str) -> str:
+    match = re.search(rf"<!-- flags:{name} -->\n(.*?)<!-- /flags -->", README.read_text(encoding="utf-8"), re.DOTALL)
+    assert match, f"README has no flag table for {name}"
+    return match.group(1)
+
+
+def test_the_recipes_flag_tables_list_every_flag_and_no_other():
+    """Each recipe's README section lists its flags by purpose: every flag of its parser, none it lacks, and the
+    model row first with diffusers' flag name first."""
+    for name in ("train_iqa_adapter", "train_acpo_lora"):
+        table = readme_flag_table(name)
+        listed = set(re.findall(r"`(--[a-z0-9_]+)`", table)) - {"--help"}
+        flags = recipe_flags(name)
+        assert listed == flags, (name, sorted(flags - listed), sorted(listed - flags))
+        rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+        assert rows[0].startswith("| model | `--pretrained_model_name_or_path`")
