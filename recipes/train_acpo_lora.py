@@ -256,7 +256,7 @@ def main(argv=None) -> int:
         generator = step_generator(args.seed, s, rank)  # caption dropout, then the loss's timesteps and noise
         drop = caption_dropout(len(index), args.caption_dropout, generator)
         terms = loss_fn(clean, samples.conditioning(index, encoder, device, variants, drop), generator=generator)
-        return {k: terms[k] for k in TERMS}
+        return {**{k: terms[k] for k in TERMS}, "quality_samples": float(terms["quality_samples"])}
 
     validator = ACPOValidation(pipe, validation, out, scorer, held_out, accelerator.trackers,
                                HeldOutGuard(checkpoint_validations(out, run.start))) if validation else None
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
         return scores
 
     run.train(micro_step, lora_parameters(pipe.unet), len(samples), validate if validation is not None else None,
-              postfix=("loss", "quality"))
+              postfix=("loss", "quality"), weighted={"quality": "quality_samples"})
 
     def save():
         if keep_key is None:

@@ -96,7 +96,7 @@ def test_end_to_end_export_loads_into_a_fresh_pipeline(prompts, cache, tmp_path)
                                          "--lora_alpha", "4"]))
     log = read_log(out)
     assert [r["step"] for r in log] == [0, 1, 2, 3]
-    terms = {"step", "lr", "grad_norm", "loss", "diffusion", "anchor", "quality"}
+    terms = {"step", "lr", "grad_norm", "loss", "diffusion", "anchor", "quality", "quality_samples"}
     assert all(set(r) == terms for r in log[:3]) and set(log[3]) == terms | {"validation/quality"}  # at the end
     assert all(r["grad_norm"] > 0 for r in log)
     assert log[0]["anchor"] == 0.0 and log[-1]["anchor"] > 0  # starts at the base model, then drifts

@@ -115,3 +115,26 @@ def test_identity_difference_names_the_first_differing_field_in_the_run_order():
     assert identity_difference({**current, "lora": {"rank": 8}, "data": {}}, current) == \
         'lora={"rank": 8} there, {"rank": 4} here'
     assert identity_difference(None, current).startswith("lr_scheduler=null there")
+
+
+def test_a_weighted_term_is_the_mean_over_its_counted_samples():
+    """ACPO's quality is a mean over the samples in the quality window: a micro-batch that scored none logs 0, and
+    must not halve the step's mean; a step that scored none logs NaN (a gap in the curves), not 0."""
+    model, data, optimizer, _ = problem()
+    scores = [(torch.tensor(0.0), 0.0), (torch.tensor(3.0), 2.0), (torch.tensor(6.0), 1.0)]
+
+    def micro_step(micro):
+        quality, count = scores[micro]
+        return {**terms(model, *data[micro]), "quality": quality, "quality_samples": count}
+
+    values = train_step(None, model, optimizer, None, model.parameters(), micro_step, 3, 1.0,
+                        weighted={"quality": "quality_samples"})
+    assert values["quality"] == pytest.approx((3.0 * 2 + 6.0 * 1) / 3)  # by hand: 12 points over 3 samples
+    assert values["quality_samples"] == pytest.approx(1.0)  # the mean count per micro-batch
+    unweighted = train_step(None, model, optimizer, None, model.parameters(), micro_step, 3, 1.0)
+    assert unweighted["quality"] == pytest.approx(3.0)  # the plain mean over micro-batches, for contrast
+
+    scores[:] = [(torch.tensor(0.0), 0.0)] * 3
+    none = train_step(None, model, optimizer, None, model.parameters(), micro_step, 3, 1.0,
+                      weighted={"quality": "quality_samples"})
+    assert math.isnan(none["quality"])

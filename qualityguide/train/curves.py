@@ -24,6 +24,7 @@ PANELS = (
     ("guiding minus held-out (validation)", lambda key: key.startswith(GAP)),
     ("validation scores", lambda key: key.startswith(VALIDATION)),
     ("mean quality score", lambda key: key == "quality"),
+    ("samples scored per micro-batch", lambda key: key == "quality_samples"),
     ("learning rate", lambda key: key == "lr"),
     ("gradient norm", lambda key: key == "grad_norm"),
     ("loss terms", lambda key: True),

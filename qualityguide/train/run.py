@@ -60,7 +60,8 @@ def _scalar(value) -> torch.Tensor:
 
 def train_step(accelerator, model, optimizer, lr_scheduler, params: Iterable[torch.nn.Parameter],
                micro_step: Callable[[int], Mapping[str, torch.Tensor]], accum: int = 1,
-               max_grad_norm: float | None = 1.0, step: int = 0, mixed_precision: str = "no") -> dict[str, float]:
+               max_grad_norm: float | None = 1.0, step: int = 0, mixed_precision: str = "no",
+               weighted: Mapping[str, str] | None = None) -> dict[str, float]:
     """One optimizer step over ``accum`` micro-batches; the step both recipes and the evals that train share.
 
     ``micro_step(micro)`` computes micro-batch ``micro``'s loss terms (a dict of 0-dim tensors with ``"loss"``
@@ -82,11 +83,15 @@ def train_step(accelerator, model, optimizer, lr_scheduler, params: Iterable[tor
         max_grad_norm: clipping threshold (None: measure the norm, clip nothing).
         step: the optimizer step (0-based), for the guard's message.
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``.
+        weighted: term -> the term counting the samples it is a mean over (ACPO: ``{"quality": "quality_samples"}``):
+            that term is averaged over the samples, not the micro-batches, so a micro-batch that scored no sample
+            (its term is 0) does not pull the mean toward 0; NaN when no sample of the step counted.
 
     Returns:
         The terms averaged over micro-batches and processes, ``"lr"`` (the learning rate this step used) and
         ``"grad_norm"`` (before clipping), as floats.
     """
+    weighted = dict(weighted or {})
     params = [p for p in params]
     sums: dict[str, torch.Tensor] = {}
     for micro in range(accum):
@@ -98,7 +103,10 @@ def train_step(accelerator, model, optimizer, lr_scheduler, params: Iterable[tor
             loss = terms["loss"] / accum
             accelerator.backward(loss) if accelerator is not None else loss.backward()
         for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + _scalar(value) / accum
+            value = _scalar(value)
+            if name in weighted:
+                value = value * _scalar(terms[weighted[name]])  # a sum over the samples; divided below
+            sums[name] = sums.get(name, 0.0) + value / accum
     limit = float("inf") if max_grad_norm is None else max_grad_norm
     if accelerator is not None:
         grad_norm = accelerator.clip_grad_norm_(params, limit)
@@ -107,6 +115,8 @@ def train_step(accelerator, model, optimizer, lr_scheduler, params: Iterable[tor
         grad_norm = torch.nn.utils.clip_grad_norm_(params, limit)
         values = {name: float(value) for name, value in sums.items()}
     check_step_finite(values, grad_norm, step, mixed_precision)
+    for name, count in weighted.items():  # both sides averaged alike over micro-batches and processes
+        values[name] = values[name] / values[count] if values[count] > 0 else float("nan")
     values["lr"] = (lr_scheduler.get_last_lr()[0] if lr_scheduler is not None
                     else optimizer.param_groups[0]["lr"])  # the lr this step uses
     values["grad_norm"] = float(grad_norm)
@@ -218,7 +228,7 @@ class TrainingRun:
     def train(self, micro_step: Callable[[int, int, int], Mapping[str, torch.Tensor]],
               params: Iterable[torch.nn.Parameter], num_examples: int,
               validate: Callable[[int], Mapping[str, float]] | None = None,
-              postfix: tuple[str, ...] = ("loss",)) -> None:
+              postfix: tuple[str, ...] = ("loss",), weighted: Mapping[str, str] | None = None) -> None:
         """The step loop from :meth:`load`'s step to ``--max_train_steps``.
 
         After each optimizer step (``done`` steps completed): validation when due (every ``--validation_steps``,
@@ -235,6 +245,7 @@ class TrainingRun:
             validate: ``done`` -> ``{"validation/...": value}``, called on every process when validation is due
                 (it does its main-process-only work itself and returns the same keys on all processes, or {}).
             postfix: terms shown on the progress bar.
+            weighted: terms that are means over a counted subset of samples (:func:`train_step`).
         """
         args, accelerator = self.args, self.accelerator
         accum, params = args.gradient_accumulation_steps, list(params)
@@ -257,7 +268,7 @@ class TrainingRun:
             for step in progress:
                 values = train_step(accelerator, self.model, self.optimizer, self.lr_scheduler, params,
                                     lambda micro, step=step: micro_step(step, micro, step * accum + micro), accum,
-                                    args.max_grad_norm, step, args.mixed_precision)
+                                    args.max_grad_norm, step, args.mixed_precision, weighted)
                 done = step + 1
                 checkpoint = done % args.checkpointing_steps == 0
                 validation: dict[str, float] = {}
