@@ -255,7 +255,7 @@ def main(argv=None) -> int:
         clean = samples.batch(index, device, run.weight_dtype, variants)
         generator = step_generator(args.seed, s, rank)  # caption dropout, then the loss's timesteps and noise
         drop = caption_dropout(len(index), args.caption_dropout, generator)
-        terms = loss_fn(clean, samples.conditioning(index, encoder, device, variants, drop), generator=generator)
+        terms = loss_fn(clean, samples.conditioning(index, encoder, device, variants=variants, drop=drop), generator=generator)
         return {**{k: terms[k] for k in TERMS}, "quality_samples": float(terms["quality_samples"])}
 
     validator = ACPOValidation(pipe, validation, out, scorer, held_out, accelerator.trackers,

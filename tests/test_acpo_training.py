@@ -18,7 +18,7 @@ from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, lora_parameters
 from qualityguide.finetune.training import (BASE_IDENTITY_NAME, LORA_STATE_NAME, LoraCheckpointing, TrainingSamples,
                                             caption_dropout, check_scorer, make_optimizer, prepare_lora_unet)
-from qualityguide.finetune.validation import ValidationSettings, run_validation
+from qualityguide.finetune.validation import ACPOValidation, ValidationSettings, validation_images
 from qualityguide.images import make_grid
 from qualityguide.train.run import identity_difference
 from qualityguide.train.setup import check_mixed_precision, check_report_to
@@ -232,17 +232,17 @@ def test_caption_dropout_rows_get_the_empty_prompt_and_the_others_their_caption(
     assert torch.equal(drop, torch.rand(6, generator=step_generator(0, 11)) < 0.5)  # one draw per sample, in order
     assert 0 < int(drop.sum()) < 6  # this step drops some rows and keeps others
     index = [5, 0, 3, 1, 4, 2]
-    cond = samples.conditioning(index, PromptEncoder(sd, 32), "cpu", drop)["encoder_hidden_states"]
+    cond = samples.conditioning(index, PromptEncoder(sd, 32), "cpu", drop=drop)["encoder_hidden_states"]
     empty, _ = sd.encode_prompt([""], "cpu", 1, False)
     for row, i in enumerate(index):
         expected = empty[0] if drop[row] else sd.encode_prompt([captions[i]], "cpu", 1, False)[0][0]
         torch.testing.assert_close(cond[row], expected, rtol=0, atol=1e-6)
-    undropped = samples.conditioning(index, PromptEncoder(sd, 32), "cpu", torch.zeros(6, dtype=torch.bool))
+    undropped = samples.conditioning(index, PromptEncoder(sd, 32), "cpu", drop=torch.zeros(6, dtype=torch.bool))
     torch.testing.assert_close(undropped["encoder_hidden_states"][~drop], cond[~drop], rtol=0, atol=0)
 
     xl = tiny_sdxl()  # SDXL's pipeline forces zeros for the empty prompt: the unconditional input CFG uses there
     xl_samples = TrainingSamples(torch.zeros(2, 4, 4, 4), captions[:2], {})
-    cond = xl_samples.conditioning([0, 1], PromptEncoder(xl, 32), "cpu", torch.tensor([True, False]))
+    cond = xl_samples.conditioning([0, 1], PromptEncoder(xl, 32), "cpu", drop=torch.tensor([True, False]))
     plain = xl_samples.conditioning([0, 1], PromptEncoder(xl, 32), "cpu")
     assert not cond["encoder_hidden_states"][0].any() and not cond["added_cond_kwargs"]["text_embeds"][0].any()
     assert torch.equal(cond["encoder_hidden_states"][1], plain["encoder_hidden_states"][1])
@@ -298,21 +298,19 @@ def test_checkpoints_hold_only_the_lora_and_restore_it(sd, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ validation
-def test_validation_grid_and_scores_match_direct_calls(sd, tmp_path):
+def test_validation_images_and_scores_match_direct_pipeline_calls(sd, tmp_path):
     settings = ValidationSettings("a lighthouse", num_images=3, resolution=32, num_inference_steps=2,
                                   guidance_scale=3.0, seed=7)
-    values = run_validation(sd, settings, 4, tmp_path, scorer=Brightness())
     direct = torch.cat([sd("a lighthouse", height=32, width=32, num_inference_steps=2, guidance_scale=3.0,
                            generator=torch.Generator().manual_seed(s), output_type="pt").images
                         for s in settings.seeds()])
-    grid = np.asarray(Image.open(tmp_path / "validation" / "step-4" / "grid.png"))
-    assert grid.shape == (64, 64, 3)  # 3 images in a 2x2 grid, the fourth cell black
-    assert np.abs(grid[:32, 32:].astype(int) - png_of(direct[1]).astype(int)).max() <= 1
-    assert np.abs(grid[32:, :32].astype(int) - png_of(direct[2]).astype(int)).max() <= 1
-    assert (grid[32:, 32:] == 0).all()
+    torch.testing.assert_close(validation_images(sd, settings), direct, rtol=0, atol=1e-5)
+    values = ACPOValidation(sd, settings, tmp_path, Brightness(), {})(4)
     record = json.loads((tmp_path / "validation" / "step-4" / "scores.json").read_text())
-    assert np.allclose(record["scores"], direct.mean((1, 2, 3)).tolist(), atol=1e-5)
+    assert np.allclose([s[Brightness.name] for s in record["scores"]], direct.mean((1, 2, 3)).tolist(), atol=1e-5)
     assert values["validation/quality"] == pytest.approx(float(direct.mean()), abs=1e-5)
+    with Image.open(tmp_path / "validation" / "step-4" / "grid.png") as grid:
+        assert grid.width > 3 * 32 and grid.height > 2 * 32  # a base row and a tuned row of three, labelled
 
 
 def test_make_grid_layout():

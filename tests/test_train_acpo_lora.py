@@ -373,9 +373,9 @@ def test_self_samples_at_guidance_1_and_caption_dropout_from_the_step_generator(
 
     drops, real = [], TrainingSamples.conditioning
 
-    def recorded(self, indices, encoder, device, drop=None):
+    def recorded(self, indices, encoder, device, variants=None, drop=None):
         drops.append(drop.clone())
-        return real(self, indices, encoder, device, drop)
+        return real(self, indices, encoder, device, variants, drop)
 
     monkeypatch.setattr(TrainingSamples, "conditioning", recorded)
     cache = tmp_path / "cache"

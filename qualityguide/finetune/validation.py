@@ -133,15 +133,3 @@ class ACPOValidation:
         for line in self.guard.observe(step, values):
             warnings.warn(line, RewardHackingWarning, stacklevel=1)
         return values
-
-
-@torch.no_grad()
-def run_validation(pipe, settings: ValidationSettings, step: int, output_dir: str | os.PathLike,
-                   scorer: nn.Module | None = None, trackers=()) -> dict[str, float]:
-    """One validation of ``pipe`` without memory of earlier ones (:class:`ACPOValidation` for a run): write
-    ``output_dir/validation/step-<step>/grid.png`` and ``scores.json``, log the grid to ``trackers``.
-
-    Returns:
-        ``{"validation/quality": mean score}`` (empty without a scorer).
-    """
-    return ACPOValidation(pipe, settings, output_dir, scorer, trackers=trackers)(step)
