@@ -115,6 +115,8 @@ def test_identity_difference_names_the_first_differing_field_in_the_run_order():
     assert identity_difference({**current, "lora": {"rank": 8}, "data": {}}, current) == \
         'lora={"rank": 8} there, {"rank": 4} here'
     assert identity_difference(None, current).startswith("lr_scheduler=null there")
+    assert identity_difference({**current, "augment": {"flip": True}}, current) == \
+        'augment={"flip": true} there, null here'  # a field only the checkpoint has
 
 
 def test_a_weighted_term_is_the_mean_over_its_counted_samples():

@@ -47,9 +47,9 @@ def identity_difference(stored: dict | None, current: dict) -> str | None:
         current: this run's identity, its fields in the order they should be reported (the likely cause first).
     """
     stored = stored if isinstance(stored, dict) else {}
-    for key, value in current.items():
-        if stored.get(key) != value:
-            there, here = (json.dumps(v, sort_keys=True) for v in (stored.get(key), value))
+    for key in [*current, *(k for k in stored if k not in current)]:  # a field only the checkpoint has differs too
+        if stored.get(key) != current.get(key):
+            there, here = (json.dumps(v, sort_keys=True) for v in (stored.get(key), current.get(key)))
             return f"{key}={there} there, {here} here"
     return None
 
