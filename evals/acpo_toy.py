@@ -52,6 +52,7 @@ from qualityguide.finetune import ACPOConfig, ACPOLoss, add_lora, lora_parameter
 from qualityguide.images import make_grid
 from qualityguide.runtime import quiet_third_party
 from qualityguide.train import batch_indices, step_generator
+from qualityguide.train.run import train_step
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ANCHORS = (0.0, 1.0, 3.0, 10.0, 30.0)
@@ -96,13 +97,16 @@ def finetune(base, scheduler, crops: toy.Crops, scorer, w_anchor: float, config:
     log = {key: [] for key in ("loss", "diffusion", "anchor", "quality")}
     bar = tqdm(range(config.steps), desc=f"ACPO w_anchor={w_anchor:g}", disable=not progress, leave=False)
     for step in bar:
-        index = batch_indices(len(crops), min(config.batch_size, len(crops)), step, config.seed)
-        out = loss_fn(x0_all[index], generator=step_generator(config.seed, step))
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
+        def micro_step(micro: int, step: int = step) -> dict:
+            index = batch_indices(len(crops), min(config.batch_size, len(crops)), step, config.seed)
+            out = loss_fn(x0_all[index], generator=step_generator(config.seed, step))
+            return {key: out[key] for key in log}
+
+        # the recipes' step (qualityguide.train.run.train_step): the non-finite guard, no clipping
+        values = train_step(None, unet, optimizer, None, lora_parameters(unet), micro_step, max_grad_norm=None,
+                            step=step)
         for key in log:
-            log[key].append(float(out[key].detach()))
+            log[key].append(values[key])
         if step % 10 == 0 or step == config.steps - 1:
             bar.set_postfix(quality=f"{np.mean(log['quality'][-10:]):.2f}", anchor=f"{log['anchor'][-1]:.2e}")
     return unet.eval().requires_grad_(False), log
