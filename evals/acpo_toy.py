@@ -11,6 +11,10 @@
    held-out-scorer gain (``toy.HELD_OUT_SCORER``, NIQE; the reward-hacking check), both as mean LoRA minus
    mean base over paired samples with bootstrap 95% intervals, and the drift: ACPO's anchor figure (noise-prediction
    MSE of the LoRA U-Net to its adapter-free self) on fixed crops noised at fixed timesteps with fixed noise.
+5. A second held-out check that knows the truth by construction: the toy judge (:mod:`evals.toy.judge`, a small
+   classifier trained on other photos' crops in all ten conditions) gives each sample P(clean) and a predicted
+   distortion level; reported per model with the paired change against the base, and whether ACPO moved the
+   samples toward clean crops.
 
 The claim under test: the quality term raises the guiding score, and a larger anchor weight trades gain for less
 drift. A tiny model trained for minutes: the numbers show whether the loss moves the model as designed, not what a
@@ -19,7 +23,9 @@ real model reaches.
     python -m evals.acpo_toy
     python -m evals.acpo_toy --anchor-weights 0 1 --steps 20 --n-images 40 --base-steps 30 --samples 8
 
-Writes ``evals/results/acpo_toy/{summary.json, results.md, tradeoff.png, grid.png}`` and prints the JSON.
+Writes ``evals/results/acpo_toy/{summary.json, results.md, tradeoff.png, grid.png}`` and prints the JSON;
+``grid.png`` has a row per model (base, then each anchor weight) and under each sample its guiding score (g), its
+held-out score (h), and the judge's P(clean) (c) and predicted level (l).
 """
 
 from __future__ import annotations
@@ -36,12 +42,14 @@ import torch
 from tqdm.auto import tqdm
 
 from evals import toy
+from evals.toy.judge import JUDGE_PHOTOS, JudgeConfig, ToyJudge, judge_crops
 from evals.common.figures import pyplot, save_figure
 from evals.common.flags import eval_parser, one_line_errors
 from evals.common.report import write_report
 from evals.common.stats import paired_gain
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, ACPOLoss, add_lora, lora_parameters
+from qualityguide.images import make_grid
 from qualityguide.runtime import quiet_third_party
 from qualityguide.train import batch_indices, step_generator
 
@@ -130,6 +138,60 @@ def crop_reference(crops: toy.Crops, scores: np.ndarray) -> dict[str, float]:
             if key in keys else float("nan") for name, key in groups.items()}
 
 
+def judge_report(judge: ToyJudge, samples: dict, verdicts: dict, n_boot: int) -> dict:
+    """The judge's view of every model's samples (``verdicts[key] = judge(samples[key])``): its
+    :meth:`~evals.toy.judge.ToyJudge.summary`, and for each tuned model the paired change of P(clean) and of the
+    predicted level against the base (same seeds), with whether that moved the samples toward clean crops
+    (:func:`judge_direction`)."""
+    report = {"base": judge.summary(samples["base"])}
+    for key in samples:
+        if key == "base":
+            continue
+        p_clean = lora_gain(verdicts[key]["p_clean"].numpy(), verdicts["base"]["p_clean"].numpy(), n_boot)
+        level = lora_gain(verdicts[key]["level"].numpy(), verdicts["base"]["level"].numpy(), n_boot)
+        report[key] = {**judge.summary(samples[key]), "p_clean_gain": p_clean, "level_change": level,
+                       "direction": judge_direction(p_clean, level)}
+    return report
+
+
+def judge_direction(p_clean: dict, level: dict) -> str:
+    """``"toward clean"`` when P(clean) rose and the level fell, both with 95% intervals off 0; ``"away from
+    clean"`` for the opposite; else ``"no clear move"`` (also without intervals: too few pairs)."""
+    p, lv = p_clean["gain_ci95"], level["gain_ci95"]
+    if p is None or lv is None:
+        return "no clear move"
+    if p[0] > 0 and lv[1] < 0:
+        return "toward clean"
+    if p[1] < 0 and lv[0] > 0:
+        return "away from clean"
+    return "no clear move"
+
+
+def grid_labels(keys: list, scores: dict, verdicts: dict, columns: int) -> tuple[list[str], list[str]]:
+    """``(captions, row_labels)`` of the sample grid: a row per model in ``keys`` (``"base"``, then anchor weights),
+    its first ``columns`` samples, each captioned with its guiding score ``g``, held-out score ``h``, and the judge's
+    P(clean) ``c`` and predicted distortion level ``l`` (0 clean ... 3)."""
+    rows = ["base" if key == "base" else f"w_anchor {key:g}" for key in keys]
+    captions = [f"g {scores['guiding'][key][i]:.1f}\nh {scores['held_out'][key][i]:.2f}\n"
+                f"c {float(verdicts[key]['p_clean'][i]):.2f} l {float(verdicts[key]['level'][i]):.1f}"
+                for key in keys for i in range(columns)]
+    return captions, rows
+
+
+def save_labelled_grid(samples: dict, scores: dict, verdicts: dict, columns: int, path: Path, scale: int = 2) -> None:
+    """The samples as :func:`qualityguide.images.make_grid` with :func:`grid_labels` (images upscaled ``scale`` x,
+    nearest, so the captions fit under them; a legend in the first column label)."""
+    keys = list(samples)
+    images = torch.cat([samples[k][:columns] for k in keys])
+    images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    captions, rows = grid_labels(keys, scores, verdicts, columns)
+    legend = ["g guiding score, h held-out score, c judge's P(clean), l its level (0-3)"] + [""] * (columns - 1)
+    grid = make_grid(images, columns, captions=captions, row_labels=rows, column_labels=legend, padding=2,
+                     background="white")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
 def run(args: argparse.Namespace) -> dict:
     """The whole experiment; writes the outputs under ``args.out`` and returns the summary."""
     started = time.perf_counter()
@@ -163,20 +225,29 @@ def run(args: argparse.Namespace) -> dict:
         r["gains"] = {role: lora_gain(scores[role][w], scores[role]["base"], args.n_boot) for role in scorers}
     reference = {role: crop_reference(crops, toy.score_images(s, crops.images, progress=False).numpy())
                  for role, s in scorers.items()}
+    judge = ToyJudge.fit(judge_crops(data / "biq2021", args.judge_photos, args.crop),
+                         JudgeConfig(crop=args.crop, steps=args.judge_steps))
+    verdicts = {key: judge(images) for key, images in samples.items()}
+    judged = judge_report(judge, samples, verdicts, args.n_boot)
+    for w, r in runs.items():
+        r["judge"] = judged[w]
+    clean = crops.images[[i for i, d in enumerate(crops.distortion) if d == "clean"]]
     summary = {"scorers": {role: s.name for role, s in scorers.items()}, "n_crops": len(crops), "crop": args.crop,
                "base": {k: v for k, v in base_info.items() if k != "losses"}, "finetune": asdict(config),
                "samples": args.samples, "sample_steps": args.sample_steps, "sample_seed": args.sample_seed,
                "drift_probe": {"crops": len(probe), "timesteps": probe_t.tolist(), "noise_seed": 0},
                "base_scores": {role: float(np.nanmean(v["base"])) for role, v in scores.items()},
-               "crop_reference_scores": reference, "threads": torch.get_num_threads(),
+               "crop_reference_scores": reference,
+               "judge": {"photos": args.judge_photos, "held_out": judge.held_out, "base": judged["base"],
+                         "clean_training_crops": judge.summary(clean) if len(clean) else None},
+               "threads": torch.get_num_threads(),
                "runs": [{k: v for k, v in r.items() if k != "log"} for r in runs.values()],
                "wall_seconds": time.perf_counter() - started}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, "results", summary, markdown(summary), json_stem="summary")
     plot(summary, out / "tradeoff.png")
-    columns = min(args.samples, 12)
-    toy.save_grid(torch.cat([samples[k][:columns] for k in samples]), out / "grid.png", columns=columns)
+    save_labelled_grid(samples, scores, verdicts, min(args.samples, 12), out / "grid.png")
     (out / "training_log.json").write_text(json.dumps({str(w): r["log"] for w, r in runs.items()}))
     return summary
 
@@ -202,6 +273,7 @@ def markdown(s: dict) -> str:
         lines.append(f"| {r['w_anchor']:g} | {r['drift']:.3g} | {_fmt_gain(r['gains']['guiding'])} | "
                      f"{_fmt_gain(r['gains']['held_out'])} | {r['final_terms']['quality']:.3g} | "
                      f"{r['train_seconds']:.0f} |")
+    lines += judge_markdown(s)
     ref = s["crop_reference_scores"]
     lines += ["", f"Base samples score {s['base_scores']['guiding']:.3g} (`{g}`) and {s['base_scores']['held_out']:.3g}"
               f" (`{h}`). For scale, training crops: " + "; ".join(
@@ -209,6 +281,27 @@ def markdown(s: dict) -> str:
               + " (guiding / held-out).", "",
               f"Wall time {s['wall_seconds'] / 60:.1f} min on {s['threads']} thread(s) (shared machine).", ""]
     return "\n".join(lines)
+
+
+def judge_markdown(s: dict) -> list[str]:
+    """The judge's table: P(clean) and predicted level per model, the paired changes against the base, the
+    direction, and the judge's own held-out accuracy for scale."""
+    j, held = s["judge"], s["judge"]["held_out"]
+    base = j["base"]
+    lines = ["", f"Toy judge (classifier of clean vs blur / noise / JPEG levels 1-3, trained on {j['photos']} other "
+             f"photos' crops; held-out photos: accuracy {held['accuracy']:.2f} over ten conditions, clean-vs-distorted "
+             f"{held['clean_accuracy']:.2f}, level error {held['level_mae']:.2f}). Base samples: P(clean) "
+             f"{base['p_clean']:.3f}, level {base['level']:.2f}" + (
+                 f"; the clean training crops: P(clean) {j['clean_training_crops']['p_clean']:.3f}, level "
+                 f"{j['clean_training_crops']['level']:.2f}" if j.get("clean_training_crops") else "") + ".", "",
+             "| w_anchor | P(clean) | change [95% CI] | level | change [95% CI] | judged clean / blur / noise / jpeg | "
+             "samples moved |", "|---|---|---|---|---|---|---|"]
+    for r in s["runs"]:
+        v = r["judge"]
+        shares = " / ".join(f"{v['kind_share'].get(k, 0.0):.2f}" for k in ("clean", "blur", "noise", "jpeg"))
+        lines.append(f"| {r['w_anchor']:g} | {v['p_clean']:.3f} | {_fmt_gain(v['p_clean_gain'])} | {v['level']:.2f} | "
+                     f"{_fmt_gain(v['level_change'])} | {shares} | {v['direction']} |")
+    return lines
 
 
 def plot(s: dict, path: Path) -> None:
@@ -262,11 +355,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe", type=int, default=64, help="crops in the drift probe")
     parser.add_argument("--probe-timesteps", type=int, default=10)
     parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--judge-photos", type=int, default=JUDGE_PHOTOS, help="photos of the toy judge's crops")
+    parser.add_argument("--judge-steps", type=int, default=JudgeConfig().steps, help="the toy judge's training steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)")
     args = parser.parse_args(argv)
     parser.require_positive(args, ("n_images", "base_steps", "steps", "batch_size", "rank", "samples", "sample_steps",
-                                   "probe", "probe_timesteps", "n_boot", "threads"))
+                                   "probe", "probe_timesteps", "n_boot", "threads", "judge_photos",
+                                   "judge_steps"))
     if len(set(args.anchor_weights)) != len(args.anchor_weights) or min(args.anchor_weights) < 0:
         parser.error(f"--anchor-weights {args.anchor_weights}: distinct values >= 0, e.g. 0 1 3 10 30")
     return args

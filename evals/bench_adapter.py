@@ -39,6 +39,7 @@ from qualityguide.runtime import quiet_third_party
 from qualityguide.runtime import synchronize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_adapter"
+TARGET = 1.03  # attached generation / plain generation
 
 
 def build(args):
@@ -68,9 +69,11 @@ def generation(args) -> dict:
         adapter.attach(pipe)
         attached.append(run(adapter.embeds(percentiles={"pyiqa:topiq_nr": 0.99}, do_cfg=args.cfg > 1)))
         adapter.detach(pipe)
+    ratio = statistics.median(attached) / statistics.median(plain)
     return {"size": size, "plain_s": statistics.median(plain), "attached_s": statistics.median(attached),
-            "plain_all_s": plain, "attached_all_s": attached,
-            "attached_over_plain": statistics.median(attached) / statistics.median(plain), "target": 1.03}
+            "plain_all_s": plain, "attached_all_s": attached, "attached_over_plain": ratio,
+            # on a shared machine other processes only ever add time: the fastest rounds are the least disturbed
+            "ratio_of_minima": min(attached) / min(plain), "target": TARGET, "meets_target": ratio <= TARGET}
 
 
 def train_step(args) -> dict:
@@ -129,7 +132,8 @@ def train_step(args) -> dict:
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"variant": args.variant, "step_s": statistics.median(times), "peak_bytes": int(peak),
+    return {"variant": args.variant, "step_s": statistics.median(times), "min_step_s": min(times),
+            "peak_bytes": int(peak),
             "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
             "trainable_params": sum(p.numel() for p in params)}
 
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         result[f"train_{variant}"] = json.loads(out.strip().splitlines()[-1])
     a, l = result["train_adapter"], result["train_lora"]
     result["train_step_adapter_over_lora"] = a["step_s"] / l["step_s"]
+    result["train_step_ratio_of_minima"] = a["min_step_s"] / l["min_step_s"]
     result["train_peak_adapter_over_lora"] = a["peak_bytes"] / l["peak_bytes"]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,14 +180,19 @@ def markdown(r: dict) -> str:
     return "\n".join([
         f"IQA-Adapter cost, `{r['model']}` on {r['device']} ({r['dtype']}), {g['size']} px, {r['steps']} steps, "
         f"CFG {r['cfg']}", "",
-        "| generation | s per call |", "|---|---|",
-        f"| not attached | {g['plain_s']:.3f} |", f"| attached | {g['attached_s']:.3f} |",
-        f"| ratio | {g['attached_over_plain']:.3f} (target <= 1.03) |", "",
-        f"| training step (batch {r['batch']}) | s per step | peak MiB ({a['peak_kind']}) | trainable params |",
-        "|---|---|---|---|",
-        f"| IQA-Adapter | {a['step_s']:.3f} | {a['peak_bytes'] / mib:.0f} | {a['trainable_params']:,} |",
-        f"| LoRA r=4 | {l['step_s']:.3f} | {l['peak_bytes'] / mib:.0f} | {l['trainable_params']:,} |",
-        f"| ratio | {r['train_step_adapter_over_lora']:.3f} | {r['train_peak_adapter_over_lora']:.3f} | |", ""])
+        "| generation | median s per call | min s |", "|---|---|---|",
+        f"| not attached | {g['plain_s']:.3f} | {min(g['plain_all_s']):.3f} |",
+        f"| attached | {g['attached_s']:.3f} | {min(g['attached_all_s']):.3f} |",
+        f"| ratio (target <= {g['target']}) | {g['attached_over_plain']:.3f} "
+        f"({'meets' if g['meets_target'] else 'misses'}) | {g['ratio_of_minima']:.3f} |", "",
+        f"| training step (batch {r['batch']}) | median s per step | min s | peak MiB ({a['peak_kind']}) | "
+        "trainable params |", "|---|---|---|---|---|",
+        f"| IQA-Adapter | {a['step_s']:.3f} | {a['min_step_s']:.3f} | {a['peak_bytes'] / mib:.0f} | "
+        f"{a['trainable_params']:,} |",
+        f"| LoRA r=4 | {l['step_s']:.3f} | {l['min_step_s']:.3f} | {l['peak_bytes'] / mib:.0f} | "
+        f"{l['trainable_params']:,} |",
+        f"| ratio | {r['train_step_adapter_over_lora']:.3f} | {r['train_step_ratio_of_minima']:.3f} | "
+        f"{r['train_peak_adapter_over_lora']:.3f} | |", ""])
 
 
 def plot(r: dict, path: Path) -> None:

@@ -10,6 +10,7 @@ import sys  # noqa: E402
 from .errors import ImageError, InputError, QualityGuideError, WeightsNotFoundError  # noqa: E402
 from .images import load_image, to_batch  # noqa: E402
 from .scorers import QualityScorer, load_scorer, register_scorer_prefix  # noqa: E402
+from .scorers.labelling import label_dataset  # noqa: E402
 
 # Where modules users may import by their old path live now (README "How the code is laid out"). The old
 # path gives the very same module object, imported on first use, so patches and ``isinstance`` still agree.
@@ -74,6 +75,17 @@ register_scorer_prefix("lgdm", _load_lgdm_scorer, "LGDM: diffusion hyperfeatures
                        weights_refusal="the head folder holds the weights")
 
 
+def _load_test_scorer(name, **kwargs):
+    """``testing:<name>``: scorers with hand-known values for tests and tiny recipe runs (:mod:`.testing`)."""
+    from .testing import load_test_scorer
+
+    return load_test_scorer(name, **kwargs)
+
+
+register_scorer_prefix("testing", _load_test_scorer, "test scorers with hand-known values (brightness, darkness)",
+                       argument="brightness|darkness", weights_refusal="test scorers take no weights")
+
+
 def load_pipeline(spec, **kwargs):
     """Load a diffusers pipeline from ``tiny:<name>``, a hub id or a local folder (see :mod:`qualityguide.pipelines`)."""
     from .pipelines import load_pipeline as _load
@@ -81,5 +93,5 @@ def load_pipeline(spec, **kwargs):
     return _load(spec, **kwargs)
 
 
-__all__ = ["__version__", "load_scorer", "load_pipeline", "load_image", "to_batch", "QualityScorer",
+__all__ = ["__version__", "load_scorer", "load_pipeline", "label_dataset", "load_image", "to_batch", "QualityScorer",
            "QualityGuideError", "InputError", "ImageError", "WeightsNotFoundError"]

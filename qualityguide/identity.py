@@ -42,6 +42,16 @@ class WeightsMismatchError(InputError):
     """Weights differ from the ones an artifact (cache, head, adapter) was made for."""
 
 
+def state_sha256(module: nn.Module) -> str:
+    """SHA-256 (hex) of a module's state by content (names, shapes, float32 values), one tensor at a time so memory
+    stays bounded: what a model card or a scores file records for weights held only in memory."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def sample_positions(name: str, shape: tuple[int, ...], count: int = SAMPLES_PER_TENSOR) -> torch.Tensor:
     """Positions (flattened, row-major, sorted, distinct) sampled from a parameter: every element when it has at
     most ``count``, else up to ``count`` drawn from SHAKE-256 of its name and shape (the same on every machine and

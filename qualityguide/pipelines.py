@@ -120,7 +120,9 @@ def looks_like_local_path(spec: str) -> bool:
 
 
 def local_or_hub_folder(source: str | os.PathLike, what: str, files: list[str], missing_fix: str, fetch_fix: str,
-                        revision: str | None = None, subfolder: str | None = None) -> Path:
+                        revision: str | None = None, subfolder: str | None = None, cache_dir=None,
+                        token: str | bool | None = None, local_files_only: bool = False,
+                        force_download: bool = False) -> Path:
     """A local folder, or the ``files`` of a hub repository fetched with ``huggingface_hub`` (its local cache is used
     offline). An existing local path always wins; a path-shaped spec that does not exist is refused, not looked up.
 
@@ -132,6 +134,7 @@ def local_or_hub_folder(source: str | os.PathLike, what: str, files: list[str], 
         fetch_fix: the alternative offered when the hub id cannot be fetched.
         revision: the hub revision (None: the default branch).
         subfolder: a folder inside the source that holds the files.
+        cache_dir, token, local_files_only, force_download: passed to ``huggingface_hub.snapshot_download``.
     """
     path = Path(source).expanduser()
     if path.exists():
@@ -143,7 +146,9 @@ def local_or_hub_folder(source: str | os.PathLike, what: str, files: list[str], 
 
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
-        root = Path(snapshot_download(text, revision=revision, allow_patterns=[prefix + name for name in files]))
+        root = Path(snapshot_download(text, revision=revision, allow_patterns=[prefix + name for name in files],
+                                      cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                                      force_download=force_download))
     except (OSError, ValueError) as exc:
         raise hub_fetch_error(f"{what} {text!r} is neither a local folder nor a hub repository that could be "
                               "fetched", text, exc, fetch_fix) from None

@@ -7,8 +7,8 @@
   does. It is the one check :func:`qualityguide.load_scorer`, :func:`qualityguide.load_pipeline` and the CLI's
   ``--device`` share, so that ``cuda:7`` on a two-GPU machine, ``cuda`` without CUDA or ``meta`` (shapes without
   values: nothing can be scored on it) fail before anything is built, not deep inside torch.
-- :func:`process_state`, :func:`split_for_process`: work sharded over ``accelerate launch`` processes, shared by
-  LGDM extraction and the recipes.
+- :func:`launched`, :func:`process_state`, :func:`split_for_process`: work sharded over ``accelerate launch``
+  processes, shared by LGDM extraction, ``score``/``label`` and the recipes.
 - :func:`run_main`: the one exit wrapper of the CLI and the recipes: a user's error is one line on stderr and exit
   code 2, Ctrl-C a resume hint and 130, never a traceback.
 - :func:`synchronize`, :func:`timed`: wall-clock timing that waits for the GPU (evals' benchmarks, timed
@@ -159,6 +159,15 @@ def check_device(device: str | torch.device, argument: str = "device") -> torch.
 
 
 # Processes
+
+def launched() -> bool:
+    """Whether this process is one of several started by ``accelerate launch`` (or ``torchrun``), read from the
+    ``WORLD_SIZE`` they set, so that a plain run never imports accelerate."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
 
 def process_state(cpu: bool = False):
     """accelerate's per-process state; CPU processes (``--device cpu`` or ``ACCELERATE_USE_CPU=1``) join a gloo

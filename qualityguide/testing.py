@@ -162,3 +162,43 @@ def build_tiny(spec: str, **kwargs):
     """Build ``tiny:sd`` / ``tiny:sdxl`` / ``tiny:ddpm`` / ``random:sd15`` (kwargs: ``seed``, ``prediction_type``)."""
     builders = {"tiny:sd": tiny_sd, "tiny:sdxl": tiny_sdxl, "tiny:ddpm": tiny_ddpm, "random:sd15": random_sd15}
     return builders[spec](**kwargs)
+
+
+# --------------------------------------------------------------------------------------------- test scorers
+def _test_scorers() -> dict:
+    """``testing:<name>`` scorers whose values are known by hand (the mean pixel value), built on first use so this
+    module imports no scorer code until one is asked for."""
+    from .scorers import QualityScorer
+
+    class BrightnessScorer(QualityScorer):
+        """The mean pixel value: higher is better. Differentiable."""
+
+        name, differentiable, native_range = "testing:brightness", True, (0.0, 1.0)
+
+        def native(self, images):
+            return images.mean((1, 2, 3))
+
+    class DarknessScorer(BrightnessScorer):
+        """The mean pixel value, lower is better: it falls exactly as ``testing:brightness`` rises (a held-out scorer
+        that a brightness-guided fine-tune must fool)."""
+
+        name, native_lower_better = "testing:darkness", True
+
+    return {"brightness": BrightnessScorer, "darkness": DarknessScorer}
+
+
+def load_test_scorer(name: str, device=None, **kwargs):
+    """``load_scorer("testing:<name>")``: ``brightness`` or ``darkness``, for tests and recipe runs that need a
+    scorer pair whose values are known (registered by the package root).
+
+    Args:
+        name: ``brightness`` or ``darkness``.
+        device: where to put it.
+    """
+    from .errors import InputError
+
+    scorers = _test_scorers()
+    if name not in scorers or kwargs:
+        raise InputError(f"scorer 'testing:{name}'{' with options ' + str(sorted(kwargs)) if kwargs else ''}: known "
+                         f"test scorers are {', '.join('testing:' + n for n in scorers)}, without options")
+    return scorers[name]().to(device) if device is not None else scorers[name]()

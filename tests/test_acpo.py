@@ -7,6 +7,7 @@ adapter was added, a hand-written MSE and the scorer on a hand-decoded image.
 
 import ast
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -250,15 +251,42 @@ def test_a_larger_anchor_weight_limits_drift(pipes, quality_only_run):
 def test_draw_timesteps_puts_the_quality_fraction_in_range(pipes):
     unet, _, scheduler, _, _, _ = setup(pipes, "ddpm")
     loss = ACPOLoss(unet, scheduler, Brightness(), ACPOConfig(t_quality_max=99, quality_fraction=0.25))
-    t = torch.cat([loss.draw_timesteps(8, torch.Generator().manual_seed(i)).view(1, -1) for i in range(200)])
-    assert t.shape == (200, 8) and t.dtype == torch.long
-    assert int(t[:, :2].max()) <= 99 and int(t[:, :2].min()) == 0  # the first round(0.25 * 8) = 2 samples
-    rest = t[:, 2:].float()
-    assert int(rest.max()) >= 990 and abs(rest.mean().item() - 499.5) < 25  # uniform over all 1000
+    t = torch.cat([loss.draw_timesteps(8, torch.Generator().manual_seed(i)).view(1, -1) for i in range(400)])
+    assert t.shape == (400, 8) and t.dtype == torch.long
+    inside = t <= 99
+    n, share = inside.numel(), inside.float().mean().item()
+    assert abs(share - 0.25) <= 2 * 3 * (0.25 * 0.75 / n) ** 0.5, share  # 2x a 3-sigma binomial tolerance
+    assert int(t[inside].min()) == 0 and int(t[inside].max()) == 99
+    rest = t[~inside].float()
+    assert int(rest.min()) == 100 and int(rest.max()) == 999 and abs(rest.mean().item() - 549.5) < 25  # above it
     assert torch.equal(loss.draw_timesteps(8, torch.Generator().manual_seed(5)),
                        loss.draw_timesteps(8, torch.Generator().manual_seed(5)))
     assert [ACPOConfig(quality_fraction=f).quality_count(b) for f, b in [(0.5, 1), (0.5, 3), (0, 4), (1, 4)]] == \
         [1, 2, 0, 4]
+    whole = ACPOLoss(unet, scheduler, None, ACPOConfig(w_quality=0.0, t_quality_max=999, quality_fraction=0.25))
+    assert abs(whole.draw_timesteps(4000, torch.Generator().manual_seed(0)).float().mean().item() - 499.5) < 25
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.2])
+def test_batch_1_sees_both_windows_in_the_configured_proportion(pipes, fraction):
+    """Issue 21: a per-batch count rounded 0.5 * 1 up, so batch 1 only ever trained on t <= t_quality_max. The
+    window is drawn per sample from the recipe's step generator, in a hand-checked order."""
+    from qualityguide.train import step_generator
+
+    unet, _, scheduler, _, _, _ = setup(pipes, "ddpm")
+    loss = ACPOLoss(unet, scheduler, Brightness(), ACPOConfig(t_quality_max=400, quality_fraction=fraction))
+    steps = 2000
+    drawn = torch.cat([loss.draw_timesteps(1, step_generator(3, s)) for s in range(steps)])
+    share = (drawn <= 400).float().mean().item()
+    assert abs(share - fraction) <= 2 * 3 * (fraction * (1 - fraction) / steps) ** 0.5, share
+    for s in range(50):  # the same draw by hand: window flag, then a candidate in each window
+        g = step_generator(3, s)
+        inside = torch.rand(1, generator=g) < fraction
+        low, high = torch.randint(0, 401, (1,), generator=g), torch.randint(401, 1000, (1,), generator=g)
+        assert torch.equal(drawn[s:s + 1], torch.where(inside, low, high)), s
+    out = loss(torch.zeros(1, 3, 16, 16), generator=step_generator(3, 7))
+    assert torch.equal(out["timesteps"], drawn[7:8])  # the loss draws its timesteps this way
+    assert out["quality_samples"] == int(drawn[7] <= 400)
 
 
 @pytest.mark.parametrize("field, value", [("w_diff", -1.0), ("w_anchor", float("nan")), ("w_quality", "0.1"),
@@ -358,6 +386,47 @@ def test_pixel_unet_lora_round_trips_through_peft_format(pipes, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(call(fresh, z0, t, None), call(unet, z0, t, None))
         assert (call(fresh, z0, t, None) - call(base, z0, t, None)).abs().max() > 1e-3
+
+
+def test_pixel_unet_lora_loads_in_plain_peft_with_the_output_of_load_lora(pipes, tmp_path):
+    from peft import PeftModel
+
+    unet, base, _, _, z0, _ = setup(pipes, "ddpm", batch=2, init=False)
+    save_lora(unet, tmp_path)
+    ours, plain = copy.deepcopy(base), copy.deepcopy(base)
+    load_lora(ours, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(plain, tmp_path)
+    assert not [w for w in caught if "missing" in str(w.message).lower()]  # the old files: every key missing
+    t = torch.tensor([30, 600])
+    with torch.no_grad():
+        expected, got = call(ours, z0, t, None), peft_model(z0, t).sample
+        assert torch.equal(got, expected)  # bit-identical, not close
+        assert (got - call(base, z0, t, None)).abs().max() > 1e-3  # the adapter really was applied
+    # frozen like peft's inference load; trainable=True keeps them trainable (e.g. to fine-tune further)
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if "lora_" in n)
+    again = copy.deepcopy(base)
+    load_lora(again, tmp_path, trainable=True)
+    assert all(p.requires_grad for n, p in again.named_parameters() if "lora_" in n)
+
+
+def test_pixel_lora_files_without_peft_key_prefix_still_load(pipes, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qualityguide.finetune.lora import PEFT_KEY_PREFIX
+
+    unet, base, _, _, z0, _ = setup(pipes, "ddpm", batch=2, init=False)
+    path = save_lora(unet, tmp_path)
+    state = load_file(str(path))
+    assert state and all(k.startswith(PEFT_KEY_PREFIX) for k in state)
+    # the layout earlier versions wrote: bare module names
+    save_file({k[len(PEFT_KEY_PREFIX):]: v for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    old = copy.deepcopy(base)
+    load_lora(old, tmp_path, trainable=True)  # trainable like the trained U-Net it is compared with, bit for bit
+    t = torch.tensor([30, 600])
+    with torch.no_grad():
+        assert torch.equal(call(old, z0, t, None), call(unet, z0, t, None))
 
 
 def test_finetune_imports_nothing_above_it():

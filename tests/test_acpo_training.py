@@ -17,13 +17,14 @@ from qualityguide.diffusion import encode_images
 from qualityguide.errors import InputError
 from qualityguide.finetune import ACPOConfig, lora_parameters
 from qualityguide.finetune.training import (BASE_IDENTITY_NAME, LORA_STATE_NAME, LoraCheckpointing, TrainingSamples,
-                                            check_scorer, identity_difference, make_optimizer, prepare_lora_unet)
+                                            caption_dropout, check_scorer, make_optimizer, prepare_lora_unet)
 from qualityguide.finetune.validation import ValidationSettings, run_validation
 from qualityguide.images import make_grid
+from qualityguide.train.run import identity_difference
 from qualityguide.train.setup import check_mixed_precision, check_report_to
 from qualityguide.identity import WeightIdentity, WeightsMismatchError
-from qualityguide.testing import tiny_ddpm, tiny_sd
-from qualityguide.train import CheckpointManager, PromptEncoder
+from qualityguide.testing import tiny_ddpm, tiny_sd, tiny_sdxl
+from qualityguide.train import CheckpointManager, PromptEncoder, step_generator
 from qualityguide.train import self_samples as ss
 from qualityguide.train.self_samples import SelfSampleSettings, read_prompts
 
@@ -222,6 +223,40 @@ def test_training_samples_equal_direct_encoding_and_prompt_embeddings(sd, tmp_pa
     assert torch.equal(pixel_samples.batch([1], "cpu")[0], pixel_data.get(1)["pixels"] * 2 - 1)
     assert pixel_samples.captions is None and pixel_samples.conditioning([0], None, "cpu") is None
     assert not (tmp_path / "unused").exists()
+
+
+def test_caption_dropout_rows_get_the_empty_prompt_and_the_others_their_caption(sd):
+    captions = ["a red apple", "a blue car, at night", "sea", "a dog on a beach", "fog", "two cups"]
+    samples = TrainingSamples(torch.zeros(len(captions), 4, 4, 4), captions, {})
+    drop = caption_dropout(6, 0.5, step_generator(0, 11))
+    assert torch.equal(drop, torch.rand(6, generator=step_generator(0, 11)) < 0.5)  # one draw per sample, in order
+    assert 0 < int(drop.sum()) < 6  # this step drops some rows and keeps others
+    index = [5, 0, 3, 1, 4, 2]
+    cond = samples.conditioning(index, PromptEncoder(sd, 32), "cpu", drop)["encoder_hidden_states"]
+    empty, _ = sd.encode_prompt([""], "cpu", 1, False)
+    for row, i in enumerate(index):
+        expected = empty[0] if drop[row] else sd.encode_prompt([captions[i]], "cpu", 1, False)[0][0]
+        torch.testing.assert_close(cond[row], expected, rtol=0, atol=1e-6)
+    undropped = samples.conditioning(index, PromptEncoder(sd, 32), "cpu", torch.zeros(6, dtype=torch.bool))
+    torch.testing.assert_close(undropped["encoder_hidden_states"][~drop], cond[~drop], rtol=0, atol=0)
+
+    xl = tiny_sdxl()  # SDXL's pipeline forces zeros for the empty prompt: the unconditional input CFG uses there
+    xl_samples = TrainingSamples(torch.zeros(2, 4, 4, 4), captions[:2], {})
+    cond = xl_samples.conditioning([0, 1], PromptEncoder(xl, 32), "cpu", torch.tensor([True, False]))
+    plain = xl_samples.conditioning([0, 1], PromptEncoder(xl, 32), "cpu")
+    assert not cond["encoder_hidden_states"][0].any() and not cond["added_cond_kwargs"]["text_embeds"][0].any()
+    assert torch.equal(cond["encoder_hidden_states"][1], plain["encoder_hidden_states"][1])
+    assert torch.equal(cond["added_cond_kwargs"]["time_ids"], plain["added_cond_kwargs"]["time_ids"])
+
+
+def test_caption_dropout_share_and_bad_values():
+    steps, p = 2000, 0.1
+    share = torch.cat([caption_dropout(1, p, step_generator(0, s)) for s in range(steps)]).float().mean().item()
+    assert abs(share - p) <= 2 * 3 * (p * (1 - p) / steps) ** 0.5, share  # 2x a 3-sigma binomial tolerance
+    assert not caption_dropout(64, 0.0, step_generator(0, 0)).any() and caption_dropout(64, 1.0).all()
+    for bad in (1.5, -0.1, float("nan"), True, "0.1"):
+        with pytest.raises(InputError, match="--caption_dropout .*share in \\[0, 1\\]"):
+            caption_dropout(4, bad)
 
 
 def test_checkpoints_hold_only_the_lora_and_restore_it(sd, tmp_path):

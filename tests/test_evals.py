@@ -149,7 +149,7 @@ def test_acpo_toy_smoke(shared_data, params, tmp_path):
     summary = acpo_toy.main(["--anchor-weights", "0", "3", "--steps", "3", "--n-images", "20", "--base-steps", "8",
                              "--samples", "4", "--sample-steps", "3", "--probe", "6", "--probe-timesteps", "3",
                              "--n-boot", "20", "--out", str(out), "--cache", str(tmp_path / "cache"),
-                             "--data", str(shared_data)])
+                             "--data", str(shared_data), "--judge-photos", "8", "--judge-steps", "30"])
     assert [r["w_anchor"] for r in summary["runs"]] == [0.0, 3.0]
     for r in summary["runs"]:
         assert np.isfinite(r["drift"]) and r["drift"] > 0  # three steps move a B=0 LoRA off the base
@@ -161,8 +161,34 @@ def test_acpo_toy_smoke(shared_data, params, tmp_path):
     assert json.loads((out / "summary.json").read_text())["runs"][1]["w_anchor"] == 3.0
     assert "| 3 |" in (out / "results.md").read_text()
     assert (out / "tradeoff.png").stat().st_size > 1000
-    with Image.open(out / "grid.png") as grid:  # rows: base + two anchor weights, 4 samples each
-        assert 0.65 < grid.size[1] / grid.size[0] < 0.85
+    judge = summary["judge"]
+    assert judge["photos"] == 8 and judge["held_out"]["crops"] > 0 and 0 <= judge["base"]["p_clean"] <= 1
+    for r in summary["runs"]:
+        v = r["judge"]
+        assert v["n"] == 4 and 0 <= v["p_clean"] <= 1 and 0 <= v["level"] <= 3
+        assert v["p_clean_gain"]["pairs"] == 4
+        assert v["direction"] in ("toward clean", "away from clean", "no clear move")
+        assert np.isclose(v["p_clean_gain"]["gain"], v["p_clean"] - judge["base"]["p_clean"])
+    assert "| 3 |" in (out / "results.md").read_text() and "Toy judge" in (out / "results.md").read_text()
+    with Image.open(out / "grid.png") as grid:  # rows: base + two anchor weights, 4 samples each, labelled
+        assert grid.size[0] > 4 * 96 and grid.size[1] > 3 * 96  # 2x images plus a label band and captions
+
+
+def test_acpo_toy_grid_is_labelled_by_model_with_each_samples_scores():
+    """Row = model (base, then each anchor weight); under each image its guiding, held-out and judge scores."""
+    acpo_toy = _load("acpo_toy")
+    scores = {"guiding": {"base": np.array([10.0, 20.0]), 3.0: np.array([30.5, 40.25])},
+              "held_out": {"base": np.array([-1.0, -2.0]), 3.0: np.array([-3.5, np.nan])}}
+    verdicts = {"base": {"p_clean": torch.tensor([0.1, 0.2]), "level": torch.tensor([2.0, 1.25])},
+                3.0: {"p_clean": torch.tensor([0.25, 0.875]), "level": torch.tensor([0.5, 3.0])}}
+    captions, rows = acpo_toy.grid_labels(["base", 3.0], scores, verdicts, 2)
+    assert rows == ["base", "w_anchor 3"]
+    assert captions == ["g 10.0\nh -1.00\nc 0.10 l 2.0", "g 20.0\nh -2.00\nc 0.20 l 1.2",
+                        "g 30.5\nh -3.50\nc 0.25 l 0.5", "g 40.2\nh nan\nc 0.88 l 3.0"]
+    assert acpo_toy.judge_direction({"gain_ci95": [0.01, 0.2]}, {"gain_ci95": [-0.5, -0.1]}) == "toward clean"
+    assert acpo_toy.judge_direction({"gain_ci95": [-0.2, -0.01]}, {"gain_ci95": [0.1, 0.5]}) == "away from clean"
+    assert acpo_toy.judge_direction({"gain_ci95": [-0.01, 0.2]}, {"gain_ci95": [-0.5, -0.1]}) == "no clear move"
+    assert acpo_toy.judge_direction({"gain_ci95": None}, {"gain_ci95": None}) == "no clear move"
 
 
 # ----------------------------------------------------------------------------------------------- toy task

@@ -219,8 +219,8 @@ def test_head_learns_and_round_trips(tmp_path, mixing):
     if mixing == "softmax":
         torch.testing.assert_close(head.step_weights().sum(-1), torch.ones(2))
     head.save_pretrained(tmp_path / "h", extra={"note": 1})
-    loaded, meta = LGDMHead.from_pretrained(tmp_path / "h")
-    assert meta == {"note": 1}
+    loaded = LGDMHead.from_pretrained(tmp_path / "h")
+    assert loaded.metadata == {"note": 1}
     np.testing.assert_array_equal(predict(loaded, feats[350:]), pred)
     with pytest.raises(InputError, match="another LGDM config"):
         loaded(torch.zeros(2, 4, 12))

@@ -79,7 +79,14 @@ def test_head_refuses_other_weights_cli_and_python(folders, tmp_path, capsys):
     assert main(["lgdm", "extract", "--dataset", str(data), "--cache", str(cache), "--model", str(model), *FLAGS]) == 0
     assert main(["lgdm", "fit", "--cache", str(cache), "--dataset", str(data), "--out", str(head), "--max-epochs", "3",
                  "--quiet"]) == 0
-    assert sorted(p.name for p in head.iterdir()) == ["config.json", "fit.json", "model.safetensors", IDENTITY_FILE]
+    assert sorted(p.name for p in head.iterdir()) == ["README.md", "config.json", "fit.json", "model.safetensors",
+                                                     IDENTITY_FILE]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(head / "README.md").data.qualityguide  # the fit's settings and validation SRCC
+    fit = json.loads((head / "fit.json").read_text())
+    assert card["kind"] == "lgdm_scorer" and card["settings"]["train_images"] == fit["train"]
+    assert card["settings"]["max_epochs"] == 3 and card["validation"]["val_srcc"] == fit["val_srcc"]
     scores = tmp_path / "scores.csv"
     images = [str(data / "im0.png"), str(data / "im1.png")]
     assert main(["score", *images, "--scorer", f"lgdm:{head}", "-o", str(scores), "--quiet"]) == 0
@@ -218,9 +225,9 @@ def test_head_folders_old_names_and_hub_ids(head_dir, tmp_path, monkeypatch):
     # A local folder of the same name wins over the hub.
     local = tmp_path / "someone" / "tiny-lgdm"
     shutil.copytree(head_dir, local)
-    head, meta = LGDMHead.from_pretrained(local)
+    head = LGDMHead.from_pretrained(local)
     with torch.no_grad():
         head.mlp[-1].bias.add_(1.0)
-    head.save_pretrained(local, extra=meta)
+    head.save_pretrained(local)  # the metadata it was loaded with travels along
     with torch.no_grad():
         torch.testing.assert_close(load_scorer("lgdm:someone/tiny-lgdm", pipeline=pipe)(x), expected + 1.0)

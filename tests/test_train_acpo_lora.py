@@ -96,7 +96,9 @@ def test_end_to_end_export_loads_into_a_fresh_pipeline(prompts, cache, tmp_path)
                                          "--lora_alpha", "4"]))
     log = read_log(out)
     assert [r["step"] for r in log] == [0, 1, 2, 3]
-    assert all(set(r) == {"step", "lr", "loss", "diffusion", "anchor", "quality"} for r in log)
+    terms = {"step", "lr", "grad_norm", "loss", "diffusion", "anchor", "quality"}
+    assert all(set(r) == terms for r in log[:3]) and set(log[3]) == terms | {"validation/quality"}  # at the end
+    assert all(r["grad_norm"] > 0 for r in log)
     assert log[0]["anchor"] == 0.0 and log[-1]["anchor"] > 0  # starts at the base model, then drifts
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "validation" / "step-4" / "grid.png").is_file()
@@ -104,7 +106,7 @@ def test_end_to_end_export_loads_into_a_fresh_pipeline(prompts, cache, tmp_path)
 
     events = list((out / "logs").rglob("events.out.tfevents.*"))  # tensorboard (installed): the default tracker
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()
-    assert {"loss", "diffusion", "anchor", "quality", "validation/quality"} <= set(tags["scalars"])
+    assert {"loss", "diffusion", "anchor", "quality", "lr", "grad_norm", "validation/quality"} <= set(tags["scalars"])
     assert "validation" in tags["images"]
     assert len(list((cache / "self_samples").glob("*.png"))) == 4
 
@@ -218,8 +220,8 @@ def test_kill_during_a_save_then_resume_repeats_the_uninterrupted_run(prompts, c
 
 def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(prompts, cache, tmp_path, capsys):
     out = tmp_path / "nan"
-    # the scorer sees one batch per step (quality_fraction 0.5 puts a sample below t_quality_max every step)
-    run(sd_args(prompts, cache, out, 6, ["--scorer", "test"]), expect=1,
+    # the scorer sees one batch per step (quality_fraction 1 puts every sample below t_quality_max)
+    run(sd_args(prompts, cache, out, 6, ["--scorer", "test", "--quality_fraction", "1"]), expect=1,
         patch=lambda recipe: setattr(recipe, "load_scorer", lambda *a, **k: NaNAfter(after=4)))
     err = capsys.readouterr().err
     assert "step 3: loss term 'loss' is nan" in err and "'quality' is nan" in err and "Traceback" not in err
@@ -238,7 +240,8 @@ def test_resume_refuses_other_settings(prompts, cache, tmp_path):
     run(sd_args(prompts, cache, out, 2))
     for extra, field in ((["--rank", "8"], "lora"), (["--w_anchor", "2"], "acpo"),
                          (["--scorer", "niqe-embedded@224"], "scorer"),
-                         (["--guidance_scale", "3", "--cache_dir", str(tmp_path / "other_cache")], "data"),
+                         (["--self_sample_guidance_scale", "3", "--cache_dir", str(tmp_path / "other_cache")], "data"),
+                         (["--caption_dropout", "0.2"], "caption_dropout"),
                          (["--lr_scheduler", "linear"], "lr_scheduler"),
                          (["--lr_warmup_steps", "1"], "lr_warmup_steps"),
                          (["--max_train_samples", "3", "--cache_dir", str(tmp_path / "cache3")], "max_train_samples")):
@@ -319,7 +322,7 @@ def test_each_micro_step_gets_its_own_batch_and_generator(prompts, tmp_path, mon
     ``s = step * accum + micro``: the run feeds the loss ``batch_indices(..., s, ...)`` and ``step_generator(seed, s)``
     (recorded where the recipe hands them to the loss), so no two micro-batches share noise or repeat items."""
     from qualityguide.finetune import ACPOLoss
-    from qualityguide.finetune.training import TrainingSamples
+    from qualityguide.finetune.training import TrainingSamples, caption_dropout
     from qualityguide.train import batch_indices, step_generator
 
     used, states = [], []
@@ -344,19 +347,55 @@ def test_each_micro_step_gets_its_own_batch_and_generator(prompts, tmp_path, mon
     for epoch in (used[:2], used[2:]):  # 4 samples, batch 2: two micro-steps make one epoch, no item twice
         assert sorted(epoch[0][1] + epoch[1][1]) == list(range(size))
     for s, state in enumerate(states):
-        assert torch.equal(state, step_generator(5, s).get_state()), f"micro-step {s} drew from another generator"
+        expected = step_generator(5, s)
+        caption_dropout(2, 0.1, expected)  # the step's generator draws the dropped captions first (default 0.1)
+        assert torch.equal(state, expected.get_state()), f"micro-step {s} drew from another generator"
     assert len({bytes(state.numpy()) for state in states}) == 4
 
 
-def test_cosine_schedule_resumes_with_the_same_lr_and_losses(prompts, cache, tmp_path):
+def test_self_samples_at_guidance_1_and_caption_dropout_from_the_step_generator(prompts, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Issue 21: self samples are the model's own conditional distribution (guidance 1, not the validation CFG),
+    a cache made at another scale is refused untouched, and --caption_dropout rows come from the step generator."""
+    from qualityguide.finetune.training import TrainingSamples, caption_dropout
+    from qualityguide.train import step_generator
+    from qualityguide.train.self_samples import MANIFEST
+
+    old = tmp_path / "old_cache"  # what the recipe made before: self samples at the validation CFG, 7.5
+    run(sd_args(prompts, old, tmp_path / "old", 1, ["--self_sample_guidance_scale", "7.5"]))
+    before = {p.name: p.read_bytes() for p in (old / "self_samples").iterdir()}
+    capsys.readouterr()
+    run(sd_args(prompts, old, tmp_path / "new", 1), expect=2)
+    err = capsys.readouterr().err
+    assert re.search(r"generated with guidance_scale=7\.5 .*this run has guidance_scale=1\.0", err), err
+    assert "Traceback" not in err and not (tmp_path / "new" / "pytorch_lora_weights.safetensors").exists()
+    assert {p.name: p.read_bytes() for p in (old / "self_samples").iterdir()} == before
+
+    drops, real = [], TrainingSamples.conditioning
+
+    def recorded(self, indices, encoder, device, drop=None):
+        drops.append(drop.clone())
+        return real(self, indices, encoder, device, drop)
+
+    monkeypatch.setattr(TrainingSamples, "conditioning", recorded)
+    cache = tmp_path / "cache"
+    run(sd_args(prompts, cache, tmp_path / "run", 4, ["--caption_dropout", "0.5", "--guidance_scale", "3"]))
+    manifest = json.loads((cache / "self_samples" / MANIFEST).read_text())
+    assert manifest["guidance_scale"] == 1.0  # --guidance_scale is the validation images' alone
+    assert [d.tolist() for d in drops] == [caption_dropout(2, 0.5, step_generator(0, s)).tolist() for s in range(4)]
+    assert any(d.any() for d in drops) and not all(d.all() for d in drops)
+
+
+def test_cosine_schedule_resumes_with_the_same_lr_and_losses(prompts, cache, tmp_path, monkeypatch):
     schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]
     full = tmp_path / "full"
     run(sd_args(prompts, cache, full, 6, schedule))
     expected = read_log(full)
     assert [r["lr"] for r in expected] == pytest.approx([cosine_with_warmup(3e-3, 2, 6, s) for s in range(6)], rel=1e-6)
     part = tmp_path / "part"  # killed after checkpoint-4, with step 4 logged
-    run(sd_args(prompts, cache, part, 6, schedule), patch=lambda recipe: setattr(recipe, "StepLog", log_killed_at(5)),
-        expect=130)
+    monkeypatch.setattr("qualityguide.train.run.StepLog", log_killed_at(5))  # the run skeleton's log
+    run(sd_args(prompts, cache, part, 6, schedule), expect=130)
+    monkeypatch.undo()
     assert [r["step"] for r in read_log(part)] == [0, 1, 2, 3, 4]
     run(sd_args(prompts, cache, part, 6, [*schedule, "--resume_from_checkpoint", "latest"]))  # from checkpoint-4
     assert read_log(part) == expected  # lr and every loss term, bit for bit
@@ -393,6 +432,8 @@ def test_diffusers_flag_names_parse_like_the_old_ones(prompts):
     (["--variant", "fp16"], "variant 'fp16' with the offline model 'tiny:sd'"),
     (["--lr_scheduler", "cosine_restarts"], "allowed: constant, .*Did you mean 'cosine_with_restarts'"),
     (["--max_train_samples", "-2"], "--max_train_samples -2: must be >= 1"),
+    (["--caption_dropout", "1.5"], r"--caption_dropout 1\.5: must be a share in \[0, 1\]"),
+    (["--caption_dropout", "nan"], r"--caption_dropout nan: must be a share in \[0, 1\]"),
 ])
 def test_bad_schedule_and_model_options_exit_2_with_one_line(prompts, cache, tmp_path, capsys, extra, match):
     argv = sd_args(prompts, cache, tmp_path / "o", 1, extra)

@@ -95,7 +95,7 @@ def test_resume_refuses_another_dataset_or_adapter(dataset, tmp_path):
 
     out = tmp_path / "run"
     run(dataset, out, 2)
-    with pytest.raises(InputError, match="saved for another adapter or dataset"):
+    with pytest.raises(InputError, match="saved for other settings"):
         run(dataset, out, 4, ["--resume_from_checkpoint", "latest", "--num_tokens", "2"])
     reset_accelerate()
 
@@ -323,7 +323,7 @@ def test_quantiles_and_conditions_come_from_each_score_column(dataset, accumulat
         assert condition[:, 2].tolist() == [1.0] * len(items)
 
 
-def test_cosine_schedule_resumes_with_the_same_lr_and_losses(dataset, tmp_path):
+def test_cosine_schedule_resumes_with_the_same_lr_and_losses(dataset, tmp_path, monkeypatch, capsys):
     from qualityguide.errors import InputError
 
     schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]
@@ -331,11 +331,19 @@ def test_cosine_schedule_resumes_with_the_same_lr_and_losses(dataset, tmp_path):
     assert [r["lr"] for r in full] == pytest.approx([cosine_with_warmup(1e-3, 2, 6, s) for s in range(6)], rel=1e-6)
 
     part = tmp_path / "part"  # killed after checkpoint-4, with step 4 logged
+    monkeypatch.setattr("qualityguide.train.run.StepLog", log_killed_at(5))  # the run skeleton's log
     with pytest.raises(KeyboardInterrupt):
-        run(dataset, part, 6, schedule, patch=lambda recipe: setattr(recipe, "StepLog", log_killed_at(5)))
+        run(dataset, part, 6, schedule)
     reset_accelerate()
+    monkeypatch.undo()
     assert [r["step"] for r in read_log(part)] == [0, 1, 2, 3, 4]
+    capsys.readouterr()
     resumed = run(dataset, part, 6, [*schedule, "--resume_from_checkpoint", "latest"])  # from checkpoint-4
+    lines = capsys.readouterr().err  # the run skeleton's log lines, as diffusers' scripts print them
+    for line in ("Running training (train_iqa_adapter)", "Num examples = 12", "Total optimization steps = 6 "
+                 "(starting at step 4)", "Resuming from checkpoint-4 at step 4", "Saved checkpoint-6 (step 6)",
+                 f"Outputs in {part}"):
+        assert line in lines
     assert [r["step"] for r in resumed] == list(range(6))
     assert resumed == full  # lr and loss of every step, bit for bit
 
@@ -344,7 +352,7 @@ def test_cosine_schedule_resumes_with_the_same_lr_and_losses(dataset, tmp_path):
                          (["--max_train_steps", "8"], "lr_schedule_steps"), (["--max_train_samples", "8",
                          "--cache_dir", str(tmp_path / "cache8")], "max_train_samples")):
         argv = [*schedule, *extra, "--resume_from_checkpoint", "latest"]
-        with pytest.raises(InputError, match=f"saved for another adapter or dataset \\({field}="):
+        with pytest.raises(InputError, match=f"saved for other settings \\({field}="):
             run(dataset, part, 6, argv)
         reset_accelerate()
 

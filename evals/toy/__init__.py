@@ -15,6 +15,9 @@ pixel-space diffusion model trained briefly on them (CPU, minutes). Used by ``ev
    condition; the IQA-Adapter needs cross-attention) or ``UNet2DModel`` (ACPO's pixel path), trained with the
    plain epsilon MSE of :mod:`qualityguide.diffusion` on every crop (all distortion levels) and cached.
 4. **Samples** (:mod:`.sampling`): DDIM from a base model (with an adapter's condition, or a LoRA), as a grid.
+5. **Judge** (:mod:`.judge`, :class:`ToyJudge`): a small classifier trained on the crops' known conditions (held out
+   by photo), reporting a sample's P(clean) and predicted distortion level and type: a held-out check that knows
+   the truth by construction.
 """
 
 from evals.common.scores import score_images
@@ -22,10 +25,12 @@ from evals.common.scores import score_images
 from .base import (KINDS, PREDICTION_TYPES, TASK_VERSION, BaseConfig, build_scheduler, build_unet, cache_key,
                    load_or_train_base, null_condition, predict, train_base)
 from .crops import CONDITIONS, DISTORTIONS, LEVELS, SCENE_FRACTION, Crops, build_crops, distort, resolve_data_dir
+from .judge import JudgeConfig, ToyJudge, judge_crops
 from .sampling import sample, save_grid
 from .scoring import HELD_OUT_SCORER, PARAM_FILES, TOY_SCORER, load_toy_scorer
 
-__all__ = ["BaseConfig", "CONDITIONS", "Crops", "DISTORTIONS", "HELD_OUT_SCORER", "KINDS", "LEVELS", "PARAM_FILES",
-           "PREDICTION_TYPES", "SCENE_FRACTION", "TASK_VERSION", "TOY_SCORER", "build_crops", "build_scheduler",
-           "build_unet", "cache_key", "distort", "load_or_train_base", "load_toy_scorer", "null_condition",
-           "predict", "resolve_data_dir", "sample", "save_grid", "score_images", "train_base"]
+__all__ = ["BaseConfig", "CONDITIONS", "Crops", "DISTORTIONS", "HELD_OUT_SCORER", "JudgeConfig", "KINDS", "LEVELS",
+           "PARAM_FILES", "PREDICTION_TYPES", "SCENE_FRACTION", "TASK_VERSION", "TOY_SCORER", "ToyJudge", "build_crops",
+           "build_scheduler", "build_unet", "cache_key", "distort", "judge_crops", "load_or_train_base",
+           "load_toy_scorer", "null_condition", "predict", "resolve_data_dir", "sample", "save_grid", "score_images",
+           "train_base"]

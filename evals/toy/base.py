@@ -21,7 +21,8 @@ from qualityguide.adapter.conditions import null_condition as adapter_null
 from qualityguide.adapter.training import DropoutConfig, dropout_masks
 from qualityguide.diffusion import add_noise, noise_prediction_loss, sample_timesteps, training_target
 from qualityguide.errors import InputError
-from qualityguide.train import batch_indices, check_finite, step_generator
+from qualityguide.train import batch_indices, step_generator
+from qualityguide.train.run import train_step
 
 from .crops import Crops
 
@@ -192,32 +193,32 @@ def train_base(crops: Crops, config: BaseConfig, progress: bool = True, adapter=
     losses = []
     bar = tqdm(range(config.steps), desc=f"training the {config.kind} base", disable=not progress)
     for step in bar:
-        index = batch_indices(len(crops), min(config.batch_size, len(crops)), step, config.seed)
-        generator = step_generator(config.seed, step)
-        x0 = x0_all[index]
-        if config.flip:
-            flip = torch.rand(len(index), generator=generator) < 0.5
-            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
-        t = sample_timesteps(len(index), config.num_train_timesteps, generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        noisy = add_noise(x0, noise, t, alphas)
-        added = None
-        if adapter is not None:
-            condition = adapter.condition(labels[index][:, None]).float()
-            _, drop = dropout_masks(len(index), dropout, generator)
-            condition = torch.where(drop.view(-1, 1), adapter_null(len(index), condition.shape[1], like=condition),
-                                    condition)
-            added = {"image_embeds": [condition.unsqueeze(1)]}
-        output = predict(unet, noisy, t, null_condition(unet, len(index)), added)
-        loss = noise_prediction_loss(output, training_target(x0, noise, t, alphas, config.prediction_type))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        check_finite({"loss": loss}, step)
-        optimizer.step()
-        lr_schedule.step()
+        def micro_step(micro: int, step: int = step) -> dict:
+            index = batch_indices(len(crops), min(config.batch_size, len(crops)), step, config.seed)
+            generator = step_generator(config.seed, step)
+            x0 = x0_all[index]
+            if config.flip:
+                flip = torch.rand(len(index), generator=generator) < 0.5
+                x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+            t = sample_timesteps(len(index), config.num_train_timesteps, generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            noisy = add_noise(x0, noise, t, alphas)
+            added = None
+            if adapter is not None:
+                condition = adapter.condition(labels[index][:, None]).float()
+                _, drop = dropout_masks(len(index), dropout, generator)
+                condition = torch.where(drop.view(-1, 1),
+                                        adapter_null(len(index), condition.shape[1], like=condition), condition)
+                added = {"image_embeds": [condition.unsqueeze(1)]}
+            output = predict(unet, noisy, t, null_condition(unet, len(index)), added)
+            return {"loss": noise_prediction_loss(output, training_target(x0, noise, t, alphas,
+                                                                          config.prediction_type))}
+
+        # the recipes' step (qualityguide.train.run.train_step): guard, no clipping, then the optimizer step
+        values = train_step(None, unet, optimizer, lr_schedule, params, micro_step, max_grad_norm=None, step=step)
         with torch.no_grad():  # the decay ramps up, so early weights do not linger (as diffusers' EMAModel does)
             torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - min(config.ema, (1 + step) / (10 + step)))
-        losses.append(loss.item())
+        losses.append(values["loss"])
         if step % 25 == 0 or step == config.steps - 1:
             bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
     with torch.no_grad():

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import InputError, printable
 from ..files import FORMATS, atomic_write
+from ..hub import HubModel
 from ..images import check_batch
 from ..scorers.safe_load import check_fields, load_checked_safetensors, read_json_object
 from .conditions import (QUANTILES_FILE, ScoreQuantiles, check_unit_range, finite_or_raise, null_condition,
@@ -184,8 +185,9 @@ def build_projection(config: IQAAdapterConfig) -> nn.Module:
                          config.hidden_dim or config.cross_attention_dim)
 
 
-class _QualityAdapter(nn.Module):
-    """What both adapters share: projection, per-layer key/value weights, attach/detach, save/load."""
+class _QualityAdapter(nn.Module, HubModel):
+    """What both adapters share: projection, per-layer key/value weights, attach/detach, save/load (and the hub:
+    ``push_to_hub``, ``from_pretrained`` of a hub id, a model card in every saved folder)."""
 
     def __init__(self, config: IQAAdapterConfig):
         super().__init__()
@@ -351,9 +353,28 @@ class _QualityAdapter(nn.Module):
     def _metadata(self) -> dict:
         return {}
 
-    def save_pretrained(self, directory: str | os.PathLike, diffusers_layout: bool = True) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, diffusers_layout: bool = True, *, config=None,
+                        repo_id: str | None = None, push_to_hub: bool = False, model_card_kwargs: dict | None = None,
+                        **push_to_hub_kwargs) -> Path:
         """Write ``config.json``, ``model.safetensors`` (and ``quantiles.json``); where diffusers' IP-Adapter layout
-        can express the adapter, also ``diffusers/ip_adapter.safetensors`` for ``pipe.load_ip_adapter``."""
+        can express the adapter, also ``diffusers/ip_adapter.safetensors`` for ``pipe.load_ip_adapter``; then the
+        model card ``README.md``. Every file is replaced atomically.
+
+        Args:
+            directory: the folder (created if missing; one holding another model's config.json is refused).
+            diffusers_layout: also write diffusers' IP-Adapter file where it can express the adapter.
+            config: refused (the mixin's argument; the adapter writes its own config.json).
+            repo_id, push_to_hub, push_to_hub_kwargs: upload the folder afterwards (``huggingface_hub``'s
+                ``push_to_hub``; ``repo_id`` defaults to the folder's name).
+            model_card_kwargs: arguments of :func:`qualityguide.hub.cards.write_model_card` (``base_model=``,
+                ``settings=``, ``validation=``, ...).
+        """
+        directory = self._save_pretrained(Path(directory), diffusers_layout)
+        self._finish_save(directory, config, repo_id, push_to_hub, model_card_kwargs, push_to_hub_kwargs)
+        return directory
+
+    def _save_pretrained(self, directory: Path, diffusers_layout: bool = True) -> Path:
+        """The adapter's files (see :meth:`save_pretrained`)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -397,19 +418,29 @@ class _QualityAdapter(nn.Module):
             out[f"ip_adapter.{1 + 2 * i}.to_v_ip.weight"] = layer.to_v_ip[0].weight
         return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
+    def card_defaults(self) -> dict:
+        source = ", ".join(self.config.score_names) if self.config.kind == "scores" else self.config.feature_extractor
+        return {"summary": f"Conditioned on {source}; {self.config.num_tokens} tokens, {self.config.projection} "
+                           "projection."}
+
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, *, revision: str | None = None, subfolder: str | None = None,
-                        device: str | torch.device | None = None, **kwargs) -> "_QualityAdapter":
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir=None,
+                         force_download: bool = False, local_files_only: bool = False, token=None,
+                         subfolder: str | None = None, device: str | torch.device | None = None,
+                         **kwargs) -> "_QualityAdapter":
         """Load an adapter from a folder written by :meth:`save_pretrained`, or a hub id (fetched with
-        ``huggingface_hub``; only the adapter's files; the local cache is used offline).
+        ``huggingface_hub``; only the adapter's files; the local cache is used offline). Called by
+        ``from_pretrained(source, revision=, cache_dir=, token=, local_files_only=, subfolder=, device=)``.
 
         Args:
-            source: folder or ``owner/name``.
-            revision, subfolder: hub revision and folder inside the repository.
+            model_id: folder or ``owner/name``.
+            revision, cache_dir, force_download, local_files_only, token, subfolder: where and how the hub files are
+                fetched (:meth:`qualityguide.hub.HubModel.from_pretrained`).
             device: where to put it (default CPU; ``attach`` moves it to the U-Net anyway).
             kwargs: for :class:`ReferenceIQAAdapter`, ``weights=`` of a pyiqa feature extractor.
         """
-        directory = _resolve(source, revision, subfolder)
+        directory = _resolve(model_id, revision, subfolder, cache_dir=cache_dir, force_download=force_download,
+                             local_files_only=local_files_only, token=token)
         again = "pass a folder written by adapter.save_pretrained(...) or by recipes/train_iqa_adapter.py"
         try:
             payload = read_json_object(directory / CONFIG_FILE, "IQA-Adapter config", again)
@@ -453,6 +484,8 @@ class IQAAdapter(_QualityAdapter):
             percentiles={"pyiqa:topiq_nr": torch.linspace(0.05, 0.95, 8)})).images  # one target per image
     """
 
+    card_kind = "iqa_adapter"
+
     def __init__(self, score_names, num_tokens: int = 4, cross_attention_dim: int = 768,
                  projection: str = "linear", hidden_dim: int | None = None, quantiles: ScoreQuantiles | None = None,
                  layers: list[list] | None = None):
@@ -482,8 +515,8 @@ class IQAAdapter(_QualityAdapter):
                              f"({self.score_names})")
         self.quantiles = quantiles
 
-    def save_pretrained(self, directory, diffusers_layout: bool = True) -> Path:
-        directory = super().save_pretrained(directory, diffusers_layout)
+    def _save_pretrained(self, directory: Path, diffusers_layout: bool = True) -> Path:
+        directory = super()._save_pretrained(directory, diffusers_layout)
         if self.quantiles is not None:
             _atomic(directory / QUANTILES_FILE, lambda p: p.write_text(self.quantiles.to_json()))
         return directory
@@ -554,6 +587,7 @@ class ReferenceIQAAdapter(_QualityAdapter):
         Other arguments as :class:`IQAAdapter`.
     """
 
+    card_kind = "reference_iqa_adapter"
     RESOLUTION_KEY = "feature_resolution"  # the training scale, in config.json beside the config
 
     def __init__(self, feature_extractor, feature_dim: int | None = None, num_tokens: int = 4,
@@ -661,9 +695,9 @@ def _atomic(path: Path, write) -> None:
     atomic_write(path, write, durability="file")
 
 
-def _resolve(source, revision, subfolder) -> Path:
+def _resolve(source, revision, subfolder, **hub) -> Path:
     from ..pipelines import local_or_hub_folder
 
     return local_or_hub_folder(source, "IQA-Adapter", [CONFIG_FILE, WEIGHTS_FILE, QUANTILES_FILE],
                                "pass a folder written by save_pretrained or a hub id owner/name",
-                               "or pass a local adapter folder", revision=revision, subfolder=subfolder)
+                               "or pass a local adapter folder", revision=revision, subfolder=subfolder, **hub)

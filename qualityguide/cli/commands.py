@@ -91,13 +91,16 @@ def _cmd_score(args) -> int:
     from ..scorers import load_scorer
     from .score import score_paths
     from .scorefile import check_output
+    from .shards import process_device
 
-    device = check_device(args.device, "--device")
+    device = process_device(check_device(args.device, "--device"))
     check_output(args.output)  # before the scorer loads: a folder given as --output is a typo, say so at once
     _max_image_pixels(args.max_image_pixels)
     scorer = load_scorer(args.scorer, weights=args.weights, device=device)
     summary = score_paths(args.paths, scorer, args.output, batch_size=args.batch_size, recursive=args.recursive,
                           device=device, retry_failed=args.retry_failed, progress=not args.quiet)
+    if not summary.main:  # another process of `accelerate launch`: the main one reports the whole run
+        return 0
     for note in summary.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"{summary.scored} scored, {summary.failed} failed, {summary.skipped} already in {args.output}",
@@ -120,8 +123,9 @@ def _cmd_label(args) -> int:
     from ..runtime import check_device
     from ..scorers import load_scorer
     from .label import label_folder
+    from .shards import process_device
 
-    device = check_device(args.device, "--device")
+    device = process_device(check_device(args.device, "--device"))
     specs = [spec.strip() for spec in args.scorer]
     twice = sorted({spec for spec in specs if specs.count(spec) > 1})
     if twice:
@@ -131,6 +135,8 @@ def _cmd_label(args) -> int:
     scorers = {spec: load_scorer(spec, weights=weights.get(spec), device=device) for spec in specs}
     summary = label_folder(args.folder, scorers, batch_size=args.batch_size, recursive=args.recursive, device=device,
                            overwrite=args.overwrite, retry_failed=args.retry_failed, progress=not args.quiet)
+    if not summary.main:  # another process of `accelerate launch`: the main one reports the whole run
+        return 0
     failed: dict[tuple[str, str], list[str]] = {}
     for name, column, error in summary.failures:
         failed.setdefault((name, error), []).append(column)

@@ -4,7 +4,8 @@ Each column is one scorer's higher-is-better scores. Scores go first into one sc
 inside the folder (``DIR/.qualityguide/labels/``, a :class:`~qualityguide.cli.scorefile.ScoreFile`: rows
 flushed batch by batch, settings checked), keyed by the image's path relative to DIR, so a killed
 run loses at most the batch in flight and a moved folder resumes. Only at the end are the columns
-merged into ``DIR/metadata.csv`` (:mod:`qualityguide.cli.imagefolder`), which is replaced atomically.
+merged into ``DIR/metadata.csv`` (:mod:`qualityguide.cli.imagefolder`), which is replaced atomically. Under
+``accelerate launch`` the processes share the images out, each into its own part (:mod:`qualityguide.cli.shards`).
 ``labels/columns.json`` records which columns ``label`` wrote and with which settings: any other
 column of the same name is the user's and is only replaced with ``overwrite=True``.
 """
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ from .imagefolder import (
 )
 from .score import score_chunk
 from .scorefile import ScoreFile, scorer_settings
+from .shards import Processes, parts_folder, processes_for, score_into
 
 try:
     import fcntl
@@ -64,6 +67,8 @@ class LabelSummary:
         unlabelled: ``(file_name, why)`` for rows whose file exists but was not labelled (e.g. in a sub-folder
             without ``recursive``); their cells keep any score an earlier run gave them, else stay empty.
         notes: one line each (links skipped, multi-frame files, names that cannot be written).
+        main: False on the other processes of ``accelerate launch``; only the main process merges and reports
+            (``failures``, ``missing``, ``unlabelled`` and ``added_rows`` are its alone).
     """
 
     metadata: Path
@@ -75,6 +80,7 @@ class LabelSummary:
     missing: list[str] = field(default_factory=list)
     unlabelled: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    main: bool = True
 
     @property
     def ok(self) -> bool:
@@ -162,6 +168,7 @@ def _claim(owned: _Owned, table: MetadataTable | None, settings: dict[str, str],
         file = owned.record.get(column, {}).get("file") or score_file_name(column)
         if column in changed:
             (owned.path / file).unlink(missing_ok=True)
+            shutil.rmtree(parts_folder(owned.path / file), ignore_errors=True)  # a killed sharded run's: old settings
         owned.record[column] = {"file": file, "settings": setting}
     owned.save()
 
@@ -187,6 +194,10 @@ def label_folder(folder: str | os.PathLike, scorers: dict[str, QualityScorer], b
             a column labelled earlier with other settings; without it both are refused unchanged.
         retry_failed: score again the images recorded as failed for these columns.
         progress: show a tqdm bar per column on stderr.
+
+    Under ``accelerate launch`` the main process holds the folder's lock and does every check, each process
+    scores a contiguous share of each column's images into its own part of the column's scores CSV
+    (:mod:`qualityguide.cli.shards`), and the main process merges the parts and writes ``metadata.csv``.
     """
     _check_columns(scorers)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -207,21 +218,33 @@ def label_folder(folder: str | os.PathLike, scorers: dict[str, QualityScorer], b
                          f"{', '.join(image_extensions())}){''.join(f'; {note}' for note in notes)}"
                          f"{'' if recursive else '; use --recursive for images in sub-folders'}")
     summary = LabelSummary(folder / METADATA, list(scorers), images=len(names), notes=notes)
-    owned = _Owned(folder)
+    settings = {column: scorer_settings(scorer) for column, scorer in scorers.items()}
+    processes = processes_for(torch.device(device))
+    owned: list[_Owned] = []
+
+    def claim() -> dict[str, str]:  # on the main process only: it holds the folder's lock for the whole run
+        owned.append(_Owned(folder))
+        _claim(owned[0], read_metadata(folder / METADATA), settings, overwrite)
+        return {column: owned[0].record[column]["file"] for column in scorers}
+
     try:
-        _claim(owned, read_metadata(folder / METADATA), {c: scorer_settings(s) for c, s in scorers.items()},
-               overwrite)
-        with collect_multi_frame() as multi_frame:
-            tables = {column: _label_column(owned, column, scorer, names, folder, batch_size, device, retry_failed,
-                                            progress, summary) for column, scorer in scorers.items()}
+        files = claim() if processes is None else processes.agree(claim)
+        tables, multi_frame = {}, []
+        for column, scorer in scorers.items():
+            tables[column], summary.scored[column], frames = _label_column(
+                folder / OWNED / files[column], column, settings[column], scorer, names, folder, batch_size, device,
+                retry_failed, progress, processes)
+            multi_frame += frames
         if multi_frame:
             summary.notes.append(f"{len(set(multi_frame))} file(s) have several frames (animated GIF, multi-page "
                                  "TIFF, ...) and were labelled on their first frame only, e.g. "
                                  f"{printable(multi_frame[0])}")
-        # re-read now: edits made to metadata.csv while scoring ran are kept
-        _merge(read_metadata(folder / METADATA), tables, names, keys, folder, recursive, summary)
+        summary.main = processes is None or processes.is_main
+        if summary.main:  # re-read now: edits made to metadata.csv while scoring ran are kept
+            _merge(read_metadata(folder / METADATA), tables, names, keys, folder, recursive, summary)
     finally:
-        owned.close()
+        for lock in owned:
+            lock.close()
     return summary
 
 
@@ -272,16 +295,22 @@ def _scan(folder: Path, recursive: bool) -> tuple[list[str], dict[str, str], lis
     return names, keys, notes
 
 
-def _label_column(owned: _Owned, column: str, scorer: QualityScorer, names: list[str], folder: Path, batch_size: int,
-                  device, retry_failed: bool, progress: bool, summary: LabelSummary) -> dict[str, dict]:
-    """Score the images not yet in the column's scores CSV; its rows ({file_name: row}) after the run."""
+def _label_column(path: Path, column: str, settings: str, scorer: QualityScorer, names: list[str], folder: Path,
+                  batch_size: int, device, retry_failed: bool, progress: bool,
+                  processes: Processes | None) -> tuple[dict[str, dict] | None, int, list[str]]:
+    """Score the images not yet in the column's scores CSV ``path`` (sharded over ``processes``, if any): its rows
+    ({file_name: row}) after the run (None off the main process), how many were scored, the multi-frame files."""
     device = torch.device(device)
-    with ScoreFile.open(owned.path / owned.record[column]["file"], owned.record[column]["settings"]) as table:
+
+    def prepare(table: ScoreFile) -> list[str]:
         if retry_failed:
             table.forget([name for name in names if name in table.rows and table.rows[name]["error"]])
-        todo = [name for name in names if name not in table.rows]
-        with tqdm(total=len(todo), desc=f"labelling {column}", unit="img", file=sys.stderr,
-                  disable=not progress) as bar:
+        return [name for name in names if name not in table.rows]
+
+    def work(table: ScoreFile, todo: list[str], main: bool) -> tuple[int, list[str]]:
+        with collect_multi_frame() as multi_frame, \
+                tqdm(total=len(todo), desc=f"labelling {column}", unit="img", file=sys.stderr,
+                     disable=not progress or not main) as bar:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
                 rows = score_chunk(scorer, [(name, folder / name) for name in chunk], device)
@@ -291,8 +320,10 @@ def _label_column(owned: _Owned, column: str, scorer: QualityScorer, names: list
                         row["score"] = row["native_score"] = ""
                 table.append(rows)
                 bar.update(len(chunk))
-        summary.scored[column] = len(todo)
-        return dict(table.rows)
+        return len(todo), list(multi_frame)
+
+    rows, results = score_into(path, settings, prepare, work, processes)
+    return rows, sum(r[0] for r in results), [name for r in results for name in r[1]]
 
 
 def _merge(table: MetadataTable | None, tables: dict[str, dict[str, dict]], names: list[str], keys: dict[str, str],

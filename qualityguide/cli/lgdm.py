@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import typing
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from ..errors import InputError
@@ -151,8 +151,11 @@ def _fit(args) -> int:
     head, history = fit_head(features, dataset["mos"], tr, va,
                              HeadConfig(num_steps=layout["num_steps"], layer_dims=layout["layer_dims"],
                                         mixing=args.mixing), _train_config(args))
-    write_head_folder(args.out, head, cache.manifest, cache.weights_identity())
     report = {"train": len(tr), "val": len(va), "epochs": history["epochs"], "val_srcc": history["best_val_srcc"]}
+    settings = {"dataset": str(args.dataset), "train_images": len(tr), "val_images": len(va), "mixing": args.mixing,
+                **asdict(_train_config(args)), "epochs_run": history["epochs"]}
+    write_head_folder(args.out, head, cache.manifest, cache.weights_identity(),
+                      card={"settings": settings, "validation": {"val_srcc": history["best_val_srcc"]}})
     (Path(args.out) / "fit.json").write_text(json.dumps({**report, "history": history["history"]}, indent=2))
     print(json.dumps(report))
     print(f"head written to {args.out}; score with: qualityguide score IMAGES --scorer lgdm:{args.out}",

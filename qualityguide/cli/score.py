@@ -17,12 +17,15 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from ..errors import ImageError, InputError, QualityGuideError, printable
+from ..errors import ImageError, InputError, printable
 from ..images import check_size, collect_multi_frame, load_image, scan_images
 from ..scorers.base import QualityScorer
+from ..scorers.batching import BATCH_PIXELS, batches_by_pixels, image_cost, score_tensors
 from .scorefile import FIELDS, ScoreFile, decode_path, encode_path, scorer_settings
+from .shards import processes_for, score_into
 
-__all__ = ["FIELDS", "ScoreSummary", "decode_path", "score_paths", "score_tensors", "scorer_settings"]
+__all__ = ["BATCH_PIXELS", "FIELDS", "ScoreSummary", "batches_by_pixels", "decode_path", "image_cost", "score_paths",
+           "score_tensors", "scorer_settings"]
 
 
 @dataclass
@@ -32,6 +35,7 @@ class ScoreSummary:
     skipped: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path cell, error) for requested files
     notes: list[str] = field(default_factory=list)  # one line each: links or formats skipped, multi-frame files
+    main: bool = True  # False on the other processes of `accelerate launch`: the main one reports the run
 
     @property
     def ok(self) -> bool:
@@ -40,106 +44,6 @@ class ScoreSummary:
 
 def _fmt(value: float) -> str:
     return f"{value:.9g}"
-
-
-# Images per batch are bounded by their pixel count, so memory does not grow with --batch-size: 8 phone
-# photos (12 MP each) are 8 batches, 8 thumbnails one. A larger image is a batch of its own (NIQE and
-# BRISQUE then bound their own memory by tiling).
-BATCH_PIXELS = 16 * 2**20
-
-
-def batches_by_pixels(shapes: Sequence[tuple[int, ...]], max_pixels: int | None = None,
-                      pixels: Sequence[int] | None = None) -> list[list[int]]:
-    """Indices of same-size images grouped into batches of at most ``max_pixels`` pixels (default
-    :data:`BATCH_PIXELS`; at least one image).
-
-    Args:
-        shapes: each image's shape (``[..., H, W]``); only same shapes share a batch.
-        pixels: what each image costs against the budget (default ``H * W``; a resizing scorer costs
-            what it computes on, :func:`image_cost`).
-    """
-    max_pixels = BATCH_PIXELS if max_pixels is None else max_pixels
-    groups: dict[tuple, list[int]] = {}
-    for i, shape in enumerate(shapes):
-        groups.setdefault(tuple(shape), []).append(i)
-    batches = []
-    for shape, indices in groups.items():
-        cost = shape[-2] * shape[-1] if pixels is None else pixels[indices[0]]
-        per_batch = max(1, max_pixels // max(1, cost))
-        batches.extend(indices[start:start + per_batch] for start in range(0, len(indices), per_batch))
-    return batches
-
-
-def image_cost(scorer: QualityScorer, height: int, width: int, name: str = "images") -> int:
-    """Pixels an image costs in a batch: its own or those the scorer computes on (``@SIZE`` may enlarge it),
-    whichever is more; the scorer's :class:`ImageError` if it would compute on too many."""
-    scored = scorer.scored_size(height, width, name)
-    return max(height * width, scored[0] * scored[1])
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocation failure (CPU: MemoryError, or torch's RuntimeError "not enough memory" /
-    "can't allocate memory"; CUDA: torch.OutOfMemoryError), which is one image's problem, not the run's."""
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    messages = ("not enough memory", "can't allocate memory", "out of memory")  # torch's CPU allocator, CUDA
-    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in messages)
-
-
-def score_tensors(scorer: QualityScorer, images: list[torch.Tensor], device: torch.device,
-                  max_pixels: int | None = None) -> list[tuple[float, float] | Exception]:
-    """Score images of possibly different sizes in batches of same-size images of at most ``max_pixels``
-    pixels as the scorer computes on them (:func:`batches_by_pixels`, :func:`image_cost`); a failing batch
-    is retried one by one, so an image that is refused or does not fit in memory fails alone."""
-    results: list[tuple[float, float] | Exception] = [None] * len(images)  # type: ignore[list-item]
-    costs: dict[int, int] = {}
-    for i, image in enumerate(images):
-        try:
-            costs[i] = image_cost(scorer, image.shape[-2], image.shape[-1], f"{scorer.name} input")
-        except QualityGuideError as exc:
-            results[i] = exc
-    order = list(costs)
-    for batch in batches_by_pixels([images[i].shape for i in order], max_pixels, [costs[i] for i in order]):
-        indices = [order[j] for j in batch]
-        if _try_group(scorer, images, indices, device, results) or len(indices) == 1:
-            continue
-        for i in indices:
-            _try_group(scorer, images, [i], device, results)
-    return results
-
-
-def _try_group(scorer, images, indices, device, results) -> bool:
-    """Score one batch into ``results``; False if it failed (recorded for a single image)."""
-    try:
-        _score_group(scorer, images, indices, device, results)
-        return True
-    except (QualityGuideError, MemoryError, RuntimeError) as exc:
-        if not isinstance(exc, QualityGuideError) and not _out_of_memory(exc):
-            raise
-        if not isinstance(exc, QualityGuideError):
-            exc = _memory_error(images[indices[0]], device)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()  # give the failed batch's blocks back before the next one
-        if len(indices) == 1:
-            results[indices[0]] = exc
-        return False
-
-
-def _score_group(scorer, images, indices, device, results) -> None:
-    if len(indices) == 1:
-        batch = images[indices[0]][None].to(device)  # a view: a big photo is not copied
-    else:
-        batch = torch.stack([images[i] for i in indices]).to(device)
-    with torch.no_grad():
-        scores, native = scorer.score_with_native(batch)
-    for j, i in enumerate(indices):
-        results[i] = (float(scores[j]), float(native[j]))
-
-
-def _memory_error(image: torch.Tensor, device: torch.device) -> QualityGuideError:
-    height, width = image.shape[-2:]
-    return QualityGuideError(f"not enough memory on {device} to score this {width}x{height} px image; free memory, "
-                             "score it on another device, or with a smaller @SIZE")
 
 
 def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, output: str | os.PathLike,
@@ -155,6 +59,10 @@ def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, outpu
         batch_size: files loaded and written per step.
         retry_failed: drop the error rows of the files given here and try those files again.
         settings: what the values depend on (default :func:`scorer_settings` of ``scorer``).
+
+    Under ``accelerate launch`` each process scores a contiguous share of the files into its own part,
+    merged into ``output`` at the end (:mod:`qualityguide.cli.shards`); the summary's counts are every
+    process's; ``failures`` is filled on the main process, from the merged output (``main`` is False elsewhere).
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
@@ -166,27 +74,38 @@ def score_paths(paths: Sequence[str | os.PathLike], scorer: QualityScorer, outpu
     keys = [encode_path(key) for key in listing.keys]
     summary = ScoreSummary(notes=listing.notes())
     device = torch.device(device)
-    with ScoreFile.open(output, settings or scorer_settings(scorer)) as table:
+
+    def prepare(table: ScoreFile) -> list[tuple[str, Path]]:
         if retry_failed:
             table.forget([key for key in keys if key in table.rows and table.rows[key]["error"]])
-        todo = [(key, path) for key, path in zip(keys, listing.files) if key not in table.rows]
-        summary.skipped = len(keys) - len(todo)
+        return [(key, path) for key, path in zip(keys, listing.files) if key not in table.rows]
+
+    def work(table: ScoreFile, todo: list[tuple[str, Path]], main: bool) -> tuple[int, int, list[str]]:
+        scored = failed = 0
         with collect_multi_frame() as multi_frame, \
                 tqdm(total=len(todo), desc=f"scoring ({scorer.name})", unit="img", file=sys.stderr,
-                     disable=not progress) as bar:
+                     disable=not progress or not main) as bar:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
                 rows = score_chunk(scorer, chunk, device)
                 table.append(rows)  # error cells: one line, UTF-8, never a formula, whatever the file name holds
                 for row in rows:
                     if row["error"]:
-                        summary.failed += 1
+                        failed += 1
                         bar.write(f"error: {row['error']}", file=sys.stderr)
                     else:
-                        summary.scored += 1
+                        scored += 1
                 bar.update(len(chunk))
-        summary.failures = [(key, table.rows[key]["error"]) for key in keys
-                            if key in table.rows and table.rows[key]["error"]]
+        return scored, failed, list(multi_frame)
+
+    processes = processes_for(device)
+    rows, results = score_into(output, settings or scorer_settings(scorer), prepare, work, processes)
+    summary.scored, summary.failed = sum(r[0] for r in results), sum(r[1] for r in results)
+    summary.skipped = len(keys) - summary.scored - summary.failed
+    summary.main = rows is not None  # one process, or the main one: it read the whole output
+    if summary.main:
+        summary.failures = [(key, rows[key]["error"]) for key in keys if key in rows and rows[key]["error"]]
+    multi_frame = [name for r in results for name in r[2]]
     if multi_frame:
         summary.notes.append(f"{len(multi_frame)} file(s) have several frames (animated GIF, multi-page TIFF, ...) "
                              f"and were scored on their first frame only, e.g. {printable(multi_frame[0])}")

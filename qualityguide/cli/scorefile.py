@@ -345,7 +345,26 @@ class ScoreFile:
         drop = set(paths) & self.rows.keys()
         if not drop:
             return 0
-        keep = [row for key, row in self.rows.items() if key not in drop]
+        self._rewrite([row for key, row in self.rows.items() if key not in drop])
+        return len(drop)
+
+    def merge(self, rows: Iterable[dict]) -> int:
+        """Add ``rows`` (another file's, same settings) after this file's with one atomic rewrite, skipping paths
+        already here, so merging the same rows twice (a rerun after a kill between rewrite and cleanup) adds
+        nothing; returns how many were added."""
+        new = {}
+        for row in rows:
+            if row["settings"] != self.settings:
+                raise InputError(f"--output {self.output}: cannot merge rows made with settings {row['settings']!r} "
+                                 f"into a file of settings {self.settings!r}")
+            if row["path"] not in self.rows:
+                new.setdefault(row["path"], row)
+        if new:
+            self._rewrite([*self.rows.values(), *new.values()])
+        return len(new)
+
+    def _rewrite(self, keep: list[dict]) -> None:
+        """Replace the file by ``keep`` atomically; the new file is locked before it replaces the old one."""
         fds: list[int] = []
 
         def write(tmp: Path) -> None:
@@ -366,7 +385,6 @@ class ScoreFile:
         os.close(self._write_fd)
         self._write_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _BINARY)
         self.rows = {row["path"]: row for row in keep}
-        return len(drop)
 
     def _write(self, data: bytes) -> None:
         try:

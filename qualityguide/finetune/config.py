@@ -42,11 +42,12 @@ class ACPOConfig:
             depends on the scorer's units (NIQE spans a few units, most pyiqa metrics [0,1]).
         t_quality_max: the quality term uses only samples with ``t <= t_quality_max`` (training timesteps; near the
             clean end the one-step estimate still looks like an image, far from it a blurry mean).
-        quality_fraction: share of each batch whose timesteps are drawn uniformly from ``[0, t_quality_max]`` (the
-            first ``round(quality_fraction * batch)`` samples, halves rounded up); the others are drawn uniformly
-            from every training timestep. Without it only ``(t_quality_max + 1) / num_train_timesteps`` of the
-            samples would reach the quality term. The diffusion and anchor terms average over this mixture; 0 gives
-            the plain uniform draw. Ignored when timesteps are passed to the loss.
+        quality_fraction: the probability that a sample's timestep is drawn in the quality window, uniformly from
+            ``[0, t_quality_max]``; otherwise it is drawn uniformly above the window. Each sample draws on its own
+            (from the step's generator), so every batch size, 1 included, sees both windows in this proportion on
+            average. Without it only ``(t_quality_max + 1) / num_train_timesteps`` of the samples would reach the
+            quality term; that value gives the plain uniform draw, and 0 scores no sample. The diffusion and anchor
+            terms average over this mixture. Ignored when timesteps are passed to the loss.
         quality_input: ``"one_step"``: the clean estimate ``z0|t`` of the same U-Net call the other terms use;
             ``"k_step"``: a ``k_steps`` DDIM sample (eta=0) from ``z_t`` down to the clean end with the LoRA model,
             differentiated through its last ``k_grad_steps`` steps (DRaFT-K, Clark et al. 2024).
@@ -97,7 +98,9 @@ class ACPOConfig:
                 raise InputError("ACPOConfig.snr_gamma=0: must be positive (e.g. 5.0) or None for no weighting")
 
     def quality_count(self, batch: int) -> int:
-        """How many samples of a batch of ``batch`` are drawn in ``[0, t_quality_max]`` (halves rounded up)."""
+        """How many samples of a batch of ``batch`` fall in the quality window on average, to the nearest whole
+        number (halves rounded up): a fixed count for benchmarks that time a typical batch. Training draws the
+        window per sample (:meth:`ACPOLoss.draw_timesteps <qualityguide.finetune.ACPOLoss.draw_timesteps>`)."""
         return min(batch, math.floor(self.quality_fraction * batch + 0.5))
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,7 +8,9 @@ Two U-Net types:
   pipeline's load.
 - ``UNet2DModel`` (pixel-space DDPM) has no LoRA loader in diffusers (``DDPMPipeline`` cannot load one), so peft
   injects the adapter directly and it is saved in peft's own format (``adapter_model.safetensors`` +
-  ``adapter_config.json``), which :func:`load_lora` reads back.
+  ``adapter_config.json``, keys ``base_model.model.*`` as ``PeftModel.save_pretrained`` writes them), which
+  :func:`load_lora` and plain ``peft.PeftModel.from_pretrained(unet, dir)`` both read back. Files written before
+  the prefix (keys without it) still load with :func:`load_lora`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from ..diffusion import grad_flags_restored
 from ..errors import InputError, WeightsNotFoundError, closest
+from ..files import atomic_write
 
 # Attention projections: the same names in both U-Net types' Attention modules (diffusers' LoRA training scripts
 # use these for UNet2DConditionModel; UNet2DModel's AttnDownBlock2D/AttnUpBlock2D/mid-block name them alike).
@@ -29,6 +32,9 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 UNET_TYPES = ("UNet2DConditionModel", "UNet2DModel")
+# What PeftModel puts before a module's name in the state dict it saves and loads (the PeftModel wraps a LoraModel
+# that wraps the U-Net): with it, PeftModel.from_pretrained(unet, dir) finds every key.
+PEFT_KEY_PREFIX = "base_model.model."
 
 
 def _unet_type(unet: nn.Module) -> str:
@@ -148,7 +154,8 @@ def save_lora(unet: nn.Module, output_dir: str | Path, adapter_name: str = "defa
 
     ``UNet2DConditionModel``: diffusers' ``pytorch_lora_weights.safetensors`` (loaded by
     ``pipe.load_lora_weights(output_dir)`` for SD and SDXL pipelines alike). ``UNet2DModel``: peft's
-    ``adapter_model.safetensors`` + ``adapter_config.json`` (loaded by :func:`load_lora`).
+    ``adapter_model.safetensors`` + ``adapter_config.json`` with PeftModel's key names (loaded by :func:`load_lora`
+    or ``peft.PeftModel.from_pretrained(unet, output_dir)``, with the same output).
 
     Args:
         unet: the adapted U-Net (unwrapped from accelerate/DDP).
@@ -176,11 +183,13 @@ def save_lora(unet: nn.Module, output_dir: str | Path, adapter_name: str = "defa
                                                   weight_name=DIFFUSERS_WEIGHT_NAME, safe_serialization=True)
         return output_dir / DIFFUSERS_WEIGHT_NAME
     config.save_pretrained(str(output_dir))
-    save_file(state, str(output_dir / PEFT_WEIGHT_NAME), metadata={"format": "pt"})
+    state = {PEFT_KEY_PREFIX + k: v for k, v in state.items()}
+    atomic_write(output_dir / PEFT_WEIGHT_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}),
+                 durability="file")
     return output_dir / PEFT_WEIGHT_NAME
 
 
-def load_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
+def load_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "default", trainable: bool = False) -> None:
     """Load a LoRA written by :func:`save_lora` into ``unet`` (in place; its own weights are untouched).
 
     Reads diffusers' ``pytorch_lora_weights.safetensors`` into a ``UNet2DConditionModel`` (for a whole pipeline,
@@ -191,6 +200,10 @@ def load_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "defau
         unet: a U-Net of the architecture the LoRA was trained on.
         directory: the folder :func:`save_lora` wrote.
         adapter_name: the name the loaded adapter gets.
+        trainable: leave the loaded LoRA weights trainable (``requires_grad``); the default freezes them, as
+            ``PeftModel.from_pretrained`` does (``is_trainable=False``): a loaded LoRA is for inference, and the
+            CPU matmul kernels torch picks differ in their last bit between weights that require grad and weights
+            that do not, so only equal flags give output bit-identical to plain peft's.
     """
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -204,6 +217,7 @@ def load_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "defau
                                        "(for a UNet2DConditionModel it holds pytorch_lora_weights.safetensors)")
         unet.load_lora_adapter(str(directory), weight_name=DIFFUSERS_WEIGHT_NAME, prefix="unet",
                                adapter_name=adapter_name, use_safetensors=True)
+        _set_trainable(unet, adapter_name, trainable)
         return
     path, config_path = directory / PEFT_WEIGHT_NAME, directory / PEFT_CONFIG_NAME
     for needed in (path, config_path):
@@ -212,8 +226,19 @@ def load_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "defau
                                        f"(for a UNet2DModel it holds {PEFT_WEIGHT_NAME} and {PEFT_CONFIG_NAME})")
     config = LoraConfig.from_pretrained(str(directory))
     inject_adapter_in_model(config, unet, adapter_name)
-    result = set_peft_model_state_dict(unet, load_file(str(path)), adapter_name=adapter_name)
+    state = load_file(str(path))
+    # PeftModel's names (this version's files) or the bare module names (files written before them)
+    state = {k[len(PEFT_KEY_PREFIX):] if k.startswith(PEFT_KEY_PREFIX) else k: v for k, v in state.items()}
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         raise InputError(f"{path} does not fit this {kind}: missing {missing[:3]}, unexpected "
                          f"{list(result.unexpected_keys)[:3]}; load it into the architecture it was trained on")
+    _set_trainable(unet, adapter_name, trainable)
+
+
+def _set_trainable(unet: nn.Module, adapter_name: str, trainable: bool) -> None:
+    """Set ``requires_grad`` of the LoRA weights of ``adapter_name`` (peft names them ``...lora_A.<name>.weight``)."""
+    for name, param in unet.named_parameters():
+        if "lora_" in name and f".{adapter_name}." in name:
+            param.requires_grad_(trainable)

@@ -103,14 +103,29 @@ class ACPOLoss:
         return cls(pipe.unet, pipe.scheduler if scheduler is None else scheduler, scorer, config, vae=vae,
                    upcast_vae=vae is not None and pipeline_upcasts_vae(pipe))
 
+    def quality_window(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Which samples of a batch of ``batch`` draw their timestep in the quality window ``[0, t_quality_max]``:
+        each on its own with probability ``config.quality_fraction``, from one uniform draw per sample of
+        ``generator`` (a CPU bool ``[batch]``). Per sample, so that a batch of 1 sees both windows in the configured
+        proportion (a per-batch count would round it to all or nothing)."""
+        return torch.rand(batch, generator=generator) < self.config.quality_fraction
+
     def draw_timesteps(self, batch: int, generator: torch.Generator | None = None,
                        device: str | torch.device | None = None) -> torch.Tensor:
-        """``[batch]`` timesteps: the first ``config.quality_count(batch)`` uniform in ``[0, t_quality_max]``, the
-        rest uniform over every training timestep."""
-        n = self.config.quality_count(batch)
-        low = sample_timesteps(n, self.num_train_timesteps, generator, device, high=self.config.t_quality_max + 1)
-        rest = sample_timesteps(batch - n, self.num_train_timesteps, generator, device)
-        return torch.cat([low, rest])
+        """``[batch]`` timesteps: uniform in ``[0, t_quality_max]`` for the samples of :meth:`quality_window`, uniform
+        in ``(t_quality_max, num_train_timesteps)`` for the others (everything is the window when ``t_quality_max``
+        is the last timestep).
+
+        ``generator`` gives, in this order, the window draw and both candidate timesteps of every sample, so it
+        advances by the same amount whatever the window holds (the noise drawn after it does not depend on it).
+        """
+        inside = self.quality_window(batch, generator)
+        high = self.config.t_quality_max + 1
+        low = sample_timesteps(batch, self.num_train_timesteps, generator, high=high)
+        if high >= self.num_train_timesteps:
+            return low.to(device)
+        rest = sample_timesteps(batch, self.num_train_timesteps, generator, low=high)
+        return torch.where(inside, low, rest).to(device)
 
     def __call__(self, clean: torch.Tensor, conditioning: Conditioning | None = None,
                  timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,

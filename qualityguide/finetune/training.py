@@ -3,7 +3,7 @@
 - :func:`prepare_lora_unet`: freeze the U-Net, add a LoRA (seeded), keep its weights in float32, optionally turn on
   gradient checkpointing.
 - :class:`TrainingSamples`: the clean samples ``z0`` and captions a step draws from (an image folder or self
-  samples), encoded once, and the U-Net conditioning of a batch.
+  samples), encoded once, and the U-Net conditioning of a batch (captions dropped by :func:`caption_dropout`).
 - :class:`LoraCheckpointing`: accelerate ``save_state`` / ``load_state`` hooks so checkpoints hold the LoRA weights
   (and the optimizer), never the whole U-Net, plus the identity a resumed run must match.
 - :func:`make_optimizer`, :func:`check_scorer`: refuse settings that cannot work before anything expensive runs
@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -198,16 +197,6 @@ class LoraCheckpointing:
                                         "--output_dir")
 
 
-def identity_difference(stored: dict | None, current: dict) -> str | None:
-    """The first top-level field where a checkpoint's identity differs from this run's, as a message; else None."""
-    stored = stored if isinstance(stored, dict) else {}
-    for key, value in current.items():
-        if stored.get(key) != value:
-            there, here = (json.dumps(v, sort_keys=True) for v in (stored.get(key), value))
-            return f"{key}={there} there, {here} here"
-    return None
-
-
 # ----------------------------------------------------------------------------------------------- data
 
 def dataset_identity(dataset, source: str, settings: dict | None = None) -> dict:
@@ -218,27 +207,52 @@ def dataset_identity(dataset, source: str, settings: dict | None = None) -> dict
                 "files_sha256": json_sha256([dataset.files, dataset.sizes, dataset.captions])}
     if settings is not None:
         identity["settings_sha256"] = json_sha256(settings)
-    return identity
+    augment = dataset.augment_identity()
+    return {**identity, **augment} if augment["augment"] is not None else identity  # older identities stay valid
+
+
+def caption_dropout(batch: int, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which samples of a batch of ``batch`` train on the unconditional input (bool ``[batch]``, CPU): each on its own
+    with ``probability``, from one uniform draw per sample of ``generator`` (the step's, so resume repeats it).
+
+    Without it the unconditional branch that classifier-free guidance uses is never trained nor anchored, and its
+    drift is multiplied by the guidance scale at inference (diffusers' recipes drop 5-10% of captions likewise).
+
+    Raises:
+        InputError: ``probability`` outside [0, 1].
+    """
+    if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
+        raise InputError(f"--caption_dropout {probability!r}: must be a share in [0, 1], e.g. 0.1 (0: never drop)")
+    return torch.rand(batch, generator=generator) < probability
 
 
 class TrainingSamples:
-    """Clean model-space samples ``z0`` (CPU float32 ``[N,C,h,w]``) and their captions, in dataset order.
+    """Clean model-space samples ``z0`` (CPU float32 ``[N*V,C,h,w]``, ``V`` augmentation variants per sample) and
+    their captions, in dataset order.
 
     Build with :meth:`encode`. ``captions`` is None for an unconditional (pixel-space) model.
 
     Args:
-        clean: the samples: scaled VAE latents, or pixels in [-1,1] for a ``UNet2DModel``.
+        clean: the samples: scaled VAE latents, or pixels in [-1,1] for a ``UNet2DModel``; sample ``i``'s variant
+            ``v`` at row ``i * variants + v``.
         captions: one caption per sample, or None.
         identity: what a resumed run must match (:func:`dataset_identity`).
+        variants: augmentation variants per sample (:attr:`ImageFolderDataset.variants`).
+        micro: SDXL's micro-conditioning: ``original_size`` long ``[N,2]`` and ``crop_top_left`` long ``[N,V,2]``
+            (None: whole squares of the training resolution).
     """
 
-    def __init__(self, clean: torch.Tensor, captions: list[str] | None, identity: dict):
-        if captions is not None and len(captions) != len(clean):
-            raise InputError(f"{len(captions)} captions for {len(clean)} samples; give one caption per sample")
-        self.clean, self.captions, self.identity = clean, captions, identity
+    def __init__(self, clean: torch.Tensor, captions: list[str] | None, identity: dict, variants: int = 1,
+                 micro: dict[str, torch.Tensor] | None = None):
+        if len(clean) % variants:
+            raise InputError(f"{len(clean)} rows are not {variants} variants per sample")
+        if captions is not None and len(captions) != len(clean) // variants:
+            raise InputError(f"{len(captions)} captions for {len(clean) // variants} samples; give one caption per "
+                             "sample")
+        self.clean, self.captions, self.identity, self.variants, self.micro = clean, captions, identity, variants, micro
 
     def __len__(self) -> int:
-        return len(self.clean)
+        return len(self.clean) // self.variants
 
     @classmethod
     def encode(cls, pipe, dataset, cache_dir: str | os.PathLike, source: str, settings: dict | None = None,
@@ -249,7 +263,8 @@ class TrainingSamples:
 
         Args:
             pipe: the pipeline (its VAE, if any, frozen).
-            dataset: an :class:`~qualityguide.train.data.ImageFolderDataset` (centre crop, no flip).
+            dataset: an :class:`~qualityguide.train.data.ImageFolderDataset`; each of its augmentation variants is
+                encoded (see :mod:`qualityguide.train.latents` for the cost).
             cache_dir: the latent cache folder.
             source: ``"image_dir"`` or ``"self_samples"`` (recorded in the identity).
             settings: what made the images (self samples: ``SelfSampleSettings.to_dict()``), hashed into the identity.
@@ -264,27 +279,50 @@ class TrainingSamples:
             clean = cache_latents(dataset, pipe.vae, cache_dir, upcast=pipeline_upcasts_vae(pipe),
                                   progress=progress).mean
         else:
-            clean = torch.stack([to_vae_range(dataset.get(i)["pixels"])
-                                 for i in tqdm(range(len(dataset)), desc="loading images", disable=not progress)])
+            clean = torch.stack([to_vae_range(dataset.get(i, variant=v)["pixels"])
+                                 for i in tqdm(range(len(dataset)), desc="loading images", disable=not progress)
+                                 for v in range(dataset.variants)])
         captions = (dataset.captions or [""] * len(dataset)) if conditional else None
+        micro = {"original_size": torch.tensor(dataset.original_sizes, dtype=torch.long).view(-1, 2),
+                 "crop_top_left": torch.tensor([[w[:2] for w in dataset.windows(i)] for i in range(len(dataset))],
+                                               dtype=torch.long).view(len(dataset), dataset.variants, 2)}
         return cls(clean.float(), list(captions) if captions is not None else None,
-                   dataset_identity(dataset, source, settings))
+                   dataset_identity(dataset, source, settings), dataset.variants, micro)
 
-    def batch(self, indices: Sequence[int], device: torch.device | str, dtype: torch.dtype | None = None
-              ) -> torch.Tensor:
-        """The clean samples of ``indices`` on ``device`` (in ``dtype``, default float32)."""
-        return self.clean[torch.as_tensor(list(indices), dtype=torch.long)].to(device, dtype or torch.float32)
+    def _rows(self, indices: Sequence[int], variants: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        variant = torch.zeros_like(index) if variants is None else torch.as_tensor(variants, dtype=torch.long)
+        return index * self.variants + variant
 
-    def conditioning(self, indices: Sequence[int], encoder, device: torch.device | str) -> dict | None:
+    def batch(self, indices: Sequence[int], device: torch.device | str, dtype: torch.dtype | None = None,
+              variants: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """The clean samples of ``indices`` on ``device`` (in ``dtype``, default float32), as augmentation variants
+        ``variants`` (:meth:`ImageFolderDataset.draw_variants`; None: variant 0)."""
+        return self.clean[self._rows(indices, variants)].to(device, dtype or torch.float32)
+
+    def conditioning(self, indices: Sequence[int], encoder, device: torch.device | str,
+                     variants: Sequence[int] | torch.Tensor | None = None,
+                     drop: torch.Tensor | None = None) -> dict | None:
         """The U-Net conditioning of ``indices`` for :class:`~qualityguide.finetune.ACPOLoss`: SD
-        ``{"encoder_hidden_states"}``, SDXL also ``"added_cond_kwargs"``, None for an unconditional model.
+        ``{"encoder_hidden_states"}``, SDXL also ``"added_cond_kwargs"`` (micro-conditioning from each image's size
+        and the crop of its variant), None for an unconditional model.
 
         Args:
             indices: sample indices.
             encoder: a :class:`qualityguide.train.PromptEncoder` for the pipeline (ignored when unconditional).
             device: where the embeddings go.
+            variants: the variant of each index, as passed to :meth:`batch`.
+            drop: bool ``[len(indices)]`` (:func:`caption_dropout`): these rows get the pipeline's unconditional
+                input instead of their caption's (the empty prompt's embedding; zeros for an SDXL pipeline that
+                forces them), the input classifier-free guidance pairs with the prompt at inference.
         """
         if self.captions is None:
             return None
-        embeds, extra = encoder([self.captions[i] for i in indices], device)
+        micro = {}
+        if self.micro is not None:
+            index = torch.as_tensor(list(indices), dtype=torch.long)
+            variant = torch.zeros_like(index) if variants is None else torch.as_tensor(variants, dtype=torch.long)
+            micro = {"original_size": self.micro["original_size"][index],
+                     "crop_top_left": self.micro["crop_top_left"][index, variant]}
+        embeds, extra = encoder([self.captions[i] for i in indices], device, drop=drop, **micro)
         return unet_conditioning(embeds, extra)

@@ -1,12 +1,12 @@
-"""Validation images during ACPO training: the pipeline with its current LoRA, fixed seeds, a PNG grid per step,
-the scorer's values, and the same images and values sent to accelerate's trackers."""
+"""Validation images during ACPO training: the pipeline with its current LoRA and its base (the LoRA off), fixed
+seeds, a labelled PNG grid per step with each image's guiding and held-out scores, and the same grid and mean scores
+sent to accelerate's trackers."""
 
 from __future__ import annotations
 
-import json
-import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..images import make_grid
 from ..train.data import derive_seed
+from ..train.held_out import HeldOutGuard, RewardHackingWarning, validation_values
+from ..train.validation import caption, labelled_grid, save_validation, score_images
+from .lora import adapters_disabled, tuner_layers
 from ..train.self_samples import is_conditional, sample_images
 
 
@@ -62,42 +64,84 @@ def validation_images(pipe, settings: ValidationSettings) -> torch.Tensor:
                          settings.guidance_scale)
 
 
+class ACPOValidation:
+    """The ACPO recipe's ``validate(step)``: the fixed-seed validation images of the tuned model, and once those of
+    the base model (its LoRA switched off), in one labelled grid (rows base / step N, columns seeds, each image's
+    scores under it), the guiding and held-out scorers' means, and the held-out guard's warnings. Call it on the main
+    process only.
+
+    Args:
+        pipe: the pipeline whose U-Net carries the LoRA being trained.
+        settings: prompt, seeds and sampler settings.
+        output_dir: the run's output folder (``validation/step-N`` goes there).
+        scorer: the guiding scorer; None: no scores.
+        held_out: ``{name: scorer}`` scored beside it (``--held_out_scorer``); names as the user gave the specs.
+        trackers: accelerate trackers for the grids.
+        guard: the held-out guard (a resumed run's carries the earlier validations); None: a fresh one.
+    """
+
+    def __init__(self, pipe, settings: ValidationSettings, output_dir: str | os.PathLike,
+                 scorer: nn.Module | None = None, held_out: dict[str, nn.Module] | None = None, trackers=(),
+                 guard: HeldOutGuard | None = None):
+        self.pipe, self.settings, self.output_dir = pipe, settings, Path(output_dir)
+        self.scorer, self.held_out, self.trackers = scorer, dict(held_out or {}), trackers
+        self.guard = guard if guard is not None else HeldOutGuard()
+        self._base: tuple[torch.Tensor, list[dict[str, float]]] | None = None
+
+    def _scores(self, images: torch.Tensor) -> list[dict[str, float]]:
+        """Each image's ``{scorer name: score}``: the guiding scorer first, then the held-out ones."""
+        named = ([(getattr(self.scorer, "name", "quality"), self.scorer)] if self.scorer is not None else []) + \
+            list(self.held_out.items())
+        columns = {name: score_images(scorer, images) for name, scorer in named}
+        return [{name: values[i] for name, values in columns.items()} for i in range(len(images))]
+
+    def _values(self, scores: list[dict[str, float]]) -> dict[str, float]:
+        guiding = getattr(self.scorer, "name", "quality") if self.scorer is not None else None
+        mean = {name: float(np.mean([s[name] for s in scores])) for name in (scores[0] if scores else {})}
+        return validation_values(mean.get(guiding), {name: mean[name] for name in self.held_out})
+
+    def base(self) -> tuple[torch.Tensor, list[dict[str, float]]] | None:
+        """The base model's validation images and scores (made once), or None when the U-Net has no LoRA."""
+        if self._base is None and tuner_layers(self.pipe.unet):
+            with adapters_disabled(self.pipe.unet):
+                images = validation_images(self.pipe, self.settings)
+            self._base = images, self._scores(images)
+            self.guard.remember(0, self._values(self._base[1]))  # step 0: the base model, the first reference
+        return self._base
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> dict[str, float]:
+        """Validate after ``step`` optimizer steps: write ``validation/step-<step>`` (``grid.png``, ``scores.json``),
+        send the grid to the trackers, warn when a held-out score falls while the guiding one rises.
+
+        Returns:
+            ``{"validation/quality": ..., "validation/held_out/<name>": ...,
+            "validation/guiding_minus_held_out/<name>": ...}`` (means over the images; empty without scorers).
+        """
+        base = self.base()
+        images = validation_images(self.pipe, self.settings)
+        scores = self._scores(images)
+        rows = ([("base", base[0], base[1])] if base is not None else []) + [(f"step {step}", images, scores)]
+        sheet = labelled_grid(torch.cat([r[1] for r in rows]), len(images), [caption(s) for r in rows for s in r[2]],
+                              [r[0] for r in rows], [f"seed {i}" for i in range(len(images))])
+        values = self._values(scores)
+        record = {"step": step, "prompt": self.settings.prompt, "seeds": self.settings.seeds(),
+                  "scores": scores, "base_scores": base[1] if base is not None else None, "values": values}
+        save_validation(self.output_dir, step, sheet, record, self.trackers)
+        # stacklevel 1: attributed to this module; the caller is torch's no_grad wrapper, whose warnings a recipe's
+        # quiet_third_party drops
+        for line in self.guard.observe(step, values):
+            warnings.warn(line, RewardHackingWarning, stacklevel=1)
+        return values
+
+
 @torch.no_grad()
 def run_validation(pipe, settings: ValidationSettings, step: int, output_dir: str | os.PathLike,
                    scorer: nn.Module | None = None, trackers=()) -> dict[str, float]:
-    """Generate the validation images, write ``output_dir/validation/step-<step>/grid.png`` and ``scores.json``,
-    and log the grid and mean score to ``trackers`` (accelerate's ``accelerator.trackers``; those with
-    ``log_images``). Call it on the main process only.
-
-    Args:
-        pipe: the pipeline whose U-Net carries the current LoRA.
-        settings: prompt, seeds and sampler settings.
-        step: the optimizer steps completed.
-        output_dir: the run's output folder.
-        scorer: score the images (on the scorer's device); None: no scores.
-        trackers: accelerate trackers to send the images and scores to.
+    """One validation of ``pipe`` without memory of earlier ones (:class:`ACPOValidation` for a run): write
+    ``output_dir/validation/step-<step>/grid.png`` and ``scores.json``, log the grid to ``trackers``.
 
     Returns:
-        ``{"validation/quality": mean score}`` (empty without a scorer), for ``accelerator.log``.
+        ``{"validation/quality": mean score}`` (empty without a scorer).
     """
-    images = validation_images(pipe, settings)
-    folder = Path(output_dir) / "validation" / f"step-{step}"
-    folder.mkdir(parents=True, exist_ok=True)
-    sheet = make_grid(images, columns=math.ceil(math.sqrt(len(images))))
-    sheet.save(folder / "grid.png")
-    grid = np.asarray(sheet)  # HWC uint8, as trackers take images
-    values: dict[str, float] = {}
-    record: dict = {"step": step, "prompt": settings.prompt, "seeds": settings.seeds()}
-    if scorer is not None:
-        device = next((p.device for p in scorer.parameters()), None) or next(
-            (b.device for b in scorer.buffers()), torch.device("cpu"))
-        scores = scorer(images.to(device)).float().cpu()
-        record.update(scorer=getattr(scorer, "name", type(scorer).__name__), scores=scores.tolist())
-        values["validation/quality"] = float(scores.mean())
-    (folder / "scores.json").write_text(json.dumps(record, indent=1))
-    for tracker in trackers:
-        if getattr(tracker, "name", None) == "tensorboard":  # SummaryWriter.add_images needs the layout
-            tracker.log_images({"validation": grid[None]}, step=step, dataformats="NHWC")
-        elif hasattr(tracker, "log_images"):  # wandb, comet, ...: a list of HWC arrays
-            tracker.log_images({"validation": [grid]}, step=step)
-    return values
+    return ACPOValidation(pipe, settings, output_dir, scorer, trackers=trackers)(step)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import InputError, printable
 from ..files import atomic_write, write_json
+from ..hub import HubModel
 from ..scorers.safe_load import check_fields, load_checked_safetensors, read_json_object
 
 MIXINGS = ("softmax", "concat")
@@ -99,15 +100,20 @@ def weight_shapes(config: HeadConfig) -> dict[str, tuple[tuple[int, ...], dict]]
     return shapes
 
 
-class LGDMHead(nn.Module):
+class LGDMHead(nn.Module, HubModel):
     """Standardise features, mix steps, regress. Output: normalised quality (0 = worst, 1 = best training MOS).
 
     Buffers hold the training set's feature mean/std and MOS range, so a saved head is self-contained.
+    ``metadata`` holds what its folder stores besides the head (the LGDM config and backbone of
+    :func:`qualityguide.lgdm.head_metadata`); a loaded head has it, and saving writes it back.
     """
+
+    card_kind = "lgdm_head"
 
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config
+        self.metadata: dict = {}
         steps, width = config.num_steps, config.width
         self.register_buffer("feature_mean", torch.zeros(steps, width))
         self.register_buffer("feature_std", torch.ones(steps, width))
@@ -144,25 +150,59 @@ class LGDMHead(nn.Module):
         lo, hi = self.mos_range
         return normalised * (hi - lo) + lo
 
-    def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> None:
-        """``config.json`` (the head's config under ``"head"``, + ``extra`` metadata) and ``model.safetensors``.
+    def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None, *, config=None,
+                        repo_id: str | None = None, push_to_hub: bool = False, model_card_kwargs: dict | None = None,
+                        **push_to_hub_kwargs) -> Path:
+        """``config.json`` (the head's config under ``"head"``, + metadata), ``model.safetensors`` and the model card.
 
-        Each file is replaced atomically and fsynced, as adapter weights are: a fitted head is a result the user
-        keeps, and a kill while refitting into the same folder leaves the old file or the new one, never half.
+        Args:
+            directory: the folder (created if missing).
+            extra: the metadata to store (default: :attr:`metadata`, so a loaded head keeps its own).
+            config: refused (the mixin's argument; the head writes its own config.json).
+            repo_id, push_to_hub, push_to_hub_kwargs: upload the folder afterwards (``huggingface_hub``'s
+                ``push_to_hub``; ``repo_id`` defaults to the folder's name).
+            model_card_kwargs: arguments of :func:`qualityguide.hub.cards.write_model_card`.
         """
+        directory = Path(directory)
+        self._save_pretrained(directory, extra)
+        self._finish_save(directory, config, repo_id, push_to_hub, model_card_kwargs, push_to_hub_kwargs)
+        return directory
+
+    def card_defaults(self) -> dict:
+        settings = {"head": asdict(self.config), **({"lgdm": self.metadata["lgdm"]} if "lgdm" in self.metadata
+                                                    else {})}
+        return {"base_model": self.metadata.get("backbone_spec"), "settings": settings}
+
+    def _save_pretrained(self, directory: Path, extra: dict | None = None) -> None:
+        """The head's files. Each is replaced atomically and fsynced, as adapter weights are: a fitted head is a
+        result the user keeps, and a kill while refitting into the same folder leaves the old file or the new one,
+        never half."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        payload = {"head": asdict(self.config), **(extra or {})}
+        extra = self.metadata if extra is None else extra
+        payload = {"head": asdict(self.config), **extra}
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         atomic_write(directory / HEAD_WEIGHTS, lambda tmp: save_file(state, str(tmp)), durability="file")
         write_json(directory / HEAD_CONFIG, payload, durability="file")
+        self.metadata = dict(extra)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> tuple["LGDMHead", dict]:
-        """Load a head; returns ``(head, metadata)`` (metadata: what ``save_pretrained`` stored besides the head)."""
-        directory = Path(directory)
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir=None,
+                         force_download: bool = False, local_files_only: bool = False, token=None,
+                         subfolder: str | None = None) -> "LGDMHead":
+        """Load a head from a folder or hub id; its :attr:`metadata` holds what ``save_pretrained`` stored besides
+        the head. Called by ``LGDMHead.from_pretrained(source, revision=, cache_dir=, token=, local_files_only=)``.
+        """
+        from .scorer import resolve_head_folder
+
+        return cls.load_folder(resolve_head_folder(model_id, revision=revision, cache_dir=cache_dir,
+                                                   force_download=force_download, local_files_only=local_files_only,
+                                                   token=token, subfolder=subfolder))
+
+    @classmethod
+    def load_folder(cls, directory: Path) -> "LGDMHead":
+        """Read a local head folder (the layout of today, or the legacy ``head_config.json``/``head.safetensors``)."""
         for config_name, weights_name in ((HEAD_CONFIG, HEAD_WEIGHTS), LEGACY_FILES):
             if (directory / config_name).is_file() and (directory / weights_name).is_file():
                 break
@@ -186,7 +226,8 @@ class LGDMHead(nn.Module):
         head = cls(config)
         head.load_state_dict(state)
         head.eval()
-        return head, payload
+        head.metadata = payload
+        return head
 
 
 @dataclass

@@ -8,7 +8,6 @@ files with ``huggingface_hub`` (an existing local folder of that name wins).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -16,11 +15,13 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, printable
-from ..identity import IDENTITY_FILE, WeightIdentity
+from ..hub import HubModel
+from ..identity import IDENTITY_FILE, WeightIdentity, state_sha256
 from ..pipelines import local_or_hub_folder
 from ..scorers.base import QualityScorer
 from .cache import manifest_mismatch, file_hash
 from .config import LGDMConfig, stable_hash
+from ..hub.cards import write_model_card
 from .head import HEAD_CONFIG, HEAD_WEIGHTS, LEGACY_FILES, LGDMHead
 from .model import LGDM
 
@@ -33,28 +34,43 @@ def head_metadata(manifest: dict) -> dict:
 
 
 def write_head_folder(directory: str | os.PathLike, head: LGDMHead, manifest: dict,
-                      identity: WeightIdentity | None) -> None:
-    """``config.json`` + ``model.safetensors`` (:meth:`LGDMHead.save_pretrained`) and the backbone weights' identity.
+                      identity: WeightIdentity | None, card: dict | None = None) -> None:
+    """``config.json`` + ``model.safetensors`` (:meth:`LGDMHead.save_pretrained`), the backbone weights' identity
+    and the model card.
 
     Args:
         manifest: the feature cache's manifest (or :func:`~qualityguide.lgdm.extract.cache_manifest`).
         identity: the weights the features came from; None (a cache from before identities) writes none, and
             loading the head then warns that its backbone weights cannot be checked.
+        card: arguments of :func:`qualityguide.hub.cards.write_model_card` (``settings=``, ``validation=``, ...).
     """
     directory = Path(directory)
-    head.save_pretrained(directory, extra=head_metadata(manifest))
+    head._save_pretrained(directory, head_metadata(manifest))
     if identity is not None:
         identity.save(directory / IDENTITY_FILE)
     else:
         (directory / IDENTITY_FILE).unlink(missing_ok=True)  # never leave another backbone's identity behind
+    write_model_card(directory, kind="lgdm_scorer", **{**scorer_card(head), **(card or {})})
 
 
-def resolve_head_folder(spec: str | os.PathLike) -> Path:
+def scorer_card(head: LGDMHead) -> dict:
+    """The model card arguments of a head folder (a whole scorer: head, LGDM config, backbone)."""
+    return {**head.card_defaults(), "summary": f"Backbone: {head.metadata.get('backbone_spec')}; trained on the "
+            "features of its weights (checked on loading by weights_identity.safetensors)."}
+
+
+def resolve_head_folder(spec: str | os.PathLike, **hub) -> Path:
     """A local head folder, or a hub id fetched with ``huggingface_hub`` (only the head's files; the local cache is
-    used offline). An existing local path always wins."""
+    used offline). An existing local path always wins.
+
+    Args:
+        spec: a folder or hub id.
+        hub: ``revision``, ``subfolder``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``.
+    """
     return local_or_hub_folder(spec, "LGDM head", [HEAD_CONFIG, HEAD_WEIGHTS, IDENTITY_FILE, *LEGACY_FILES],
                                "pass a folder written by `qualityguide lgdm fit --out DIR` (or "
-                               "LGDMScorer.save_pretrained), or a hub id owner/name", "or pass an existing head folder")
+                               "LGDMScorer.save_pretrained), or a hub id owner/name", "or pass an existing head folder",
+                               **hub)
 
 
 def head_content_hash(folder: str | os.PathLike) -> str:
@@ -63,15 +79,6 @@ def head_content_hash(folder: str | os.PathLike) -> str:
     folder = Path(folder)
     names = [n for n in (HEAD_CONFIG, HEAD_WEIGHTS, IDENTITY_FILE, *LEGACY_FILES) if (folder / n).is_file()]
     return stable_hash({name: file_hash(folder / name) for name in names})
-
-
-def _state_hash(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's state (names, shapes, float32 values): a head held only in memory."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _check_metadata(meta: dict, where: str) -> None:
@@ -92,7 +99,7 @@ def _same_device(requested, actual: torch.device) -> bool:
     return requested.type == actual.type and (requested.index is None or requested.index == actual.index)
 
 
-class LGDMScorer(QualityScorer):
+class LGDMScorer(QualityScorer, HubModel):
     """Predicted MOS (the training set's scale; higher is better) from PMG hyperfeatures.
 
     Differentiable: gradients flow through the VAE encoder, the DDIM path and the pooled U-Net features;
@@ -112,6 +119,7 @@ class LGDMScorer(QualityScorer):
 
     differentiable = True
     native_lower_better = False
+    card_kind = "lgdm_scorer"
 
     def __init__(self, lgdm: LGDM, head: LGDMHead, name: str = "lgdm", create_graph: bool = False):
         super().__init__()
@@ -132,7 +140,7 @@ class LGDMScorer(QualityScorer):
     def settings_name(self) -> str:
         """What a scores CSV records for this scorer: the head by content (:func:`head_content_hash` of the folder
         it was loaded from, or of its weights), never by its path, and the backbone's precision when reduced."""
-        content = self.head_sha256 or _state_hash(self.head)
+        content = self.head_sha256 or state_sha256(self.head)
         precision = self.lgdm.precision()
         return f"lgdm:sha256={content[:16]}" + ("" if precision == "float32" else f",{precision}")
 
@@ -148,22 +156,48 @@ class LGDMScorer(QualityScorer):
         features = self.lgdm.extract(images, create_graph=self.create_graph)
         return self.head.to_mos(self.head(features)).to(images.dtype)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """The head folder: ``config.json``, ``model.safetensors`` (the head) and the backbone weights' identity.
-        The backbone is referenced by its spec, not copied."""
-        from .extract import cache_manifest
-
-        write_head_folder(directory, self.head, cache_manifest(self.lgdm), self.lgdm.weights_identity())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, pipeline=None, model: str | None = None,
-                        device=None, dtype=None, psi_weights=None, pmg_chunk: int | None = None,
-                        **kwargs) -> "LGDMScorer":
-        """Rebuild the scorer from a head folder or hub id; refuse a backbone other than the one it was trained on.
+    def save_pretrained(self, directory: str | os.PathLike, *, config=None, repo_id: str | None = None,
+                        push_to_hub: bool = False, model_card_kwargs: dict | None = None,
+                        **push_to_hub_kwargs) -> Path:
+        """The head folder: ``config.json``, ``model.safetensors`` (the head), the backbone weights' identity and
+        the model card. The backbone is referenced by its spec, not copied.
 
         Args:
-            directory: a folder written by ``save_pretrained`` or ``qualityguide lgdm fit``, or a hub id whose
+            directory: the folder (created if missing).
+            config: refused (the mixin's argument; the folder's config.json is written from the scorer).
+            repo_id, push_to_hub, push_to_hub_kwargs: upload the folder afterwards (``huggingface_hub``'s
+                ``push_to_hub``; ``repo_id`` defaults to the folder's name).
+            model_card_kwargs: arguments of :func:`qualityguide.hub.cards.write_model_card`.
+        """
+        from .extract import cache_manifest
+
+        directory = Path(directory)
+        if config is not None:
+            raise InputError(f"config={config!r}: an LGDMScorer writes its own config.json; drop config=")
+        write_head_folder(directory, self.head, cache_manifest(self.lgdm), self.lgdm.weights_identity(),
+                          card=model_card_kwargs)
+        if push_to_hub:
+            self.push_to_hub(repo_id or directory.name, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+        return directory
+
+    def card_defaults(self) -> dict:
+        return scorer_card(self.head)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir=None,
+                         force_download: bool = False, local_files_only: bool = False, token=None,
+                         subfolder: str | None = None, pipeline=None, model: str | None = None,
+                         model_revision: str | None = None, device=None, dtype=None, psi_weights=None,
+                         pmg_chunk: int | None = None, **kwargs) -> "LGDMScorer":
+        """Rebuild the scorer from a head folder or hub id; refuse a backbone other than the one it was trained on.
+        Called by ``LGDMScorer.from_pretrained(directory, ...)`` (:meth:`qualityguide.hub.HubModel.from_pretrained`).
+
+        Args:
+            model_id: a folder written by ``save_pretrained`` or ``qualityguide lgdm fit``, or a hub id whose
                 repository holds one (fetched with ``huggingface_hub``; a local folder of that name wins).
+            revision, cache_dir, force_download, local_files_only, token, subfolder: where and how the head's hub
+                files are fetched.
+            model_revision: the backbone's hub revision (``load_pipeline``'s ``revision``).
             pipeline: a loaded pipeline whose modules to share (e.g. the one being guided); they are used as they
                 are (mode, device, dtype). Else the stored backbone spec (or ``model``) is loaded with
                 :func:`qualityguide.load_pipeline`.
@@ -174,8 +208,11 @@ class LGDMScorer(QualityScorer):
         """
         from ..pipelines import parse_dtype
 
-        folder = resolve_head_folder(directory)
-        head, meta = LGDMHead.from_pretrained(folder)
+        directory = model_id
+        folder = resolve_head_folder(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                     local_files_only=local_files_only, token=token, subfolder=subfolder)
+        head = LGDMHead.load_folder(folder)
+        meta = dict(head.metadata)
         content = head_content_hash(folder)
         _check_metadata(meta, str(folder / HEAD_CONFIG))
         config = LGDMConfig.from_dict(meta["lgdm"], f"LGDM config in {folder / HEAD_CONFIG}",
@@ -187,7 +224,7 @@ class LGDMScorer(QualityScorer):
         if pipeline is not None:
             unet = getattr(pipeline, "unet", None)
             param = next(unet.parameters()) if unet is not None else None
-            ignored = {"model": model, **kwargs}
+            ignored = {"model": model, "model_revision": model_revision, **kwargs}
             ignored = sorted(k for k, v in ignored.items() if v is not None)
             if ignored:
                 raise InputError(f"LGDM head {directory}: {', '.join(ignored)} only apply when the scorer loads its "
@@ -205,6 +242,8 @@ class LGDMScorer(QualityScorer):
             spec = model or meta.get("backbone_spec")
             if not spec:
                 raise InputError(f"{directory}: no backbone spec stored; pass model=... or pipeline=...")
+            if model_revision is not None:
+                kwargs["revision"] = model_revision
             lgdm = LGDM.from_pretrained(spec, config, dtype=dtype, device=device, psi_weights=psi_weights,
                                         pmg_chunk=pmg_chunk, **kwargs)
         if lgdm.model_key() != meta["model_key"]:

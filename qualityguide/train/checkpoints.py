@@ -25,6 +25,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -80,15 +81,19 @@ class CheckpointManager:
     Args:
         output_dir: the run's output folder (shared by all processes).
         total_limit: keep only this many newest complete checkpoints (None keeps all).
+        keep: ``keep(checkpoints) -> paths`` never deleted by ``total_limit`` (e.g. the best validated one), and not
+            counted in it; None spares none.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, total_limit: int | None = None):
+    def __init__(self, output_dir: str | os.PathLike, total_limit: int | None = None,
+                 keep: Callable[[list[tuple[int, Path]]], set[Path]] | None = None):
         if total_limit is not None and (isinstance(total_limit, bool) or not isinstance(total_limit, int)
                                         or total_limit < 1):
             raise InputError(f"total_limit {total_limit!r} (--checkpoints_total_limit): must be a positive whole "
                              "number of checkpoints to keep, or None to keep all")
         self.output_dir = Path(output_dir)
         self.total_limit = total_limit
+        self.keep = keep
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """Complete checkpoints, oldest first: folders named ``checkpoint-<step>`` whose marker has that step."""
@@ -170,7 +175,8 @@ class CheckpointManager:
                 path.unlink()
 
     def _prune(self) -> None:
-        complete = self.checkpoints()
+        spared = self.keep(self.checkpoints()) if self.keep is not None else set()
+        complete = [(step, path) for step, path in self.checkpoints() if path not in spared]
         if self.total_limit is None or len(complete) <= self.total_limit:
             return
         for _, path in complete[:len(complete) - self.total_limit]:

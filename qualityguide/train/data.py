@@ -1,10 +1,14 @@
 """A captioned, scored image folder for training, and deterministic batches that survive a resume.
 
-The folder holds images and a ``metadata.csv`` (the layout of ``datasets``' ``imagefolder``): a ``file_name``
-column naming each image relative to the folder, an optional caption column and any number of numeric score
-columns (``qualityguide label DIR --scorer ...`` writes one). Rows are read through
-``datasets.load_dataset("imagefolder")`` (works offline: nothing is downloaded), every value as text, so
-captions such as ``01`` stay as written and scores are parsed here with errors that name the row.
+Items come from an image folder or a ``datasets`` table, loaded by :mod:`qualityguide.train.sources`
+(:func:`~qualityguide.train.sources.load_image_folder`, :func:`~qualityguide.train.sources.dataset_from_table`):
+per image a file or encoded bytes, its caption, its scores and its size.
+
+Augmentation for a latent cache: random crops and flips are drawn from a fixed set of *variants* per image,
+``crop_positions`` windows evenly spaced along the long side (one, the centre, with ``center_crop``) times two
+orientations with ``random_flip``. Each variant is encoded once (:func:`qualityguide.train.latents.cache_latents`),
+so ``V = positions x orientations`` multiplies the encoding time and the cache's size by ``V``; a step picks one
+variant per sample with :meth:`ImageFolderDataset.draw_variants`, a pure function of (seed, step, process).
 
 Randomness never comes from a data loader's hidden state: :func:`batch_indices` and :func:`step_generator` are
 pure functions of (seed, step, process), so a run resumed at step ``s`` sees exactly the batches, crops, noise and
@@ -17,11 +21,9 @@ starts at micro-step ``s * accum``.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import math
+import io
 import numbers
-import os
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
@@ -34,6 +36,7 @@ from ..errors import ImageError, InputError, printable
 from ..images import load_image
 
 METADATA = "metadata.csv"
+METADATA_FILES = (METADATA, "metadata.jsonl", "metadata.parquet")  # what datasets' imagefolder reads
 FILE_COLUMN = "file_name"
 CAPTION_COLUMN = "text"  # what datasets' imagefolder and diffusers' training scripts call the caption
 SHOWN = 5  # bad files named in one warning
@@ -63,13 +66,31 @@ def check_int(name: str, value: object, low: int, fix: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- transforms
+def resized_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """(height, width) after resizing the short side to ``resolution``: the long side becomes
+    ``int(resolution * long / short)`` (torchvision's ``Resize`` rule)."""
+    if height <= width:
+        return resolution, int(resolution * width / height)
+    return int(resolution * height / width), resolution
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def _window(resized: torch.Tensor, top: int, left: int, resolution: int, flipped: bool) -> torch.Tensor:
+    """The square at (top, left) of ``resized``, or of ``resized`` flipped left-right when ``flipped``."""
+    source = resized.flip(-1) if flipped else resized
+    return source[:, top:top + resolution, left:left + resolution].clamp(0.0, 1.0).contiguous()
+
+
 def resize_crop(image: torch.Tensor, resolution: int, center_crop: bool = True, random_flip: bool = False,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, tuple[int, int], bool]:
     """Resize the short side to ``resolution`` (bilinear, antialiased), crop a square, maybe flip.
 
-    The long side becomes ``int(resolution * long / short)`` (torchvision's ``Resize`` rule); the centre crop
-    starts at ``round((size - resolution) / 2)``. Random draws, in this order: crop top, crop left (when
-    ``center_crop`` is False), flip (when ``random_flip``), all from ``generator`` (torch's global RNG if None).
+    The long side follows :func:`resized_size`; the centre crop starts at ``round((size - resolution) / 2)``.
+    Random draws, in this order: crop top, crop left (when ``center_crop`` is False), flip (when ``random_flip``), all
+    from ``generator`` (torch's global RNG if None).
 
     Args:
         image: ``[3,H,W]`` in [0,1].
@@ -82,58 +103,140 @@ def resize_crop(image: torch.Tensor, resolution: int, center_crop: bool = True, 
         (pixels ``[3,R,R]`` in [0,1], crop top-left (top, left) in the resized image, flipped if the output is,
         as SDXL's ``crops_coords_top_left`` conditioning expects; whether it was flipped).
     """
-    _, height, width = image.shape
-    if height <= width:
-        size = (resolution, int(resolution * width / height))
-    else:
-        size = (int(resolution * height / width), resolution)
-    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    size = resized_size(int(image.shape[1]), int(image.shape[2]), resolution)
     if center_crop:
         top, left = round((size[0] - resolution) / 2), round((size[1] - resolution) / 2)
     else:
         top = int(torch.randint(0, size[0] - resolution + 1, (1,), generator=generator))
         left = int(torch.randint(0, size[1] - resolution + 1, (1,), generator=generator))
-    pixels = resized[:, top:top + resolution, left:left + resolution]
     flipped = bool(random_flip and torch.rand(1, generator=generator).item() < 0.5)
     if flipped:  # the same pixels as flipping first and cropping at the mirrored column
-        pixels, left = pixels.flip(-1), size[1] - left - resolution
-    return pixels.clamp(0.0, 1.0).contiguous(), (top, left), flipped
+        left = size[1] - left - resolution
+    return _window(_resize(image, size), top, left, resolution, flipped), (top, left), flipped
+
+
+def crop_windows(original_size: tuple[int, int], resolution: int, positions: int = 1, random_flip: bool = False
+                 ) -> list[tuple[int, int, bool]]:
+    """The augmentation variants of one image: ``(top, left, flipped)`` for variant ``v = p * F + f``.
+
+    ``positions`` windows are evenly spaced along the resized image's long side, ends included
+    (``round(j * free / (positions - 1))``); one position is the centre crop of :func:`resize_crop`. A square image's
+    windows coincide (it is still encoded once per window, which keeps every item's variants indexed alike). With
+    ``random_flip`` (``F = 2``) each position comes unflipped (``f = 0``) and flipped (``f = 1``). ``(top, left)`` is
+    the crop's corner in the frame of the output, of the flipped image when flipped (SDXL's ``crops_coords_top_left``
+    convention, as diffusers' SDXL training script records it: flip first, then crop).
+
+    Args:
+        original_size: (height, width) of the image.
+        resolution: side of the square crop.
+        positions: crop windows per orientation (>= 1).
+        random_flip: add the mirrored twin of each window.
+    """
+    positions = check_int("positions", positions, 1, "pass how many crop windows per image, e.g. 3")
+    height, width = resized_size(int(original_size[0]), int(original_size[1]), resolution)
+    free_top, free_left = height - resolution, width - resolution
+    if positions == 1:
+        corners = [(round(free_top / 2), round(free_left / 2))]
+    else:
+        corners = [(round(j * free_top / (positions - 1)), round(j * free_left / (positions - 1)))
+                   for j in range(positions)]
+    flips = (False, True) if random_flip else (False,)
+    return [(top, width - left - resolution if f else left, f) for top, left in corners for f in flips]
+
+
+def crop_at(image: torch.Tensor, resolution: int, window: tuple[int, int, bool]) -> torch.Tensor:
+    """``image`` resized as :func:`resize_crop` resizes it, cut at one of :func:`crop_windows`' windows.
+
+    Args:
+        image: ``[3,H,W]`` in [0,1].
+        resolution: side of the square output.
+        window: ``(top, left, flipped)``, the corner in the output's frame.
+    """
+    top, left, flipped = window
+    size = resized_size(int(image.shape[1]), int(image.shape[2]), resolution)
+    return _window(_resize(image, size), top, left, resolution, flipped)
 
 
 # ----------------------------------------------------------------------------------------------- dataset
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images listed in ``metadata.csv`` with captions and scores; build with :func:`load_image_folder`.
+    """Captioned, scored images from a folder or a ``datasets`` table; build with
+    :func:`qualityguide.train.sources.load_image_folder` or :func:`~qualityguide.train.sources.dataset_from_table`.
 
     Attributes:
-        folder: the folder. files: image names relative to it (as listed, readable ones only). paths: absolute
-        paths. sizes: file sizes in bytes when loaded. captions: one str per image ("" for an empty cell), or
-        None without a caption column. scores: float32 ``[N,k]`` in the order of ``score_columns``.
+        folder: the folder (or the dataset's name). files: image names (relative to the folder, or as the table
+        names them; readable ones only). sizes: encoded sizes in bytes. original_sizes: (height, width) of each
+        image, EXIF orientation applied. captions: one str per image ("" for an empty cell), or None without a
+        caption column. scores: float32 ``[N,k]`` in the order of ``score_columns``. sources: per image a ``Path``,
+        or a row of ``table`` whose ``image_column`` cell holds the encoded image.
     """
 
-    def __init__(self, folder: Path, paths: list[Path], captions: list[str] | None, scores: torch.Tensor,
+    def __init__(self, folder: Path | str, files: list[str], sources: list, sizes: list[int],
+                 original_sizes: list[tuple[int, int]], captions: list[str] | None, scores: torch.Tensor,
                  resolution: int, caption_column: str | None, score_columns: tuple[str, ...], center_crop: bool,
-                 random_flip: bool):
-        self.folder, self.paths, self.captions, self.scores = folder, paths, captions, scores
-        self.files = [os.path.relpath(p, folder) for p in paths]
-        self.sizes = [p.stat().st_size for p in paths]
+                 random_flip: bool, crop_positions: int = 1, table=None, image_column: str | None = None):
+        self.folder, self.files, self.sources, self.sizes = folder, files, sources, sizes
+        self.original_sizes, self.captions, self.scores = original_sizes, captions, scores
         self.resolution, self.caption_column, self.score_columns = resolution, caption_column, score_columns
         self.center_crop, self.random_flip = center_crop, random_flip
+        self.crop_positions = 1 if center_crop else check_int("crop_positions", crop_positions, 1,
+                                                              "pass how many crop windows per image, e.g. 3")
+        self.table, self.image_column = table, image_column
         self._warned: set[int] = set()
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.files)
+
+    @property
+    def variants(self) -> int:
+        """Augmentation variants per image (:func:`crop_windows`): crop positions times orientations."""
+        return self.crop_positions * (2 if self.random_flip else 1)
 
     @property
     def deterministic(self) -> bool:
-        """Whether an item's pixels are fixed (centre crop, no flip), as a latent cache needs."""
-        return self.center_crop and not self.random_flip
+        """Whether an item has one variant (centre crop, no flip)."""
+        return self.variants == 1
+
+    def windows(self, index: int) -> list[tuple[int, int, bool]]:
+        """Item ``index``'s variants, ``(top, left, flipped)`` (:func:`crop_windows`)."""
+        return crop_windows(self.original_sizes[index], self.resolution, self.crop_positions, self.random_flip)
+
+    def draw_variants(self, batch: int, seed: int, step: int, process_index: int = 0) -> torch.Tensor:
+        """:func:`draw_variants` over this dataset's :attr:`variants`."""
+        return draw_variants(self.variants, batch, seed, step, process_index)
+
+    def augment_identity(self) -> dict:
+        """``{"augment": ...}`` for a resume identity: the crop windows and flip when items have several variants,
+        else None (what a missing field reads as, so identities made before augmentation existed stay valid)."""
+        if self.variants == 1:
+            return {"augment": None}
+        return {"augment": {"crop_positions": self.crop_positions, "random_flip": self.random_flip}}
+
+    def micro_conditions(self, indices: Sequence[int], variants: Sequence[int] | torch.Tensor | None = None
+                         ) -> dict[str, torch.Tensor]:
+        """SDXL's micro-conditioning inputs of items ``indices`` seen as variants ``variants`` (None: variant 0):
+        ``original_size`` (height, width) and ``crop_top_left`` (top, left), long ``[B,2]`` each.
+
+        Args:
+            indices: dataset indices.
+            variants: one variant per index (:meth:`draw_variants`).
+        """
+        variants = [0] * len(indices) if variants is None else [int(v) for v in variants]
+        crops = [self.windows(int(i))[v][:2] for i, v in zip(indices, variants)]
+        return {"original_size": torch.tensor([self.original_sizes[int(i)] for i in indices], dtype=torch.long),
+                "crop_top_left": torch.tensor(crops, dtype=torch.long).view(-1, 2)}
+
+    def _decode(self, i: int) -> torch.Tensor:
+        source = self.sources[i]
+        if isinstance(source, Path):
+            return load_image(source)
+        return _decode_bytes(self.table[source][self.image_column]["bytes"], self.files[i])
 
     def _load(self, index: int) -> tuple[int, torch.Tensor]:
         """(the index actually used, its image): an image that fails to decode is replaced by the next one."""
         for offset in range(len(self)):
             i = (index + offset) % len(self)
             try:
-                return i, load_image(self.paths[i])
+                return i, self._decode(i)
             except ImageError as exc:
                 if i not in self._warned:
                     self._warned.add(i)
@@ -141,7 +244,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                   stacklevel=3)
         raise InputError(f"{self.folder}: none of the {len(self)} listed images can be decoded; re-export them")
 
-    def get(self, index: int, generator: torch.Generator | None = None) -> dict:
+    def get(self, index: int, generator: torch.Generator | None = None, variant: int | None = None) -> dict:
         """Item ``index``: ``pixels`` [3,R,R] in [0,1], ``caption`` str, ``scores`` float32 [k], ``index`` int, and
         for SDXL's micro-conditioning ``original_size`` (H, W) and ``crop_top_left`` (top, left).
 
@@ -150,16 +253,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
         Args:
             index: position in the dataset (``0 <= index < len(self)``).
-            generator: CPU generator for a random crop / flip (see :func:`resize_crop`).
+            generator: CPU generator for a random crop / flip (see :func:`resize_crop`); ignored with ``variant``.
+            variant: cut this augmentation variant (:meth:`windows`) instead of drawing one.
         """
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
         index = index % len(self)
         used, image = self._load(index)
-        pixels, crop, _ = resize_crop(image, self.resolution, self.center_crop, self.random_flip, generator)
+        original = (int(image.shape[1]), int(image.shape[2]))
+        if variant is None:
+            pixels, crop, _ = resize_crop(image, self.resolution, self.center_crop, self.random_flip, generator)
+        else:
+            window = crop_windows(original, self.resolution, self.crop_positions, self.random_flip)[int(variant)]
+            pixels, crop = crop_at(image, self.resolution, window), window[:2]
         return {"pixels": pixels, "caption": self.captions[used] if self.captions is not None else "",
-                "scores": self.scores[used].clone(), "index": index,
-                "original_size": (int(image.shape[1]), int(image.shape[2])), "crop_top_left": crop}
+                "scores": self.scores[used].clone(), "index": index, "original_size": original, "crop_top_left": crop}
 
     def __getitem__(self, index: int) -> dict:
         return self.get(index)
@@ -172,13 +280,34 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """
         if count < 1:
             raise InputError(f"first({count}): keep at least 1 item")
-        return ImageFolderDataset(self.folder, self.paths[:count], None if self.captions is None else
+        return ImageFolderDataset(self.folder, self.files[:count], self.sources[:count], self.sizes[:count],
+                                  self.original_sizes[:count], None if self.captions is None else
                                   self.captions[:count], self.scores[:count], self.resolution, self.caption_column,
-                                  self.score_columns, self.center_crop, self.random_flip)
+                                  self.score_columns, self.center_crop, self.random_flip, self.crop_positions,
+                                  self.table, self.image_column)
 
     def batch(self, indices: Sequence[int], generator: torch.Generator | None = None) -> dict:
         """:func:`collate` of :meth:`get` for each index, drawing crops and flips from ``generator`` in order."""
         return collate([self.get(int(i), generator) for i in indices])
+
+
+def draw_variants(variants: int, batch: int, seed: int, step: int, process_index: int = 0) -> torch.Tensor:
+    """One augmentation variant per sample, long ``[batch]``, uniform over ``range(variants)``, from (seed, step,
+    process) alone: a generator of its own, so the step's other draws (noise, timesteps, dropout) are the same with
+    and without augmentation, and a resumed run draws what an uninterrupted one did. All zeros, without a draw, for
+    one variant.
+
+    Args:
+        variants: variants per item (:attr:`ImageFolderDataset.variants`).
+        batch: samples in the micro-batch.
+        seed, step, process_index: as for :func:`step_generator`.
+    """
+    if variants == 1:
+        return torch.zeros(batch, dtype=torch.long)
+    step = check_int("step", step, 0, "steps count from 0")
+    generator = torch.Generator().manual_seed(derive_seed("qualityguide.train.augment", int(seed), step,
+                                                          int(process_index)))
+    return torch.randint(0, variants, (batch,), generator=generator)
 
 
 def collate(items: Sequence[dict]) -> dict:
@@ -194,155 +323,21 @@ def collate(items: Sequence[dict]) -> dict:
             "crop_top_left": torch.tensor([it["crop_top_left"] for it in items], dtype=torch.long)}
 
 
-def _header(path: Path) -> list[str]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            return next(csv.reader(handle), [])
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8; re-save it as UTF-8 (Excel: 'CSV UTF-8'; or iconv -f latin1 -t utf-8)"
-                         ) from None
-
-
-def _score(value: str | None, file: str, column: str, metadata: Path) -> float:
-    problem = None
-    if value is None or not value.strip():
-        problem = "is empty (or NaN)"
-    else:
-        try:
-            number = float(value)
-        except ValueError:
-            problem = f"{value!r} is not a number"
-        else:
-            if not math.isfinite(number):
-                problem = f"{value!r} is not finite"
-    if problem:
-        raise InputError(f"{metadata}: score column {column!r} of {file!r} {problem}; every score must be a finite "
-                         f"number. Fix: rerun `qualityguide label {metadata.parent} --scorer ...` or drop that row")
-    return number
-
-
-def _readable(path: Path) -> str | None:
-    """Why the file's header cannot be read (None if it can); the pixels are not decoded."""
-    from PIL import Image, UnidentifiedImageError
+def _decode_bytes(data: bytes, name: str) -> torch.Tensor:
+    """An image stored as bytes in a table, decoded as :func:`qualityguide.images.load_image` decodes files."""
+    from PIL import Image, ImageOps
 
     try:
-        with Image.open(path):  # reads the header only
-            pass
-    except FileNotFoundError:
-        return "file not found"
-    except UnidentifiedImageError:
-        return "not an image Pillow can read"
-    except Exception as exc:  # noqa: BLE001 - unreadable, decompression bomb, a folder, ...
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt, decompression bomb
+        raise ImageError(name, f"cannot be decoded ({type(exc).__name__}: {exc})", "re-export it") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - broken EXIF blocks must not lose an otherwise good image
+        pass
+    return load_image(image, name=name)
 
-
-def resolve_caption_column(folder: str | os.PathLike, requested: str | None) -> tuple[str | None, str | None]:
-    """The caption column a recipe's ``--caption_column`` means for ``folder``, and a note to print if any.
-
-    ``qualityguide label`` writes score columns only, so a labelled folder often has no captions; the documented
-    flow (label, then train) must still run. Not given (None): ``text`` when ``metadata.csv`` has it, else no
-    captions (every prompt empty, unconditional training) with a one-line note saying so. ``"none"``: no captions.
-    Any other name is used as given (a missing one is refused by :func:`load_image_folder`).
-
-    Args:
-        folder: the image folder.
-        requested: the flag's value (None when not given).
-
-    Returns:
-        (column or None, a note for stderr or None).
-    """
-    if requested is not None:
-        return (None if requested.strip().lower() == "none" else requested), None
-    metadata = Path(folder) / METADATA
-    if not metadata.is_file() or CAPTION_COLUMN in _header(metadata):
-        return CAPTION_COLUMN, None  # a missing file is explained by load_image_folder
-    return None, (f"note: {metadata} has no {CAPTION_COLUMN!r} column: training without captions (empty prompt); "
-                  "pass --caption_column NAME to use one")
-
-
-def load_image_folder(folder: str | os.PathLike, resolution: int, caption_column: str | None = "text",
-                      score_columns: Sequence[str] = (), center_crop: bool = True, random_flip: bool = False,
-                      progress: bool = True) -> ImageFolderDataset:
-    """Read ``folder/metadata.csv`` and check every listed image's header once.
-
-    Unreadable images (missing, not an image, corrupt header) are dropped with one
-    :class:`UnreadableImagesWarning` naming how many and the first few. With several processes, let the main
-    process load first (``with accelerator.main_process_first():``) so ``datasets`` builds its cache once.
-
-    Args:
-        folder: the image folder.
-        resolution: side of the square training images; a positive multiple of 8 (the VAE downsamples by 8).
-        caption_column: column holding captions; None for unconditional data (every caption is "").
-        score_columns: numeric columns returned as ``scores``, in this order.
-        center_crop: centre crop (deterministic); False draws random crops.
-        random_flip: flip left-right with probability 1/2.
-        progress: show a tqdm bar while checking image headers.
-
-    Raises:
-        InputError: a bad resolution, a missing folder, metadata.csv or column, a score cell that is empty, NaN or
-            not a number, or no readable image.
-    """
-    from datasets import Features, Value, load_dataset
-    from datasets import Image as ImageFeature
-    from tqdm.auto import tqdm
-
-    if isinstance(resolution, bool) or not isinstance(resolution, numbers.Integral) or resolution < 8 \
-            or resolution % 8:
-        raise InputError(f"resolution {resolution!r} (--resolution): must be a positive multiple of 8 (the VAE "
-                         "downsamples by 8), e.g. 512")
-    if isinstance(score_columns, str):
-        score_columns = (score_columns,)
-    score_columns = tuple(score_columns)
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"image folder {folder} does not exist (or is not a folder); pass the folder holding the "
-                         f"training images and their {METADATA}")
-    metadata = folder / METADATA
-    if not metadata.is_file():
-        raise InputError(f"{folder} has no {METADATA}; it lists the images: a {FILE_COLUMN} column plus caption / score "
-                         f"columns. Create it with `qualityguide label {folder} --scorer ...` or by hand "
-                         f"({FILE_COLUMN},text)")
-    columns = _header(metadata)
-    odd = [c for c in columns if not c.strip() or columns.count(c) > 1]
-    if odd:
-        raise InputError(f"{metadata}: the header {columns} has empty or repeated column names {sorted(set(odd))} (a "
-                         "trailing comma?); give every column one distinct name")
-    wanted = [FILE_COLUMN] + ([caption_column] if caption_column is not None else []) + list(score_columns)
-    missing = [c for c in wanted if c not in columns]
-    if missing:
-        raise InputError(f"{metadata}: missing column(s) {missing}; found {columns}. Fix: pass the right caption and "
-                         "score columns (recipes: --caption_column NAME, or none for no captions, --score_columns "
-                         "NAME...; Python: caption_column=None for no captions), or add the columns")
-    features = Features({"image": ImageFeature(decode=False),
-                         **{c: Value("string") for c in columns if c != FILE_COLUMN}})
-    rows = load_dataset("imagefolder", data_dir=str(folder), split="train", features=features)
-    paths = [Path(entry["path"]) for entry in rows["image"]]
-    if not paths:
-        raise InputError(f"{metadata} lists no images; add rows ({FILE_COLUMN},...) for the images in {folder}")
-    files = [os.path.relpath(p, folder) for p in paths]
-    columns_scores = [[_score(v, f, c, metadata) for f, v in zip(files, rows[c])] for c in score_columns]
-    scores = torch.tensor(list(zip(*columns_scores)) if score_columns else [[]] * len(paths), dtype=torch.float32)
-    captions = [c or "" for c in rows[caption_column]] if caption_column is not None else None
-
-    bad = []
-    for i, path in enumerate(tqdm(paths, desc="checking images", unit="img", disable=not progress)):
-        why = _readable(path)
-        if why:
-            bad.append((i, why))
-    if bad:
-        shown = "; ".join(f"{printable(files[i])} ({printable(why)})" for i, why in bad[:SHOWN])
-        more = f"; and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
-        if len(bad) == len(paths):
-            raise InputError(f"{folder}: none of the {len(paths)} images listed in {METADATA} can be opened: "
-                             f"{shown}{more}. Fix the files or the {FILE_COLUMN} column")
-        warnings.warn(f"{folder}: left out {len(bad)} of {len(paths)} listed images that cannot be opened: "
-                      f"{shown}{more}", UnreadableImagesWarning, stacklevel=2)
-        keep = sorted(set(range(len(paths))) - {i for i, _ in bad})
-        paths, scores = [paths[i] for i in keep], scores[keep]
-        captions = [captions[i] for i in keep] if captions is not None else None
-    return ImageFolderDataset(folder, paths, captions, scores, int(resolution), caption_column, score_columns,
-                              bool(center_crop), bool(random_flip))
 
 
 # ----------------------------------------------------------------------------------------------- batches

@@ -5,7 +5,7 @@ The cache is a folder it owns::
     cache.json                   format, the dataset's files (name and byte size), resolution, crop, VAE scaling,
                                  the precision the encoder ran at
     vae_identity.safetensors     the VAE's WeightIdentity (qualityguide.identity)
-    shard-00000.safetensors ...  "mean" (and "std") [n,C,h,w] float32 for items start..start+n
+    shard-00000.safetensors ...  "mean" (and "std") [n*V,C,h,w] float32 for items start..start+n, V variants each
 
 Shards are written to a temporary name and renamed, so a killed run leaves only whole shards and the next call
 encodes just the missing ones. A cache made for other VAE weights, another VAE scaling, other files, another
@@ -17,6 +17,13 @@ by another of exactly the same size is not noticed.
 Latents follow :func:`qualityguide.diffusion.vae.encode_images`: ``(E(x) - shift) * scaling_factor`` (per-channel
 ``latents_mean``/``latents_std`` where the VAE config has them), the posterior mean. With ``store_std=True`` the
 posterior's std is kept too and :meth:`LatentCache.latents` can draw a fresh sample per step from a generator.
+
+Random crops and flips (``center_crop=False`` / ``random_flip``): every augmentation variant of every item is
+encoded once (:func:`qualityguide.train.data.crop_windows`: ``crop_positions`` windows times two orientations), so
+the encoding time and the cache's size grow ``V``-fold (``V = 2`` for flips alone, ``2 x 3 = 6`` for flips and three
+crop windows); a training step then reads the variant :meth:`ImageFolderDataset.draw_variants` picked, and a
+resumed run reads the same ones. Both orientations are encoded: the VAE's latents of a mirrored image are not the
+mirrored latents.
 
 Several processes: build on the main process first (``with accelerator.main_process_first(): cache_latents(...)``);
 the others then find a complete cache, check it and load it.
@@ -57,18 +64,30 @@ class LatentCache:
     files: list[str]
     mean: torch.Tensor
     std: torch.Tensor | None
+    variants: int = 1
 
     def __len__(self) -> int:
-        return len(self.mean)
+        return len(self.mean) // self.variants
 
-    def latents(self, indices: Sequence[int] | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def latents(self, indices: Sequence[int] | torch.Tensor, generator: torch.Generator | None = None,
+                variants: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Latents of items ``indices``: the means, or ``mean + std * noise`` drawn from ``generator`` (CPU).
 
         Args:
             indices: dataset indices, e.g. from :func:`qualityguide.train.data.batch_indices`.
             generator: draw a posterior sample (needs a cache built with ``store_std=True``); None for the mean.
+            variants: the augmentation variant of each index (:meth:`ImageFolderDataset.draw_variants`; None:
+                variant 0). ``mean`` holds item ``i``'s variant ``v`` at row ``i * variants + v``.
         """
         index = torch.as_tensor(indices, dtype=torch.long)
+        if variants is not None:
+            variant = torch.as_tensor(variants, dtype=torch.long)
+            if variant.shape != index.shape or bool(((variant < 0) | (variant >= self.variants)).any()):
+                raise InputError(f"variants {variant.tolist()} must give one variant in [0, {self.variants}) per "
+                                 f"index ({len(index)} indices)")
+            index = index * self.variants + variant
+        else:
+            index = index * self.variants
         mean = self.mean[index]
         if generator is None:
             return mean
@@ -87,10 +106,13 @@ def _encoder_dtype(vae, upcast: bool) -> str:
 def _key(dataset: ImageFolderDataset, vae, shard_size: int, store_std: bool, upcast: bool) -> dict:
     config = vae.config
     scaling = {name: config.get(name) for name in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")}
-    return {"format": FORMAT, "resolution": dataset.resolution, "center_crop": dataset.center_crop,
-            "shard_size": shard_size, "store_std": store_std, "vae_scaling": scaling,
-            "encoder_dtype": _encoder_dtype(vae, upcast),
-            "files": [[f, s] for f, s in zip(dataset.files, dataset.sizes)]}
+    key = {"format": FORMAT, "resolution": dataset.resolution, "center_crop": dataset.center_crop,
+           "shard_size": shard_size, "store_std": store_std, "vae_scaling": scaling,
+           "encoder_dtype": _encoder_dtype(vae, upcast),
+           "files": [[f, s] for f, s in zip(dataset.files, dataset.sizes)]}
+    if dataset.variants > 1:  # recorded only then: caches made before augmentation existed stay valid
+        key["augment"] = {"crop_positions": dataset.crop_positions, "random_flip": dataset.random_flip}
+    return key
 
 
 def _files_difference(stored: list, current: list) -> str:
@@ -111,12 +133,13 @@ def _open_cache(folder: Path, key: dict, vae) -> None:
             raise InputError(f"latent cache {key_file} cannot be read ({exc}); {fix}") from None
         if stored.get("format") != FORMAT:
             raise InputError(f"{folder} holds a {stored.get('format')!r} cache, not {FORMAT!r}; {fix}")
-        for field in ("resolution", "center_crop", "shard_size", "store_std", "vae_scaling", "encoder_dtype"):
-            if stored.get(field) != key[field]:
+        for field in ("resolution", "center_crop", "shard_size", "store_std", "vae_scaling", "encoder_dtype",
+                      "augment"):
+            if stored.get(field) != key.get(field):
                 made = (f"{field}={stored[field]!r}" if field in stored else
-                        f"no {field} recorded (an older qualityguide)")
-                raise InputError(f"latent cache {folder} was made with {made}, this run has {field}={key[field]!r}; "
-                                 f"{fix}")
+                        "no augmentation" if field == "augment" else f"no {field} recorded (an older qualityguide)")
+                raise InputError(f"latent cache {folder} was made with {made}, this run has "
+                                 f"{field}={key.get(field)!r}; {fix}")
         if stored.get("files") != key["files"]:
             raise InputError(f"latent cache {folder} was made for other files ("
                              f"{_files_difference(stored.get('files') or [], key['files'])}); {fix}")
@@ -135,7 +158,8 @@ def _shard_path(folder: Path, shard: int) -> Path:
     return folder / f"shard-{shard:05d}.safetensors"
 
 
-def _read_shard(path: Path, start: int, count: int, store_std: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _read_shard(path: Path, start: int, count: int, store_std: bool, variants: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     from safetensors import safe_open
 
     try:
@@ -143,7 +167,7 @@ def _read_shard(path: Path, start: int, count: int, store_std: bool) -> tuple[to
             meta = handle.metadata() or {}
             mean = handle.get_tensor("mean")
             std = handle.get_tensor("std") if store_std else None
-        if (int(meta.get("start", -1)), int(meta.get("count", -1))) != (start, count) or len(mean) != count:
+        if (int(meta.get("start", -1)), int(meta.get("count", -1))) != (start, count) or len(mean) != count * variants:
             raise ValueError(f"holds items {meta.get('start')}+{meta.get('count')}, expected {start}+{count}")
     except Exception as exc:  # noqa: BLE001 - any damage: truncated file, wrong keys, bad metadata
         raise InputError(f"latent cache shard {path} cannot be used ({type(exc).__name__}: {exc}); delete that file "
@@ -158,8 +182,8 @@ def cache_latents(dataset: ImageFolderDataset, vae, cache_dir: str | os.PathLike
     """Encode every item of ``dataset`` once (or resume a partial cache) and return all latents.
 
     Args:
-        dataset: from :func:`qualityguide.train.data.load_image_folder`, with ``center_crop=True`` and
-            ``random_flip=False`` (a cache would freeze one random crop / flip forever).
+        dataset: from :func:`qualityguide.train.sources.load_image_folder`; with random crops or flips each of its
+            :attr:`~ImageFolderDataset.variants` is encoded (see the module docstring for the cost).
         vae: a frozen diffusers ``AutoencoderKL``; images are encoded on its device and dtype.
         cache_dir: the folder the cache owns (created if missing).
         batch_size: images per encoder call.
@@ -169,35 +193,34 @@ def cache_latents(dataset: ImageFolderDataset, vae, cache_dir: str | os.PathLike
         progress: show a tqdm bar.
 
     Raises:
-        InputError: a random-augmentation dataset; a folder that is not a cache, or a cache made for other weights,
-            files or settings; a damaged shard.
+        InputError: a folder that is not a cache, or a cache made for other weights, files, settings or
+            augmentation; a damaged shard.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     batch_size = check_int("batch_size", batch_size, 1, "pass how many images to encode at once, e.g. 8")
     shard_size = check_int("shard_size", shard_size, 1, "pass how many items per shard file, e.g. 256")
-    if not dataset.deterministic:
-        raise InputError(f"cannot cache latents of a dataset with random crops or flips (center_crop="
-                         f"{dataset.center_crop}, random_flip={dataset.random_flip}): the cache would freeze one "
-                         "random draw. Load it with center_crop=True, random_flip=False, or encode every step")
     folder = Path(cache_dir)
     _open_cache(folder, _key(dataset, vae, shard_size, store_std, upcast), vae)
     total = len(dataset)
     shards = [(s, s * shard_size, min(shard_size, total - s * shard_size)) for s in range(math.ceil(total / shard_size))]
     todo = [sh for sh in shards if not _shard_path(folder, sh[0]).is_file()]
     device = next(vae.parameters()).device
-    bar = tqdm(total=total, initial=total - sum(c for _, _, c in todo), desc="encoding latents", unit="img",
-               disable=not progress)
+    variants = dataset.variants
+    jobs = [(i, v) for i in range(total) for v in range(variants)]  # item-major: row i * variants + v
+    bar = tqdm(total=total * variants, initial=(total - sum(c for _, _, c in todo)) * variants,
+               desc="encoding latents", unit="img", disable=not progress)
     for shard, start, count in todo:
         means, stds = [], []
-        for first in range(start, start + count, batch_size):
-            indices = range(first, min(first + batch_size, start + count))
-            pixels = torch.stack([dataset.get(i)["pixels"] for i in indices]).to(device)
+        rows = jobs[start * variants:(start + count) * variants]
+        for first in range(0, len(rows), batch_size):
+            chunk = rows[first:first + batch_size]
+            pixels = torch.stack([dataset.get(i, variant=v)["pixels"] for i, v in chunk]).to(device)
             mean, std = encode_posterior(vae, pixels, upcast=upcast)
             means.append(mean.cpu())
             stds.append(std.cpu())
-            bar.update(len(indices))
+            bar.update(len(chunk))
         tensors = {"mean": torch.cat(means).contiguous()}
         if store_std:
             tensors["std"] = torch.cat(stds).contiguous()
@@ -205,6 +228,6 @@ def cache_latents(dataset: ImageFolderDataset, vae, cache_dir: str | os.PathLike
         metadata = {"start": str(start), "count": str(count)}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     bar.close()
-    read = [_read_shard(_shard_path(folder, s), start, count, store_std) for s, start, count in shards]
+    read = [_read_shard(_shard_path(folder, s), start, count, store_std, variants) for s, start, count in shards]
     return LatentCache(folder, list(dataset.files), torch.cat([m for m, _ in read]),
-                       torch.cat([s for _, s in read]) if store_std else None)
+                       torch.cat([s for _, s in read]) if store_std else None, variants)

@@ -58,9 +58,12 @@ def long_prompts_note(pipe, prompts: Sequence[str] | None, what: str = "prompts"
 class PromptEncoder:
     """Captions -> the U-Net's text inputs, exactly as the pipeline builds them (frozen encoders, no grad).
 
-    SD: ``encoder_hidden_states``. SDXL: also ``added_cond_kwargs`` ``text_embeds`` (pooled) and ``time_ids``
-    for a centre-cropped square of ``resolution`` px. The dropped caption is the pipeline's own
-    unconditional input: the empty prompt, or zeros where an SDXL pipeline forces them.
+    SD: ``encoder_hidden_states``. SDXL: also ``added_cond_kwargs`` ``text_embeds`` (pooled) and ``time_ids``,
+    SDXL's micro-conditioning ``original_size + crop_top_left + target_size`` per sample: each training image's
+    real size and crop when given (:meth:`~qualityguide.train.data.ImageFolderDataset.micro_conditions`), else a
+    square of ``resolution`` px taken whole. The target size is always ``(resolution, resolution)``. The dropped
+    caption is the pipeline's own unconditional input (the empty prompt, or zeros where an SDXL pipeline forces them)
+    with the same micro-conditioning: the image is the same.
     """
 
     def __init__(self, pipe, resolution: int):
@@ -71,23 +74,26 @@ class PromptEncoder:
         quiet_truncation_warnings(pipe)  # encoded every step: one long caption would repeat its text every step
 
     @torch.no_grad()
-    def _encode(self, captions: list[str], device) -> tuple[torch.Tensor, dict]:
+    def _encode(self, captions: list[str], device, micro: dict | None = None) -> tuple[torch.Tensor, dict]:
         pipe = self.pipe
         if not self.xl:
             embeds, _ = pipe.encode_prompt(captions, device, 1, False)
             return embeds, {}
         embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
-        return embeds, self._added(pooled, embeds.dtype)
+        return embeds, self._added(pooled, embeds.dtype, micro)
 
-    def _added(self, pooled: torch.Tensor, dtype: torch.dtype) -> dict:
-        """SDXL's ``text_embeds`` and ``time_ids`` for a centre-cropped square of ``resolution`` px, one row each."""
+    def _added(self, pooled: torch.Tensor, dtype: torch.dtype, micro: dict | None = None) -> dict:
+        """SDXL's ``text_embeds`` and ``time_ids``, one row each: ``micro``'s ``original_size`` and ``crop_top_left``
+        (``[B,2]`` each) or a whole square of ``resolution`` px, and the target size ``(resolution, resolution)``."""
         r = self.resolution
-        return sdxl_added_conditions(self.pipe.unet, pooled, (r, r), (0, 0), (r, r),
+        micro = micro or {}
+        original, crop = micro.get("original_size", (r, r)), micro.get("crop_top_left", (0, 0))
+        return sdxl_added_conditions(self.pipe.unet, pooled, original, crop, (r, r),
                                      text_encoder_2=self.pipe.text_encoder_2, dtype=dtype)
 
     @torch.no_grad()
-    def uncond(self, batch: int, device) -> tuple[torch.Tensor, dict]:
+    def uncond(self, batch: int, device, micro: dict | None = None) -> tuple[torch.Tensor, dict]:
         if self._uncond is None:
             pipe = self.pipe
             if not self.xl:
@@ -100,16 +106,30 @@ class PromptEncoder:
         neg, extra = self._uncond
         out = {k: v.expand(batch, *v.shape[1:]) for k, v in extra.items()}
         if self.xl:
-            out = self._added(out["text_embeds"], neg.dtype)
+            out = self._added(out["text_embeds"], neg.dtype, micro)
         return neg.expand(batch, *neg.shape[1:]), out
 
-    def __call__(self, captions: list[str], device, drop: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """Text inputs for ``captions``; rows where ``drop`` is true get the unconditional input."""
-        embeds, extra = self._encode(list(captions), device)
+    def __call__(self, captions: list[str], device, drop: torch.Tensor | None = None,
+                 original_size: torch.Tensor | None = None, crop_top_left: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict]:
+        """Text inputs for ``captions``; rows where ``drop`` is true get the unconditional input.
+
+        Args:
+            captions: one per sample.
+            device: where the embeddings go.
+            drop: rows that get the unconditional input.
+            original_size, crop_top_left: SDXL's micro-conditioning per sample, ``[B,2]`` (height, width) and (top,
+                left) (:meth:`~qualityguide.train.data.ImageFolderDataset.micro_conditions`); None: a whole square
+                of ``resolution`` px. Ignored by SD.
+        """
+        micro = {k: v for k, v in (("original_size", original_size), ("crop_top_left", crop_top_left))
+                 if v is not None}
+        embeds, extra = self._encode(list(captions), device, micro)
         if drop is not None and bool(drop.any()):
-            u_embeds, u_extra = self.uncond(len(captions), device)
+            u_embeds, u_extra = self.uncond(len(captions), device, micro)
             keep = (~drop).to(device)
             embeds = torch.where(keep.view(-1, 1, 1), embeds, u_embeds.to(embeds.dtype))
             extra = {k: torch.where(keep.view(-1, *[1] * (v.dim() - 1)), v, u_extra[k].to(v.dtype))
                      for k, v in extra.items()}
         return embeds, extra
+

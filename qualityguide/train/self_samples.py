@@ -33,7 +33,8 @@ import torch
 from ..errors import InputError
 from ..files import FORMATS, MAX_PROMPT_CHARS, atomic_write, read_prompts, write_json  # noqa: F401  (re-exported)
 from ..identity import WeightIdentity
-from .data import METADATA, check_int, derive_seed, load_image_folder
+from .data import METADATA, check_int, derive_seed
+from .sources import load_image_folder
 
 FORMAT = FORMATS["self_samples"]
 MANIFEST = "self_samples.json"
