@@ -346,6 +346,89 @@ def test_reference_adapter_round_trip_and_per_reference_targets(tmp_path):
         IQAAdapter.from_pretrained(tmp_path)
 
 
+def textured(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """A smooth random texture [1,3,H,W] in [0,1] (blurred noise): local statistics a BRISQUE vector can see."""
+    noise = torch.rand(1, 3, height + 4, width + 4, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.avg_pool2d(noise, 5, stride=1)
+
+
+def pil_resized(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of [1,3,H,W] by Pillow on float channels: independent of torch's resampling."""
+    from PIL import Image
+
+    return torch.stack([torch.from_numpy(np.array(Image.fromarray(c.numpy(), mode="F").resize(
+        (width, height), Image.BILINEAR))) for c in image[0]])[None].clamp(0, 1)
+
+
+def reference_adapter(resolution: int | None) -> ReferenceIQAAdapter:
+    adapter = ReferenceIQAAdapter("brisque", num_tokens=4, cross_attention_dim=16,
+                                  layers=[["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor", 8, 16]])
+    feats = adapter.features(torch.cat([textured(48, 48, seed) for seed in range(4)]))
+    adapter.fit_feature_stats(feats, resolution=resolution)
+    return adapter
+
+
+def reference_features(adapter: ReferenceIQAAdapter, images: torch.Tensor) -> torch.Tensor:
+    """The raw features ``embeds_from_reference`` used, recovered from its (standardised) positive half."""
+    positive = adapter.embeds_from_reference(images, do_cfg=False)[0][0, :, :-1]
+    return positive * adapter.feature_std + adapter.feature_mean
+
+
+def test_reference_at_twice_the_training_size_gives_the_features_at_training_size():
+    """BRISQUE statistics depend on scale: a reference is brought to the training images' side first, with their
+    transform (short side resized, centre crop)."""
+    adapter = reference_adapter(resolution=48)
+    assert adapter.feature_resolution == 48
+    large = textured(96, 128, seed=7)  # short side 2 x 48, landscape
+    # independently: Pillow resizes to 48 x 64, then the centre 48 columns (from 8) are kept
+    expected = adapter.psi(pil_resized(large, 48, 64)[..., 8:56])
+    torch.testing.assert_close(reference_features(adapter, large)[0], expected[0], rtol=1e-3, atol=1e-3)
+    # the scale matters: the same texture's features at its own size are far from those at the training size
+    raw = adapter.psi(large)
+    assert (raw - expected).abs().max() > 50 * 1e-3, (raw, expected)
+    # a reference already at the training size is used as it is
+    small = textured(48, 48, seed=8)
+    torch.testing.assert_close(reference_features(adapter, small), adapter.psi(small), rtol=1e-4, atol=1e-4)
+
+
+def test_reference_scale_is_saved_and_old_adapters_keep_their_behaviour(tmp_path):
+    adapter = reference_adapter(resolution=48)
+    adapter.save_pretrained(tmp_path / "new")
+    loaded = ReferenceIQAAdapter.from_pretrained(tmp_path / "new")
+    assert loaded.feature_resolution == 48
+    large = textured(96, 96, seed=3)
+    torch.testing.assert_close(loaded.embeds_from_reference(large)[0], adapter.embeds_from_reference(large)[0])
+    # an adapter saved before the scale was recorded: config.json without the key; it loads, and uses references
+    # at their own size, as it always did
+    adapter.save_pretrained(tmp_path / "old")
+    config = tmp_path / "old" / "config.json"
+    payload = json.loads(config.read_text())
+    del payload["feature_resolution"]
+    config.write_text(json.dumps(payload))
+    old = ReferenceIQAAdapter.from_pretrained(tmp_path / "old")
+    assert old.feature_resolution is None
+    torch.testing.assert_close(reference_features(old, large), old.psi(large), rtol=1e-4, atol=1e-4)
+    # fitted without a resolution: the same as before too, and saved as such
+    unscaled = reference_adapter(resolution=None)
+    torch.testing.assert_close(reference_features(unscaled, large), unscaled.psi(large), rtol=1e-4, atol=1e-4)
+    assert ReferenceIQAAdapter.from_pretrained(unscaled.save_pretrained(tmp_path / "none")).feature_resolution is None
+
+
+@pytest.mark.parametrize("value", ["48", 0, 4.5, True])
+def test_a_bad_saved_reference_scale_is_refused_naming_it(tmp_path, value):
+    reference_adapter(resolution=48).save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    payload = json.loads(config.read_text())
+    payload["feature_resolution"] = value
+    config.write_text(json.dumps(payload))
+    before = config.read_bytes()
+    with pytest.raises(InputError, match=f"feature_resolution {value!r}: must be a whole number >= 1"):
+        ReferenceIQAAdapter.from_pretrained(tmp_path)
+    assert config.read_bytes() == before
+    with pytest.raises(InputError, match="resolution 0: must be a whole number >= 1"):
+        reference_adapter(resolution=0)
+
+
 def test_mlp_and_other_token_counts_save_without_the_diffusers_layout(tmp_path):
     pipe = tiny_sd()
     adapter = trained_like(IQAAdapter.for_unet(pipe.unet, NAMES, num_tokens=2, projection="mlp", hidden_dim=16))

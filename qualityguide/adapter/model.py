@@ -588,6 +588,7 @@ class ReferenceIQAAdapter(_QualityAdapter):
     """
 
     card_kind = "reference_iqa_adapter"
+    RESOLUTION_KEY = "feature_resolution"  # the training scale, in config.json beside the config
 
     def __init__(self, feature_extractor, feature_dim: int | None = None, num_tokens: int = 4,
                  cross_attention_dim: int = 768, projection: str = "linear", hidden_dim: int | None = None,
@@ -606,11 +607,24 @@ class ReferenceIQAAdapter(_QualityAdapter):
         object.__setattr__(self, "psi", psi)  # not a submodule: its weights are the extractor's, not the adapter's
         self.register_buffer("feature_mean", torch.zeros(feature_dim))
         self.register_buffer("feature_std", torch.ones(feature_dim))
+        self.feature_resolution: int | None = None  # side of the training images the statistics were fitted on
 
     @classmethod
     def _from_config(cls, config, directory, payload, weights: str | None = None):
-        return cls(config.feature_extractor, config.feature_dim, config.num_tokens, config.cross_attention_dim,
-                   config.projection, config.hidden_dim, config.layers, weights=weights)
+        adapter = cls(config.feature_extractor, config.feature_dim, config.num_tokens, config.cross_attention_dim,
+                      config.projection, config.hidden_dim, config.layers, weights=weights)
+        # absent in adapters saved before the scale was recorded: they keep using references at their own size
+        resolution = payload.get(cls.RESOLUTION_KEY)
+        if resolution is not None:
+            from ..train.data import check_int
+
+            adapter.feature_resolution = check_int(
+                f"{directory / CONFIG_FILE}: {cls.RESOLUTION_KEY}", resolution, 1,
+                "it must be the side of the training images; save the adapter again")
+        return adapter
+
+    def _metadata(self) -> dict:
+        return {self.RESOLUTION_KEY: self.feature_resolution}
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Raw features ``[B, D]`` of images ``[B,3,H,W]`` in [0,1]."""
@@ -623,13 +637,27 @@ class ReferenceIQAAdapter(_QualityAdapter):
         finite_or_raise(feats, f"{self.config.feature_extractor} features of the reference images")
         return feats
 
-    def fit_feature_stats(self, features: torch.Tensor) -> None:
-        """Standardise inputs with the training set's feature mean and standard deviation."""
+    def fit_feature_stats(self, features: torch.Tensor, resolution: int | None = None) -> None:
+        """Standardise inputs with the training set's feature mean and standard deviation, and record the scale.
+
+        Args:
+            features: raw features ``[N >= 2, D]`` of the training images (:meth:`features`).
+            resolution: the side of the square training images they were computed on (the recipe's
+                ``--resolution``). :meth:`embeds_from_reference` brings references to that scale, because
+                BRISQUE/NIQE statistics depend on it: the same scene at twice the size has other local
+                statistics, so its features would sit elsewhere in the training distribution. ``None`` (what
+                adapters saved before the scale was recorded load as) uses references at their own size.
+        """
         features = torch.as_tensor(features, dtype=torch.float32)
         if features.dim() != 2 or features.shape[1] != self.config.feature_dim or features.shape[0] < 2:
             raise InputError(f"features must be [N >= 2, {self.config.feature_dim}], got {tuple(features.shape)}")
+        if resolution is not None:
+            from ..train.data import check_int
+
+            resolution = check_int("resolution", resolution, 1, "pass the side of the training images in pixels")
         self.feature_mean.copy_(features.mean(0))
         self.feature_std.copy_(features.std(0).clamp_min(1e-6))
+        self.feature_resolution = resolution
 
     def condition(self, features: torch.Tensor) -> torch.Tensor:
         """Training inputs ``[B, D + 1]`` from raw features ``[B, D]``."""
@@ -639,11 +667,27 @@ class ReferenceIQAAdapter(_QualityAdapter):
     def embeds_from_reference(self, images: torch.Tensor, negative: str = "zero",
                               do_cfg: bool = True) -> list[torch.Tensor]:
         """``ip_adapter_image_embeds`` carrying the quality of reference images ``[B,3,H,W]`` in [0,1]: one reference is
-        broadcast to every generated image, ``B`` references give image ``i`` reference ``i``."""
+        broadcast to every generated image, ``B`` references give image ``i`` reference ``i``. References are first
+        brought to the training images' scale (:meth:`at_feature_scale`)."""
         if negative != "zero":
             raise InputError(f"negative={negative!r}: a reference adapter supports only 'zero' (no quality condition)")
-        positive = self.condition(self.features(images).cpu())
+        positive = self.condition(self.features(self.at_feature_scale(images)).cpu())
         return self._pack(positive, null_condition(len(positive), self.input_dim), do_cfg)
+
+    def at_feature_scale(self, images: torch.Tensor) -> torch.Tensor:
+        """References ``[B,3,H,W]`` prepared as the training images were: short side resized to
+        ``feature_resolution`` (bilinear, antialiased), centre-cropped square (``train.data.resize_crop``).
+
+        Unchanged when they already are that size, or when no scale was recorded (``feature_resolution`` None:
+        an adapter saved before it was, or fitted without ``resolution``), as references were always used before.
+        """
+        check_batch(images, "images")
+        side = self.feature_resolution
+        if side is None or images.shape[-2:] == (side, side):
+            return images
+        from ..train.data import resize_crop
+
+        return torch.stack([resize_crop(image, side)[0] for image in images]).to(images.dtype)
 
 
 def _atomic(path: Path, write) -> None:
