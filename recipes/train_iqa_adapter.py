@@ -118,9 +118,15 @@ def build_adapter(args, pipe, dataset, device):
         return adapter, dataset.scores
     adapter = ReferenceIQAAdapter.for_unet(pipe.unet, args.reference, num_tokens=args.num_tokens,
                                            projection=args.projection, weights=args.reference_weights)
-    features = torch.cat([adapter.features(dataset[i]["pixels"][None]) for i in
-                          tqdm(range(len(dataset)), desc=f"{args.reference} features")])
-    adapter.fit_feature_stats(features)
+    features = []
+    for i in tqdm(range(len(dataset)), desc=f"{args.reference} features"):
+        try:
+            features.append(adapter.features(dataset[i]["pixels"][None]))
+        except InputError as exc:  # e.g. a flat image, whose BRISQUE/NIQE statistics are undefined
+            raise InputError(f"{args.reference} features of training image {dataset.files[i]}: {exc}; leave such "
+                             "images out of the training data, or use another --reference") from None
+    features = torch.cat(features)
+    adapter.fit_feature_stats(features, resolution=args.resolution)  # references are brought to this scale
     return adapter, features
 
 

@@ -398,3 +398,39 @@ def test_diffusers_flag_names_parse_like_the_old_ones(dataset):
     assert new.model == old.model == "a/b" and (new.revision, new.variant) == ("r1", "fp16")
     assert (old.revision, old.variant, old.lr_scheduler, old.lr_warmup_steps, old.max_train_samples) == (
         None, None, "constant", 0, None)  # defaults: runs without the new flags are unchanged
+
+
+def test_reference_mode_trains_and_records_its_feature_scale(tmp_path):
+    """--reference brisque end to end: the saved adapter loads, records the training side, and turns a reference
+    at another size to that side before its features are taken."""
+    from qualityguide.adapter import ReferenceIQAAdapter
+
+    textured = tmp_path / "textured"  # BRISQUE needs texture: a flat image has no defined statistics
+    textured.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.uniform(0, 255, (72, 80, 3)).astype(np.uint8)).save(textured / f"{i}.png")
+    (textured / "metadata.csv").write_text("file_name\n" + "".join(f"{i}.png\n" for i in range(6)))
+    reset_accelerate()
+    argv = ["--model", "tiny:sd", "--dataset", str(textured), "--reference", "brisque", "--resolution", "64",
+            "--train_batch_size", "2", "--max_train_steps", "2", "--checkpointing_steps", "2",
+            "--output_dir", str(tmp_path / "ref"), "--cache_dir", str(tmp_path / "cache")]
+    assert load_recipe().main(argv) == 0
+    reset_accelerate()
+    adapter = ReferenceIQAAdapter.from_pretrained(tmp_path / "ref")
+    assert adapter.feature_resolution == 64
+    large = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    assert adapter.at_feature_scale(large).shape == (1, 3, 64, 64)  # values: tests/test_adapter.py
+
+
+def test_reference_mode_names_a_training_image_without_features(dataset, tmp_path):
+    """The scored fixture holds flat images, whose BRISQUE statistics are undefined: refused naming the file."""
+    from qualityguide.errors import InputError
+
+    reset_accelerate()
+    argv = ["--model", "tiny:sd", "--dataset", str(dataset), "--reference", "brisque", "--resolution", "64",
+            "--train_batch_size", "2", "--max_train_steps", "2", "--output_dir", str(tmp_path / "ref"),
+            "--cache_dir", str(tmp_path / "cache")]
+    with pytest.raises(InputError, match=r"brisque features of training image .*\.png: .*use another --reference"):
+        load_recipe().main(argv)
+    reset_accelerate()
