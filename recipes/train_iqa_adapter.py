@@ -40,6 +40,7 @@ from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, PromptE
 from qualityguide.adapter.validation import AdapterValidation, AdapterValidationSettings
 from qualityguide.diffusion import pipeline_upcasts_vae
 from qualityguide.errors import InputError
+from qualityguide.cli.label import recorded_columns
 from qualityguide.files import read_prompts
 from qualityguide.hub import add_hub_arguments, prepare_push, recipe_settings, run_card
 from qualityguide.pipelines import load_pipeline
@@ -207,7 +208,9 @@ def main(argv=None) -> int:
     run.train(micro_step, trainer.parameters(), len(dataset), validate if validation is not None else None)
 
     def save():
-        settings = recipe_settings(args, adapter=asdict(adapter.config), score_columns=args.score_columns,
+        labelled = recorded_columns(args.train_data_dir) if args.train_data_dir is not None else {}
+        columns = {c: labelled.get(c) for c in args.score_columns} if args.score_columns else None  # how each was scored
+        settings = recipe_settings(args, adapter=asdict(adapter.config), score_columns=columns,
                                    reference=args.reference, dropout=asdict(dropout), snr_gamma=args.snr_gamma,
                                    data={"train_data_dir": args.train_data_dir, "dataset_name": args.dataset_name,
                                          "size": len(dataset)})

@@ -170,7 +170,8 @@ def test_adapter_recipe_writes_its_card_and_pushes_the_output(dataset, tmp_path,
     assert files == {n for n in _every_file(out) if not re.match(r"(checkpoint-\d+|latent_cache)/", n)}
     ours = ModelCard.load(out / "README.md").data.qualityguide
     assert ours["kind"] == "iqa_adapter" and ours["random_weights"] is True
-    assert ours["settings"]["score_columns"] == ["sharpness"] and ours["settings"]["data"]["size"] == 8
+    assert ours["settings"]["score_columns"] == {"sharpness": None}  # not written by `qualityguide label`
+    assert ours["settings"]["data"]["size"] == 8
     assert ours["settings"]["max_train_steps"] == 2 and ours["settings"]["dropout"]["p_text"] == 0.05
     assert IQAAdapter.from_pretrained(out).score_names == ["sharpness"]
 
@@ -195,3 +196,25 @@ def test_pixel_lora_run_card_says_how_plain_peft_loads_it(dataset, tmp_path):
     x, t = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10])
     with torch.no_grad():
         assert torch.equal(PeftModel.from_pretrained(plain, out)(x, t).sample, ours(x, t).sample)
+
+
+def test_adapter_card_records_how_label_scored_each_column(dataset, tmp_path):
+    """A column `qualityguide label` wrote goes into the card with the settings that scored it (the scorer and its
+    weights' hash), read from the folder's label record."""
+    import json
+    import shutil
+
+    from qualityguide.cli.commands import main as qualityguide_cli
+
+    folder = tmp_path / "labelled"
+    shutil.copytree(dataset, folder)
+    assert qualityguide_cli(["label", str(folder), "--scorer", "niqe-embedded@192"]) == 0
+    record = json.loads((folder / ".qualityguide" / "labels" / "columns.json").read_text())["columns"]
+    out = tmp_path / "adapter"
+    argv = ["--model", "tiny:sd", "--train_data_dir", str(folder), "--score_columns", "niqe-embedded@192",
+            "--resolution", "64",
+            "--train_batch_size", "2", "--max_train_steps", "1", "--output_dir", str(out)]
+    assert _cli("train_iqa_adapter.py", argv) == 0
+    ours = ModelCard.load(out / "README.md").data.qualityguide
+    assert ours["settings"]["score_columns"] == {"niqe-embedded@192": record["niqe-embedded@192"]}
+    assert "niqe" in json.dumps(record["niqe-embedded@192"])

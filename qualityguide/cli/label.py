@@ -52,6 +52,21 @@ OWNED = Path(".qualityguide") / "labels"
 RECORD = "columns.json"
 
 
+def recorded_columns(folder: str | os.PathLike) -> dict[str, dict]:
+    """The score columns ``label`` wrote into ``folder``'s ``metadata.csv``, each with the settings that scored it
+    (scorer, weights SHA-256, ...), as recorded in ``.qualityguide/labels/columns.json``; {} for a folder ``label``
+    never wrote or whose record cannot be read (a model card then names the columns alone).
+
+    Args:
+        folder: an image folder (a recipe's ``--train_data_dir``).
+    """
+    try:
+        record = json.loads((Path(folder) / OWNED / RECORD).read_text("utf-8"))["columns"]
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 @dataclass
 class LabelSummary:
     """What :func:`label_folder` did.
