@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .checkpoints import CheckpointManager, read_marker
+from .curves import write_training_curves
 from .guard import check_step_finite, mean_over_processes
 from .log import StepLog
 from .setup import check_schedule_arguments, make_accelerator, make_lr_scheduler
@@ -290,13 +291,8 @@ class TrainingRun:
             if log is not None:
                 log.close()
 
-    def write_curves(self) -> Path | None:
-        """Redraw ``OUTPUT_DIR/training_curves.png`` from ``train_log.jsonl`` (main process; None if the curves
-        module is unavailable or the log is empty)."""
-        try:
-            from .curves import write_training_curves
-        except ImportError:
-            return None
+    def write_curves(self) -> Path:
+        """Redraw ``OUTPUT_DIR/training_curves.png`` from ``train_log.jsonl`` (main process)."""
         return write_training_curves(self.output_dir)
 
     def finish(self, save: Callable[[], Path | str | None]) -> None:
