@@ -53,3 +53,32 @@ def blur(images: torch.Tensor, sigma: float = 3.0) -> torch.Tensor:
 def noise(images: torch.Tensor, std: float = 0.15, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (images + std * torch.randn(images.shape, generator=g)).clamp(0, 1)
+
+
+@pytest.fixture()
+def hub_recorder(monkeypatch):
+    """The hub's two network calls of a push (``create_repo``, ``upload_folder``) replaced by a recorder; the rest
+    of huggingface_hub runs. Each upload records ``files``: name -> bytes, filtered by the call's allow/ignore
+    patterns as ``upload_folder`` filters them, read while the folder exists."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append({"call": "create_repo", "repo_id": repo_id, "token": self.token, **kwargs})
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        root = Path(folder_path)
+        names = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
+        kept = filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        calls.append({"call": "upload_folder", "repo_id": repo_id, "token": self.token, "folder": root,
+                      "files": {name: (root / name).read_bytes() for name in kept}, **kwargs})
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls

@@ -8,11 +8,10 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelHubMixin
+from huggingface_hub import ModelCard, ModelHubMixin
 
 from qualityguide.adapter import IQAAdapter, ReferenceIQAAdapter
 from qualityguide.adapter.conditions import ScoreQuantiles
@@ -175,23 +174,9 @@ def test_local_files_only_revision_and_cache_dir_read_a_hub_cache(build, tmp_pat
 
 
 @pytest.fixture()
-def recorder(monkeypatch):
-    """Replaces only the two network calls of a push: what would be uploaded is read while the folder exists."""
-    calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        calls.append({"call": "create_repo", "repo_id": repo_id, "token": self.token, **kwargs})
-        return SimpleNamespace(repo_id=repo_id)
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        files = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*")
-                 if p.is_file()}
-        calls.append({"call": "upload_folder", "repo_id": repo_id, "token": self.token, "files": files, **kwargs})
-        return f"https://huggingface.co/{repo_id}/commit/0"
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
+def recorder(hub_recorder):
+    """The push's network calls recorded (conftest's ``hub_recorder``)."""
+    return hub_recorder
 
 
 @pytest.mark.parametrize("build", [_adapter, _head], ids=["adapter", "head"])

@@ -6,12 +6,10 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
 from qualityguide.adapter import IQAAdapter
@@ -22,25 +20,9 @@ TOKEN = "hf_not_a_real_token_0123"
 
 
 @pytest.fixture()
-def recorder(monkeypatch):
-    """create_repo and upload_folder replaced; the upload is read as upload_folder would filter it."""
-    calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        calls.append({"call": "create_repo", "repo_id": repo_id, "token": self.token, **kwargs})
-        return SimpleNamespace(repo_id=repo_id)
-
-    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
-        root = Path(folder_path)
-        names = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
-        kept = list(filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
-        calls.append({"call": "upload_folder", "repo_id": repo_id, "token": self.token, "files": kept,
-                      "folder": root, **kwargs})
-        return f"https://huggingface.co/{repo_id}/commit/0"
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
+def recorder(hub_recorder):
+    """The push's network calls recorded (conftest's ``hub_recorder``)."""
+    return hub_recorder
 
 
 def _cli(recipe: str, argv: list[str], patch=None) -> int:
