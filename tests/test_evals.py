@@ -396,6 +396,23 @@ def test_toy_sample_is_deterministic_ddim(kind):
             toy.sample(unet, scheduler, 3, seed=5, encoder_hidden_states=torch.zeros(1, 1, 8))
 
 
+def test_toy_save_grid_labels_crisp_upscaled_cells(tmp_path):
+    """Each cell is its image upscaled (nearest) before the texts are drawn; rows, columns and captions add bands."""
+    from evals import toy
+
+    images = torch.rand(4, 3, 8, 8)
+    toy.save_grid(images, tmp_path / "plain.png", columns=2, scale=3)
+    plain = np.asarray(Image.open(tmp_path / "plain.png"))
+    assert plain.shape == (2 * 2 + 2 * 24 + 2, 2 * 2 + 2 * 24 + 2, 3)  # border 2, cells 24 px, padding 2
+    cell = (images[3] * 255).round().byte().permute(1, 2, 0).numpy().repeat(3, 0).repeat(3, 1)
+    assert np.array_equal(plain[2 + 26:2 + 26 + 24, 2 + 26:2 + 26 + 24], cell)
+    toy.save_grid(images, tmp_path / "labelled.png", columns=2, scale=3, captions=["-31.5"] * 4,
+                  row_labels=["p=0.05", "p=0.95"], column_labels=["seed 0", "seed 1"])
+    labelled = np.asarray(Image.open(tmp_path / "labelled.png"))
+    assert labelled.shape[0] > plain.shape[0] + 20 and labelled.shape[1] > plain.shape[1] + 20
+    assert (labelled < 128).all(axis=2).sum() > (plain < 128).all(axis=2).sum()  # dark text was drawn
+
+
 def test_adapter_control_smoke(shared_data, params, tmp_path):
     control = _load("adapter_control")
     out = tmp_path / "out"
