@@ -97,3 +97,16 @@ def test_markdown_table_lines():
     assert report.markdown_table(["scorer", "n", "SRCC"], [["niqe", 9, "0.512"], ["brisque", 10, "0.600"]]) == [
         "| scorer | n | SRCC |", "|---|---|---|", "| niqe | 9 | 0.512 |", "| brisque | 10 | 0.600 |"]
     assert report.markdown_table(["a"], []) == ["| a |", "|---|"]
+
+
+def test_permutation_test_against_a_hand_count():
+    """p = (1 + #twins >= true) / (1 + N), ties against the true model; NaN twins dropped; the floor 1/(1+N)."""
+    got = stats.permutation_test(0.5, [0.1, 0.5, -0.2, 0.9, float("nan"), 0.3, 0.0, 0.2, 0.4])
+    assert got["twins"] == [0.1, 0.5, -0.2, 0.9, 0.3, 0.0, 0.2, 0.4] and got["of"] == 9
+    assert got["rank"] == 3 and got["p"] == pytest.approx(3 / 9)  # 0.5 (a tie) and 0.9 are >= 0.5
+    assert got["twin_mean"] == pytest.approx(np.mean(got["twins"])) and got["twin_sd"] == pytest.approx(
+        np.std(got["twins"], ddof=1))
+    top = stats.permutation_test(7.5, list(range(8)))  # above every twin
+    assert top["rank"] == 1 and top["p"] == pytest.approx(1 / 9) == top["p_floor"]
+    assert stats.permutation_test(-1.0, list(range(8)))["p"] == 1.0
+    assert np.isnan(stats.permutation_test(float("nan"), [1.0])["p"]) and np.isnan(stats.permutation_test(1.0, [])["p"])
