@@ -54,19 +54,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from scipy.stats import page_trend_test, spearmanr, wilcoxon
 from tqdm.auto import tqdm
 
 from evals import toy
 from evals.common.figures import pyplot, save_figure
 from evals.common.flags import eval_parser
+from evals.common.parts import PartStore
 from evals.common.report import write_report
 from evals.common.stats import permutation_test
 from qualityguide.adapter import IQAAdapter, ScoreQuantiles
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, dropout_masks
 from qualityguide.errors import InputError
-from qualityguide.files import atomic_write
 from qualityguide.runtime import quiet_third_party
 from qualityguide.train import batch_indices, step_generator
 
@@ -281,42 +280,6 @@ def twin_study(unet, scheduler, images, labels, name, args, n_twins: int, cfgs: 
 
 
 NOT_IN_KEY = ("out", "cache", "threads", "joint", "checks", "no_check", "twins", "check_twins", "data")
-
-
-class PartStore:
-    """The finished pieces of a long run (one trained adapter's measurements each, with its samples where the grids
-    need them), kept under ``folder/<hash of the settings>/`` so a rerun with the same settings picks them up.
-    JSON and safetensors, each written atomically; ``folder`` None keeps nothing.
-
-    Args:
-        folder: where the pieces go (the eval's ``OUT/parts``), or None.
-        settings: everything the measurements depend on (hashed into the subfolder's name).
-    """
-
-    def __init__(self, folder: Path | None, settings: dict):
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        self.folder = None if folder is None else Path(folder) / digest
-
-    def load(self, name: str, keep_samples: bool) -> tuple[dict | None, dict]:
-        """``(record, samples)`` of piece ``name``, or ``(None, {})`` when it is not there (or unreadable)."""
-        if self.folder is None or not (self.folder / f"{name}.json").is_file():
-            return None, {}
-        try:
-            record = json.loads((self.folder / f"{name}.json").read_text())
-            kept = load_file(self.folder / f"{name}.safetensors") if keep_samples else {}
-        except (OSError, ValueError, RuntimeError):  # a damaged piece is measured again
-            return None, {}
-        return record, kept
-
-    def save(self, name: str, record: dict, samples: dict) -> None:
-        """Keep piece ``name``: the samples first, then the record that marks it finished."""
-        if self.folder is None:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if samples:
-            atomic_write(self.folder / f"{name}.safetensors", lambda tmp: save_file(
-                {k: v.contiguous() for k, v in samples.items()}, str(tmp)))
-        atomic_write(self.folder / f"{name}.json", json.dumps(record))
 
 
 def _label(model: str, cfg: float, args) -> str:

@@ -110,3 +110,25 @@ def test_permutation_test_against_a_hand_count():
     assert top["rank"] == 1 and top["p"] == pytest.approx(1 / 9) == top["p_floor"]
     assert stats.permutation_test(-1.0, list(range(8)))["p"] == 1.0
     assert np.isnan(stats.permutation_test(float("nan"), [1.0])["p"]) and np.isnan(stats.permutation_test(1.0, [])["p"])
+
+
+def test_part_store_keeps_finished_pieces_per_settings(tmp_path):
+    import torch
+
+    from evals.common.parts import PartStore
+
+    store = PartStore(tmp_path, {"steps": 600, "seed": 0})
+    assert store.load("adapter", keep_samples=True) == (None, {})
+    samples = {"1.0": torch.rand(2, 3, 4, 4)}
+    store.save("adapter", {"loss": 0.19, "stats": {"1.0": {"mean": [1.0]}}}, samples)
+    store.save("twin-3", {"loss": 0.2}, {})
+    record, kept = PartStore(tmp_path, {"seed": 0, "steps": 600}).load("adapter", keep_samples=True)  # key order
+    assert record == {"loss": 0.19, "stats": {"1.0": {"mean": [1.0]}}} and torch.equal(kept["1.0"], samples["1.0"])
+    assert PartStore(tmp_path, {"steps": 600, "seed": 0}).load("twin-3", keep_samples=False) == ({"loss": 0.2}, {})
+    assert PartStore(tmp_path, {"steps": 300, "seed": 0}).load("adapter", keep_samples=False) == (None, {})
+    (store.folder / "twin-3.json").write_text('{"loss": 0.')  # a damaged piece is measured again, not trusted
+    assert store.load("twin-3", keep_samples=False) == (None, {})
+    assert not [p for p in store.folder.iterdir() if ".tmp-" in p.name]
+    nowhere = PartStore(None, {})
+    nowhere.save("adapter", {"loss": 1.0}, samples)
+    assert nowhere.load("adapter", keep_samples=True) == (None, {})
