@@ -10,19 +10,28 @@
    brightness (samples 0.499 / 0.500 / 0.501 at targets 0.1 / 0.5 / 0.9), while with v-prediction the adapter
    does (``tests/test_adapter_learning.py``). ``--prediction-type epsilon`` runs the original setting.
 3. An :class:`~qualityguide.adapter.IQAAdapter` trained on top with :class:`AdapterTrainer` (the recipe's
-   loss, quality dropout), and a control adapter trained identically on **shuffled** labels. With
-   ``--joint``, also the same U-Net + adapter trained together from scratch with the condition (nothing
-   frozen, the base's budget): what this architecture can learn at all, an upper bound for the adapter.
+   loss, quality dropout), and ``--twins`` (8) control adapters trained identically on **shuffled** labels,
+   each on another permutation. With ``--joint``, also the same U-Net + adapter trained together from scratch
+   with the condition (nothing frozen, the base's budget): what this architecture can learn at all, an upper
+   bound for the adapter.
 4. For each target percentile, the same seeds are sampled with each adapter (and without one), the
    samples are scored by the same scorer, and the Spearman correlation between target and measured
    quality is reported: adapter on, adapter with quality guidance (CFG on the quality condition,
-   negative = the null input), shuffled-label adapter (also with CFG), and off (identical images for
+   negative = the null input), the first shuffled twin (also with CFG), and off (identical images for
    every target). Because the seeds are shared, the trend is also measured within seeds
-   (:func:`paired_trend`), and each adapter's same-seed trend is tested against its shuffled twin's
-   (:func:`versus_shuffled`): the test that separates learnt control from a network merely reacting to
-   its input.
+   (:func:`paired_trend`). The test that separates learnt control from a network merely reacting to its
+   input: the true adapter's same-seed trend ranked among its twins' (:func:`permutation`, one-sided
+   permutation p ``(1 + #twins >= true) / (1 + N)``), and tested against the twins' mean per seed
+   (:func:`versus_shuffled`), with and without quality CFG.
+5. The toy judge (:class:`evals.toy.ToyJudge`, a classifier of the crops' known conditions trained on other
+   photos' crops) gives each sample's P(clean) and expected distortion level: a check that knows the truth
+   by construction, beside the scorer the labels come from; its P(clean) trend gets the same permutation test.
 
-Before all that, two **known-attribute checks** run the same pieces on synthetic images whose label *is* the
+The grids are labelled: ``grid.png`` (row = target percentile) and ``models.png`` (row = model and target), the
+score and the judge's P(clean) under each image. Each trained adapter's measurements are kept in ``OUT/parts``
+as they finish, so a killed run continues where it stopped.
+
+After that, two **known-attribute checks** run the same pieces on synthetic images whose label *is* the
 measured attribute: flat 16 px images (brightness; low frequency) and white noise on grey at 32 px (pixel std;
 high frequency, with the quality base's layout: the adapter only at the two lowest levels). They show what the
 adapter learns when the base can draw the attribute, next to what it learns on quality (``--no-check`` skips
@@ -31,12 +40,13 @@ them).
     python -m evals.adapter_control [--joint]
     python -m evals.adapter_control --adapter-steps 50 --samples 4 --sample-steps 5 --n-images 8 --base-steps 20
 
-Writes ``evals/results/adapter_control/{summary.json, results.md, control.png, grid.png}``.
+Writes ``evals/results/adapter_control/{summary.json, results.md, control.png, grid.png, models.png}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -50,7 +60,9 @@ from tqdm.auto import tqdm
 from evals import toy
 from evals.common.figures import pyplot, save_figure
 from evals.common.flags import eval_parser
+from evals.common.parts import PartStore
 from evals.common.report import write_report
+from evals.common.stats import permutation_test
 from qualityguide.adapter import IQAAdapter, ScoreQuantiles
 from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, dropout_masks
 from qualityguide.errors import InputError
@@ -85,19 +97,23 @@ class QualityCFG(torch.nn.Module):
         return type("Out", (), {"sample": null + self.scale * (guided - null)})()
 
 
-def train_adapter(unet, scheduler, images, labels, name, args, shuffle: bool):
-    """Train an adapter on (images, labels); with ``shuffle`` the labels are permuted first (the control)."""
+def train_adapter(unet, scheduler, images, labels, name, args, twin: int | None = None):
+    """Train an adapter on (images, labels); shuffled twin ``twin`` (0, 1, ...) permutes the labels first, each twin
+    with its own permutation (seed ``args.seed + 1 + twin``; twin 0 is the single twin of earlier versions), and is
+    otherwise trained identically (same initial weights, batches, noise and dropout): a draw from the null."""
     torch.manual_seed(args.seed)
     adapter = IQAAdapter.for_unet(unet, [name], num_tokens=args.num_tokens, projection="linear")
     adapter.set_quantiles(ScoreQuantiles.fit({name: labels}))
-    if shuffle:
-        labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed + 1))]
+    if twin is not None:
+        permutation = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed + 1 + twin))
+        labels = labels[permutation]
     adapter.attach(unet, dtype=torch.float32)
     trainer = AdapterTrainer(adapter, unet, scheduler)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=1e-2)
     dropout = DropoutConfig(p_text=0.0, p_quality=args.p_quality, p_both=0.0)
     losses = []
-    for step in tqdm(range(args.adapter_steps), desc=f"adapter ({'shuffled' if shuffle else 'true'} labels)"):
+    for step in tqdm(range(args.adapter_steps), desc="adapter (true labels)" if twin is None else
+                     f"shuffled twin {twin + 1} of {args.twins}"):
         index = batch_indices(len(images), min(args.batch_size, len(images)), step, args.seed)  # as evals.toy
         generator = step_generator(args.seed, step)
         _, drop_quality = dropout_masks(len(index), dropout, generator)
@@ -206,6 +222,125 @@ def versus_shuffled(targets, scores, shuffled) -> dict:
             "wilcoxon_p": float(wilcoxon(gap, alternative="greater").pvalue)}
 
 
+def twin_study(unet, scheduler, images, labels, name, args, n_twins: int, cfgs: tuple[float, ...], measure,
+               judge=None, parts: Path | None = None, base_key: str = "") -> dict:
+    """The true-label adapter and ``n_twins`` shuffled twins, each sampled at every quality-CFG scale in ``cfgs``
+    (1: none), plus no adapter; every variant from the same seeds, measured by ``measure`` (and ``judge``).
+
+    The permutation statistic is each seed's highest-minus-lowest-target change (:func:`extreme_rise`), so twins
+    2 ... N are sampled at those two targets only (the statistic is the same, and a twin costs about a fifth
+    less: training 600 steps takes nearly twice as long as sampling every target with and without CFG); twin 1
+    at every target, as the table's "shuffled labels" row. With ``parts``, each trained adapter's
+    measurements are kept there as they finish, so a rerun after a kill continues instead of training again
+    (filed under the settings, the labels and ``base_key``, the base model's cache key).
+
+    Returns:
+        ``results`` (:func:`control_stats` of "adapter", "shuffled labels" (twin 1), "off", each CFG variant,
+        with a ``judge`` entry given a judge), ``twins`` (per true-adapter variant, every twin's stats),
+        ``permutation`` (:func:`permutation`, per true-adapter variant), ``versus_shuffled`` (the true adapter
+        against the mean twin, :func:`versus_shuffled`), ``samples`` (the true adapter's, twin 1's and "off"'s
+        images, for the grids), ``loss`` and ``twin_losses`` (final training loss of the adapter and each twin).
+    """
+    extremes = sorted({min(args.targets), max(args.targets)})
+    store = PartStore(parts, {**{k: v for k, v in vars(args).items() if k not in NOT_IN_KEY}, "name": name,
+                              "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
+                              "base": base_key})
+    results, samples, twins, twin_losses = {}, {}, {_label("adapter", cfg, args): [] for cfg in cfgs}, []
+    losses = None
+    for k in [None, *range(n_twins)]:
+        targets = args.targets if k in (None, 0) else extremes
+        record, kept = store.load(f"twin-{k}" if k is not None else "adapter", keep_samples=k in (None, 0))
+        if record is None:
+            adapter, trained = train_adapter(unet, scheduler, images, labels, name, args, twin=k)
+            record, kept = {"loss": float(np.mean(trained[-20:])), "stats": {}}, {}
+            for cfg in cfgs:
+                kept[str(cfg)], record["stats"][str(cfg)] = measured(unet, scheduler, adapter, name, args, cfg,
+                                                                     measure, judge, targets)
+            store.save(f"twin-{k}" if k is not None else "adapter", record, kept if k in (None, 0) else {})
+        model = "adapter" if k is None else "shuffled labels"
+        for cfg in cfgs:
+            if k in (None, 0):
+                results[_label(model, cfg, args)] = record["stats"][str(cfg)]
+                samples[_label(model, cfg, args)] = kept[str(cfg)]
+            if k is not None:
+                twins[_label("adapter", cfg, args)].append(record["stats"][str(cfg)])
+        if k is None:
+            losses = record["loss"]
+        else:
+            twin_losses.append(record["loss"])
+    record, kept = store.load("off", keep_samples=True)
+    if record is None:
+        kept["1.0"], stats = measured(unet, scheduler, None, name, args, 1.0, measure, judge)
+        record = {"stats": {"1.0": stats}}
+        store.save("off", record, kept)
+    samples["off"], results["off"] = kept["1.0"], record["stats"]["1.0"]
+    return {"results": results, "twins": twins, "samples": samples, "loss": losses, "twin_losses": twin_losses,
+            "permutation": {label: permutation(results[label], twins[label]) for label in twins},
+            "versus_shuffled": {label: _versus_mean_twin(results[label], twins[label]) for label in twins
+                                if twins[label]}}
+
+
+NOT_IN_KEY = ("out", "cache", "threads", "joint", "checks", "no_check", "twins", "check_twins", "data")
+
+
+def _label(model: str, cfg: float, args) -> str:
+    return model if cfg == 1.0 else f"{model}, quality CFG {args.cfg:g}"
+
+
+def measured(unet, scheduler, adapter, name, args, cfg: float, measure, judge=None,
+             targets=None) -> tuple[torch.Tensor, dict]:
+    """``(samples [targets, seeds, 3, S, S], control_stats)`` of one variant at ``targets`` (default
+    ``args.targets``, recorded in the stats); with a ``judge``, the stats hold its per-target P(clean), level and
+    type shares, and each sample's P(clean) (for the permutation test)."""
+    targets = args.targets if targets is None else list(targets)
+    samples = generate(unet, scheduler, adapter, name, targets, args, cfg)
+    stats = {**control_stats(targets, measure(samples)), "targets": targets}
+    if judge is not None:
+        stats["judge"] = judged(judge, samples)
+    return samples, stats
+
+
+def extreme_rise(stats: dict, values: str = "scores") -> float:
+    """Mean over seeds of (value at the highest target - value at the lowest), seeds with a non-finite value at
+    either left out: the same-seed trend the permutation test ranks. ``values``: ``"scores"`` or the judge's
+    ``"p_clean_scores"``."""
+    rows = np.asarray(stats["scores"] if values == "scores" else stats["judge"][values], dtype=float)
+    targets = np.asarray(stats["targets"], dtype=float)
+    rise = rows[int(np.argmax(targets))] - rows[int(np.argmin(targets))]
+    rise = rise[np.isfinite(rise)]
+    return float(rise.mean()) if rise.size else float("nan")
+
+
+def _versus_mean_twin(true: dict, twins: list[dict]) -> dict:
+    """:func:`versus_shuffled` of the true adapter against the mean of its twins, at the lowest and highest target."""
+    def extremes(stats):
+        targets = np.asarray(stats["targets"], dtype=float)
+        rows = [int(np.argmin(targets)), int(np.argmax(targets))]
+        return np.asarray(stats["scores"], dtype=float)[rows]
+
+    return versus_shuffled([0.0, 1.0], extremes(true), np.mean([extremes(t) for t in twins], axis=0))
+
+
+def judged(judge, samples: torch.Tensor) -> dict:
+    """The toy judge on ``[targets, seeds, 3, S, S]`` samples: per target the mean ``p_clean``, ``level`` and
+    ``kind_share``; ``p_clean_scores`` ``[targets][seeds]``."""
+    verdicts = [judge(row) for row in samples]
+    return {"p_clean": [float(v["p_clean"].mean()) for v in verdicts],
+            "level": [float(v["level"].mean()) for v in verdicts],
+            "kind_share": [{k: v["kind"].count(k) / len(v["kind"]) for k in toy.DISTORTIONS} for v in verdicts],
+            "p_clean_scores": [[float(p) for p in v["p_clean"]] for v in verdicts]}
+
+
+def permutation(true: dict, twins: list[dict]) -> dict:
+    """The true adapter's same-seed trend (:func:`extreme_rise`) in the permutation distribution of its twins'
+    (:func:`permutation_test`); with the judge, the same for P(clean) under ``"judge_p_clean"``."""
+    out = permutation_test(extreme_rise(true), [extreme_rise(t) for t in twins])
+    if "judge" in true:
+        out["judge_p_clean"] = permutation_test(extreme_rise(true, "p_clean_scores"),
+                                                [extreme_rise(t, "p_clean_scores") for t in twins])
+    return out
+
+
 def _check_task(attribute: str, seed: int):
     """``(images, labels, BaseConfig fields, description, measure)`` of one known-attribute check."""
     generator = torch.Generator().manual_seed(seed)
@@ -230,14 +365,15 @@ def _check_task(attribute: str, seed: int):
 CHECKS = ("brightness", "noise amplitude")
 
 
-def known_attribute_check(args, attribute: str = "brightness") -> dict:
+def known_attribute_check(args, attribute: str = "brightness", parts: Path | None = None) -> dict:
     """The mechanism on an attribute a tiny base renders, where the label *is* the measured attribute.
 
     Same pieces as the quality task (evals.toy's base training, :func:`train_adapter`, :func:`generate`), on 512
     synthetic images: ``"brightness"`` (flat 16 px images; low frequency, decided at high noise) or
     ``"noise amplitude"`` (white noise on grey, 32 px, the quality base's 4-level layout with the adapter only at
     the two lowest levels; high frequency, decided at low noise). Shows what the adapter learns when the base
-    can draw the attribute, next to the quality task's result.
+    can draw the attribute, next to the quality task's result. ``parts``: where finished pieces are kept
+    (:func:`twin_study`).
     """
     images, labels, fields, description, measure = _check_task(attribute, args.seed)
     crops = toy.Crops(images, ["clean"] * len(images), torch.zeros(len(images), dtype=torch.long),
@@ -245,22 +381,15 @@ def known_attribute_check(args, attribute: str = "brightness") -> dict:
     config = toy.BaseConfig(steps=args.check_base_steps, seed=args.seed, prediction_type=args.prediction_type,
                                  **fields)
     unet, scheduler, info = toy.load_or_train_base(crops, config, args.cache, progress=False)
-    settings = argparse.Namespace(**{**vars(args), "adapter_steps": args.check_steps})
-    labels = labels.double()
-    adapter, losses = train_adapter(unet, scheduler, images, labels, attribute, settings, shuffle=False)
-    control, control_losses = train_adapter(unet, scheduler, images, labels, attribute, settings, shuffle=True)
-    results = {}
-    for label, (model, cfg) in {"adapter": (adapter, 1.0), "shuffled labels": (control, 1.0),
-                                "off": (None, 1.0)}.items():
-        measured = measure(generate(unet, scheduler, model, attribute, args.targets, settings, cfg))
-        results[label] = control_stats(args.targets, measured)
-    versus = {"adapter": versus_shuffled(args.targets, results["adapter"]["scores"],
-                                         results["shuffled labels"]["scores"])}
+    settings = argparse.Namespace(**{**vars(args), "adapter_steps": args.check_steps, "twins": args.check_twins})
+    study = twin_study(unet, scheduler, images, labels.double(), attribute, settings, args.check_twins, (1.0,),
+                       measure, parts=parts, base_key=info["key"])
+    quantiles = ScoreQuantiles.fit({attribute: labels.double()})
     return {"attribute": description, "images": len(images), "adapter_steps": args.check_steps,
-            "training_set_value_at_target": adapter.quantiles.score_at(attribute, args.targets).tolist(),
-            "final_loss": float(np.mean(losses[-20:])), "final_loss_shuffled": float(np.mean(control_losses[-20:])),
+            "training_set_value_at_target": quantiles.score_at(attribute, args.targets).tolist(),
+            "final_loss": study["loss"], "final_loss_twins": study["twin_losses"],
             "base_model": {k: info[k] for k in ("key", "loaded", "final_loss", "train_seconds") if k in info},
-            "results": results, "versus_shuffled": versus}
+            **{k: study[k] for k in ("results", "permutation", "versus_shuffled")}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -287,6 +416,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=32, help="samples per target (same seeds for each)")
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--cfg", type=float, default=3.0, help="quality guidance scale of the guided variant")
+    parser.add_argument("--twins", type=int, default=8,
+                        help="shuffled-label twins (each another label permutation, otherwise the same training): "
+                             "the permutation distribution the true adapter's trend is ranked in (p >= 1/(1+N))")
+    parser.add_argument("--judge-photos", type=int, default=toy.judge.JUDGE_PHOTOS,
+                        help="photos whose crops (all ten conditions) train the toy judge")
     parser.add_argument("--joint", action="store_true",
                         help="also train the same U-Net + adapter jointly from scratch with the condition (nothing "
                              "frozen, the base's budget; ~8 more minutes): an upper bound for a frozen-base adapter")
@@ -294,12 +428,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="known-attribute checks to run first (label = the measured attribute; ~2 and ~4 min)")
     parser.add_argument("--check-steps", type=int, default=300, help="adapter steps of each known-attribute check")
     parser.add_argument("--check-base-steps", type=int, default=400, help="base training steps of each check")
+    parser.add_argument("--check-twins", type=int, default=1,
+                        help="shuffled twins of each known-attribute check (1: their gaps are far outside one "
+                             "twin's; each more trains and samples one more adapter)")
     parser.add_argument("--no-check", action="store_true", help="skip the known-attribute checks (= --checks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)")
     args = parser.parse_args(argv)
     parser.require_positive(args, ("n_images", "base_steps", "adapter_steps", "batch_size", "num_tokens", "samples",
-                                   "sample_steps", "check_steps", "check_base_steps", "threads"))
+                                   "sample_steps", "check_steps", "check_base_steps", "threads", "twins",
+                                   "check_twins", "judge_photos"))
     if len(set(args.targets)) != len(args.targets) or len(args.targets) < 2 or not all(
             0 <= t <= 1 for t in args.targets):
         parser.error(f"--targets {args.targets}: two or more distinct percentiles in [0, 1], e.g. 0.05 0.5 0.95")
@@ -338,55 +476,49 @@ def main(argv=None) -> dict:
     unet, scheduler, base_info = toy.load_or_train_base(crops, base, args.cache)
     unet.requires_grad_(False)
 
-    checks = {} if args.no_check else {a: known_attribute_check(args, a) for a in args.checks}
-    adapter, losses = train_adapter(unet, scheduler, images, labels, name, args, shuffle=False)
-    control, control_losses = train_adapter(unet, scheduler, images, labels, name, args, shuffle=True)
-    variants = {"adapter": (adapter, 1.0), f"adapter, quality CFG {args.cfg:g}": (adapter, args.cfg),
-                "shuffled labels": (control, 1.0), f"shuffled labels, quality CFG {args.cfg:g}": (control, args.cfg),
-                "off": (None, 1.0)}
-    unets = dict.fromkeys(variants, unet)
+    judge = toy.ToyJudge.fit(toy.judge_crops(data / "biq2021", args.judge_photos, args.crop, seed=args.seed + 1),
+                             toy.JudgeConfig(crop=args.crop, seed=args.seed))
+
+    def measure(samples: torch.Tensor) -> torch.Tensor:
+        flat = samples.reshape(-1, *samples.shape[2:])
+        return toy.score_images(scorer, flat, progress=False).reshape(samples.shape[:2])
+
+    study = twin_study(unet, scheduler, images, labels, name, args, args.twins, (1.0, args.cfg), measure, judge,
+                       parts=out / "parts", base_key=base_info["key"])
+    results, samples = study["results"], study["samples"]
+    checks = {} if args.no_check else {a: known_attribute_check(args, a, out / "parts") for a in args.checks}
     joint_loss = None
     if args.joint:  # the same architecture and budget, trained with the condition from the first step
         torch.manual_seed(args.seed)
         joint = IQAAdapter.for_unet(unet, [name], num_tokens=args.num_tokens, projection="linear")
         joint.set_quantiles(ScoreQuantiles.fit({name: labels}))
         kept = toy.Crops(images, [d for d, k in zip(crops.distortion, keep) if k], crops.level[keep],
-                              [p for p, k in zip(crops.source, keep) if k])
+                         [p for p, k in zip(crops.source, keep) if k])
         joint_unet, _, joint_losses = toy.train_base(kept, base, adapter=joint, labels=labels,
-                                                          p_quality=args.p_quality)
+                                                     p_quality=args.p_quality)
         joint_loss = float(np.mean(joint_losses[-50:]))
         for label, cfg in (("joint model (upper bound)", 1.0), (f"joint model, quality CFG {args.cfg:g}", args.cfg)):
-            variants[label], unets[label] = (joint, cfg), joint_unet
-    samples, results = {}, {}
-    for label, (model, cfg) in tqdm(list(variants.items()), desc="sampling variants"):
-        samples[label] = generate(unets[label], scheduler, model, name, args.targets, args, cfg)
-        flat = samples[label].reshape(-1, *samples[label].shape[2:])
-        scores = toy.score_images(scorer, flat, progress=False).reshape(len(args.targets), args.samples)
-        results[label] = control_stats(args.targets, scores)
-    versus = {label: versus_shuffled(args.targets, results[label]["scores"], results[twin]["scores"])
-              for label, twin in (("adapter", "shuffled labels"),
-                                  (f"adapter, quality CFG {args.cfg:g}", f"shuffled labels, quality CFG {args.cfg:g}"))}
-    quantile_scores = adapter.quantiles.score_at(name, args.targets).tolist()
+            samples[label], results[label] = measured(joint_unet, scheduler, joint, name, args, cfg, measure, judge)
+    quantile_scores = ScoreQuantiles.fit({name: labels}).score_at(name, args.targets).tolist()
     summary = {"scorer": name, "crops": int(keep.sum()), "crop_px": args.crop, "targets": args.targets,
                "training_set_score_at_target": quantile_scores, "samples_per_target": args.samples,
                "adapter_steps": args.adapter_steps, "batch_size": min(args.batch_size, len(images)), "lr": args.lr,
-               "p_quality": args.p_quality, "final_loss": float(np.mean(losses[-20:])),
-               "final_loss_shuffled": float(np.mean(control_losses[-20:])), "final_loss_joint": joint_loss,
-               "prediction_type": args.prediction_type,
-               "distortions": args.distortions,
+               "p_quality": args.p_quality, "final_loss": study["loss"],
+               "final_loss_twins": study["twin_losses"], "final_loss_joint": joint_loss,
+               "prediction_type": args.prediction_type, "distortions": args.distortions, "twins": args.twins,
                "base_model": {k: base_info[k] for k in ("key", "loaded", "final_loss", "train_seconds")
                               if k in base_info},
-               "results": results, "versus_shuffled": versus, "known_attribute_checks": checks,
+               "judge": {"photos": args.judge_photos, "held_out": judge.held_out},
+               "results": results, "twin_results": study["twins"], "permutation": study["permutation"],
+               "versus_shuffled": study["versus_shuffled"], "known_attribute_checks": checks,
                "seconds": time.perf_counter() - started,
                "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
                "note": f"a tiny pixel model trained for minutes on {args.crop} px crops; the numbers show whether "
                        "the mechanism learns control, not the quality SD-scale training reaches"}
     write_report(out, "results", summary, markdown(summary), json_stem="summary")
     plot(summary, out / "control.png")
-    best = samples["adapter"] if not np.isfinite(results[f"adapter, quality CFG {args.cfg:g}"]["spearman"]) else \
-        samples[f"adapter, quality CFG {args.cfg:g}"]
-    toy.save_grid(best[:, :12].reshape(-1, *best.shape[2:]), out / "grid.png", columns=min(12, args.samples))
-    print(json.dumps(summary, indent=2))
+    save_grids(summary, samples, out, args)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("results", "twin_results")}, indent=2))
     print(markdown(summary))
     return summary
 
@@ -409,59 +541,136 @@ def _table(targets, reference: tuple[str, list], results: dict) -> list[str]:
 
 
 def _versus_line(versus: dict) -> str:
-    """One line: each adapter's same-seed trend minus its shuffled twin's (a trend alone can be spurious)."""
+    """One line: each adapter's same-seed trend minus that of the mean of its shuffled twins."""
     parts = [f"{label} {v['gap']:+.3g} ± {v['gap_sem']:.2g} (Wilcoxon one-sided p {v['wilcoxon_p']:.2g}, "
              f"{v['seeds']} seeds)" for label, v in versus.items()]
-    return ("True labels vs the shuffled twin, same seed ((highest - lowest target) of the adapter minus the twin's): "
-            + "; ".join(parts) + ".") if parts else ""
+    return ("True labels vs the mean of the shuffled twins, same seed ((highest - lowest target) of the adapter "
+            "minus the twins' mean): " + "; ".join(parts) + ".") if parts else ""
+
+
+def _permutation_lines(permutation: dict, unit: str) -> list[str]:
+    """Per true-adapter variant: its same-seed trend, the twins' distribution, rank and permutation p."""
+    lines = []
+    for label, p in permutation.items():
+        tests = [(unit, p)] + ([("judge P(clean)", p["judge_p_clean"])] if "judge_p_clean" in p else [])
+        for what, t in tests:
+            if not t["twins"]:
+                continue
+            lines.append(f"- {label}, {what}: true {t['statistic']:+.3g}; {len(t['twins'])} twins "
+                         f"{t['twin_mean']:+.3g} ± {t['twin_sd']:.2g} (sd; {min(t['twins']):+.3g} ... "
+                         f"{max(t['twins']):+.3g}); rank {t['rank']} of {t['of']}, permutation p {t['p']:.3g} "
+                         f"(floor {t['p_floor']:.3g})")
+    return lines
+
+
+def _judge_table(targets, results: dict) -> list[str]:
+    lines = ["| variant | " + " | ".join(f"P(clean) @ p={t:g}" for t in targets) + " | "
+             + " | ".join(f"level @ p={t:g}" for t in targets) + " |", "|" + "---|" * (2 * len(targets) + 1)]
+    for label, r in results.items():
+        if "judge" in r:
+            j = r["judge"]
+            lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in j["p_clean"]) + " | "
+                         + " | ".join(f"{v:.2f}" for v in j["level"]) + " |")
+    return lines
 
 
 def markdown(s: dict) -> str:
     lines = [f"IQA-Adapter control on {s['crops']} real photo crops ({s['crop_px']} px), scorer `{s['scorer']}`, "
              f"{s['samples_per_target']} samples per target (same seeds), adapter trained {s['adapter_steps']} steps, "
-             f"{s.get('prediction_type', 'epsilon')} base.", ""]
+             f"{s.get('prediction_type', 'epsilon')} base, {s['twins']} shuffled twins (\"shuffled labels\" is "
+             "twin 1).", ""]
     lines += _table(s["targets"], ("training set's score at the target", s["training_set_score_at_target"]),
                     s["results"])
     joint = "" if s.get("final_loss_joint") is None else f", {s['final_loss_joint']:.4f} (joint model)"
     lines += ["", "Every target is sampled from the same seeds: the within-seed columns compare a seed with itself "
                   "across targets (the pooled Spearman counts the spread between seeds as noise); Page's L p is the "
                   "one-sided p-value of a monotone increase across the targets, seeds as blocks.", "",
-              _versus_line(s.get("versus_shuffled", {}))]
+              "Permutation test: the same-seed trend (highest - lowest target, mean over seeds) of the true adapter "
+              "among its shuffled twins' (each trained identically on another label permutation; p = (1 + #twins >= "
+              "true) / (1 + twins)):", ""]
+    lines += _permutation_lines(s["permutation"], s["scorer"])
+    lines += ["", _versus_line(s.get("versus_shuffled", {}))]
+    held = s["judge"]["held_out"]
+    lines += ["", f"Toy judge (a classifier of the crops' ten known conditions, trained on {s['judge']['photos']} "
+                  f"other photos' crops; held out by photo: accuracy {held['accuracy']:.3f} of 10 conditions, "
+                  f"{held['kind_accuracy']:.3f} of the 4 types, level error {held['level_mae']:.2f}, mean P(clean) "
+                  f"{held['p_clean_by_condition']['clean']:.2f} on clean crops): P(clean) and expected level (0 clean "
+                  "... 3) of each target's samples.", ""]
+    lines += _judge_table(s["targets"], s["results"])
+    twin_losses = ", ".join(f"{v:.4f}" for v in s["final_loss_twins"])
     lines += ["", f"Final training loss ({s.get('prediction_type', 'epsilon')} MSE): {s['final_loss']:.4f} (true "
-              f"labels), {s['final_loss_shuffled']:.4f} (shuffled){joint}. " + s["note"] + "."]
+              f"labels), {twin_losses} (twins){joint}. " + s["note"] + "."]
     for check in s.get("known_attribute_checks", {}).values():
         lines += ["", f"Known-attribute check: {check['attribute']} ({check['images']} images, label = the measured "
                       f"attribute, adapter trained {check['adapter_steps']} steps):", ""]
         lines += _table(s["targets"], ("training set's value at the target", check["training_set_value_at_target"]),
                         check["results"])
-        lines += ["", _versus_line(check.get("versus_shuffled", {}))]
+        lines += ["", *_permutation_lines(check["permutation"], "measured attribute"),
+                  "", _versus_line(check.get("versus_shuffled", {}))]
         lines += ["", f"Final training loss: {check['final_loss']:.4f} (true labels), "
-                      f"{check['final_loss_shuffled']:.4f} (shuffled)."]
+                      + ", ".join(f"{v:.4f}" for v in check["final_loss_twins"]) + " (twins)."]
     return "\n".join(lines) + "\n"
+
+
+def save_grids(s: dict, samples: dict, out: Path, args) -> None:
+    """``grid.png``: the true adapter's samples (with quality CFG where it varies), row = target percentile, up to
+    12 seeds; ``models.png``: the lowest and highest target of each model, row = model and target, 8 seeds. Under
+    each image its score and the judge's P(clean)."""
+    guided = _label("adapter", args.cfg, args)
+    shown = guided if not s["results"][guided]["identical_for_every_target"] else "adapter"
+    columns = min(12, args.samples)
+    _labelled_grid(s, samples, [(shown, i) for i in range(len(args.targets))], columns, out / "grid.png")
+    low, high = int(np.argmin(args.targets)), int(np.argmax(args.targets))
+    rows = [(label, i) for label in samples for i in (low, high)]
+    _labelled_grid(s, samples, rows, min(8, args.samples), out / "models.png")
+
+
+def _labelled_grid(s: dict, samples: dict, rows: list[tuple[str, int]], columns: int, path: Path) -> None:
+    """One grid of (variant, target index) rows, captions "score | P(clean)"."""
+    images, captions, row_labels = [], [], []
+    for label, i in rows:
+        r = s["results"][label]
+        images.append(samples[label][i, :columns])
+        captions += [f"{r['scores'][i][j]:.1f} | {r['judge']['p_clean_scores'][i][j]:.2f}" for j in range(columns)]
+        row_labels.append(f"{label}\ntarget p={s['targets'][i]:g}")
+    toy.save_grid(torch.cat(images), path, columns=columns, captions=captions, row_labels=row_labels,
+                  column_labels=[f"seed {j}" for j in range(columns)])
+
+
+def _same_seed_change(targets, scores) -> np.ndarray | None:
+    """``[seeds, targets ascending]``: each seed's change from its lowest target (seeds with a NaN left out);
+    None below two seeds."""
+    change = _by_seed(targets, scores)
+    change = change[np.isfinite(change).all(axis=1)]
+    return change - change[:, :1] if len(change) >= 2 else None
 
 
 def plot(s: dict, path: Path) -> None:
     plt = pyplot()
 
     panels = [("IQA-Adapter control on real photo crops (tiny model, CPU)", s["results"],
-               s["training_set_score_at_target"], f"measured {s['scorer']} of samples (higher is better)")]
+               s["training_set_score_at_target"], f"measured {s['scorer']} of samples (higher is better)",
+               s.get("twin_results", {}))]
     for check in s.get("known_attribute_checks", {}).values():
         panels.append((f"known attribute: {check['attribute']}", check["results"],
-                       check["training_set_value_at_target"], "measured attribute of samples"))
+                       check["training_set_value_at_target"], "measured attribute of samples", {}))
     fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), dpi=120, squeeze=False)
     targets = np.sort(np.asarray(s["targets"], dtype=float))  # the order of _by_seed's columns
-    for top, bottom, (title, results, reference, ylabel) in zip(axes[0], axes[1], panels):
+    for top, bottom, (title, results, reference, ylabel, twins) in zip(axes[0], axes[1], panels):
         for i, (label, r) in enumerate(results.items()):
+            for k, twin in enumerate(twins.get(label, [])):  # the permutation distribution, thin
+                change = _same_seed_change(twin["targets"], twin["scores"])  # twins 2...N: two targets only
+                if change is not None:
+                    bottom.plot(sorted(twin["targets"]), change.mean(axis=0), color=f"C{i}", lw=0.7, alpha=0.35,
+                                label=f"{label}: its {len(twins[label])} shuffled twins" if k == 0 else None)
             rho = "" if r["identical_for_every_target"] else f" (rho {r['spearman']:.2f})"
             top.errorbar(s["targets"], r["mean"], yerr=r["sem"], marker="o", capsize=3, label=label + rho,
                          color=f"C{i}")
             if r["identical_for_every_target"]:
                 continue
-            change = _by_seed(s["targets"], r["scores"])  # [seeds, targets ascending]
-            change = change[np.isfinite(change).all(axis=1)]
-            if len(change) < 2:
+            change = _same_seed_change(s["targets"], r["scores"])
+            if change is None:
                 continue
-            change = change - change[:, :1]
             bottom.errorbar(targets, change.mean(axis=0), yerr=change.std(axis=0, ddof=1) / len(change) ** 0.5,
                             marker="o", capsize=3, color=f"C{i}",
                             label=f"{label} (within-seed rho {r['paired']['within_seed_spearman']:.2f})")

@@ -422,37 +422,113 @@ def test_toy_sample_is_deterministic_ddim(kind):
             toy.sample(unet, scheduler, 3, seed=5, encoder_hidden_states=torch.zeros(1, 1, 8))
 
 
-def test_adapter_control_smoke(shared_data, params, tmp_path):
+def test_toy_save_grid_labels_crisp_upscaled_cells(tmp_path):
+    """Each cell is its image upscaled (nearest) before the texts are drawn; rows, columns and captions add bands."""
+    from evals import toy
+
+    images = torch.rand(4, 3, 8, 8)
+    toy.save_grid(images, tmp_path / "plain.png", columns=2, scale=3)
+    plain = np.asarray(Image.open(tmp_path / "plain.png"))
+    assert plain.shape == (2 * 2 + 2 * 24 + 2, 2 * 2 + 2 * 24 + 2, 3)  # border 2, cells 24 px, padding 2
+    cell = (images[3] * 255).round().byte().permute(1, 2, 0).numpy().repeat(3, 0).repeat(3, 1)
+    assert np.array_equal(plain[2 + 26:2 + 26 + 24, 2 + 26:2 + 26 + 24], cell)
+    toy.save_grid(images, tmp_path / "labelled.png", columns=2, scale=3, captions=["-31.5"] * 4,
+                  row_labels=["p=0.05", "p=0.95"], column_labels=["seed 0", "seed 1"])
+    labelled = np.asarray(Image.open(tmp_path / "labelled.png"))
+    assert labelled.shape[0] > plain.shape[0] + 20 and labelled.shape[1] > plain.shape[1] + 20
+    assert (labelled < 128).all(axis=2).sum() > (plain < 128).all(axis=2).sum()  # dark text was drawn
+
+
+def test_adapter_control_smoke(shared_data, params, tmp_path, monkeypatch):
     control = _load("adapter_control")
     out = tmp_path / "out"
-    summary = control.main(["--data", str(shared_data), "--out", str(out), "--cache", str(tmp_path / "cache"),
-                            "--n-images", "20", "--base-steps", "3", "--adapter-steps", "3", "--batch-size", "32",
-                            "--samples", "3", "--sample-steps", "3", "--targets", "0.1", "0.9", "--joint",
-                            "--check-steps", "2", "--check-base-steps", "3"])
+    argv = ["--data", str(shared_data), "--out", str(out), "--cache", str(tmp_path / "cache"), "--n-images", "20",
+            "--base-steps", "3", "--adapter-steps", "3", "--batch-size", "32", "--samples", "3", "--sample-steps", "3",
+            "--targets", "0.1", "0.5", "0.9", "--joint", "--check-steps", "2", "--check-base-steps", "3",
+            "--twins", "3", "--check-twins", "2", "--judge-photos", "8"]
+    summary = control.main(argv)
     results = summary["results"]
     assert len(results) == 7 and {"adapter", "shuffled labels", "off", "joint model (upper bound)"} <= set(results)
-    assert set(summary["versus_shuffled"]) == {"adapter", "adapter, quality CFG 3"}
+    guided = {"adapter", "adapter, quality CFG 3"}
+    assert set(summary["versus_shuffled"]) == set(summary["permutation"]) == set(summary["twin_results"]) == guided
     assert summary["versus_shuffled"]["adapter"]["seeds"] == 3
+    for label in guided:  # twin 1 at every target (the table's row), twins 2 and 3 at the extremes only
+        twins = summary["twin_results"][label]
+        assert [t["targets"] for t in twins] == [[0.1, 0.5, 0.9], [0.1, 0.9], [0.1, 0.9]]
+        assert twins[0]["scores"] == results[label.replace("adapter", "shuffled labels")]["scores"]
+        test = summary["permutation"][label]
+        rises = [np.nanmean(np.subtract(t["scores"][-1], t["scores"][0])) for t in twins]
+        assert np.allclose(test["twins"], rises) and test["of"] == 4
+        true = np.nanmean(np.subtract(results[label]["scores"][-1], results[label]["scores"][0]))
+        assert np.isclose(test["statistic"], true) and test["p"] == (1 + sum(r >= true for r in rises)) / 4
+        assert len(test["judge_p_clean"]["twins"]) == 3
+    assert len(set(summary["final_loss_twins"])) == 3  # three different label permutations
+    judge = results["adapter"]["judge"]
+    assert len(judge["p_clean"]) == len(judge["level"]) == 3 and all(0 <= v <= 3 for v in judge["level"])
+    assert np.shape(judge["p_clean_scores"]) == (3, 3) and summary["judge"]["held_out"]["photos"] == 2
     assert not results["joint model (upper bound)"]["identical_for_every_target"]
     assert np.isfinite(summary["final_loss_joint"]) and summary["prediction_type"] == "v_prediction"
     checks = summary["known_attribute_checks"]
     assert set(checks) == {"brightness", "noise amplitude"}
     for check in checks.values():
         assert {"adapter", "shuffled labels", "off"} == set(check["results"]) and check["adapter_steps"] == 2
-        assert check["results"]["off"]["identical_for_every_target"]
+        assert check["results"]["off"]["identical_for_every_target"] and len(check["final_loss_twins"]) == 2
+        assert check["permutation"]["adapter"]["of"] == 3
         assert all(0 <= m <= 1 for r in check["results"].values() for m in r["mean"])  # brightness, pixel std
     assert all(0 < v < 0.5 for v in checks["noise amplitude"]["training_set_value_at_target"])
-    assert (out / "results.md").read_text().count("Known-attribute check") == 2
+    text = (out / "results.md").read_text()
+    assert text.count("Known-attribute check") == 2 and "permutation p" in text and "P(clean) @ p=0.9" in text
     assert np.isfinite(results["adapter"]["spearman"]) and not results["adapter"]["identical_for_every_target"]
     assert results["off"]["identical_for_every_target"] and np.isnan(results["off"]["spearman"])
-    assert results["adapter"]["paired"]["seeds"] == 3 and np.shape(results["adapter"]["scores"]) == (2, 3)
-    assert "within-seed Spearman" in (out / "results.md").read_text()
-    assert all(len(r["mean"]) == 2 for r in results.values()) and summary["crops"] <= 20
+    assert results["adapter"]["paired"]["seeds"] == 3 and np.shape(results["adapter"]["scores"]) == (3, 3)
+    assert "within-seed Spearman" in text and "shuffled labels" in text
+    assert all(len(r["mean"]) == 3 for r in results.values()) and summary["crops"] <= 20
     assert summary["batch_size"] == summary["crops"]  # --batch-size 32 > the crops: the batch is all of them
     assert summary["threads"] == 1 and not summary["base_model"]["loaded"]
-    assert json.loads((out / "summary.json").read_text())["targets"] == [0.1, 0.9]
-    assert "shuffled labels" in (out / "results.md").read_text()
-    assert (out / "control.png").stat().st_size > 1000 and (out / "grid.png").stat().st_size > 100
+    assert json.loads((out / "summary.json").read_text())["targets"] == [0.1, 0.5, 0.9]
+    assert (out / "control.png").stat().st_size > 1000
+    grid, models = Image.open(out / "grid.png"), Image.open(out / "models.png")
+    assert grid.height > 3 * 2 * 48 and models.height > 14 * 2 * 48 > grid.height  # 7 models x 2 targets, labelled
+    assert grid.width > 3 * 2 * 48 + 40  # the row labels' band
+    # a rerun with the same settings reads every finished adapter back instead of training it again
+    monkeypatch.setattr(control, "train_adapter", lambda *a, **k: pytest.fail("trained again"))
+    again = control.main(argv[:-6] + ["--twins", "3", "--check-twins", "2", "--judge-photos", "8", "--no-check"])
+    for label in ("adapter", "adapter, quality CFG 3", "shuffled labels", "off"):
+        assert again["results"][label]["scores"] == results[label]["scores"]
+    assert again["permutation"] == summary["permutation"] and again["final_loss_twins"] == summary["final_loss_twins"]
+
+
+def test_adapter_control_twins_are_distinct_permutations_otherwise_identical(monkeypatch):
+    """Twin k permutes the labels with seed + 1 + k (twin 0 is the earlier single twin); the true adapter keeps
+    them; everything else (initial weights, batches) is the same call."""
+    import argparse
+
+    control = _load("adapter_control")
+    from qualityguide.adapter import IQAAdapter
+
+    seen, condition = [], IQAAdapter.condition
+
+    def recording_condition(self, values):
+        seen.append(values[:, 0].clone())
+        return condition(self, values)
+
+    monkeypatch.setattr(IQAAdapter, "condition", recording_condition)
+    args = argparse.Namespace(seed=4, num_tokens=1, lr=1e-3, p_quality=0.1, adapter_steps=1, batch_size=64, twins=3)
+    from evals.toy import BaseConfig, build_scheduler, build_unet
+
+    config = BaseConfig(crop=16, block_out_channels=(8, 16), attention=(False, True), attention_head_dim=8,
+                        cross_attention_dim=8)
+    unet, scheduler = build_unet(config), build_scheduler(config)
+    images, labels = torch.rand(64, 3, 16, 16), torch.arange(64, dtype=torch.float64)
+    first = [control.train_adapter(unet, scheduler, images, labels, "q", args, twin=twin)[1][0]
+             for twin in (None, 0, 1, 2)]
+    assert len(seen) == 4 and len(set(first)) == 4  # one step each, same batch and noise, other labels
+    index = torch.tensor(control.batch_indices(64, 64, 0, 4))
+    assert torch.equal(seen[0], labels[index])
+    for k in range(3):
+        permutation = torch.randperm(64, generator=torch.Generator().manual_seed(4 + 1 + k))
+        assert torch.equal(seen[k + 1], labels[permutation][index])
+    assert len({tuple(s.tolist()) for s in seen}) == 4
 
 
 def test_paired_trend_matches_hand_computation():
@@ -580,7 +656,8 @@ def test_finetune_eval_names_missing_scorer_weights_before_loading_the_model(tmp
 def test_adapter_control_checks_its_arguments_first(capsys):
     control = _load("adapter_control")
     for argv, message in ((["--targets", "0.5", "0.5"], "--targets"), (["--batch-size", "0"], "--batch-size=0"),
-                          (["--base-steps", "0"], "--base-steps=0"), (["--p-quality", "1"], "--p-quality")):
+                          (["--base-steps", "0"], "--base-steps=0"), (["--p-quality", "1"], "--p-quality"),
+                          (["--twins", "0"], "--twins=0"), (["--judge-photos", "0"], "--judge-photos=0")):
         with pytest.raises(SystemExit):
             control.parse_args(argv)
         assert message in capsys.readouterr().err

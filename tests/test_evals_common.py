@@ -97,3 +97,38 @@ def test_markdown_table_lines():
     assert report.markdown_table(["scorer", "n", "SRCC"], [["niqe", 9, "0.512"], ["brisque", 10, "0.600"]]) == [
         "| scorer | n | SRCC |", "|---|---|---|", "| niqe | 9 | 0.512 |", "| brisque | 10 | 0.600 |"]
     assert report.markdown_table(["a"], []) == ["| a |", "|---|"]
+
+
+def test_permutation_test_against_a_hand_count():
+    """p = (1 + #twins >= true) / (1 + N), ties against the true model; NaN twins dropped; the floor 1/(1+N)."""
+    got = stats.permutation_test(0.5, [0.1, 0.5, -0.2, 0.9, float("nan"), 0.3, 0.0, 0.2, 0.4])
+    assert got["twins"] == [0.1, 0.5, -0.2, 0.9, 0.3, 0.0, 0.2, 0.4] and got["of"] == 9
+    assert got["rank"] == 3 and got["p"] == pytest.approx(3 / 9)  # 0.5 (a tie) and 0.9 are >= 0.5
+    assert got["twin_mean"] == pytest.approx(np.mean(got["twins"])) and got["twin_sd"] == pytest.approx(
+        np.std(got["twins"], ddof=1))
+    top = stats.permutation_test(7.5, list(range(8)))  # above every twin
+    assert top["rank"] == 1 and top["p"] == pytest.approx(1 / 9) == top["p_floor"]
+    assert stats.permutation_test(-1.0, list(range(8)))["p"] == 1.0
+    assert np.isnan(stats.permutation_test(float("nan"), [1.0])["p"]) and np.isnan(stats.permutation_test(1.0, [])["p"])
+
+
+def test_part_store_keeps_finished_pieces_per_settings(tmp_path):
+    import torch
+
+    from evals.common.parts import PartStore
+
+    store = PartStore(tmp_path, {"steps": 600, "seed": 0})
+    assert store.load("adapter", keep_samples=True) == (None, {})
+    samples = {"1.0": torch.rand(2, 3, 4, 4)}
+    store.save("adapter", {"loss": 0.19, "stats": {"1.0": {"mean": [1.0]}}}, samples)
+    store.save("twin-3", {"loss": 0.2}, {})
+    record, kept = PartStore(tmp_path, {"seed": 0, "steps": 600}).load("adapter", keep_samples=True)  # key order
+    assert record == {"loss": 0.19, "stats": {"1.0": {"mean": [1.0]}}} and torch.equal(kept["1.0"], samples["1.0"])
+    assert PartStore(tmp_path, {"steps": 600, "seed": 0}).load("twin-3", keep_samples=False) == ({"loss": 0.2}, {})
+    assert PartStore(tmp_path, {"steps": 300, "seed": 0}).load("adapter", keep_samples=False) == (None, {})
+    (store.folder / "twin-3.json").write_text('{"loss": 0.')  # a damaged piece is measured again, not trusted
+    assert store.load("twin-3", keep_samples=False) == (None, {})
+    assert not [p for p in store.folder.iterdir() if ".tmp-" in p.name]
+    nowhere = PartStore(None, {})
+    nowhere.save("adapter", {"loss": 1.0}, samples)
+    assert nowhere.load("adapter", keep_samples=True) == (None, {})

@@ -217,7 +217,7 @@ class ToyJudge:
         self.config, self.held_out = config, held_out
 
     @classmethod
-    def fit(cls, crops: Crops, config: JudgeConfig | None = None) -> "ToyJudge":
+    def fit(cls, crops: Crops, config: JudgeConfig | None = None) -> ToyJudge:
         """Train on the crops of all but ``config.held_out`` of the photos (full batch); measure on the rest.
 
         Deterministic given the crops and the config (the global RNG is left as it was).

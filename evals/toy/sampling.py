@@ -9,7 +9,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from qualityguide.errors import InputError
-from qualityguide.images import make_grid
+from qualityguide.images import make_grid, to_pil
 
 from .base import null_condition, predict
 
@@ -54,11 +54,24 @@ def sample(unet, scheduler, n: int, seed: int, steps: int = 25, encoder_hidden_s
     return (x.float().cpu() / 2 + 0.5).clamp(0, 1)
 
 
-def save_grid(images: torch.Tensor, path, columns: int, scale: int = 2) -> None:
-    """Write images ``[N,3,H,W]`` in [0,1] as one PNG, ``columns`` per row (2 px white padding), upscaled ``scale`` x
-    (nearest)."""
-    image = make_grid(images, columns=max(1, min(int(columns), len(images))), padding=2, background="white")
+def save_grid(images: torch.Tensor, path, columns: int, scale: int = 2, captions: list[str] | None = None,
+              row_labels: list[str] | None = None, column_labels: list[str] | None = None) -> None:
+    """Write images ``[N,3,H,W]`` in [0,1] as one PNG, ``columns`` per row (2 px white padding), each upscaled
+    ``scale`` x (nearest) before the texts are drawn, so they stay sharp: the library's
+    :func:`~qualityguide.images.make_grid` with its labels.
+
+    Args:
+        images: the samples, row-major.
+        path: the PNG to write (its folder is created).
+        columns: images per row (at most ``N``).
+        scale: upscaling of each image (1: none).
+        captions: one text per image, under it (e.g. its score).
+        row_labels: one text per row, on the left (e.g. the model or the target); column_labels: one per column.
+    """
+    cells = [to_pil(image) for image in images]
     if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+        cells = [cell.resize((cell.width * scale, cell.height * scale), Image.Resampling.NEAREST) for cell in cells]
+    image = make_grid(cells, columns=max(1, min(int(columns), len(cells))), captions=captions, row_labels=row_labels,
+                      column_labels=column_labels, padding=2, background="white")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
