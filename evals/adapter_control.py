@@ -68,6 +68,7 @@ from qualityguide.adapter.training import AdapterTrainer, DropoutConfig, dropout
 from qualityguide.errors import InputError
 from qualityguide.runtime import quiet_third_party
 from qualityguide.train import batch_indices, step_generator
+from qualityguide.train.run import train_step
 
 HERE = Path(__file__).resolve().parent
 
@@ -114,16 +115,17 @@ def train_adapter(unet, scheduler, images, labels, name, args, twin: int | None 
     losses = []
     for step in tqdm(range(args.adapter_steps), desc="adapter (true labels)" if twin is None else
                      f"shuffled twin {twin + 1} of {args.twins}"):
-        index = batch_indices(len(images), min(args.batch_size, len(images)), step, args.seed)  # as evals.toy
-        generator = step_generator(args.seed, step)
-        _, drop_quality = dropout_masks(len(index), dropout, generator)
-        x0 = images[index] * 2 - 1
-        loss = trainer(x0, toy.null_condition(unet, len(index)), adapter.condition(labels[index][:, None]),
-                       None, drop_quality, generator)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        def micro_step(micro: int, step: int = step) -> dict:
+            index = batch_indices(len(images), min(args.batch_size, len(images)), step, args.seed)  # as evals.toy
+            generator = step_generator(args.seed, step)
+            _, drop_quality = dropout_masks(len(index), dropout, generator)
+            x0 = images[index] * 2 - 1
+            return trainer(x0, toy.null_condition(unet, len(index)), adapter.condition(labels[index][:, None]),
+                           None, drop_quality, generator)
+
+        # the recipes' step (qualityguide.train.run.train_step): the non-finite guard, no clipping
+        losses.append(train_step(None, trainer, optimizer, None, adapter.parameters(), micro_step,
+                                 max_grad_norm=None, step=step)["loss"])
     adapter.detach(unet)
     return adapter, losses
 
