@@ -67,8 +67,13 @@ def quiet_third_party(quiet: bool = False) -> None:
             transformers' "Loading weights") and of huggingface_hub's downloads.
     """
     keep_bitsandbytes_off_the_hub()
-    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):
-        os.environ.setdefault(variable, "error")
+    for variable, library in (("DIFFUSERS_VERBOSITY", "diffusers"), ("TRANSFORMERS_VERBOSITY", "transformers"),
+                              ("HF_HUB_VERBOSITY", "huggingface_hub")):
+        if variable not in os.environ:
+            os.environ[variable] = "error"
+            # also when the library is imported already (qualityguide's hub classes import huggingface_hub), so
+            # the variable was read before it was set: its root logger is where the verbosity lives
+            logging.getLogger(library).setLevel(logging.ERROR)
     for name in ("bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=rf"({'|'.join(THIRD_PARTY)})(\.|$)")
