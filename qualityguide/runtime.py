@@ -87,6 +87,19 @@ def quiet_third_party(quiet: bool = False) -> None:
         disable_progress_bars()
 
 
+def release_processes() -> None:
+    """Leave the ``torch.distributed`` process group this process joined under ``accelerate launch``, if any.
+
+    Call it when an entry point's work is done: a process that exits still holding a gloo group can abort at exit
+    ("terminate called without an active exception", SIGABRT) after finishing its work, and the launcher then
+    reports the whole run as failed. A process that joined none is left as it is.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # Devices
 
 RESUME_HINT = "rerun the same command to resume"

@@ -12,7 +12,7 @@ import sys
 
 from .. import __version__
 from ..errors import InputError, QualityGuideError
-from ..runtime import quiet_third_party, run_main
+from ..runtime import quiet_third_party, release_processes, run_main
 
 
 class _Parser(argparse.ArgumentParser):
@@ -213,5 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     quiet_third_party(quiet=getattr(args, "quiet", False))
     handlers = {"score": _cmd_score, "label": _cmd_label, "demo": _cmd_demo, "scorers": _cmd_scorers, "lgdm": _cmd_lgdm}
-    return run_main(lambda: handlers[args.command](args), f"qualityguide {args.command}")
+    try:
+        return run_main(lambda: handlers[args.command](args), f"qualityguide {args.command}")
+    finally:
+        release_processes()  # the shards of score/label/lgdm extract under accelerate launch
 
