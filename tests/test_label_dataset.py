@@ -107,3 +107,33 @@ def test_bad_arguments_are_refused_naming_the_fix(tmp_path):
     with pytest.raises(InputError, match="batch_size must be a whole number >= 1, got 0"):
         label_dataset(data, Mean(), batch_size=0)
     assert qualityguide.label_dataset is label_dataset
+
+
+def test_a_labelled_dataset_trains_the_adapter_recipe_through_dataset_name(tmp_path):
+    """label_dataset -> save_to_disk -> the adapter recipe's --dataset_name, conditioning on the new column."""
+    import json
+
+    from helpers import load_script, reset_accelerate
+
+    from qualityguide.adapter import IQAAdapter
+
+    paths = _images(tmp_path / "photos", 6)
+    data = datasets.Dataset.from_dict({"image": paths, "text": [f"photo {i}" for i in range(6)]},
+                                      features=datasets.Features({"image": datasets.Image(),
+                                                                  "text": datasets.Value("string")}))
+    labelled = label_dataset(data, Mean(), batch_size=3)
+    labelled.save_to_disk(str(tmp_path / "labelled"))
+    reset_accelerate()
+    argv = ["--model", "tiny:sd", "--dataset_name", str(tmp_path / "labelled"), "--score_columns", "mean",
+            "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "1", "--output_dir",
+            str(tmp_path / "adapter")]
+    try:
+        assert load_script("recipes/train_iqa_adapter.py").main(argv) == 0
+    finally:
+        reset_accelerate()
+    adapter = IQAAdapter.from_pretrained(tmp_path / "adapter")
+    assert adapter.score_names == ["mean"]
+    # the percentiles it conditions on are the labelled column's: its ends and median, by the saved table
+    table = np.asarray(json.loads((tmp_path / "adapter" / "quantiles.json").read_text())["quantiles"]["mean"])
+    np.testing.assert_allclose([table[0], table[-1]], [min(labelled["mean"]), max(labelled["mean"])], rtol=1e-6)
+    assert adapter.quantiles.score_at("mean", [0.5])[0] == pytest.approx(np.median(labelled["mean"]), rel=1e-6)
